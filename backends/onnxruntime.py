@@ -1,0 +1,50 @@
+"""The reference backend: the model as plain ONNX, executed by onnxruntime on the CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from effc.errors import InputError
+from effc.ir.onnx_io import save_onnx
+
+NAME = "onnxruntime"
+MODEL_FILE = "model.onnx"
+
+
+def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or int(os.environ.get("EFFC_THREADS", "2"))
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
+def session_for(model: ir.Model, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session for an in-memory model (weights are serialized, not copied twice)."""
+    proto = ir.serde.serialize_model(model)
+    try:
+        return ort.InferenceSession(
+            proto.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+
+
+def lower(model: ir.Model, out_dir: Path) -> list[Path]:
+    """Write the artifact's model files into ``out_dir``; return them."""
+    return save_onnx(model, out_dir / MODEL_FILE)
+
+
+def run(out_dir: Path, inputs: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(
+        str(out_dir / MODEL_FILE), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, inputs)))

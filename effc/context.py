@@ -1,0 +1,38 @@
+"""PassContext: what every pass may read besides the model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class PassContext:
+    """Calibration inputs, seed, threads and the shapes for symbolic dims.
+
+    ``calibration`` is a list of input dicts (name -> array) in the model's input names;
+    ``calibration_info`` says where they came from (it goes into the report).
+    """
+
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    calibration_info: dict = field(default_factory=dict)
+    seed: int = 0
+    threads: int = 2
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    eval_seeds: int = 2
+
+    def __post_init__(self) -> None:
+        os.environ.setdefault("EFFC_THREADS", str(self.threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
+
+    def eval_inputs(self, model) -> list[dict[str, np.ndarray]]:
+        """Calibration inputs when given, else ``eval_seeds`` random input sets."""
+        if self.calibration:
+            return self.calibration
+        from effc.inputs import random_inputs
+
+        specs = model.input_specs()
+        vocab = model.vocab_hint()
+        return [random_inputs(specs, self.seed + i, self.shapes, vocab) for i in range(self.eval_seeds)]

@@ -1,0 +1,250 @@
+"""Pipeline: a pass made of passes. Runs them in order (or to a fixpoint), lowers FX to ONNX once
+at the boundary where the next pass needs ONNX, measures each pass, and names the failing pass
+and those that ran before it when something breaks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from effc.context import PassContext
+from effc.errors import EffcError, PassFailedError, VerificationError
+from effc.numerics import compare_outputs, merge_comparisons
+from effc.pass_base import Pass, PassResult, create_pass
+from effc.pipeline_text import Spec, parse_pipeline, print_pipeline
+from effc.report import PassRecord, Report
+
+log = logging.getLogger(__name__)
+
+GROUPS = {"seq": "run the passes once, in order", "fixpoint": "repeat until no pass changes the model"}
+
+
+@dataclass
+class PipelineResult(PassResult):
+    report: Report | None = None
+
+
+class Instrument:
+    """Hooks around every pass; instruments observe, they never change the model."""
+
+    wants_error = False
+
+    def after_pass(self, record: PassRecord, model, ctx: PassContext, index: int) -> None:
+        pass
+
+
+class VerifyInstrument(Instrument):
+    """Measure every pass's output change; fail when a lossless pass exceeds the tolerance."""
+
+    wants_error = True
+
+    def __init__(self, rtol: float = 1e-4, atol: float = 1e-5):
+        self.rtol, self.atol = rtol, atol
+
+    def after_pass(self, record, model, ctx, index):
+        err = record.error or {}
+        if not record.lossy and not err.get("ok", True):
+            raise VerificationError(
+                f"pass '{record.text}' is lossless but changed the outputs: max abs error "
+                f"{err.get('max_abs', float('nan')):.3e} (rtol {self.rtol}, atol {self.atol})"
+                + (f"; {err['reason']}" if "reason" in err else "")
+            )
+
+
+class DumpInstrument(Instrument):
+    """Write the IR after each pass into a folder (ONNX text or FX code)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def after_pass(self, record, model, ctx, index):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{index:02d}-{record.name}"
+        if model.kind == "onnx":
+            import onnx
+            import onnx_ir as ir
+
+            text = onnx.printer.to_text(ir.serde.serialize_model(model.model).graph)
+            (self.folder / f"{stem}.onnx.txt").write_text(text)
+        else:
+            (self.folder / f"{stem}.fx.py").write_text(model.graph_module.code)
+
+
+def as_model(model, shapes: dict | None = None):
+    """Accept FxModel/OnnxModel, nn.Module, onnx_ir.Model or a model reference string."""
+    import onnx_ir as ir
+    from torch import nn
+
+    from effc.ir.model import FxModel, OnnxModel
+    from effc.ir.torch_io import _example_inputs, load_model
+
+    if isinstance(model, (FxModel, OnnxModel)):
+        return model
+    if isinstance(model, ir.Model):
+        return OnnxModel(model)
+    if isinstance(model, nn.Module):
+        return FxModel(model.eval(), _example_inputs(model, shapes, type(model).__name__))
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), shapes)
+    raise TypeError(f"cannot make a model of {type(model).__name__}")
+
+
+def lower_to_onnx(model):
+    """FX -> ONNX with the dynamo exporter. The source module keeps its module names in the
+    ONNX metadata, so it is exported unless a structural FX pass rewrote the graph."""
+    from effc.ir.model import OnnxModel
+    from effc.ir.torch_io import export_onnx
+
+    source = model.graph_module if model.graph_modified else model.module
+    return OnnxModel(export_onnx(source, model.example_inputs))
+
+
+class Pipeline(Pass):
+    """Run passes in order; as a group, ``seq(...)`` or ``fixpoint(...)``."""
+
+    name = "pipeline"
+
+    def __init__(
+        self,
+        passes: list[Pass | str],
+        group: str = "seq",
+        max_iter: int = 10,
+        instruments: list[Instrument] | None = None,
+    ):
+        self.passes: list[Pass] = []
+        for p in passes:
+            if isinstance(p, str):
+                self.passes.extend(Pipeline.from_text(p).passes)
+            else:
+                self.passes.append(p)
+        self.group = group
+        self.max_iter = max_iter
+        self.given = {"max_iter": max_iter} if max_iter != 10 else {}
+        self.instruments = list(instruments or [])
+
+    @classmethod
+    def from_text(cls, text: str, **kwargs) -> Pipeline:
+        return cls([create_pass(s) for s in parse_pipeline(text)], **kwargs)
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> Pipeline:
+        opts = dict(spec.options)
+        max_iter = opts.pop("max_iter", 10)
+        if opts or not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+            from effc.errors import PassOptionError
+
+            raise PassOptionError(
+                f"group '{spec.name}' takes only max_iter (a positive integer), got {spec.options}"
+            )
+        return cls([create_pass(s) for s in spec.items or []], group=spec.name, max_iter=max_iter)
+
+    def spec(self) -> Spec:
+        return Spec(self.group, dict(self.given), [p.spec() for p in self.passes])
+
+    @property
+    def text(self) -> str:
+        return print_pipeline([p.spec() for p in self.passes])
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.text!r})"
+
+    def run(self, model, ctx: PassContext | None = None) -> PipelineResult:
+        """Run on any model form (see ``as_model``); returns the model and its Report."""
+        ctx = ctx or PassContext()
+        model = as_model(model, ctx.shapes)
+        report = Report(source=model.source, pipeline=self.text, calibration=ctx.calibration_info)
+        state = _RunState(self.instruments, report)
+        model, modified = self._execute(model, ctx, state)
+        return PipelineResult(model, modified, {"passes": len(report.records)}, report)
+
+    def __call__(self, model, ctx) -> PassResult:
+        return self.run(model, ctx)
+
+    def _execute(self, model, ctx, state: _RunState):
+        any_modified = False
+        for iteration in range(self.max_iter if self.group == "fixpoint" else 1):
+            changed = False
+            for p in self.passes:
+                if isinstance(p, Pipeline):
+                    model, mod = p._execute(model, ctx, state)
+                else:
+                    model, mod = state.run_pass(p, model, ctx, iteration)
+                changed |= mod
+            any_modified |= changed
+            if not changed:
+                break
+        return model, any_modified
+
+
+@dataclass
+class _RunState:
+    instruments: list[Instrument]
+    report: Report
+    outputs: list | None = None  # current model's outputs on the eval inputs
+    inputs: list | None = None
+    ran: list[str] = field(default_factory=list)
+
+    def _snapshot(self, model):
+        params, nbytes = model.param_stats()
+        return model.op_histogram(), params, nbytes
+
+    def _outputs(self, model, ctx):
+        if self.inputs is None:
+            self.inputs = ctx.eval_inputs(model)
+        return [model.run(x) for x in self.inputs]
+
+    def _boundary(self, p: Pass, model, ctx):
+        if model.kind == "fx" and "fx" not in p.kinds and "onnx" in p.kinds:
+            log.info("lowering FX -> ONNX before pass %s", p.name)
+            t0 = time.perf_counter()
+            ops0, params0, bytes0 = self._snapshot(model)
+            onnx_model = lower_to_onnx(model)
+            ops1, params1, bytes1 = self._snapshot(onnx_model)
+            self.report.records.append(
+                PassRecord("lower-fx-onnx", "(FX -> ONNX)", "fx->onnx", time.perf_counter() - t0,
+                           True, {}, ops0, ops1, params0, params1, bytes0, bytes1)
+            )
+            self.report.notes.append(f"lowered FX -> ONNX (dynamo exporter) before '{p.name}'")
+            self.ran.append("(FX -> ONNX)")
+            return onnx_model
+        return model
+
+    def run_pass(self, p: Pass, model, ctx, iteration: int):
+        text = Pipeline([p]).text
+        try:
+            model = self._boundary(p, model, ctx)
+            measure = (p.lossy and bool(ctx.calibration)) or any(i.wants_error for i in self.instruments)
+            if measure and self.outputs is None:
+                self.outputs = self._outputs(model, ctx)
+            ops0, params0, bytes0 = self._snapshot(model)
+            kind = model.kind
+            t0 = time.perf_counter()
+            result = p(model, ctx)
+            seconds = time.perf_counter() - t0
+            model = result.model
+            ops1, params1, bytes1 = self._snapshot(model)
+            record = PassRecord(p.name, text, kind, seconds, result.modified, result.stats,
+                                ops0, ops1, params0, params1, bytes0, bytes1,
+                                note=f"iteration {iteration + 1}" if iteration else "")
+            record.lossy = p.lossy
+            if measure:
+                after = self._outputs(model, ctx)
+                record.error = merge_comparisons([compare_outputs(a, b) for a, b in zip(self.outputs, after)])
+                self.outputs = after
+            elif result.modified and p.lossy:
+                self.outputs = None
+            self.report.records.append(record)
+            for inst in self.instruments:
+                inst.after_pass(record, model, ctx, len(self.report.records))
+        except EffcError as e:
+            raise type(e)(self._where(text) + str(e)) from e
+        except Exception as e:
+            raise PassFailedError(f"{self._where(text)}{type(e).__name__}: {e}") from e
+        self.ran.append(text)
+        return model, result.modified
+
+    def _where(self, text: str) -> str:
+        before = ", ".join(self.ran) if self.ran else "none"
+        return f"in pass '{text}' (passes run before it: {before}): "

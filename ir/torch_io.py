@@ -1,0 +1,192 @@
+"""Torch side of the IR layer: resolve model references, trace with torch.export, lower to ONNX.
+
+Model references (DESIGN.md section 7): an ``.onnx`` file; ``builtin:NAME`` (effc.models);
+``py:module:factory`` (a user's nn.Module, whose ``example_inputs()`` names the inputs, or
+``--shape``); an HF model folder (transformers, task from ``config.architectures``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from effc.errors import InputError, UnsupportedError
+from effc.ir.model import FxModel, OnnxModel
+from effc.ir.onnx_io import load_onnx
+
+log = logging.getLogger(__name__)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def trace(module: nn.Module, example_inputs: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """torch.export the module (static shapes) and return its FX GraphModule."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(module, (), kwargs=example_inputs, strict=False)
+    except Exception as e:  # torch raises many types here; all mean "cannot trace"
+        raise UnsupportedError(
+            f"torch.export could not trace {type(module).__name__}: {_first_line(e)}"
+        ) from e
+    return ep.module()
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: dict[str, torch.Tensor],
+    legacy: bool = False,
+    opset: int | None = None,
+) -> ir.Model:
+    """Lower a torch module to ONNX: the dynamo exporter by default, the TorchScript one if asked."""
+    module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if legacy:
+                buf = io.BytesIO()
+                torch.onnx.export(
+                    module,
+                    tuple(example_inputs.values()),
+                    buf,
+                    dynamo=False,
+                    opset_version=opset or 14,
+                    input_names=list(example_inputs),
+                    do_constant_folding=True,
+                )
+                return ir.serde.deserialize_model(onnx.load_from_string(buf.getvalue()))
+            prog = torch.onnx.export(
+                module, (), kwargs=example_inputs, dynamo=True, opset_version=opset, verbose=False
+            )
+            return prog.model
+    except Exception as e:
+        kind = "legacy TorchScript" if legacy else "dynamo"
+        raise UnsupportedError(
+            f"the {kind} ONNX exporter failed on {type(module).__name__}: {_first_line(e)}"
+        ) from e
+
+
+def _inputs_from_shapes(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, shape in shapes.items():
+        if "ids" in name:
+            out[name] = torch.zeros(shape, dtype=torch.long)
+        elif "mask" in name:
+            out[name] = torch.ones(shape, dtype=torch.long)
+        else:
+            out[name] = torch.randn(shape)
+    return out
+
+
+def _example_inputs(module: nn.Module, shapes: dict[str, list[int]] | None, ref: str):
+    if shapes:
+        return _inputs_from_shapes(shapes)
+    fn = getattr(module, "example_inputs", None)
+    if callable(fn):
+        return dict(fn())
+    raise InputError(
+        f"{ref}: cannot tell the model's inputs; define example_inputs() on the module "
+        "or pass --shape NAME=1x128 for each input"
+    )
+
+
+def _load_builtin(name: str) -> nn.Module:
+    from effc.models import BUILTINS
+
+    if name not in BUILTINS:
+        from effc.errors import did_you_mean
+
+        raise InputError(
+            f"unknown builtin model {name!r}{did_you_mean(name, BUILTINS)}; "
+            f"available: {', '.join(sorted(BUILTINS))}"
+        )
+    return BUILTINS[name][0]()
+
+
+def _load_py(ref: str) -> nn.Module:
+    parts = ref.split(":")
+    if len(parts) != 3 or not all(parts[1:]):
+        raise InputError(f"{ref!r}: expected py:MODULE:FACTORY, e.g. py:mypkg.models:build")
+    try:
+        factory = getattr(importlib.import_module(parts[1]), parts[2])
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"{ref!r}: {_first_line(e)}") from e
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise InputError(f"{ref!r}: the factory returned {type(module).__name__}, not nn.Module")
+    return module
+
+
+class _HFWrapper(nn.Module):
+    """Return only the logits / last hidden state so tracing and export see plain tensors."""
+
+    def __init__(self, model: nn.Module, causal: bool):
+        super().__init__()
+        self.model = model
+        self.causal = causal
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits if self.causal else out.last_hidden_state
+
+
+def load_hf_folder(folder: Path, task: str | None = None, seq: int = 16) -> tuple[nn.Module, dict]:
+    """Load an HF model folder (safetensors only) for tracing; ``task`` in {causal-lm, base}."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise UnsupportedError(
+            "loading an HF model folder needs transformers: pip install 'effc[llm]'"
+        ) from e
+    config = json.loads((folder / "config.json").read_text())
+    archs = config.get("architectures") or []
+    causal = task == "causal-lm" or (task is None and any("CausalLM" in a for a in archs))
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+    vocab = int(config.get("vocab_size", 1000))
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, vocab, (1, seq), generator=g),
+        "attention_mask": torch.ones(1, seq, dtype=torch.long),
+    }
+    return _HFWrapper(model, causal).eval(), inputs
+
+
+def resolve_torch(ref: str, shapes: dict | None = None, task: str | None = None):
+    """Resolve a non-ONNX reference to (module, example_inputs)."""
+    if ref.startswith("builtin:"):
+        module = _load_builtin(ref.removeprefix("builtin:"))
+    elif ref.startswith("py:"):
+        module = _load_py(ref)
+    else:
+        path = Path(ref)
+        if not path.exists():
+            raise InputError(f"no such file or folder: {ref}")
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise InputError(
+                f"{ref}: not a model reference; expected an .onnx file, an HF model folder "
+                "(with config.json), builtin:NAME or py:MODULE:FACTORY"
+            )
+        return load_hf_folder(path, task)
+    return module.eval(), _example_inputs(module, shapes, ref)
+
+
+def load_model(ref: str, shapes: dict | None = None, task: str | None = None):
+    """Load any model reference as an FxModel (torch) or OnnxModel (``.onnx`` path)."""
+    path = Path(ref)
+    if ref.endswith(".onnx") or (path.is_file() and not ref.startswith(("builtin:", "py:"))):
+        return OnnxModel(load_onnx(path), path)
+    module, inputs = resolve_torch(ref, shapes, task)
+    return FxModel(module, inputs)

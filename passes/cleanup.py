@@ -1,0 +1,89 @@
+"""cleanup: constant folding (shape-computation chains included when shapes are static), identity
+removal, common-subexpression elimination and dead-code removal.
+
+On ONNX it runs onnx_ir's and onnxscript's own passes to a fixpoint and counts what each removed;
+on FX it removes dead nodes and no-op aliases. Exact: outputs are bit-identical, except that
+constant folding computes a folded value once at compile time (the same math).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import torch
+
+from effc.pass_base import Pass, PassResult, register
+
+# FX ops that return their input unchanged in an inference graph.
+_FX_NOOPS = {
+    torch.ops.aten.alias.default,
+    torch.ops.aten.detach.default,
+    torch.ops.aten.dropout.default,
+    torch.ops.aten.lift_fresh_copy.default,
+}
+
+
+def _fold_constants(model: ir.Model) -> None:
+    import onnxscript.optimizer as opt
+
+    opt.fold_constants(model, onnx_shape_inference=True)
+
+
+@register
+class Cleanup(Pass):
+    """Fold constants and static shape chains, drop identities, dead code and duplicates."""
+
+    name = "cleanup"
+
+    @dataclass
+    class Options:
+        max_iter: int = 5
+
+    def validate(self) -> None:
+        if self.options.max_iter < 1:
+            from effc.errors import PassOptionError
+
+            raise PassOptionError(f"pass 'cleanup': option 'max_iter' must be >= 1, got {self.options.max_iter}")
+
+    def run(self, model, ctx) -> PassResult:
+        if model.kind == "fx":
+            return self._run_fx(model)
+        steps = {
+            "constants_folded": _fold_constants,
+            "identities_removed": common.IdentityEliminationPass(),
+            "duplicates_removed": common.CommonSubexpressionEliminationPass(),
+            "dead_nodes_removed": common.RemoveUnusedNodesPass(),
+        }
+        graph = model.model.graph
+        stats = dict.fromkeys(steps, 0)
+        start = len(list(graph.all_nodes()))
+        for _ in range(self.options.max_iter):
+            before_round = len(list(graph.all_nodes()))
+            for key, step in steps.items():
+                n0 = len(list(graph.all_nodes()))
+                step(model.model)
+                stats[key] += n0 - len(list(graph.all_nodes()))
+            if len(list(graph.all_nodes())) == before_round:
+                break
+        for tidy in (common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()):
+            tidy(model.model)
+        stats["nodes_removed"] = start - len(list(graph.all_nodes()))
+        return PassResult(model, stats["nodes_removed"] > 0, stats)
+
+    def _run_fx(self, model) -> PassResult:
+        gm = model.graph_module
+        removed = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in _FX_NOOPS and node.args:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                removed += 1
+        n0 = len(gm.graph.nodes)
+        gm.graph.eliminate_dead_code()
+        dead = n0 - len(gm.graph.nodes)
+        if removed or dead:
+            gm.recompile()
+            model.graph_module = gm
+        return PassResult(model, bool(removed or dead), {"noops_removed": removed, "dead_nodes_removed": dead})
