@@ -42,7 +42,9 @@ def lower(model: ir.Model, out_dir: Path) -> list[Path]:
     return save_onnx(model, out_dir / MODEL_FILE)
 
 
-def run(out_dir: Path, inputs: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+def run(
+    out_dir: Path, inputs: dict[str, np.ndarray], threads: int | None = None
+) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(
         str(out_dir / MODEL_FILE), session_options(threads), providers=["CPUExecutionProvider"]
     )

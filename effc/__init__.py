@@ -1,8 +1,8 @@
 """effc: compiler-style graph transformations that make neural networks smaller and faster.
 
-    import effc
-    result = effc.Pipeline.from_text("cleanup,fuse").run("model.onnx")
-    result.report.print()
+import effc
+result = effc.Pipeline.from_text("cleanup,fuse").run("model.onnx")
+result.report.print()
 """
 
 from __future__ import annotations

@@ -35,4 +35,6 @@ class PassContext:
 
         specs = model.input_specs()
         vocab = model.vocab_hint()
-        return [random_inputs(specs, self.seed + i, self.shapes, vocab) for i in range(self.eval_seeds)]
+        return [
+            random_inputs(specs, self.seed + i, self.shapes, vocab) for i in range(self.eval_seeds)
+        ]

@@ -38,14 +38,15 @@ def resolve_shape(spec: InputSpec, shapes: dict[str, list[int]]) -> list[int]:
         if len(given) != len(spec.shape) or any(
             isinstance(d, int) and d != g for d, g in zip(spec.shape, given)
         ):
-            raise InputError(f"--shape {spec.name}={'x'.join(map(str, given))} does not fit its shape {spec.shape}")
+            raise InputError(
+                f"--shape {spec.name}={'x'.join(map(str, given))} does not fit its shape {spec.shape}"
+            )
         return given
     if all(isinstance(d, int) for d in spec.shape):
         return list(spec.shape)
     raise InputError(
-        f"input '{spec.name}' has symbolic dims {spec.shape}; pass --shape {spec.name}=" + "x".join(
-            str(d) if isinstance(d, int) else "N" for d in spec.shape
-        )
+        f"input '{spec.name}' has symbolic dims {spec.shape}; pass --shape {spec.name}="
+        + "x".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
     )
 
 
@@ -93,6 +94,8 @@ def check_inputs(specs: list[InputSpec], inputs: dict[str, np.ndarray]) -> None:
         if arr.ndim != len(spec.shape) or any(
             isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)
         ):
-            raise InputError(f"input '{name}' has shape {list(arr.shape)}, the model wants {spec.shape}")
+            raise InputError(
+                f"input '{name}' has shape {list(arr.shape)}, the model wants {spec.shape}"
+            )
         if arr.dtype != np.dtype(spec.dtype):
             raise InputError(f"input '{name}' has dtype {arr.dtype}, the model wants {spec.dtype}")

@@ -17,7 +17,10 @@ def compare_outputs(
     for r, o in zip(ref, out):
         r, o = np.asarray(r), np.asarray(o)
         if r.shape != o.shape:
-            return {"ok": False, "reason": f"output shape {list(o.shape)}, expected {list(r.shape)}"}
+            return {
+                "ok": False,
+                "reason": f"output shape {list(o.shape)}, expected {list(r.shape)}",
+            }
         identical = identical and r.dtype == o.dtype and np.array_equal(r, o, equal_nan=True)
         if r.size == 0:
             continue
@@ -35,7 +38,10 @@ def compare_outputs(
 
 def merge_comparisons(results: list[dict]) -> dict:
     """Worst case over several input sets."""
-    merged = {"ok": all(r["ok"] for r in results), "identical": all(r.get("identical", False) for r in results)}
+    merged = {
+        "ok": all(r["ok"] for r in results),
+        "identical": all(r.get("identical", False) for r in results),
+    }
     for key in ("max_abs", "max_rel"):
         merged[key] = max((r.get(key, float("inf")) for r in results), default=0.0)
     reasons = [r["reason"] for r in results if "reason" in r]

@@ -35,7 +35,9 @@ def _type_name(tp) -> str:
         return "one of " + ", ".join(print_value(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
 
 
 def _coerce(value, tp, where: str):
@@ -103,7 +105,8 @@ class Pass:
             need = " or ".join(k.upper() for k in self.kinds)
             raise UnsupportedError(
                 f"pass '{self.name}' works on {need} models, and this model is "
-                f"{model.kind.upper()}" + ("; training needs a torch model, not ONNX" if self.kinds == ("fx",) else "")
+                f"{model.kind.upper()}"
+                + ("; training needs a torch model, not ONNX" if self.kinds == ("fx",) else "")
             )
         self.requires(model, ctx)
         result = self.run(model, ctx)
@@ -122,7 +125,9 @@ class Pass:
                 {
                     "name": f.name,
                     "type": _type_name(hints[f.name]),
-                    "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                    "default": f.default
+                    if f.default is not dataclasses.MISSING
+                    else f.default_factory(),
                 }
                 for f in dataclasses.fields(cls.Options)
             ],

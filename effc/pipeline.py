@@ -18,7 +18,10 @@ from effc.report import PassRecord, Report
 
 log = logging.getLogger(__name__)
 
-GROUPS = {"seq": "run the passes once, in order", "fixpoint": "repeat until no pass changes the model"}
+GROUPS = {
+    "seq": "run the passes once, in order",
+    "fixpoint": "repeat until no pass changes the model",
+}
 
 
 @dataclass
@@ -99,6 +102,35 @@ def lower_to_onnx(model):
 
     source = model.graph_module if model.graph_modified else model.module
     return OnnxModel(export_onnx(source, model.example_inputs))
+
+
+def ensure_onnx(model, report: Report, why: str):
+    """Lower an FX model to ONNX (once, at the boundary) and record it in the report."""
+    if model.kind == "onnx":
+        return model
+    log.info("lowering FX -> ONNX for %s", why)
+    t0 = time.perf_counter()
+    ops0, params0, bytes0 = _RunState._snapshot(model)
+    onnx_model = lower_to_onnx(model)
+    ops1, params1, bytes1 = _RunState._snapshot(onnx_model)
+    report.records.append(
+        PassRecord(
+            "lower-fx-onnx",
+            "(FX -> ONNX)",
+            "fx->onnx",
+            time.perf_counter() - t0,
+            True,
+            {},
+            ops0,
+            ops1,
+            params0,
+            params1,
+            bytes0,
+            bytes1,
+        )
+    )
+    report.notes.append(f"lowered FX -> ONNX (dynamo exporter) for {why}")
+    return onnx_model
 
 
 class Pipeline(Pass):
@@ -186,9 +218,9 @@ class _RunState:
     inputs: list | None = None
     ran: list[str] = field(default_factory=list)
 
-    def _snapshot(self, model):
-        params, nbytes = model.param_stats()
-        return model.op_histogram(), params, nbytes
+    @staticmethod
+    def _snapshot(model):
+        return model.op_histogram(), *model.param_stats()
 
     def _outputs(self, model, ctx):
         if self.inputs is None:
@@ -197,25 +229,17 @@ class _RunState:
 
     def _boundary(self, p: Pass, model, ctx):
         if model.kind == "fx" and "fx" not in p.kinds and "onnx" in p.kinds:
-            log.info("lowering FX -> ONNX before pass %s", p.name)
-            t0 = time.perf_counter()
-            ops0, params0, bytes0 = self._snapshot(model)
-            onnx_model = lower_to_onnx(model)
-            ops1, params1, bytes1 = self._snapshot(onnx_model)
-            self.report.records.append(
-                PassRecord("lower-fx-onnx", "(FX -> ONNX)", "fx->onnx", time.perf_counter() - t0,
-                           True, {}, ops0, ops1, params0, params1, bytes0, bytes1)
-            )
-            self.report.notes.append(f"lowered FX -> ONNX (dynamo exporter) before '{p.name}'")
+            model = ensure_onnx(model, self.report, f"pass '{p.name}'")
             self.ran.append("(FX -> ONNX)")
-            return onnx_model
         return model
 
     def run_pass(self, p: Pass, model, ctx, iteration: int):
         text = Pipeline([p]).text
         try:
             model = self._boundary(p, model, ctx)
-            measure = (p.lossy and bool(ctx.calibration)) or any(i.wants_error for i in self.instruments)
+            measure = (p.lossy and bool(ctx.calibration)) or any(
+                i.wants_error for i in self.instruments
+            )
             if measure and self.outputs is None:
                 self.outputs = self._outputs(model, ctx)
             ops0, params0, bytes0 = self._snapshot(model)
@@ -225,13 +249,27 @@ class _RunState:
             seconds = time.perf_counter() - t0
             model = result.model
             ops1, params1, bytes1 = self._snapshot(model)
-            record = PassRecord(p.name, text, kind, seconds, result.modified, result.stats,
-                                ops0, ops1, params0, params1, bytes0, bytes1,
-                                note=f"iteration {iteration + 1}" if iteration else "")
+            record = PassRecord(
+                p.name,
+                text,
+                kind,
+                seconds,
+                result.modified,
+                result.stats,
+                ops0,
+                ops1,
+                params0,
+                params1,
+                bytes0,
+                bytes1,
+                note=f"iteration {iteration + 1}" if iteration else "",
+            )
             record.lossy = p.lossy
             if measure:
                 after = self._outputs(model, ctx)
-                record.error = merge_comparisons([compare_outputs(a, b) for a, b in zip(self.outputs, after)])
+                record.error = merge_comparisons(
+                    [compare_outputs(a, b) for a, b in zip(self.outputs, after)]
+                )
                 self.outputs = after
             elif result.modified and p.lossy:
                 self.outputs = None

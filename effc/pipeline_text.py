@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Union
 
 from effc.errors import PassOptionError
 
-Value = Union[bool, int, float, str, list]
+Value = bool | int | float | str | list
 
 _SPECIAL = set(',{}[]()="\\')
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]*\Z")
@@ -56,9 +55,7 @@ class _Parser:
         self.pos = 0
 
     def error(self, what: str) -> PassOptionError:
-        return PassOptionError(
-            f"pipeline text: {what} at column {self.pos + 1} of {self.text!r}"
-        )
+        return PassOptionError(f"pipeline text: {what} at column {self.pos + 1} of {self.text!r}")
 
     def skip_ws(self) -> None:
         while self.pos < len(self.text) and self.text[self.pos].isspace():

@@ -77,11 +77,15 @@ class Report:
     def table(self) -> Table:
         table = Table(title=escape(f"effc: {self.source}  [{self.pipeline}]"), title_justify="left")
         for col in ("pass", "IR", "time s", "nodes", "params", "bytes", "changes", "output error"):
-            table.add_column(col, justify="right" if col in ("time s", "nodes", "params", "bytes") else "left")
+            table.add_column(
+                col, justify="right" if col in ("time s", "nodes", "params", "bytes") else "left"
+            )
         for r in self.records:
             err = ""
             if r.error:
-                err = "identical" if r.error.get("identical") else f"max abs {r.error['max_abs']:.2e}"
+                err = (
+                    "identical" if r.error.get("identical") else f"max abs {r.error['max_abs']:.2e}"
+                )
                 if not r.error.get("ok", True):
                     err += " (over tolerance)"
             changes = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, dict))

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass
 class InputSpec:
     name: str
@@ -65,12 +64,15 @@ class FxModel:
 
     def input_specs(self) -> list[InputSpec]:
         return [
-            InputSpec(k, list(v.shape), str(v.numpy().dtype)) for k, v in self.example_inputs.items()
+            InputSpec(k, list(v.shape), str(v.numpy().dtype))
+            for k, v in self.example_inputs.items()
         ]
 
     @torch.no_grad()
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = self.graph_module(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+        outputs = self.graph_module(
+            **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+        )
         flat, _ = torch.utils._pytree.tree_flatten(outputs)
         return [t.detach().numpy() for t in flat if isinstance(t, torch.Tensor)]
 
@@ -80,7 +82,9 @@ class FxModel:
 
     def op_histogram(self) -> dict[str, int]:
         hist = collections.Counter(
-            _short_target(n.target) for n in self.graph_module.graph.nodes if n.op == "call_function"
+            _short_target(n.target)
+            for n in self.graph_module.graph.nodes
+            if n.op == "call_function"
         )
         return dict(sorted(hist.items()))
 
@@ -121,7 +125,10 @@ class OnnxModel:
         for v in self.model.graph.inputs:
             if v.name in self.model.graph.initializers:
                 continue
-            shape = [d if isinstance(d, int) else (str(d) if d is not None else "?") for d in (v.shape or [])]
+            shape = [
+                d if isinstance(d, int) else (str(d) if d is not None else "?")
+                for d in (v.shape or [])
+            ]
             dtype = v.dtype.numpy().name if v.dtype is not None else "float32"
             specs.append(InputSpec(v.name, shape, dtype))
         return specs

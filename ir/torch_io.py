@@ -24,6 +24,8 @@ from effc.ir.model import FxModel, OnnxModel
 from effc.ir.onnx_io import load_onnx
 
 log = logging.getLogger(__name__)
+# The dynamo exporter warns on every export that torchvision (which effc never uses) is missing.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def _first_line(e: BaseException) -> str:
@@ -51,7 +53,8 @@ def export_onnx(
     opset: int | None = None,
 ) -> ir.Model:
     """Lower a torch module to ONNX: the dynamo exporter by default, the TorchScript one if asked."""
-    module.eval()
+    if not isinstance(module, torch.fx.GraphModule):  # exported graph modules refuse eval()
+        module.eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -45,7 +45,9 @@ class Cleanup(Pass):
         if self.options.max_iter < 1:
             from effc.errors import PassOptionError
 
-            raise PassOptionError(f"pass 'cleanup': option 'max_iter' must be >= 1, got {self.options.max_iter}")
+            raise PassOptionError(
+                f"pass 'cleanup': option 'max_iter' must be >= 1, got {self.options.max_iter}"
+            )
 
     def run(self, model, ctx) -> PassResult:
         if model.kind == "fx":
@@ -86,4 +88,6 @@ class Cleanup(Pass):
         if removed or dead:
             gm.recompile()
             model.graph_module = gm
-        return PassResult(model, bool(removed or dead), {"noops_removed": removed, "dead_nodes_removed": dead})
+        return PassResult(
+            model, bool(removed or dead), {"noops_removed": removed, "dead_nodes_removed": dead}
+        )

@@ -24,7 +24,11 @@ from effc.ir.model import attr_tensor
 def fuse_batchnorm_onnx() -> RewriteRuleSet:
     """onnxscript's checked rules (constant weights and BN params, single use)."""
     return RewriteRuleSet(
-        [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
+        [
+            fuse_batchnorm_into_conv_rule,
+            fuse_batchnorm_into_conv_transpose_rule,
+            fuse_batchnorm_into_gemm_rule,
+        ]
     )
 
 
@@ -36,7 +40,7 @@ def _bn_params(bn) -> tuple | None:
     """(bn output node to replace, weight, bias, mean, var, eps) for an inference BN node."""
     if bn.target == aten.batch_norm.default:
         _, w, b, mean, var, training, _momentum, eps, _ = bn.args
-        return (None if training else (bn, w, b, mean, var, eps))
+        return None if training else (bn, w, b, mean, var, eps)
     if bn.target == aten._native_batch_norm_legit_no_training.default:
         _, w, b, mean, var, _momentum, eps = bn.args
         users = list(bn.users)
@@ -87,7 +91,11 @@ def fuse_batchnorm_fx(model) -> int:
         w_target = conv.args[1].target
         _set(gm, w_target, new_w)
         owner = w_target.rpartition(".")[0]
-        b_target = bias_node.target if bias_node is not None else ".".join(filter(None, [owner, "bn_folded_bias"]))
+        b_target = (
+            bias_node.target
+            if bias_node is not None
+            else ".".join(filter(None, [owner, "bn_folded_bias"]))
+        )
         _set(gm, b_target, new_b)
         with gm.graph.inserting_before(conv):
             new_bias_node = gm.graph.get_attr(b_target)

@@ -9,7 +9,6 @@ a floating-point type. Either operand order of the Add matches.
 from __future__ import annotations
 
 from onnxscript.rewriter import RewriteRuleSet
-from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 _FLOAT_TYPES = {"FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16"}

@@ -1,0 +1,300 @@
+"""The ``effc`` command line. It parses arguments and calls the Python API, nothing more.
+
+Errors a user can fix print one line on stderr and exit with code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import EffcError, InputError
+
+log = logging.getLogger("effc")
+
+
+def _console():
+    from effc.report import make_console
+
+    return make_console()
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _load(args, ref: str):
+    from effc.inputs import parse_shapes
+    from effc.ir.torch_io import load_model
+
+    return load_model(ref, parse_shapes(args.shape) or None, getattr(args, "task", None))
+
+
+def _context(args, model=None):
+    from effc.context import PassContext
+    from effc.inputs import check_inputs, load_npz, parse_shapes
+
+    ctx = PassContext(seed=args.seed, threads=args.threads, shapes=parse_shapes(args.shape))
+    if args.calib:
+        arrays = load_npz(args.calib)
+        n = min(len(a) for a in arrays.values()) if arrays else 0
+        n = min(n, args.calib_samples) if args.calib_samples else n
+        ctx.calibration = [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+        if model is not None and ctx.calibration:
+            try:
+                check_inputs(model.input_specs(), ctx.calibration[0])
+            except InputError as e:
+                raise InputError(f"--calib {args.calib}: {e} (arrays are stacked samples: N x input shape)") from e
+        ctx.calibration_info = {"file": str(args.calib), "samples": n}
+    return ctx
+
+
+def cmd_compile(args) -> int:
+    import torch
+
+    from effc.compile import compile_model
+    from effc.pipeline import DumpInstrument, Pipeline
+
+    torch.set_num_threads(args.threads)
+    pipeline = Pipeline.from_text(args.passes)
+    if args.dump_ir:
+        pipeline.instruments.append(DumpInstrument(args.dump_ir))
+    from effc.artifact import prepare_output
+
+    prepare_output(Path(args.output), args.force)
+    model = _load(args, args.model)
+    result = compile_model(
+        model, pipeline, args.output, args.target, _context(args, model), args.force, not args.no_verify
+    )
+    result.report.print(_console())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from effc.artifact import prepare_output
+    from effc.inputs import parse_shapes
+    from effc.ir.onnx_io import save_onnx
+    from effc.ir.torch_io import export_onnx, resolve_torch
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise EffcError(f"output {out} already exists; pass --force to replace it")
+    if out.is_dir():
+        prepare_output(out, False)
+    module, inputs = resolve_torch(args.model, parse_shapes(args.shape) or None, args.task)
+    model = export_onnx(module, inputs, legacy=args.legacy, opset=args.opset)
+    files = save_onnx(model, out)
+    print(f"wrote {', '.join(map(str, files))}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from effc.inspect import inspect_model, print_inspection
+
+    info = inspect_model(_load(args, args.model))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print_inspection(info, _stdout_console())
+    return 0
+
+
+def cmd_list_passes(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from effc.pass_base import print_value, registry
+    from effc.passes.fuse.rules import RULES
+
+    passes = [cls.describe() for cls in registry().values()]
+    if args.json:
+        print(json.dumps(passes, indent=2, default=str))
+        return 0
+    table = Table(title="effc passes", title_justify="left")
+    for col in ("name", "IR", "lossy", "options (default)", "what it does"):
+        table.add_column(col)
+    for p in passes:
+        opts = ", ".join(f"{o['name']}: {o['type']} = {print_value(o['default'])}" for o in p["options"])
+        table.add_row(p["name"], "/".join(p["kinds"]), "yes" if p["lossy"] else "no", escape(opts), escape(p["doc"]))
+    console = _stdout_console()
+    console.print(table)
+    console.print("fuse rules: " + "; ".join(f"{k}: {r.doc}" for k, r in RULES.items()))
+    console.print("groups: seq(...) runs passes once; fixpoint{max_iter=N}(...) repeats until nothing changes")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from effc.check import check_models
+
+    model = _load(args, args.model)
+    if args.golden:
+        from effc.testing import GoldenMismatch, assert_golden
+
+        try:
+            assert_golden(model, args.golden, args.rtol, args.atol, update=args.update)
+        except GoldenMismatch as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        print(f"{'wrote' if args.update else 'matches'} {args.golden}")
+        return 0
+    if not args.other:
+        raise EffcError("effc check needs a second model to compare with, or --golden FILE")
+    from effc.inputs import parse_shapes
+
+    result = check_models(model, _load(args, args.other), args.rtol, args.atol, args.seeds, parse_shapes(args.shape))
+    verdict = "bit-identical" if result.get("identical") else ("equal within tolerance" if result["ok"] else "DIFFERENT")
+    print(
+        f"{verdict}: max abs error {result.get('max_abs', float('nan')):.3e}, max rel {result.get('max_rel', float('nan')):.3e} "
+        f"(rtol {args.rtol}, atol {args.atol}, {args.seeds} seeds)" + (f"; {result['reason']}" if "reason" in result else "")
+    )
+    return 0 if result["ok"] else 1
+
+
+def cmd_run(args) -> int:
+    from rich.table import Table
+
+    from effc.artifact import read_manifest
+    from effc.backends import get_backend
+    from effc.inputs import check_inputs, load_npz, parse_shapes, random_inputs
+    from effc.ir.model import InputSpec
+
+    folder = Path(args.artifact)
+    manifest = read_manifest(folder)
+    specs = [InputSpec(**s) for s in manifest["inputs"]]
+    if args.inputs:
+        inputs = load_npz(args.inputs)
+    else:
+        inputs = random_inputs(specs, args.seed, parse_shapes(args.shape))
+    check_inputs(specs, inputs)
+    backend = get_backend(manifest["backend"])
+    t0 = time.perf_counter()
+    outputs = backend.run(folder, inputs, args.threads)
+    seconds = time.perf_counter() - t0
+    table = Table(title=f"{folder} ({manifest['backend']}, {seconds * 1e3:.1f} ms)", title_justify="left")
+    for col in ("output", "shape", "dtype", "mean", "std"):
+        table.add_column(col)
+    for name, arr in outputs.items():
+        a = np.asarray(arr)
+        stats = (f"{a.mean():.4g}", f"{a.std():.4g}") if a.size and np.issubdtype(a.dtype, np.number) else ("", "")
+        table.add_row(name, str(list(a.shape)), a.dtype.name, *stats)
+    _stdout_console().print(table)
+    if args.out:
+        import os
+        import tempfile
+
+        out = Path(args.out)
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out.parent if str(out.parent) else ".")
+        os.close(fd)
+        try:
+            np.savez(tmp, **outputs)
+            os.replace(tmp, out)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from effc import __version__
+
+    parser = argparse.ArgumentParser(prog="effc", description="Make neural networks smaller and faster, with proof.")
+    parser.add_argument("--version", action="version", version=f"effc {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    common.add_argument("--shape", action="append", metavar="NAME=DIMS", help="input shape, e.g. input_ids=1x128")
+    common.add_argument("--threads", type=int, default=2, help="threads for torch, onnxruntime and OpenMP")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--task", choices=["causal-lm", "base"], help="HF folder: force the task")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", parents=[common], help="run a pass pipeline and write an artifact folder")
+    p.add_argument("model", help="an .onnx file, an HF folder, builtin:NAME or py:MODULE:FACTORY")
+    p.add_argument("--passes", required=True, help='pipeline text, e.g. "cleanup,fuse"')
+    p.add_argument("-o", "--output", required=True, help="artifact folder to create")
+    p.add_argument("--target", default="onnxruntime")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--calib", help="calibration inputs (.npz, arrays stacked as N x input shape)")
+    p.add_argument("--calib-samples", type=int, default=0)
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
+    p.add_argument("--no-verify", action="store_true", help="skip output checks after each pass")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("export", parents=[common], help="write ONNX from a torch model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--legacy", action="store_true", help="use the TorchScript exporter")
+    p.add_argument("--opset", type=int)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", parents=[common], help="ops, parameters, bytes, sparsity, I/O")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("list-passes", parents=[common], help="the passes, their options and defaults")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list_passes)
+
+    p = sub.add_parser("check", parents=[common], help="compare two models, or one with a golden file")
+    p.add_argument("model")
+    p.add_argument("other", nargs="?")
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--golden", help="golden JSON file to hold the model to")
+    p.add_argument("--update", action="store_true", help="(re)write the golden file")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("run", parents=[common], help="run an artifact folder")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", help=".npz of named inputs (random when omitted)")
+    p.add_argument("--out", help="write the outputs to this .npz")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.debug:
+        _quiet_third_party()
+    try:
+        return args.func(args)
+    except EffcError as e:
+        if args.debug:
+            raise
+        print(f"effc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("effc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"effc: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _quiet_third_party() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "torch._export", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The Python API behind ``effc compile``: load, run the pipeline, lower, write the artifact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from effc import __version__
+from effc.artifact import prepare_output, write_artifact
+from effc.backends import get_backend
+from effc.context import PassContext
+from effc.pipeline import Pipeline, PipelineResult, ensure_onnx
+
+
+def compile_model(
+    model,
+    passes: str | Pipeline,
+    out: str | Path,
+    target: str = "onnxruntime",
+    ctx: PassContext | None = None,
+    force: bool = False,
+    verify: bool = True,
+) -> PipelineResult:
+    """Compile ``model`` (any form ``Pipeline.run`` accepts) into the artifact folder ``out``."""
+    from effc.pipeline import VerifyInstrument
+
+    out = Path(out)
+    prepare_output(out, force)
+    backend = get_backend(target)
+    pipeline = passes if isinstance(passes, Pipeline) else Pipeline.from_text(passes)
+    if verify and not any(isinstance(i, VerifyInstrument) for i in pipeline.instruments):
+        pipeline.instruments.append(VerifyInstrument())
+    result = pipeline.run(model, ctx or PassContext())
+    report = result.report
+    report.target = backend.NAME
+    final = ensure_onnx(result.model, report, "the onnxruntime target")
+    manifest = {
+        "effc_version": __version__,
+        "backend": backend.NAME,
+        "pipeline": pipeline.text,
+        "source": report.source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": [vars(s) for s in final.input_specs()],
+        "outputs": [
+            {
+                "name": v.name,
+                "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
+                "dtype": v.dtype.numpy().name if v.dtype is not None else None,
+            }
+            for v in final.model.graph.outputs
+        ],
+    }
+
+    def build(folder: Path) -> None:
+        backend.lower(final.model, folder)
+        report.save(folder / "report.json")
+
+    write_artifact(out, build, manifest, force=force)
+    result.model = final
+    return result

@@ -1,0 +1,213 @@
+"""Weight sites: the Linear/MatMul/Gemm/Conv weights of a model, on both IRs (DESIGN.md section 4).
+
+A site is named by its module's fully qualified name (``model.layers.3.mlp.down_proj``) and is
+always viewed as (out, in) for linear layers and (out, in/groups, kh, kw) for convolutions: a
+"row" is one output channel and groups run along the input dimension. Tied weights (an
+embedding reused as lm_head) are one site with ``tied_with`` naming the other use.
+
+FX sites are read from the traced graph (aten.linear / aten.conv*) and edited in the source
+nn.Module, which the trace shares its parameters with. ONNX sites are MatMul (weights stored
+in x out), Gemm (transB decides) and Conv nodes whose weight is a constant initializer; their
+name comes from the initializer (``features.0.weight``), else the exporter's
+``pkg.torch.onnx.name_scopes`` metadata, else the legacy exporter's node name
+(``/encoder/layer.0/attention/self/query/MatMul``).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from effc.ir.model import attr_tensor
+
+aten = torch.ops.aten
+_FX_OPS = {
+    aten.linear.default: "linear",
+    aten.conv1d.default: "conv",
+    aten.conv2d.default: "conv",
+    aten.conv3d.default: "conv",
+}
+_GENERATED = re.compile(r"^(val_\d+|onnx::.*|_?v_?\d+|.*_bias)$")
+
+
+@dataclass
+class WeightSite:
+    fqn: str
+    op: str  # linear | conv
+    shape: tuple[int, ...]  # the (out, in[, k...]) view
+    groups: int = 1
+    tied_with: list[str] = field(default_factory=list)
+    handle: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.groups if self.op == "conv" else self.shape[1]
+
+
+# ---------------------------------------------------------------- FX
+def _fx_fqn(node, weight_target: str) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        return list(stack.values())[-1][0]
+    return weight_target.removesuffix(".weight")
+
+
+def _fx_sites(model) -> list[WeightSite]:
+    gm = model.graph_module
+    sites: dict[str, WeightSite] = {}
+    embeddings: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == aten.embedding.default and node.args[0].op == "get_attr":
+            embeddings[node.args[0].target] = _fx_fqn(node, node.args[0].target)
+        kind = _FX_OPS.get(node.target)
+        if kind is None or getattr(node.args[1], "op", None) != "get_attr":
+            continue
+        target = node.args[1].target
+        weight = attr_tensor(gm, target)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        groups = int(node.args[6]) if kind == "conv" and len(node.args) > 6 else 1
+        fqn = _fx_fqn(node, target)
+        sites[target] = WeightSite(fqn, kind, tuple(weight.shape), groups, handle=weight)
+    for target, emb in embeddings.items():
+        if target in sites and emb != sites[target].fqn:
+            sites[target].tied_with.append(emb)
+    return list(sites.values())
+
+
+# ---------------------------------------------------------------- ONNX
+def _scope_fqn(node: ir.Node) -> str | None:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = []
+        if len(names) >= 2 and names[-2]:
+            return names[-2]
+    if node.name and node.name.startswith("/"):
+        parts = node.name.strip("/").split("/")
+        if len(parts) >= 2:
+            return ".".join(parts[:-1])
+    return None
+
+
+def _onnx_fqn(node: ir.Node, weight: ir.Value) -> str:
+    name = weight.name or ""
+    if name.endswith(".weight") and not _GENERATED.match(name):
+        return name.removesuffix(".weight")
+    return _scope_fqn(node) or name or node.name
+
+
+def _weight_input(node: ir.Node) -> tuple[ir.Value, bool] | None:
+    """The constant initializer behind a MatMul/Gemm weight, and whether it is stored in x out.
+
+    A ``Transpose(perm=[1, 0])`` of an initializer (how the exporter writes a tied lm_head) is
+    looked through."""
+    value = node.inputs[1]
+    transposed = node.op_type == "MatMul"
+    if (
+        node.op_type == "Gemm"
+        and "transB" in node.attributes
+        and node.attributes["transB"].as_int()
+    ):
+        transposed = False
+    producer = value.producer() if value is not None else None
+    if (
+        producer is not None
+        and producer.op_type == "Transpose"
+        and producer.domain in ("", "ai.onnx")
+        and list(producer.attributes["perm"].as_ints()) == [1, 0]
+    ):
+        value, transposed = producer.inputs[0], not transposed
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    return value, transposed
+
+
+def _onnx_sites(model) -> list[WeightSite]:
+    graph = model.model.graph
+    sites: list[WeightSite] = []
+    tables: list[tuple[str, np.ndarray]] = []
+    for node in graph.all_nodes():
+        op = node.op_type if node.domain in ("", "ai.onnx") else None
+        table = node.inputs[0] if op == "Gather" else None
+        if (
+            table is not None
+            and table.const_value is not None
+            and len(table.const_value.shape) == 2
+        ):
+            tables.append((_scope_fqn(node) or table.name, table.const_value.numpy()))
+        if op not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
+            continue
+        if op == "Conv":
+            w = node.inputs[1]
+            if w is None or not w.is_initializer() or w.const_value is None:
+                continue
+            groups = node.attributes["group"].as_int() if "group" in node.attributes else 1
+            shape = tuple(w.const_value.shape.numpy())
+            sites.append(WeightSite(_onnx_fqn(node, w), "conv", shape, groups, handle=(w, False)))
+            continue
+        if op == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int():
+            continue
+        found = _weight_input(node)
+        if found is None or len(found[0].const_value.shape) != 2:
+            continue
+        value, transposed = found
+        shape = tuple(value.const_value.shape.numpy())
+        shape = shape[::-1] if transposed else shape
+        sites.append(
+            WeightSite(_onnx_fqn(node, value), "linear", shape, handle=(value, transposed))
+        )
+    for site in sites:
+        if site.op != "linear":
+            continue
+        view = read_weight_onnx(site)
+        for fqn, table in tables:
+            if fqn != site.fqn and table.shape == view.shape and np.array_equal(table, view):
+                site.tied_with.append(fqn)
+    return sites
+
+
+def read_weight_onnx(site: WeightSite) -> np.ndarray:
+    value, transposed = site.handle
+    w = value.const_value.numpy()
+    return w.T if transposed else w
+
+
+# ---------------------------------------------------------------- public API
+def weight_sites(model) -> list[WeightSite]:
+    """All weight sites of an FxModel or OnnxModel, in graph order."""
+    return _fx_sites(model) if model.kind == "fx" else _onnx_sites(model)
+
+
+def read_weight(site: WeightSite) -> torch.Tensor:
+    """The site's weight in its (out, in[, k...]) view, as a float tensor (a copy for ONNX)."""
+    if isinstance(site.handle, torch.Tensor):
+        return site.handle.detach()
+    return torch.from_numpy(np.ascontiguousarray(read_weight_onnx(site)))
+
+
+def write_weight(site: WeightSite, value: torch.Tensor) -> None:
+    """Write a new (out, in[, k...]) weight. On FX it is copied into the module's parameter
+    (every use of a tied parameter sees it); on ONNX it replaces the initializer's data."""
+    if tuple(value.shape) != tuple(site.shape):
+        raise ValueError(f"site {site.fqn}: new weight shape {tuple(value.shape)} != {site.shape}")
+    if isinstance(site.handle, torch.Tensor):
+        with torch.no_grad():
+            site.handle.copy_(value)
+        return
+    old, transposed = site.handle
+    data = value.detach().cpu().numpy().astype(old.const_value.numpy().dtype)
+    old.const_value = ir.tensor(np.ascontiguousarray(data.T if transposed else data), name=old.name)
