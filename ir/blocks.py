@@ -1,8 +1,8 @@
 """Block discovery: the repeated layers of a transformer (``model.layers.N``, ``encoder.layer.N``).
 
 Works on weight-site names, so it gives the same answer on FX and ONNX. A block container is a
-path followed by an integer component; it qualifies when at least two indices share the same
-set of site suffixes (the same structure). The container with the most blocks wins.
+path followed by an integer component; it qualifies when at least two indices have the same
+sites (the same name suffixes, ops and shapes). The container with the most blocks wins.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def find_blocks(model_or_sites) -> list[Block]:
     best: tuple[int, int, str] | None = None
     for container, blocks in by_container.items():
         shapes = {
-            frozenset(s.fqn[len(f"{container}.{i}.") :] for s in members)
+            frozenset((s.fqn[len(f"{container}.{i}.") :], s.op, s.shape) for s in members)
             for i, members in blocks.items()
         }
         if len(blocks) < 2 or len(shapes) != 1:

@@ -81,7 +81,8 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path} is not a valid ONNX file (no graph or no IR version)")
     validate_external_data(proto, path.parent)
     try:
-        onnx.checker.check_model(proto)
+        # With external data the checker needs the path to find it (after the checks above).
+        onnx.checker.check_model(str(path) if _tensors_with_external_data(proto) else proto)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path} is not a valid ONNX model: {first}") from e

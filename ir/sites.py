@@ -50,7 +50,8 @@ class WeightSite:
 
     @property
     def in_features(self) -> int:
-        return int(np.prod(self.shape[1:])) * self.groups if self.op == "conv" else self.shape[1]
+        """Input channels (for a conv: in/groups per group times groups)."""
+        return self.shape[1] * self.groups
 
 
 # ---------------------------------------------------------------- FX
