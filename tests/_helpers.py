@@ -1,0 +1,44 @@
+"""Helpers for pass tests: build models from ONNX text, run passes, compare on random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+
+import effc
+from effc.ir.model import OnnxModel
+from effc.numerics import compare_outputs
+
+
+def from_text(text: str, initializers: dict[str, np.ndarray] | None = None) -> OnnxModel:
+    proto = onnx.parser.parse_model(text)
+    for name, arr in (initializers or {}).items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(arr, name))
+    onnx.checker.check_model(proto)
+    return OnnxModel(ir.serde.deserialize_model(proto))
+
+
+def op_types(model: OnnxModel) -> list[str]:
+    return [n.op_type for n in model.model.graph]
+
+
+def run_pass(text: str, model: OnnxModel, seeds: int = 3):
+    """Run pipeline ``text``; return (new model, record, worst comparison over ``seeds`` inputs)."""
+    inputs = effc.PassContext(eval_seeds=seeds).eval_inputs(model)
+    before = [model.run(x) for x in inputs]
+    result = effc.Pipeline.from_text(text).run(model)
+    after = [result.model.run(x) for x in inputs]
+    worst = {"ok": True, "identical": True, "max_abs": 0.0}
+    for b, a in zip(before, after):
+        cmp = compare_outputs(b, a)
+        worst["ok"] &= cmp["ok"]
+        worst["identical"] &= cmp["identical"]
+        worst["max_abs"] = max(worst["max_abs"], cmp["max_abs"])
+    return result.model, result.report.records[-1], worst
+
+
+def rng_array(*shape, seed=0, scale=1.0, positive=False):
+    a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale
+    return np.abs(a) + 0.5 if positive else a
