@@ -12,7 +12,9 @@ def check_models(a, b, rtol: float = 1e-4, atol: float = 1e-5, seeds: int = 3, s
     specs_a = {s.name: s for s in a.input_specs()}
     specs_b = {s.name for s in b.input_specs()}
     if set(specs_a) != specs_b:
-        raise InputError(f"the models have different inputs: {sorted(specs_a)} vs {sorted(specs_b)}")
+        raise InputError(
+            f"the models have different inputs: {sorted(specs_a)} vs {sorted(specs_b)}"
+        )
     vocab = a.vocab_hint() or b.vocab_hint()
     per_seed = []
     for seed in range(seeds):

@@ -53,7 +53,9 @@ def _context(args, model=None):
             try:
                 check_inputs(model.input_specs(), ctx.calibration[0])
             except InputError as e:
-                raise InputError(f"--calib {args.calib}: {e} (arrays are stacked samples: N x input shape)") from e
+                raise InputError(
+                    f"--calib {args.calib}: {e} (arrays are stacked samples: N x input shape)"
+                ) from e
         ctx.calibration_info = {"file": str(args.calib), "samples": n}
     return ctx
 
@@ -73,7 +75,13 @@ def cmd_compile(args) -> int:
     prepare_output(Path(args.output), args.force)
     model = _load(args, args.model)
     result = compile_model(
-        model, pipeline, args.output, args.target, _context(args, model), args.force, not args.no_verify
+        model,
+        pipeline,
+        args.output,
+        args.target,
+        _context(args, model),
+        args.force,
+        not args.no_verify,
     )
     result.report.print(_console())
     print(f"wrote {args.output}")
@@ -124,12 +132,22 @@ def cmd_list_passes(args) -> int:
     for col in ("name", "IR", "lossy", "options (default)", "what it does"):
         table.add_column(col)
     for p in passes:
-        opts = ", ".join(f"{o['name']}: {o['type']} = {print_value(o['default'])}" for o in p["options"])
-        table.add_row(p["name"], "/".join(p["kinds"]), "yes" if p["lossy"] else "no", escape(opts), escape(p["doc"]))
+        opts = ", ".join(
+            f"{o['name']}: {o['type']} = {print_value(o['default'])}" for o in p["options"]
+        )
+        table.add_row(
+            p["name"],
+            "/".join(p["kinds"]),
+            "yes" if p["lossy"] else "no",
+            escape(opts),
+            escape(p["doc"]),
+        )
     console = _stdout_console()
     console.print(table)
     console.print("fuse rules: " + "; ".join(f"{k}: {r.doc}" for k, r in RULES.items()))
-    console.print("groups: seq(...) runs passes once; fixpoint{max_iter=N}(...) repeats until nothing changes")
+    console.print(
+        "groups: seq(...) runs passes once; fixpoint{max_iter=N}(...) repeats until nothing changes"
+    )
     return 0
 
 
@@ -151,11 +169,18 @@ def cmd_check(args) -> int:
         raise EffcError("effc check needs a second model to compare with, or --golden FILE")
     from effc.inputs import parse_shapes
 
-    result = check_models(model, _load(args, args.other), args.rtol, args.atol, args.seeds, parse_shapes(args.shape))
-    verdict = "bit-identical" if result.get("identical") else ("equal within tolerance" if result["ok"] else "DIFFERENT")
+    result = check_models(
+        model, _load(args, args.other), args.rtol, args.atol, args.seeds, parse_shapes(args.shape)
+    )
+    verdict = (
+        "bit-identical"
+        if result.get("identical")
+        else ("equal within tolerance" if result["ok"] else "DIFFERENT")
+    )
     print(
         f"{verdict}: max abs error {result.get('max_abs', float('nan')):.3e}, max rel {result.get('max_rel', float('nan')):.3e} "
-        f"(rtol {args.rtol}, atol {args.atol}, {args.seeds} seeds)" + (f"; {result['reason']}" if "reason" in result else "")
+        f"(rtol {args.rtol}, atol {args.atol}, {args.seeds} seeds)"
+        + (f"; {result['reason']}" if "reason" in result else "")
     )
     return 0 if result["ok"] else 1
 
@@ -180,12 +205,18 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     outputs = backend.run(folder, inputs, args.threads)
     seconds = time.perf_counter() - t0
-    table = Table(title=f"{folder} ({manifest['backend']}, {seconds * 1e3:.1f} ms)", title_justify="left")
+    table = Table(
+        title=f"{folder} ({manifest['backend']}, {seconds * 1e3:.1f} ms)", title_justify="left"
+    )
     for col in ("output", "shape", "dtype", "mean", "std"):
         table.add_column(col)
     for name, arr in outputs.items():
         a = np.asarray(arr)
-        stats = (f"{a.mean():.4g}", f"{a.std():.4g}") if a.size and np.issubdtype(a.dtype, np.number) else ("", "")
+        stats = (
+            (f"{a.mean():.4g}", f"{a.std():.4g}")
+            if a.size and np.issubdtype(a.dtype, np.number)
+            else ("", "")
+        )
         table.add_row(name, str(list(a.shape)), a.dtype.name, *stats)
     _stdout_console().print(table)
     if args.out:
@@ -207,18 +238,26 @@ def cmd_run(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from effc import __version__
 
-    parser = argparse.ArgumentParser(prog="effc", description="Make neural networks smaller and faster, with proof.")
+    parser = argparse.ArgumentParser(
+        prog="effc", description="Make neural networks smaller and faster, with proof."
+    )
     parser.add_argument("--version", action="version", version=f"effc {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    common.add_argument("--shape", action="append", metavar="NAME=DIMS", help="input shape, e.g. input_ids=1x128")
-    common.add_argument("--threads", type=int, default=2, help="threads for torch, onnxruntime and OpenMP")
+    common.add_argument(
+        "--shape", action="append", metavar="NAME=DIMS", help="input shape, e.g. input_ids=1x128"
+    )
+    common.add_argument(
+        "--threads", type=int, default=2, help="threads for torch, onnxruntime and OpenMP"
+    )
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--task", choices=["causal-lm", "base"], help="HF folder: force the task")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compile", parents=[common], help="run a pass pipeline and write an artifact folder")
+    p = sub.add_parser(
+        "compile", parents=[common], help="run a pass pipeline and write an artifact folder"
+    )
     p.add_argument("model", help="an .onnx file, an HF folder, builtin:NAME or py:MODULE:FACTORY")
     p.add_argument("--passes", required=True, help='pipeline text, e.g. "cleanup,fuse"')
     p.add_argument("-o", "--output", required=True, help="artifact folder to create")
@@ -243,11 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("list-passes", parents=[common], help="the passes, their options and defaults")
+    p = sub.add_parser(
+        "list-passes", parents=[common], help="the passes, their options and defaults"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list_passes)
 
-    p = sub.add_parser("check", parents=[common], help="compare two models, or one with a golden file")
+    p = sub.add_parser(
+        "check", parents=[common], help="compare two models, or one with a golden file"
+    )
     p.add_argument("model")
     p.add_argument("other", nargs="?")
     p.add_argument("--rtol", type=float, default=1e-4)
@@ -267,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
     if not args.debug:
         _quiet_third_party()
     try:
@@ -284,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"effc: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"effc: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -30,8 +30,11 @@ def inspect_model(model) -> dict:
         info["ir_version"] = m.ir_version
         info["producer"] = f"{m.producer_name or ''} {m.producer_version or ''}".strip()
         info["outputs"] = [
-            {"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
-             "dtype": v.dtype.numpy().name if v.dtype is not None else None}
+            {
+                "name": v.name,
+                "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
+                "dtype": v.dtype.numpy().name if v.dtype is not None else None,
+            }
             for v in m.graph.outputs
         ]
     for site in sites:
@@ -72,8 +75,15 @@ def print_inspection(info: dict, console: Console) -> None:
         for col in ("name", "op", "shape", "sparsity", "tied with"):
             w.add_column(col, justify="right" if col == "sparsity" else "left")
         for s in info["weights"]:
-            w.add_row(escape(s["name"]), s["op"], "x".join(map(str, s["shape"])),
-                      f"{s['sparsity']:.1%}", ", ".join(s["tied_with"]))
+            w.add_row(
+                escape(s["name"]),
+                s["op"],
+                "x".join(map(str, s["shape"])),
+                f"{s['sparsity']:.1%}",
+                ", ".join(s["tied_with"]),
+            )
         console.print(w)
     if info["blocks"]:
-        console.print(f"blocks: {len(info['blocks'])} ({info['blocks'][0]} .. {info['blocks'][-1]})")
+        console.print(
+            f"blocks: {len(info['blocks'])} ({info['blocks'][0]} .. {info['blocks'][-1]})"
+        )

@@ -49,7 +49,9 @@ def structure_digest(model) -> str:
         for n_i, node in enumerate(graph):
             refs = [index.get(id(v), "?") if v is not None else "-" for v in node.inputs]
             attrs = sorted(
-                (k, str(a.value)) for k, a in node.attributes.items() if a.type.name not in ("TENSOR", "GRAPH")
+                (k, str(a.value))
+                for k, a in node.attributes.items()
+                if a.type.name not in ("TENSOR", "GRAPH")
             )
             h.update(f"{node.domain}::{node.op_type}({','.join(refs)}){attrs}\n".encode())
             for o_i, out in enumerate(node.outputs):
@@ -67,8 +69,12 @@ def structure_digest(model) -> str:
 def _encode(arr: np.ndarray) -> dict:
     flat = arr.reshape(-1)
     stride = max(1, -(-flat.size // MAX_VALUES))
-    return {"shape": list(arr.shape), "dtype": arr.dtype.name, "stride": stride,
-            "values": flat[::stride].tolist()}
+    return {
+        "shape": list(arr.shape),
+        "dtype": arr.dtype.name,
+        "stride": stride,
+        "values": flat[::stride].tolist(),
+    }
 
 
 def _decode(entry: dict) -> np.ndarray:
@@ -88,8 +94,10 @@ def make_golden(model, rtol: float, atol: float, shapes=None, seed: int = 0) -> 
         "sparsity": {w["name"]: w["sparsity"] for w in info["weights"]},
         "rtol": rtol,
         "atol": atol,
-        "inputs": {k: {"shape": list(v.shape), "dtype": v.dtype.name, "values": v.reshape(-1).tolist()}
-                   for k, v in inputs.items()},
+        "inputs": {
+            k: {"shape": list(v.shape), "dtype": v.dtype.name, "values": v.reshape(-1).tolist()}
+            for k, v in inputs.items()
+        },
         "outputs": [_encode(np.asarray(o)) for o in outputs],
     }
 
@@ -102,7 +110,9 @@ def compare_golden(model, golden: dict) -> list[str]:
     ops = model.op_histogram()
     for op in sorted(set(ops) | set(golden["op_counts"])):
         if ops.get(op, 0) != golden["op_counts"].get(op, 0):
-            problems.append(f"op {op}: {ops.get(op, 0)} nodes, golden {golden['op_counts'].get(op, 0)}")
+            problems.append(
+                f"op {op}: {ops.get(op, 0)} nodes, golden {golden['op_counts'].get(op, 0)}"
+            )
     if structure_digest(model) != golden["structure_digest"]:
         problems.append("graph structure changed (structure digest differs)")
     info = inspect_model(model)
@@ -113,7 +123,10 @@ def compare_golden(model, golden: dict) -> list[str]:
             problems.append(f"weight {name}: missing")
         elif abs(got - expected) > 1e-9:
             problems.append(f"weight {name}: sparsity {got:.4f}, golden {expected:.4f}")
-    inputs = {k: np.asarray(v["values"], dtype=v["dtype"]).reshape(v["shape"]) for k, v in golden["inputs"].items()}
+    inputs = {
+        k: np.asarray(v["values"], dtype=v["dtype"]).reshape(v["shape"])
+        for k, v in golden["inputs"].items()
+    }
     outputs = model.run(inputs)
     if len(outputs) != len(golden["outputs"]):
         return [*problems, f"{len(outputs)} outputs, golden {len(golden['outputs'])}"]
@@ -132,7 +145,12 @@ def compare_golden(model, golden: dict) -> list[str]:
 
 
 def assert_golden(
-    model, path: str | Path, rtol: float = 1e-4, atol: float = 1e-5, update: bool | None = None, shapes=None
+    model,
+    path: str | Path,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    update: bool | None = None,
+    shapes=None,
 ) -> None:
     """Raise GoldenMismatch unless ``model`` (a path or any effc model) matches ``path``.
 
@@ -148,7 +166,9 @@ def assert_golden(
         write_golden(model, path, rtol, atol, shapes)
         return
     if not path.is_file():
-        raise GoldenMismatch(f"golden file {path} does not exist; write it with EFFC_UPDATE_GOLDEN=1")
+        raise GoldenMismatch(
+            f"golden file {path} does not exist; write it with EFFC_UPDATE_GOLDEN=1"
+        )
     problems = compare_golden(model, json.loads(path.read_text()))
     if problems:
         raise GoldenMismatch(f"{model.source} does not match {path}:\n  " + "\n  ".join(problems))

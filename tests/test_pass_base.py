@@ -20,7 +20,9 @@ def test_unknown_pass_suggests_the_closest_name():
 
 
 def test_unknown_option_names_the_option_and_lists_the_valid_ones():
-    with pytest.raises(PassOptionError, match="unknown option 'rule'.*did you mean 'rules'.*its options: rules"):
+    with pytest.raises(
+        PassOptionError, match="unknown option 'rule'.*did you mean 'rules'.*its options: rules"
+    ):
         effc.Pipeline.from_text("fuse{rule=[batchnorm]}")
 
 

@@ -78,7 +78,9 @@ def test_fixpoint_stops_at_max_iter(tiny_cnn):
 
 
 def test_pipeline_lowers_fx_to_onnx_once_at_the_boundary(tiny_cnn):
-    result = effc.Pipeline([FxOnly(), OnnxOnly(), OnnxOnly()]).run(FxModel(tiny_cnn, tiny_cnn.example_inputs()))
+    result = effc.Pipeline([FxOnly(), OnnxOnly(), OnnxOnly()]).run(
+        FxModel(tiny_cnn, tiny_cnn.example_inputs())
+    )
     kinds = [r.kind for r in result.report.records]
     assert kinds == ["fx", "fx->onnx", "onnx", "onnx"]
     assert isinstance(result.model, OnnxModel)
@@ -86,7 +88,9 @@ def test_pipeline_lowers_fx_to_onnx_once_at_the_boundary(tiny_cnn):
 
 
 def test_fx_only_pass_on_onnx_is_a_clear_error(llama_onnx):
-    with pytest.raises(UnsupportedError, match="pass 'fx-only' works on FX models, and this model is ONNX"):
+    with pytest.raises(
+        UnsupportedError, match="pass 'fx-only' works on FX models, and this model is ONNX"
+    ):
         effc.Pipeline([FxOnly()]).run(str(llama_onnx["dynamo"]))
 
 
@@ -103,7 +107,9 @@ def test_verify_instrument_catches_a_lossless_pass_that_changes_outputs(tiny_cnn
     from effc.models import TinyCNN
 
     model = TinyCNN()
-    with pytest.raises(VerificationError, match="'breaks-outputs' is lossless but changed the outputs"):
+    with pytest.raises(
+        VerificationError, match="'breaks-outputs' is lossless but changed the outputs"
+    ):
         effc.Pipeline([BreaksOutputs()], instruments=[effc.VerifyInstrument()]).run(model)
 
 
@@ -112,7 +118,10 @@ def test_dump_instrument_writes_ir_after_each_pass(tmp_path, llama_onnx, tiny_cn
         str(llama_onnx["legacy"])
     )
     effc.Pipeline.from_text("fuse", instruments=[effc.DumpInstrument(tmp_path / "b")]).run(tiny_cnn)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["01-cleanup.onnx.txt", "02-fuse.onnx.txt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "01-cleanup.onnx.txt",
+        "02-fuse.onnx.txt",
+    ]
     assert "Gather" in (tmp_path / "a" / "01-cleanup.onnx.txt").read_text()
     assert "conv2d" in (tmp_path / "b" / "01-fuse.fx.py").read_text()
 

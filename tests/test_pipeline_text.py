@@ -23,7 +23,12 @@ def specs(depth=2):
     leaf = st.builds(Spec, names, options)
     if depth == 0:
         return leaf
-    group = st.builds(Spec, st.sampled_from(["seq", "fixpoint"]), st.just({}), st.lists(specs(depth - 1), min_size=1, max_size=3))
+    group = st.builds(
+        Spec,
+        st.sampled_from(["seq", "fixpoint"]),
+        st.just({}),
+        st.lists(specs(depth - 1), min_size=1, max_size=3),
+    )
     return leaf | group
 
 
@@ -54,7 +59,10 @@ def test_values_are_typed():
 
 
 def test_whitespace_is_allowed_and_dropped_when_printed():
-    assert print_pipeline(parse_pipeline(" cleanup , fuse{ rules = [ batchnorm ] } ")) == "cleanup,fuse{rules=[batchnorm]}"
+    assert (
+        print_pipeline(parse_pipeline(" cleanup , fuse{ rules = [ batchnorm ] } "))
+        == "cleanup,fuse{rules=[batchnorm]}"
+    )
 
 
 @pytest.mark.parametrize(

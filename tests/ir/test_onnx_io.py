@@ -70,7 +70,10 @@ def test_external_data_inside_folder_loads(tmp_path):
     assert model.graph.initializers["w"].const_value.numpy().tolist() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("location, message", [("../secret.bin", "leaving the model folder"), ("/etc/passwd", "absolute paths")])
+@pytest.mark.parametrize(
+    "location, message",
+    [("../secret.bin", "leaving the model folder"), ("/etc/passwd", "absolute paths")],
+)
 def test_external_data_outside_folder_is_refused(tmp_path, location, message):
     (tmp_path / "secret.bin").write_bytes(b"\0" * 16)
     path = _model_with_external(tmp_path / "m", location)
@@ -100,7 +103,9 @@ def test_save_with_external_data_stays_in_the_folder_and_round_trips(tmp_path, l
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", "m.onnx.data"]
     again = load_onnx(tmp_path / "out" / "m.onnx")
     for name, value in model.graph.initializers.items():
-        np.testing.assert_array_equal(again.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
+        np.testing.assert_array_equal(
+            again.graph.initializers[name].const_value.numpy(), value.const_value.numpy()
+        )
 
 
 def test_failed_save_leaves_nothing(tmp_path, llama_onnx, monkeypatch):

@@ -54,7 +54,9 @@ def test_conv_sites_keep_groups(tiny_cnn):
 
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), exporter=st.sampled_from(["dynamo", "legacy"]))
-def test_write_then_read_round_trips_and_changes_outputs_the_same_on_both_irs(llama_onnx, seed, exporter):
+def test_write_then_read_round_trips_and_changes_outputs_the_same_on_both_irs(
+    llama_onnx, seed, exporter
+):
     from effc.models import BUILTINS
 
     module = BUILTINS["tiny-llama"][0]()
@@ -65,7 +67,9 @@ def test_write_then_read_round_trips_and_changes_outputs_the_same_on_both_irs(ll
         for site in weight_sites(model):
             if site.tied_with:
                 continue
-            new = 0.05 * torch.randn(site.shape, generator=torch.Generator().manual_seed(seed + len(site.fqn)))
+            new = 0.05 * torch.randn(
+                site.shape, generator=torch.Generator().manual_seed(seed + len(site.fqn))
+            )
             write_weight(site, new)
             assert torch.equal(read_weight(site), new)
     x = {"input_ids": torch.randint(0, 256, (1, 16), generator=g).numpy()}
@@ -79,7 +83,11 @@ def test_write_rejects_a_wrong_shape(fx_llama):
 
 
 def test_blocks_are_found_on_both_irs(fx_llama, llama_onnx):
-    for model in (fx_llama, effc.load(str(llama_onnx["dynamo"])), effc.load(str(llama_onnx["legacy"]))):
+    for model in (
+        fx_llama,
+        effc.load(str(llama_onnx["dynamo"])),
+        effc.load(str(llama_onnx["legacy"])),
+    ):
         blocks = find_blocks(model)
         assert [b.fqn for b in blocks] == ["model.layers.0", "model.layers.1"]
         assert all(len(b.sites) == 7 for b in blocks)

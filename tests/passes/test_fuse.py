@@ -19,11 +19,15 @@ def _conv_bn(bias: bool):
     conv_inputs = "x, W, B" if bias else "x, W"
     if bias:
         inits["B"] = rng_array(8, seed=6)
-    return from_text(HEADER + f"""
+    return from_text(
+        HEADER
+        + f"""
         g (float[2,4,10,10] x) => (float[2,8,10,10] y) {{
             c = Conv<pads = [1, 1, 1, 1]>({conv_inputs})
             y = BatchNormalization<epsilon = 0.001>(c, scale, beta, mean, var)
-        }}""", inits)
+        }}""",
+        inits,
+    )
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -70,19 +74,31 @@ def _matmul_add(x_shape, bias_shape, commute=False):
     add = "Add(b, m)" if commute else "Add(m, b)"
     x_dims = ",".join(map(str, x_shape))
     out_shape = list(np.broadcast_shapes(tuple(x_shape[:-1]) + (n,), tuple(bias_shape)))
-    return from_text(HEADER + f"""
+    return from_text(
+        HEADER
+        + f"""
         g (float[{x_dims}] x) => (float[{",".join(map(str, out_shape))}] y) {{
             m = MatMul(x, W)
             y = {add}
-        }}""", {"W": rng_array(x_shape[-1], n, seed=1), "b": rng_array(*bias_shape, seed=2)})
+        }}""",
+        {"W": rng_array(x_shape[-1], n, seed=1), "b": rng_array(*bias_shape, seed=2)},
+    )
 
 
 @pytest.mark.parametrize(
     "x_shape, bias_shape, commute",
-    [([4, 8], [3], False), ([4, 8], [4, 1], False), ([4, 8], [4, 3], False), ([4, 8], [3], True), ([4, 8], [1, 1], False)],
+    [
+        ([4, 8], [3], False),
+        ([4, 8], [4, 1], False),
+        ([4, 8], [4, 3], False),
+        ([4, 8], [3], True),
+        ([4, 8], [1, 1], False),
+    ],
 )
 def test_matmul_add_becomes_gemm_where_legal(x_shape, bias_shape, commute):
-    new, record, cmp = run_pass("fuse{rules=[matmul-add]}", _matmul_add(x_shape, bias_shape, commute))
+    new, record, cmp = run_pass(
+        "fuse{rules=[matmul-add]}", _matmul_add(x_shape, bias_shape, commute)
+    )
     assert op_types(new) == ["Gemm"] and record.stats == {"matmul-add": 1}
     assert cmp["ok"]
 
