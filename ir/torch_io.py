@@ -46,6 +46,24 @@ def trace(module: nn.Module, example_inputs: dict[str, torch.Tensor]) -> torch.f
     return ep.module()
 
 
+class _PositionalAdapter(nn.Module):
+    """Calls ``module.forward`` with keyword inputs for the TorchScript tracer, which passes
+    positional arguments (and trips over HF forward decorators). The module's children are
+    registered under their own names, so scopes and weight names stay those of the module."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        super().__init__()
+        object.__setattr__(self, "inner", module)
+        self.names = names
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        for name, param in module.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+
+    def forward(self, *args):
+        return self.inner.forward(**dict(zip(self.names, args)))
+
+
 def export_onnx(
     module: nn.Module,
     example_inputs: dict[str, torch.Tensor],
@@ -61,7 +79,7 @@ def export_onnx(
             if legacy:
                 buf = io.BytesIO()
                 torch.onnx.export(
-                    module,
+                    _PositionalAdapter(module, list(example_inputs)),
                     tuple(example_inputs.values()),
                     buf,
                     dynamo=False,
@@ -132,19 +150,6 @@ def _load_py(ref: str) -> nn.Module:
     return module
 
 
-class _HFWrapper(nn.Module):
-    """Return only the logits / last hidden state so tracing and export see plain tensors."""
-
-    def __init__(self, model: nn.Module, causal: bool):
-        super().__init__()
-        self.model = model
-        self.causal = causal
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.logits if self.causal else out.last_hidden_state
-
-
 def load_hf_folder(folder: Path, task: str | None = None, seq: int = 16) -> tuple[nn.Module, dict]:
     """Load an HF model folder (safetensors only) for tracing; ``task`` in {causal-lm, base}."""
     try:
@@ -156,15 +161,17 @@ def load_hf_folder(folder: Path, task: str | None = None, seq: int = 16) -> tupl
     config = json.loads((folder / "config.json").read_text())
     archs = config.get("architectures") or []
     causal = task == "causal-lm" or (task is None and any("CausalLM" in a for a in archs))
+    # The HF model itself is traced (not a wrapper), so weight sites keep HF's module names.
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+    model.config.use_cache = False  # plain tensors out: no KV cache objects in the trace
     vocab = int(config.get("vocab_size", 1000))
     g = torch.Generator().manual_seed(0)
     inputs = {
         "input_ids": torch.randint(0, vocab, (1, seq), generator=g),
         "attention_mask": torch.ones(1, seq, dtype=torch.long),
     }
-    return _HFWrapper(model, causal).eval(), inputs
+    return model, inputs
 
 
 def resolve_torch(ref: str, shapes: dict | None = None, task: str | None = None):
