@@ -33,7 +33,7 @@ def compile_model(
     result = pipeline.run(model, ctx or PassContext())
     report = result.report
     report.target = backend.NAME
-    final = ensure_onnx(result.model, report, "the onnxruntime target")
+    final = ensure_onnx(result.model, report, f"the {backend.NAME} target", pipeline.instruments)
     manifest = {
         "effc_version": __version__,
         "backend": backend.NAME,

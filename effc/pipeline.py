@@ -34,6 +34,9 @@ class Instrument:
 
     wants_error = False
 
+    def before_pass(self, text: str, ctx: PassContext) -> None:
+        pass
+
     def after_pass(self, record: PassRecord, model, ctx: PassContext, index: int) -> None:
         pass
 
@@ -54,6 +57,39 @@ class VerifyInstrument(Instrument):
                 f"{err.get('max_abs', float('nan')):.3e} (rtol {self.rtol}, atol {self.atol})"
                 + (f"; {err['reason']}" if "reason" in err else "")
             )
+
+
+class ProgressInstrument(Instrument):
+    """A live line on the terminal: which pass runs, how many ran, elapsed time."""
+
+    def __init__(self, console=None):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from effc.report import make_console
+
+        console = console or make_console()
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.task = None
+        self.done = 0
+
+    def before_pass(self, text, ctx):
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("")
+        self.progress.update(self.task, description=f"[{self.done} done] running {text}")
+
+    def after_pass(self, record, model, ctx, index):
+        self.done += 1
+
+    def close(self) -> None:
+        self.progress.stop()
 
 
 class DumpInstrument(Instrument):
@@ -104,10 +140,12 @@ def lower_to_onnx(model):
     return OnnxModel(export_onnx(source, model.example_inputs))
 
 
-def ensure_onnx(model, report: Report, why: str):
+def ensure_onnx(model, report: Report, why: str, instruments: list[Instrument] = ()):
     """Lower an FX model to ONNX (once, at the boundary) and record it in the report."""
     if model.kind == "onnx":
         return model
+    for inst in instruments:
+        inst.before_pass("(FX -> ONNX)", None)
     log.info("lowering FX -> ONNX for %s", why)
     t0 = time.perf_counter()
     ops0, params0, bytes0 = _RunState._snapshot(model)
@@ -229,7 +267,7 @@ class _RunState:
 
     def _boundary(self, p: Pass, model, ctx):
         if model.kind == "fx" and "fx" not in p.kinds and "onnx" in p.kinds:
-            model = ensure_onnx(model, self.report, f"pass '{p.name}'")
+            model = ensure_onnx(model, self.report, f"pass '{p.name}'", self.instruments)
             self.ran.append("(FX -> ONNX)")
         return model
 
@@ -237,6 +275,8 @@ class _RunState:
         text = Pipeline([p]).text
         try:
             model = self._boundary(p, model, ctx)
+            for inst in self.instruments:
+                inst.before_pass(text, ctx)
             measure = (p.lossy and bool(ctx.calibration)) or any(
                 i.wants_error for i in self.instruments
             )

@@ -197,7 +197,7 @@ def read_weight(site: WeightSite) -> torch.Tensor:
     """The site's weight in its (out, in[, k...]) view, as a float tensor (a copy for ONNX)."""
     if isinstance(site.handle, torch.Tensor):
         return site.handle.detach()
-    return torch.from_numpy(np.ascontiguousarray(read_weight_onnx(site)))
+    return torch.from_numpy(np.array(read_weight_onnx(site), copy=True))
 
 
 def write_weight(site: WeightSite, value: torch.Tensor) -> None:
