@@ -1,0 +1,37 @@
+"""The compiled CPU kernels (C++ with AVX2/FMA/F16C and OpenMP), built on first use with
+``torch.utils.cpp_extension`` into the user cache and loaded from there afterwards."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+from effc.errors import UnsupportedError
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("bsr_kernels.cpp")
+
+
+@functools.cache
+def kernels():
+    """Build (about 45 s the first time) or load the extension module."""
+    from torch.utils import cpp_extension
+
+    from effc.models.real import cache_dir
+
+    build = cache_dir() / "torch_extensions" / "bsr_cpu"
+    build.mkdir(parents=True, exist_ok=True)
+    log.info("building/loading the BSR CPU kernels in %s", build)
+    try:
+        return cpp_extension.load(
+            name="effc_bsr_cpu",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=os.environ.get("EFFC_VERBOSE_BUILD") == "1",
+        )
+    except (RuntimeError, OSError) as e:
+        raise UnsupportedError(f"could not build the BSR CPU kernels (needs g++ and ninja): {e}") from e
