@@ -137,7 +137,7 @@ def lower_to_onnx(model):
     from effc.ir.torch_io import export_onnx
 
     source = model.graph_module if model.graph_modified else model.module
-    return OnnxModel(export_onnx(source, model.example_inputs))
+    return OnnxModel(export_onnx(source, model.example_inputs), annotations=model.annotations)
 
 
 def ensure_onnx(model, report: Report, why: str, instruments: list[Instrument] = ()):

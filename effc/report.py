@@ -86,8 +86,11 @@ class Report:
                 err = (
                     "identical" if r.error.get("identical") else f"max abs {r.error['max_abs']:.2e}"
                 )
-                if not r.error.get("ok", True):
+                if r.lossy and not r.error.get("identical"):
+                    err += f", rel {r.error['max_rel']:.2e}"
+                elif not r.error.get("ok", True):
                     err += " (over tolerance)"
+
             changes = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, dict))
             if not r.modified:
                 changes = changes or "no change"

@@ -42,6 +42,8 @@ class FxModel:
         self.example_inputs = dict(example_inputs)
         self._gm: torch.fx.GraphModule | None = None
         self.graph_modified = False  # a structural pass rewrote graph_module
+        # Per-weight-site facts later passes and backends need (masks, quantization), by FQN.
+        self.annotations: dict[str, dict] = {}
         self.source = type(module).__name__
 
     @property
@@ -115,6 +117,7 @@ class OnnxModel:
     model: ir.Model
     path: Path | None = None
     kind: str = field(default="onnx", init=False)
+    annotations: dict[str, dict] = field(default_factory=dict)
 
     @property
     def source(self) -> str:

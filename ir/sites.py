@@ -43,6 +43,7 @@ class WeightSite:
     groups: int = 1
     tied_with: list[str] = field(default_factory=list)
     handle: object = field(default=None, repr=False, compare=False)
+    node: object = field(default=None, repr=False, compare=False)  # the ONNX MatMul/Gemm/Conv
 
     @property
     def out_features(self) -> int:
@@ -158,7 +159,9 @@ def _onnx_sites(model) -> list[WeightSite]:
                 continue
             groups = node.attributes["group"].as_int() if "group" in node.attributes else 1
             shape = tuple(w.const_value.shape.numpy())
-            sites.append(WeightSite(_onnx_fqn(node, w), "conv", shape, groups, handle=(w, False)))
+            sites.append(
+                WeightSite(_onnx_fqn(node, w), "conv", shape, groups, handle=(w, False), node=node)
+            )
             continue
         if op == "Gemm" and "transA" in node.attributes and node.attributes["transA"].as_int():
             continue
@@ -169,7 +172,7 @@ def _onnx_sites(model) -> list[WeightSite]:
         shape = tuple(value.const_value.shape.numpy())
         shape = shape[::-1] if transposed else shape
         sites.append(
-            WeightSite(_onnx_fqn(node, value), "linear", shape, handle=(value, transposed))
+            WeightSite(_onnx_fqn(node, value), "linear", shape, handle=(value, transposed), node=node)
         )
     for site in sites:
         if site.op != "linear":
@@ -212,3 +215,29 @@ def write_weight(site: WeightSite, value: torch.Tensor) -> None:
     old, transposed = site.handle
     data = value.detach().cpu().numpy().astype(old.const_value.numpy().dtype)
     old.const_value = ir.tensor(np.ascontiguousarray(data.T if transposed else data), name=old.name)
+
+
+def untie(model, site: WeightSite) -> bool:
+    """Give a tied site (lm_head sharing the embedding) its own copy of the weight, so editing it
+    leaves the other use alone. Returns whether it was tied. Collect sites again afterwards."""
+    if not site.tied_with:
+        return False
+    if model.kind == "fx":
+        module = model.module.get_submodule(site.fqn)
+        module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+        model.retrace()
+    else:
+        value, _ = site.handle
+        copy = ir.Value(
+            name=f"{value.name}.untied.{site.fqn}",
+            shape=value.shape,
+            type=value.type,
+            const_value=ir.tensor(np.array(value.const_value.numpy(), copy=True)),
+        )
+        model.model.graph.register_initializer(copy)
+        weight_input = site.node.inputs[1]
+        user = weight_input.producer() if weight_input is not value else site.node
+        index = 0 if user is not site.node else 1
+        user.replace_input_with(index, copy)
+    site.tied_with = []
+    return True

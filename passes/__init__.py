@@ -2,5 +2,8 @@
 
 from effc.passes.cleanup import Cleanup
 from effc.passes.fuse import Fuse
+from effc.passes.group_prune import GroupPrune
+from effc.passes.nm_prune import NMPrune
+from effc.passes.quantize import Quantize
 
-__all__ = ["Cleanup", "Fuse"]
+__all__ = ["Cleanup", "Fuse", "GroupPrune", "NMPrune", "Quantize"]

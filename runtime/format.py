@@ -77,7 +77,9 @@ class BSRMatrix:
         }
         for name, (t, dtype, shape) in expect.items():
             if t.dtype != dtype or t.dim() != 1 or (shape and tuple(t.shape) != shape):
-                bad(f"{name} must be {dtype} of shape {shape or '(nnzb,)'}, got {t.dtype} {tuple(t.shape)}")
+                bad(
+                    f"{name} must be {dtype} of shape {shape or '(nnzb,)'}, got {t.dtype} {tuple(t.shape)}"
+                )
             if not t.is_contiguous():
                 bad(f"{name} is not contiguous")
         ptr = self.indptr.to(torch.int64)
@@ -98,7 +100,9 @@ class BSRMatrix:
         codes = unpack_codes(self.values, self.bits).view(self.nnzb, g).float()
         blocks = (codes - self.zeros.float()[:, None]) * self.scales.float()[:, None]
         dense = torch.zeros(out, inp // g, g)
-        rows = torch.repeat_interleave(torch.arange(out), (self.indptr[1:] - self.indptr[:-1]).long())
+        rows = torch.repeat_interleave(
+            torch.arange(out), (self.indptr[1:] - self.indptr[:-1]).long()
+        )
         dense[rows, self.indices.long()] = blocks
         return dense.view(out, inp)
 
@@ -177,8 +181,12 @@ def load(path: str | Path) -> dict[str, BSRMatrix]:
     try:
         for key in sorted(k[: -len(".shape")] for k in meta if k.endswith(".shape")):
             rows, cols = (int(v) for v in meta[f"{key}.shape"].split("x"))
-            parts = {p: tensors[f"{key}.{p}"] for p in ("indptr", "indices", "values", "scales", "zeros")}
-            m = BSRMatrix((rows, cols), int(meta[f"{key}.group"]), int(meta[f"{key}.bits"]), **parts)
+            parts = {
+                p: tensors[f"{key}.{p}"] for p in ("indptr", "indices", "values", "scales", "zeros")
+            }
+            m = BSRMatrix(
+                (rows, cols), int(meta[f"{key}.group"]), int(meta[f"{key}.bits"]), **parts
+            )
             m.validate()
             out[key] = m
     except (KeyError, ValueError) as e:

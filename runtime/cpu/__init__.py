@@ -34,4 +34,6 @@ def kernels():
             verbose=os.environ.get("EFFC_VERBOSE_BUILD") == "1",
         )
     except (RuntimeError, OSError) as e:
-        raise UnsupportedError(f"could not build the BSR CPU kernels (needs g++ and ninja): {e}") from e
+        raise UnsupportedError(
+            f"could not build the BSR CPU kernels (needs g++ and ninja): {e}"
+        ) from e

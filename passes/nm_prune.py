@@ -1,0 +1,60 @@
+"""nm-prune: N:M semi-structured pruning (keep N of every M consecutive input weights per row),
+the 2:4 baseline GQSA compares against. Scores are magnitude |W| or Wanda |W| * ||X_j||."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from effc.errors import PassOptionError, UnsupportedError
+from effc.pass_base import Pass, PassResult, register
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """(out, in) scores -> keep-mask with exactly n kept in every m consecutive inputs."""
+    out, inp = scores.shape
+    s = scores.reshape(out, inp // m, m)
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    mask.scatter_(2, s.topk(n, dim=2).indices, True)
+    return mask.view(out, inp)
+
+
+@register
+class NMPrune(Pass):
+    """N:M pruning (2:4 by default), magnitude or Wanda scores."""
+
+    name = "nm-prune"
+    lossy = True
+
+    @dataclass
+    class Options:
+        n: int = 2
+        m: int = 4
+        score: Literal["magnitude", "wanda"] = "magnitude"
+        skip: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not 0 < self.options.n < self.options.m:
+            raise PassOptionError(
+                f"pass 'nm-prune': need 0 < n < m, got n={self.options.n}, m={self.options.m}"
+            )
+
+    def run(self, model, ctx) -> PassResult:
+        from effc.ir.sites import read_weight, write_weight
+        from effc.passes.group_prune import activation_norms, compressible_sites
+
+        o = self.options
+        stats: dict = {}
+        sites = compressible_sites(model, o.skip, stats)
+        bad = [s.fqn for s in sites if s.in_features % o.m]
+        if bad:
+            raise UnsupportedError(f"m={o.m} does not divide the input size of {bad[0]}")
+        norms = activation_norms(model, sites, ctx) if o.score == "wanda" else {}
+        for site in sites:
+            w = read_weight(site).clone()
+            scores = w.abs() * (norms[site.fqn][None, :] if site.fqn in norms else 1)
+            write_weight(site, w * nm_mask(scores, o.n, o.m))
+        stats.update(layers=len(sites), sparsity=round(1 - o.n / o.m, 6))
+        return PassResult(model, bool(sites), stats)

@@ -1,0 +1,201 @@
+"""quantize: weight-only group quantization (GQSA's quantization half; also W2/W3/W8 baselines).
+
+Per group of g weights along a row's input dimension, codes q in [0, 2^b - 1] with
+    W ~= scale * (q - zero)
+asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale);
+symmetric:  scale = absmax / (2^(b-1) - 1), zero = 2^(b-1).
+Scales are rounded to fp16 first (what the BSR format stores), so the fake-quantized weights the
+model carries equal what the kernels compute.
+
+method=rtn rounds to nearest. method=gptq quantizes column by column and spreads each column's
+rounding error over the columns not yet quantized, weighted by the inverse Hessian of the layer's
+calibration inputs (H = X^T X), recomputing group parameters from the updated weights (GPTQ,
+Frantar et al. 2022). Groups a previous ``group-prune`` removed stay exactly zero (their codes are
+not stored), and the groups must coincide with the pruning groups (``requires``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from effc.errors import PassOptionError, UnsupportedError
+from effc.pass_base import Pass, PassResult, register
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., g) groups -> fp16-exact float scale and zero of shape (...)."""
+    qmax = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = w.abs().amax(-1) / (half - 1)
+        zero = torch.full_like(scale, half)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        scale = (hi - lo) / qmax
+        zero = torch.round(-lo / scale.clamp_min(1e-12)).clamp(0, qmax)
+    scale = scale.half().float()
+    # An all-zero group (pruned) or one whose scale underflows fp16 gets scale 1: its codes all
+    # equal the zero point, so it dequantizes to exactly 0.
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), zero
+
+
+def quantize_groups(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Codes for groups ``w`` (..., g) with per-group ``scale``/``zero`` (...)."""
+    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
+
+
+def rtn(weight: torch.Tensor, bits: int, group: int, symmetric: bool):
+    """(out, in) -> codes (out, in/g, g), scale, zero (out, in/g)."""
+    out, inp = weight.shape
+    w = weight.float().view(out, inp // group, group)
+    scale, zero = group_params(w, bits, symmetric)
+    return quantize_groups(w, scale, zero, bits), scale, zero
+
+
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group: int,
+    symmetric: bool,
+    mask: torch.Tensor | None = None,
+    block: int = 128,
+    damp: float = 0.01,
+):
+    """GPTQ with per-group parameters; pruned groups (mask False) are forced to exact zero."""
+    out, inp = weight.shape
+    W = weight.float().clone()
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(inp, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True
+    ).float()
+    keep = (
+        mask.repeat_interleave(group, dim=1)
+        if mask is not None
+        else torch.ones(out, inp, dtype=torch.bool)
+    )
+    codes = torch.zeros(out, inp)
+    scales = torch.zeros(out, inp // group)
+    zeros = torch.zeros(out, inp // group)
+    block = max(group, block - block % group)
+    for i1 in range(0, inp, block):
+        i2 = min(i1 + block, inp)
+        W1, E1, H1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                g = col // group
+                sc, zr = group_params(
+                    W1[:, i : i + group] * keep[:, col : col + group], bits, symmetric
+                )
+                scales[:, g], zeros[:, g] = sc, zr
+            g = col // group
+            q = quantize_groups(W1[:, i : i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
+
+            deq = torch.where(keep[:, col], scales[:, g] * (q - zeros[:, g]), torch.zeros(()))
+            codes[:, col] = q
+            err = (W1[:, i] - deq) / H1[i, i]
+            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return codes.view(out, inp // group, group), scales, zeros
+
+
+def dequantize(codes, scale, zero, mask=None) -> torch.Tensor:
+    w = scale[..., None] * (codes - zero[..., None])
+    if mask is not None:
+        w = w * mask[..., None]
+    return w.reshape(w.shape[0], -1)
+
+
+def hessians(model, sites, ctx) -> dict[str, torch.Tensor]:
+    from effc.ir.calibrate import collect_site_inputs
+
+    H: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+
+    def accumulate(site, x):
+        h = x.double().T @ x.double()
+        H[site.fqn] = H[site.fqn] + h if site.fqn in H else h
+        count[site.fqn] = count.get(site.fqn, 0) + x.shape[0]
+
+    collect_site_inputs(model, sites, ctx.calibration, accumulate)
+    return {k: (2 * v / count[k]).float() for k, v in H.items()}
+
+
+@register
+class Quantize(Pass):
+    """Weight-only group quantization (int2/3/4/8, per-group scale and zero; RTN or GPTQ)."""
+
+    name = "quantize"
+    lossy = True
+
+    @dataclass
+    class Options:
+        bits: Literal[2, 3, 4, 8] = 4
+        group: int = 16
+        symmetric: bool = False
+        method: Literal["rtn", "gptq"] = "rtn"
+        skip: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.options.group < 2:
+            raise PassOptionError(
+                f"pass 'quantize': option 'group' must be >= 2, got {self.options.group}"
+            )
+
+    def requires(self, model, ctx) -> None:
+        for fqn, notes in model.annotations.items():
+            if "mask" in notes and notes["group"] != self.options.group:
+                raise UnsupportedError(
+                    f"pass 'quantize': group {self.options.group} does not coincide with the pruning group "
+                    f"{notes['group']} of {fqn}; use the same group for both"
+                )
+
+    def run(self, model, ctx) -> PassResult:
+        from effc.ir.sites import read_weight, write_weight
+        from effc.passes.group_prune import compressible_sites
+
+        o = self.options
+        stats: dict = {}
+        sites = compressible_sites(model, o.skip, stats)
+        bad = [s.fqn for s in sites if s.in_features % o.group]
+        if bad:
+            raise UnsupportedError(
+                f"group {o.group} does not divide the input size of {bad[0]} ({len(bad)} layers)"
+            )
+        H = hessians(model, sites, ctx) if o.method == "gptq" else {}
+        err_sq = ref_sq = 0.0
+        for site in sites:
+            w = read_weight(site).float()
+            mask = model.annotations.get(site.fqn, {}).get("mask")
+            if o.method == "gptq":
+                codes, scale, zero = gptq(w, H[site.fqn], o.bits, o.group, o.symmetric, mask)
+            else:
+                codes, scale, zero = rtn(w, o.bits, o.group, o.symmetric)
+            deq = dequantize(codes, scale, zero, mask)
+            err_sq += float(((deq - w) ** 2).sum())
+            ref_sq += float((w**2).sum())
+            write_weight(site, deq)
+            model.annotations.setdefault(site.fqn, {}).update(
+                codes=codes.to(torch.uint8),
+                scale=scale,
+                zero=zero.to(torch.uint8),
+                bits=o.bits,
+                group=o.group,
+            )
+        stats.update(
+            layers=len(sites),
+            bits=o.bits,
+            weight_rel_error=round((err_sq / max(ref_sq, 1e-30)) ** 0.5, 6),
+        )
+        return PassResult(model, bool(sites), stats)
