@@ -172,7 +172,9 @@ def _onnx_sites(model) -> list[WeightSite]:
         shape = tuple(value.const_value.shape.numpy())
         shape = shape[::-1] if transposed else shape
         sites.append(
-            WeightSite(_onnx_fqn(node, value), "linear", shape, handle=(value, transposed), node=node)
+            WeightSite(
+                _onnx_fqn(node, value), "linear", shape, handle=(value, transposed), node=node
+            )
         )
     for site in sites:
         if site.op != "linear":

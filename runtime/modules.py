@@ -21,28 +21,49 @@ class BSRLinear(nn.Module):
         self.group, self.bits = matrix.group, matrix.bits
         for name, t in matrix.tensors().items():
             self.register_buffer(name, t)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
 
     @property
     def matrix(self) -> BSRMatrix:
-        return BSRMatrix((self.out_features, self.in_features), self.group, self.bits, self.indptr,
-                         self.indices, self.values, self.scales, self.zeros)
+        return BSRMatrix(
+            (self.out_features, self.in_features),
+            self.group,
+            self.bits,
+            self.indptr,
+            self.indices,
+            self.values,
+            self.scales,
+            self.zeros,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from effc.runtime.cpu import kernels
 
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        y = kernels().bsr_linear(x2, self.indptr, self.indices, self.values, self.scales, self.zeros,
-                                 self.out_features, self.group, self.bits)
+        y = kernels().bsr_linear(
+            x2,
+            self.indptr,
+            self.indices,
+            self.values,
+            self.scales,
+            self.zeros,
+            self.out_features,
+            self.group,
+            self.bits,
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         m = self.matrix
-        return (f"in={self.in_features}, out={self.out_features}, group={self.group}, bits={self.bits}, "
-                f"density={m.density:.3f}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, group={self.group}, bits={self.bits}, "
+            f"density={m.density:.3f}"
+        )
 
 
 def matrix_from_annotations(notes: dict) -> BSRMatrix:
@@ -63,7 +84,9 @@ def _time(fn, x, reps: int = 20) -> float:
 
 
 @torch.no_grad()
-def swap_linears(module: nn.Module, annotations: dict[str, dict], batch: int = 1, decide: bool = True) -> list[dict]:
+def swap_linears(
+    module: nn.Module, annotations: dict[str, dict], batch: int = 1, decide: bool = True
+) -> list[dict]:
     """Replace every quantized ``nn.Linear`` of ``module`` by a ``BSRLinear``; return one record per
     layer. With ``decide``, a layer whose BSR kernel is slower than dense ``F.linear`` at ``batch``
     rows stays dense (its fake-quantized fp32 weight), and the record says so with both timings."""
@@ -75,8 +98,13 @@ def swap_linears(module: nn.Module, annotations: dict[str, dict], batch: int = 1
         if not isinstance(linear, nn.Linear):
             continue
         bsr = BSRLinear(matrix_from_annotations(notes), linear.bias)
-        record = {"layer": fqn, "shape": [bsr.out_features, bsr.in_features], "density": bsr.matrix.density,
-                  "bytes": bsr.matrix.nbytes(), "dense_bytes": linear.weight.numel() * 4}
+        record = {
+            "layer": fqn,
+            "shape": [bsr.out_features, bsr.in_features],
+            "density": bsr.matrix.density,
+            "bytes": bsr.matrix.nbytes(),
+            "dense_bytes": linear.weight.numel() * 4,
+        }
         if decide:
             x = torch.randn(batch, bsr.in_features)
             record["sparse_ms"] = _time(bsr, x) * 1e3

@@ -1,8 +1,7 @@
 // BSR x dense kernels for 1 x g blocks of int4/int8 codes with per-block fp16 scale and uint8 zero:
 //   y[m, r] = sum_{b in row r} scale_b * sum_j (code_bj - zero_b) * x[m, col_b * g + j]
-//          = sum_b scale_b * <code_b, x[m, block b]>  -  sum_b scale_b * zero_b * xsum[m, col_b]
-// where xsum[m, c] sums x[m] over group c (computed once per call). Only the packed bytes are read:
-// no dense weight exists at any point. AVX2 + FMA + F16C, OpenMP over output rows.
+// Each block is dequantized into registers once and used for up to 8 rows of x. Only the packed
+// bytes are read: no dense weight exists at any point. AVX2 + FMA + F16C, OpenMP over output rows.
 // int4 layout: each 16 elements take 8 bytes; byte k holds element k (low nibble) and k + 8 (high).
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -13,7 +12,8 @@
 
 namespace {
 
-constexpr int MT = 8;  // rows of x handled together (accumulators kept in registers)
+constexpr int MT = 8;                // rows of x handled together (accumulators kept in registers)
+constexpr float MAGIC = 8388608.0f;  // 2^23
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -22,55 +22,60 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// Per-row float scales and scale * zero, converted 8 at a time.
-inline void row_params(const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end,
-                       float* s_out, float* z_out) {
+// scale * (code - zero) for 8 codes in int32 lanes: OR the code into the mantissa of 2^23, then
+// subtract (2^23 + zero) and multiply by the scale.
+inline __m256 dequant8(__m256i codes, __m256 magic_plus_zero, __m256 scale) {
+  const __m256i magic = _mm256_castps_si256(_mm256_set1_ps(MAGIC));
+  return _mm256_mul_ps(_mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(codes, magic)), magic_plus_zero), scale);
+}
+
+// Per-row float scales and (2^23 + zero), converted 8 at a time.
+inline void row_params(const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end, float* s_out,
+                       float* z_out) {
   int32_t b = begin;
   for (; b + 8 <= end; b += 8) {
     __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
     __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + b))));
     _mm256_storeu_ps(s_out + (b - begin), s);
-    _mm256_storeu_ps(z_out + (b - begin), _mm256_mul_ps(z, s));
+    _mm256_storeu_ps(z_out + (b - begin), _mm256_add_ps(z, _mm256_set1_ps(MAGIC)));
   }
   for (; b < end; ++b) {
     s_out[b - begin] = _cvtsh_ss(scales[b]);
-    z_out[b - begin] = s_out[b - begin] * (float)zeros[b];
+    z_out[b - begin] = MAGIC + (float)zeros[b];
   }
 }
 
+// One block's weights, dequantized into registers: w[k] holds elements 8k .. 8k + 7.
 template <int BITS, int G>
 struct Block {
-  static constexpr int vecs = G / 8;  // 8-float vectors per block
+  static constexpr int vecs = G / 8;
   static constexpr int64_t bytes = (int64_t)G * BITS / 8;
-  __m256 q[vecs];
+  __m256 w[vecs];
 
-  // The codes of block b as floats (the zero point is applied by the caller's correction term).
-  inline void load(const uint8_t* values, int32_t b) {
+  inline void load(const uint8_t* values, int32_t b, float zero_plus_magic, float scale) {
     const uint8_t* block = values + (int64_t)b * bytes;
+    const __m256 zv = _mm256_set1_ps(zero_plus_magic), sv = _mm256_set1_ps(scale);
     if constexpr (BITS == 4) {
       for (int k = 0; k < vecs; k += 2) {
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 4 * k)));
-        q[k] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
-        q[k + 1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        w[k] = dequant8(_mm256_and_si256(v, _mm256_set1_epi32(0xF)), zv, sv);
+        w[k + 1] = dequant8(_mm256_srli_epi32(v, 4), zv, sv);
       }
     } else {
       for (int k = 0; k < vecs; ++k)
-        q[k] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * k))));
+        w[k] = dequant8(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * k))), zv, sv);
     }
   }
 
-  // acc += scale * <q, x[offset : offset + G]>
-  inline __m256 dot(const float* xp, float scale, __m256 acc) const {
-    __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
-    for (int k = 1; k < vecs; ++k) t = _mm256_fmadd_ps(q[k], _mm256_loadu_ps(xp + 8 * k), t);
-    return _mm256_fmadd_ps(_mm256_set1_ps(scale), t, acc);
+  inline __m256 fma_into(const float* xp, __m256 acc) const {
+    for (int k = 0; k < vecs; ++k) acc = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xp + 8 * k), acc);
+    return acc;
   }
 };
 
 template <int BITS, int G>
 void kernel(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices,
-            const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N,
-            const float* xsum) {
+            const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
   const int64_t max_row = K / G;
 #pragma omp parallel
   {
@@ -83,44 +88,36 @@ void kernel(const float* x, int64_t M, int64_t K, const int32_t* indptr, const u
       const float* z = Z.data() - begin;
       if (M == 1) {  // GEMV: four independent accumulator chains over the row's blocks
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        float corr = 0.f;
         Block<BITS, G> blk[4];
         int32_t b = begin;
         for (; b + 4 <= end; b += 4) {
           for (int u = 0; u < 4; ++u) {
-            const int64_t col = indices[b + u];
-            blk[u].load(values, b + u);
-            acc[u] = blk[u].dot(x + col * G, s[b + u], acc[u]);
-            corr += z[b + u] * xsum[col];
+            blk[u].load(values, b + u, z[b + u], s[b + u]);
+            acc[u] = blk[u].fma_into(x + (int64_t)indices[b + u] * G, acc[u]);
           }
         }
         for (; b < end; ++b) {
-          const int64_t col = indices[b];
-          blk[0].load(values, b);
-          acc[0] = blk[0].dot(x + col * G, s[b], acc[0]);
-          corr += z[b] * xsum[col];
+          blk[0].load(values, b, z[b], s[b]);
+          acc[0] = blk[0].fma_into(x + (int64_t)indices[b] * G, acc[0]);
         }
-        y[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) - corr;
+        y[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
         continue;
       }
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {  // small GEMM: each block's codes reused for MT rows of x
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {  // small GEMM: each dequantized block serves MT rows of x
         const int mt = (int)std::min<int64_t>(MT, M - m0);
         __m256 acc[MT];
-        float corr[MT];
-        for (int i = 0; i < MT; ++i) { acc[i] = _mm256_setzero_ps(); corr[i] = 0.f; }
+        for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
         Block<BITS, G> blk;
-        const int64_t groups = K / G;
         for (int32_t b = begin; b < end; ++b) {
-          const int64_t col = indices[b];
-          blk.load(values, b);
-          const float* xp = x + m0 * K + col * G;
-          const float* xs = xsum + m0 * groups + col;
-          for (int i = 0; i < mt; ++i) {
-            acc[i] = blk.dot(xp + i * K, s[b], acc[i]);
-            corr[i] += z[b] * xs[i * groups];
+          blk.load(values, b, z[b], s[b]);
+          const float* xp = x + m0 * K + (int64_t)indices[b] * G;
+          if (mt == MT) {
+            for (int i = 0; i < MT; ++i) acc[i] = blk.fma_into(xp + i * K, acc[i]);
+          } else {
+            for (int i = 0; i < mt; ++i) acc[i] = blk.fma_into(xp + i * K, acc[i]);
           }
         }
-        for (int i = 0; i < mt; ++i) y[(m0 + i) * N + r] = hsum(acc[i]) - corr[i];
+        for (int i = 0; i < mt; ++i) y[(m0 + i) * N + r] = hsum(acc[i]);
       }
     }
   }
@@ -137,12 +134,10 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(group == 16 || group == 32 || group == 64 || group == 128, "group must be 16, 32, 64 or 128");
   auto y = torch::empty({x.size(0), out_features}, x.options());
-  auto xsum = x.view({x.size(0), x.size(1) / group, group}).sum(2).contiguous();
   const auto* idx = reinterpret_cast<const uint16_t*>(indices.data_ptr());
   const auto* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   auto args = std::make_tuple(x.data_ptr<float>(), x.size(0), x.size(1), indptr.data_ptr<int32_t>(), idx,
-                              values.data_ptr<uint8_t>(), sc, zeros.data_ptr<uint8_t>(), y.data_ptr<float>(), out_features,
-                              static_cast<const float*>(xsum.data_ptr<float>()));
+                              values.data_ptr<uint8_t>(), sc, zeros.data_ptr<uint8_t>(), y.data_ptr<float>(), out_features);
 #define EFFC_DISPATCH(B, G) if (bits == B && group == G) std::apply(kernel<B, G>, args);
   EFFC_DISPATCH(4, 16) EFFC_DISPATCH(4, 32) EFFC_DISPATCH(4, 64) EFFC_DISPATCH(4, 128)
   EFFC_DISPATCH(8, 16) EFFC_DISPATCH(8, 32) EFFC_DISPATCH(8, 64) EFFC_DISPATCH(8, 128)

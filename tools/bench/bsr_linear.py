@@ -1,0 +1,309 @@
+"""Side-by-side linear-layer benchmark: effc's BSR kernels against what a user would pick today.
+
+    python -m tools.bench.bsr_linear [--quick] [--out tools/bench/results/bsr_linear]
+
+One process, one run, the same thread count (default 2) for torch, onnxruntime and OpenMP. Every
+method rotates through enough weight copies to exceed 4x the 32 MiB L3, so each call streams its
+weights from memory. Each row prints the time, the weight bytes a call reads, and the floor
+(bytes / bandwidth, with bandwidth measured in the same run by a read-only reduction over 512 MiB
+with the same threads). Ratios, not absolute times, are what compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+THREADS = int(os.environ.get("EFFC_THREADS", "2"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+L3_BYTES = 32 * 2**20
+ROTATE_BYTES = 4 * L3_BYTES
+
+
+def bandwidth(kernels) -> float:
+    """Bytes per second of a read-only reduction over 512 MiB, best of 5."""
+    buf = torch.randint(0, 255, (512 * 2**20,), dtype=torch.uint8)
+    kernels.read_bytes(buf)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        kernels.read_bytes(buf)
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() / best
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, -(-ROTATE_BYTES // max(nbytes, 1)))
+
+
+def time_rotating(fns: list, seconds: float = 0.6, min_reps: int = 8) -> float:
+    """Median seconds per call, calling fns[i % len(fns)]."""
+    for f in fns[:2]:
+        f()
+    samples = []
+    t_end = time.perf_counter() + seconds
+    i = 0
+    while i < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fns[i % len(fns)]()
+        samples.append(time.perf_counter() - t0)
+        i += 1
+    return float(np.median(samples))
+
+
+def make_bsr(out: int, inp: int, sparsity: float, bits: int, group: int, seed: int):
+    from effc.runtime.format import from_quantized
+
+    g = torch.Generator().manual_seed(seed)
+    ng = inp // group
+    codes = torch.randint(0, 2**bits, (out, ng, group), dtype=torch.uint8, generator=g)
+    keep = round((1 - sparsity) * ng)
+    order = torch.rand(out, ng, generator=g).argsort(dim=1)
+    mask = torch.zeros(out, ng, dtype=torch.bool).scatter_(1, order[:, :keep], True)
+    scales = torch.rand(out, ng, generator=g) * 0.01
+    zeros = torch.randint(0, 2**bits, (out, ng), dtype=torch.uint8, generator=g)
+    return from_quantized(codes, scales, zeros, mask, bits)
+
+
+def methods(out: int, inp: int, M: int, seed: int):
+    """(name, weight bytes per call, list of callables) for every method."""
+    from effc.runtime.cpu import kernels
+
+    k = kernels()
+    x = torch.randn(M, inp)
+    xb = x.to(torch.bfloat16)
+    yield (
+        "torch fp32 F.linear",
+        out * inp * 4,
+        [
+            (lambda w=torch.randn(out, inp): torch.nn.functional.linear(x, w))
+            for _ in range(copies_for(out * inp * 4))
+        ],
+    )
+    yield (
+        "torch bf16 F.linear",
+        out * inp * 2,
+        [
+            (
+                lambda w=torch.randn(out, inp, dtype=torch.bfloat16): torch.nn.functional.linear(
+                    xb, w
+                )
+            )
+            for _ in range(copies_for(out * inp * 2))
+        ],
+    )
+    xn = x.numpy()
+    yield (
+        "numpy fp32 (OpenBLAS)",
+        out * inp * 4,
+        [
+            (
+                lambda w=np.random.default_rng(i).standard_normal((inp, out), dtype=np.float32): (
+                    xn @ w
+                )
+            )
+            for i in range(copies_for(out * inp * 4))
+        ],
+    )
+    from torch.ao.quantization import quantize_dynamic
+
+    def qdyn():
+        lin = torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False))
+        return quantize_dynamic(lin, {torch.nn.Linear}, dtype=torch.qint8)
+
+    yield (
+        "torch quantize_dynamic int8",
+        out * inp,
+        [(lambda q=qdyn(): q(x)) for _ in range(copies_for(out * inp))],
+    )
+    group = 32
+
+    def int4pack():
+        w = torch.randint(0, 16, (out, inp), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 8)
+        sz = torch.rand(inp // group, out, 2).to(torch.bfloat16)
+        return packed, sz
+
+    int4_bytes = out * inp // 2 + (inp // group) * out * 4
+    yield (
+        "torch int4 _weight_int4pack_mm (g32, bf16 x)",
+        int4_bytes,
+        [
+            (lambda p=int4pack(): torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p[0], group, p[1]))
+            for _ in range(copies_for(int4_bytes))
+        ],
+    )
+    nbits_bytes = out * inp // 2 + (inp // group) * out * (4 + 1)
+    yield (
+        "onnxruntime MatMulNBits (4-bit g32, acc level 4)",
+        nbits_bytes,
+        [
+            (lambda s=matmul_nbits_session(out, inp, group, i): s.run(None, {"x": xn}))
+            for i in range(copies_for(nbits_bytes))
+        ],
+    )
+    W = torch.randn(out, inp)
+    blocks = (
+        (torch.rand(out // 16, inp // 16) > 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    )
+    bsr_dense_bytes = int(out * inp * 0.5 * 4 + (out // 16) * (inp // 16) * 0.5 * 8)
+    yield (
+        "torch to_sparse_bsr 16x16 S50 fp32 + addmm",
+        bsr_dense_bytes,
+        [
+            (
+                lambda w=(W * blocks).to_sparse_bsr((16, 16)), z=torch.zeros(out, M): torch.addmm(
+                    z, w, x.T
+                )
+            )
+            for _ in range(max(2, copies_for(bsr_dense_bytes)))
+        ],
+    )
+    for label, sparsity, bits in (
+        ("effc BSR W4S50 g16", 0.5, 4),
+        ("effc BSR W4 dense g16", 0.0, 4),
+        ("effc BSR W8S50 g16", 0.5, 8),
+    ):
+        probe = make_bsr(out, inp, sparsity, bits, 16, seed)
+        nbytes = sum(probe.nbytes().values())
+        mats = [probe] + [
+            make_bsr(out, inp, sparsity, bits, 16, seed + i + 1)
+            for i in range(copies_for(nbytes) - 1)
+        ]
+        yield (
+            label,
+            nbytes,
+            [
+                (
+                    lambda m=m: k.bsr_linear(
+                        x, m.indptr, m.indices, m.values, m.scales, m.zeros, out, 16, bits
+                    )
+                )
+                for m in mats
+            ],
+        )
+
+
+def matmul_nbits_session(out: int, inp: int, group: int, seed: int):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    w = np.random.default_rng(seed).standard_normal((inp, out)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", inp])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", out])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    config = DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=False, accuracy_level=4)
+    quant = MatMulNBitsQuantizer(model, algo_config=config)
+    quant.process()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        quant.model.model.SerializeToString()
+        if hasattr(quant.model, "model")
+        else onnx._serialize(quant.model),
+        opts,
+        providers=["CPUExecutionProvider"],
+    )
+
+
+def run(shapes, batches, seed: int = 0) -> dict:
+    from effc.runtime.cpu import kernels
+
+    torch.set_num_threads(THREADS)
+    bw = bandwidth(kernels())
+    rows = []
+    for out, inp in shapes:
+        for M in batches:
+            for name, nbytes, fns in methods(out, inp, M, seed):
+                seconds = time_rotating(fns)
+                rows.append(
+                    {
+                        "shape": f"{out}x{inp}",
+                        "M": M,
+                        "method": name,
+                        "ms": seconds * 1e3,
+                        "weight_bytes": nbytes,
+                        "floor_ms": nbytes / bw * 1e3,
+                    }
+                )
+                print(
+                    f"{out}x{inp} M={M:<3} {name:<50} {seconds * 1e3:8.3f} ms  floor {nbytes / bw * 1e3:7.3f} ms",
+                    flush=True,
+                )
+                del fns
+    return {
+        "threads": THREADS,
+        "bandwidth_GBps": bw / 1e9,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def to_markdown(result: dict, command: str) -> str:
+    lines = [
+        "# BSR linear benchmark",
+        "",
+        f"Command: `{command}`  ",
+        f"Threads: {result['threads']} (torch, onnxruntime intra-op, OpenMP); measured read bandwidth "
+        f"{result['bandwidth_GBps']:.1f} GB/s (read-only reduction over 512 MiB, same threads); torch {result['torch']}.",
+        "Weights rotate through copies totalling >= 4x the 32 MiB L3. floor = weight bytes / bandwidth.",
+        "",
+    ]
+    by_case: dict = {}
+    for r in result["rows"]:
+        by_case.setdefault((r["shape"], r["M"]), []).append(r)
+    for (shape, M), rows in by_case.items():
+        base = next(r for r in rows if r["method"] == "torch fp32 F.linear")
+        nbits = next(r for r in rows if r["method"].startswith("onnxruntime MatMulNBits"))
+        lines += [
+            f"## {shape}, M = {M}",
+            "",
+            "| method | ms | weight MB | floor ms | x floor | speedup vs torch fp32 | vs MatMulNBits |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['ms']:.3f} | {r['weight_bytes'] / 1e6:.1f} | {r['floor_ms']:.3f} | "
+                f"{r['ms'] / r['floor_ms']:.2f} | {base['ms'] / r['ms']:.2f}x | {nbits['ms'] / r['ms']:.2f}x |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape (4096x4096), M=1 and 8")
+    parser.add_argument("--out", default="tools/bench/results/bsr_linear")
+    args = parser.parse_args()
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
+    batches = [1, 8] if args.quick else [1, 8, 64]
+    result = run(shapes, batches)
+    command = "python -m tools.bench.bsr_linear" + (" --quick" if args.quick else "")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out + ".md").write_text(to_markdown(result, command) + "\n")
+    print(to_markdown(result, command))
+
+
+if __name__ == "__main__":
+    main()
