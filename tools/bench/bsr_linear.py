@@ -12,6 +12,7 @@ with the same threads). Ratios, not absolute times, are what compare across mach
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -73,122 +74,113 @@ def make_bsr(out: int, inp: int, sparsity: float, bits: int, group: int, seed: i
     return from_quantized(codes, scales, zeros, mask, bits)
 
 
+def rotating(make, call, nbytes: int) -> list:
+    """Callables over distinct weight copies (enough to exceed 4x the L3): call(make(i))."""
+    return [functools.partial(call, make(i)) for i in range(copies_for(nbytes))]
+
+
 def methods(out: int, inp: int, M: int, seed: int):
-    """(name, weight bytes per call, list of callables) for every method."""
+    """(name, weight bytes per call, callables over rotating weight copies) for every method."""
+    from torch.ao.quantization import quantize_dynamic
+
     from effc.runtime.cpu import kernels
 
     k = kernels()
     x = torch.randn(M, inp)
-    xb = x.to(torch.bfloat16)
+    xb, xn = x.to(torch.bfloat16), x.numpy()
+    F = torch.nn.functional
+    n = out * inp
     yield (
         "torch fp32 F.linear",
-        out * inp * 4,
-        [
-            (lambda w=torch.randn(out, inp): torch.nn.functional.linear(x, w))
-            for _ in range(copies_for(out * inp * 4))
-        ],
+        n * 4,
+        rotating(lambda i: torch.randn(out, inp), lambda w: F.linear(x, w), n * 4),
     )
     yield (
         "torch bf16 F.linear",
-        out * inp * 2,
-        [
-            (
-                lambda w=torch.randn(out, inp, dtype=torch.bfloat16): torch.nn.functional.linear(
-                    xb, w
-                )
-            )
-            for _ in range(copies_for(out * inp * 2))
-        ],
+        n * 2,
+        rotating(
+            lambda i: torch.randn(out, inp, dtype=torch.bfloat16), lambda w: F.linear(xb, w), n * 2
+        ),
     )
-    xn = x.numpy()
     yield (
         "numpy fp32 (OpenBLAS)",
-        out * inp * 4,
-        [
-            (
-                lambda w=np.random.default_rng(i).standard_normal((inp, out), dtype=np.float32): (
-                    xn @ w
-                )
-            )
-            for i in range(copies_for(out * inp * 4))
-        ],
+        n * 4,
+        rotating(
+            lambda i: np.random.default_rng(i).standard_normal((inp, out), dtype=np.float32),
+            lambda w: xn @ w,
+            n * 4,
+        ),
     )
-    from torch.ao.quantization import quantize_dynamic
 
-    def qdyn():
-        lin = torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False))
-        return quantize_dynamic(lin, {torch.nn.Linear}, dtype=torch.qint8)
+    def qdyn(i):
+        return quantize_dynamic(
+            torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False)),
+            {torch.nn.Linear},
+            dtype=torch.qint8,
+        )
 
-    yield (
-        "torch quantize_dynamic int8",
-        out * inp,
-        [(lambda q=qdyn(): q(x)) for _ in range(copies_for(out * inp))],
-    )
+    yield "torch quantize_dynamic int8", n, rotating(qdyn, lambda q: q(x), n)
     group = 32
 
-    def int4pack():
+    def int4pack(i):
         w = torch.randint(0, 16, (out, inp), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 8)
-        sz = torch.rand(inp // group, out, 2).to(torch.bfloat16)
-        return packed, sz
+        return packed, torch.rand(inp // group, out, 2).to(torch.bfloat16)
 
-    int4_bytes = out * inp // 2 + (inp // group) * out * 4
+    int4_bytes = n // 2 + (inp // group) * out * 4
     yield (
         "torch int4 _weight_int4pack_mm (g32, bf16 x)",
         int4_bytes,
-        [
-            (lambda p=int4pack(): torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p[0], group, p[1]))
-            for _ in range(copies_for(int4_bytes))
-        ],
+        rotating(
+            int4pack,
+            lambda p: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p[0], group, p[1]),
+            int4_bytes,
+        ),
     )
-    nbits_bytes = out * inp // 2 + (inp // group) * out * (4 + 1)
+    nbits_bytes = n // 2 + (inp // group) * out * (4 + 1)
     yield (
         "onnxruntime MatMulNBits (4-bit g32, acc level 4)",
         nbits_bytes,
-        [
-            (lambda s=matmul_nbits_session(out, inp, group, i): s.run(None, {"x": xn}))
-            for i in range(copies_for(nbits_bytes))
-        ],
+        rotating(
+            lambda i: matmul_nbits_session(out, inp, group, i),
+            lambda s: s.run(None, {"x": xn}),
+            nbits_bytes,
+        ),
     )
-    W = torch.randn(out, inp)
-    blocks = (
-        (torch.rand(out // 16, inp // 16) > 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
-    )
-    bsr_dense_bytes = int(out * inp * 0.5 * 4 + (out // 16) * (inp // 16) * 0.5 * 8)
+
+    def torch_bsr(i):
+        blocks = (
+            (torch.rand(out // 16, inp // 16) > 0.5)
+            .repeat_interleave(16, 0)
+            .repeat_interleave(16, 1)
+        )
+        return (torch.randn(out, inp) * blocks).to_sparse_bsr((16, 16))
+
+    bsr16_bytes = int(n * 0.5 * 4 + (out // 16) * (inp // 16) * 0.5 * 8)
+    zeros = torch.zeros(out, M)
     yield (
         "torch to_sparse_bsr 16x16 S50 fp32 + addmm",
-        bsr_dense_bytes,
-        [
-            (
-                lambda w=(W * blocks).to_sparse_bsr((16, 16)), z=torch.zeros(out, M): torch.addmm(
-                    z, w, x.T
-                )
-            )
-            for _ in range(max(2, copies_for(bsr_dense_bytes)))
-        ],
+        bsr16_bytes,
+        rotating(torch_bsr, lambda w: torch.addmm(zeros, w, x.T), bsr16_bytes),
     )
     for label, sparsity, bits in (
         ("effc BSR W4S50 g16", 0.5, 4),
         ("effc BSR W4 dense g16", 0.0, 4),
         ("effc BSR W8S50 g16", 0.5, 8),
     ):
-        probe = make_bsr(out, inp, sparsity, bits, 16, seed)
-        nbytes = sum(probe.nbytes().values())
-        mats = [probe] + [
-            make_bsr(out, inp, sparsity, bits, 16, seed + i + 1)
-            for i in range(copies_for(nbytes) - 1)
-        ]
+        nbytes = sum(make_bsr(out, inp, sparsity, bits, 16, seed).nbytes().values())
         yield (
             label,
             nbytes,
-            [
-                (
-                    lambda m=m: k.bsr_linear(
-                        x, m.indptr, m.indices, m.values, m.scales, m.zeros, out, 16, bits
-                    )
-                )
-                for m in mats
-            ],
+            rotating(
+                functools.partial(
+                    lambda i, s, b: make_bsr(out, inp, s, b, 16, seed + i), s=sparsity, b=bits
+                ),
+                lambda m: k.bsr_linear(
+                    x, m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
+                ),
+                nbytes,
+            ),
         )
 
 
