@@ -6,10 +6,12 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnx_ir as ir
+import torch
 
 import effc
 from effc.ir.model import OnnxModel
 from effc.numerics import compare_outputs
+from effc.runtime.format import from_quantized
 
 
 def from_text(text: str, initializers: dict[str, np.ndarray] | None = None) -> OnnxModel:
@@ -42,3 +44,13 @@ def run_pass(text: str, model: OnnxModel, seeds: int = 3):
 def rng_array(*shape, seed=0, scale=1.0, positive=False):
     a = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale
     return np.abs(a) + 0.5 if positive else a
+
+
+def random_matrix(out=8, inp=64, group=16, bits=4, density=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ng = inp // group
+    codes = torch.randint(0, 2**bits, (out, ng, group), dtype=torch.uint8, generator=g)
+    scales = torch.rand(out, ng, generator=g) + 0.01
+    zeros = torch.randint(0, 2**bits, (out, ng), dtype=torch.uint8, generator=g)
+    mask = torch.rand(out, ng, generator=g) < density
+    return from_quantized(codes, scales, zeros, mask, bits), (codes, scales, zeros, mask)

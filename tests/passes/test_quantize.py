@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+import effc
+from effc.errors import UnsupportedError
+from effc.ir.sites import read_weight, weight_sites
+from effc.passes.nm_prune import nm_mask
+from effc.passes.quantize import dequantize, gptq, rtn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_codes_in_range_and_error_within_half_a_step(bits, symmetric):
+    w = torch.randn(16, 64)
+    codes, scale, zero = rtn(w, bits, 16, symmetric)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    if symmetric:
+        assert torch.all(zero == 2 ** (bits - 1))
+    deq = dequantize(codes, scale, zero)
+    err = (deq - w).abs().view(16, 4, 16)
+    # half a step, plus what rounding the scale to fp16 (rel. 2^-11) costs over 2^bits steps
+    assert torch.all(err <= scale[..., None] * (0.5 + 2**bits * 2**-11) + 1e-6)
+
+    assert torch.equal(scale, scale.half().float())  # what BSR stores
+
+
+def test_gptq_lowers_layer_output_error_against_rtn():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g)
+    x = torch.randn(512, 64, generator=g) @ mix  # correlated inputs, as in a real layer
+    w = torch.randn(32, 64, generator=g)
+    H = 2 * x.T @ x / x.shape[0]
+    err = {}
+    for name, (c, s, z) in {"rtn": rtn(w, 3, 16, False), "gptq": gptq(w, H, 3, 16, False)}.items():
+        err[name] = float(((x @ dequantize(c, s, z).T - x @ w.T) ** 2).mean())
+    assert err["gptq"] < 0.8 * err["rtn"], err
+
+
+def test_gptq_keeps_pruned_groups_exactly_zero():
+    w = torch.randn(8, 64)
+    mask = torch.rand(8, 4) > 0.5
+    x = torch.randn(100, 64)
+    c, s, z = gptq(w, x.T @ x, 4, 16, False, mask)
+    deq = dequantize(c, s, z, mask).view(8, 4, 16)
+    assert torch.all(deq[~mask] == 0)
+
+
+def test_prune_then_quantize_records_annotations_and_requires_matching_groups(tiny_llama):
+    from effc.models import BUILTINS
+
+    model = BUILTINS["tiny-llama"][0]()
+    result = effc.Pipeline.from_text("group-prune{score=magnitude},quantize{bits=4,group=16}").run(
+        model
+    )
+    notes = result.model.annotations["model.layers.0.mlp.down_proj"]
+    assert (
+        notes["mask"].shape == (64, 10)
+        and notes["codes"].shape == (64, 10, 16)
+        and notes["bits"] == 4
+    )
+    site = next(s for s in weight_sites(result.model) if s.fqn == "model.layers.0.mlp.down_proj")
+    torch.testing.assert_close(
+        read_weight(site),
+        dequantize(notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]),
+    )
+    with pytest.raises(UnsupportedError, match="does not coincide with the pruning group"):
+        effc.Pipeline.from_text("group-prune{score=magnitude,group=16},quantize{group=32}").run(
+            BUILTINS["tiny-llama"][0]()
+        )
+
+
+def test_nm_mask_keeps_exactly_n_of_m():
+    scores = torch.rand(8, 32)
+    mask = nm_mask(scores, 2, 4)
+    assert torch.all(mask.view(8, 8, 4).sum(-1) == 2)
+
+
+def test_quantize_gives_the_same_weights_on_fx_and_onnx(llama_onnx):
+    from effc.models import BUILTINS
+
+    rng = np.random.default_rng(0)
+    calib = [{"input_ids": rng.integers(0, 256, (1, 16)).astype(np.int64)} for _ in range(3)]
+    text = "group-prune{sparsity=0.3},quantize{bits=4,group=16,method=gptq}"
+    fx = effc.Pipeline.from_text(text).run(
+        BUILTINS["tiny-llama"][0](), effc.PassContext(calibration=calib)
+    )
+    onnx = effc.Pipeline.from_text(text).run(
+        str(llama_onnx["dynamo"]), effc.PassContext(calibration=calib)
+    )
+    a = {s.fqn: read_weight(s) for s in weight_sites(fx.model)}
+    b = {s.fqn: read_weight(s) for s in weight_sites(onnx.model)}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
