@@ -22,6 +22,8 @@ class PassContext:
     threads: int = 2
     shapes: dict[str, list[int]] = field(default_factory=dict)
     eval_seeds: int = 2
+    error_samples: int = 4  # calibration inputs a lossy pass's output error is measured on
+
 
     def __post_init__(self) -> None:
         os.environ.setdefault("EFFC_THREADS", str(self.threads))
@@ -30,7 +32,8 @@ class PassContext:
     def eval_inputs(self, model) -> list[dict[str, np.ndarray]]:
         """Calibration inputs when given, else ``eval_seeds`` random input sets."""
         if self.calibration:
-            return self.calibration
+            return self.calibration[: self.error_samples]
+
         from effc.inputs import random_inputs
 
         specs = model.input_specs()

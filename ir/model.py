@@ -72,7 +72,11 @@ class FxModel:
 
     @torch.no_grad()
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs = self.graph_module(
+        """Outputs on numpy inputs: the source module (any input shape) unless a structural
+        pass rewrote the graph, then the (static-shape) graph module."""
+        runner = self.graph_module if self.graph_modified else self.module
+        outputs = runner(
+
             **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
         )
         flat, _ = torch.utils._pytree.tree_flatten(outputs)

@@ -1,0 +1,176 @@
+"""Perplexity of SmolLM2-135M under effc pipelines (GQSA one-shot settings and baselines).
+
+    python -m tools.quality.perplexity [--windows 32 --seqlen 512 --calib-samples 32] [--rows NAME,...]
+
+Evaluation: the first ``--windows`` windows of ``--seqlen`` tokens of the evaluation articles
+(tools/quality/data.py: even/odd article split, never overlapping with calibration); the same
+windows for every row. Calibration: ``--calib-samples`` windows of the calibration articles.
+Bytes count the compressible linear layers only (the fp32 embedding is the same in every row):
+BSR rows split values / indices / scales; dense quantized rows count codes + fp16 scale + uint8 zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+THREADS = int(os.environ.get("EFFC_THREADS", "2"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROWS = {
+    "fp32": "",
+    "W4 g16 RTN": "quantize{bits=4,group=16}",
+    "W4 g32 RTN": "quantize{bits=4,group=32}",
+    "W4 g64 RTN": "quantize{bits=4,group=64}",
+    "W4 g64 RTN sym": "quantize{bits=4,group=64,symmetric=true}",
+    "W4 g16 GPTQ": "quantize{bits=4,group=16,method=gptq}",
+    "W4 g64 GPTQ": "quantize{bits=4,group=64,method=gptq}",
+    "W8 g16 RTN": "quantize{bits=8,group=16}",
+    "W3 g64 RTN": "quantize{bits=3,group=64}",
+    "W3 g64 GPTQ": "quantize{bits=3,group=64,method=gptq}",
+    "W2 g64 RTN": "quantize{bits=2,group=64}",
+    "S30 groups (wanda, row)": "group-prune{sparsity=0.3}",
+    "S40 groups (wanda, row)": "group-prune{sparsity=0.4}",
+    "S50 groups (wanda, row)": "group-prune{sparsity=0.5}",
+    "S50 groups (magnitude, row)": "group-prune{sparsity=0.5,score=magnitude}",
+    "S50 groups (wanda, layer)": "group-prune{sparsity=0.5,scope=layer}",
+    "S50 groups (wanda, global)": "group-prune{sparsity=0.5,scope=global}",
+    "W4S50 one-shot (wanda + RTN g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16}",
+    "W4S50 one-shot (wanda + GPTQ g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
+    "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
+    "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
+}
+
+
+def load_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model.config.use_cache = False
+    return model
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    for ids in windows:
+        logits = model(input_ids=ids[None]).logits[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+        count += ids.numel() - 1
+    return math.exp(nll / count)
+
+
+def compressed_bytes(model, annotations: dict) -> dict:
+    """values / indices / scales bytes of the compressible linear layers."""
+    from effc.runtime.modules import matrix_from_annotations
+
+    totals = {"values": 0, "indices": 0, "scales": 0}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        notes = annotations.get(name, {})
+        out, inp = module.weight.shape
+        if "codes" in notes and notes["bits"] in (4, 8) and "mask" in notes:
+            for k, v in matrix_from_annotations(notes).nbytes().items():
+                totals[k] += v
+        elif "codes" in notes:
+            totals["values"] += out * inp * notes["bits"] // 8
+            totals["scales"] += (out * inp // notes["group"]) * 3
+        elif "mask" in notes:  # pruned, not quantized: kept fp32 values + uint16 block indices
+            kept = int(notes["mask"].sum())
+            totals["values"] += kept * notes["group"] * 4
+            totals["indices"] += kept * 2 + (out + 1) * 4
+        else:
+            totals["values"] += out * inp * 4
+    return totals
+
+
+def main() -> None:
+    import effc
+    from effc.ir import FxModel
+    from effc.models.real import smollm2_folder
+
+    from tools.quality.data import SPLIT, split, windows
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--rows", help="comma-separated row names (default: all)")
+    parser.add_argument("--out", default="tools/quality/results/smollm2_perplexity")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+
+    folder = smollm2_folder()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib_text, eval_text = split()
+    eval_windows = windows(tokenizer, eval_text, args.windows, args.seqlen)
+    calib_windows = windows(tokenizer, calib_text, args.calib_samples, args.seqlen)
+    calibration = [{"input_ids": w[None].numpy()} for w in calib_windows]
+    names = args.rows.split(",") if args.rows else list(ROWS)
+    results = []
+    for name in names:
+        model = load_model(folder)
+        t0 = time.perf_counter()
+        annotations: dict = {}
+        if ROWS[name]:
+            ctx = effc.PassContext(calibration=calibration, error_samples=2)
+            fx_inputs = {"input_ids": calib_windows[:1, :64]}
+            fxm = FxModel(model, fx_inputs)
+            result = effc.Pipeline.from_text(ROWS[name]).run(fxm, ctx)
+            annotations = result.model.annotations
+        seconds = time.perf_counter() - t0
+        ppl = perplexity(model, eval_windows)
+        row = {"setting": name, "pipeline": ROWS[name], "perplexity": ppl, "compress_s": seconds,
+               "bytes": compressed_bytes(model, annotations)}
+        results.append(row)
+        print(f"{name:<40} ppl {ppl:10.2f}  ({seconds:.0f} s)", flush=True)
+    meta = {
+        "model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32)",
+        "eval": f"first {args.windows} windows of {args.seqlen} tokens of the evaluation articles",
+        "calibration": f"{args.calib_samples} windows of {args.seqlen} tokens of the calibration articles",
+        "split": SPLIT,
+        "threads": THREADS,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(meta, results, args) + "\n")
+    print(to_markdown(meta, results, args))
+
+
+def to_markdown(meta: dict, rows: list[dict], args) -> str:
+    command = (f"python -m tools.quality.perplexity --windows {args.windows} --seqlen {args.seqlen} "
+               f"--calib-samples {args.calib_samples}" + (f" --rows '{args.rows}'" if args.rows else ""))
+    base = next((r for r in rows if r["setting"] == "fp32"), rows[0])
+    lines = [
+        "# SmolLM2-135M perplexity under effc pipelines", "",
+        f"Command: `{command}`  ",
+        f"Model: {meta['model']}. Evaluation: {meta['eval']}. Calibration: {meta['calibration']}. "
+        f"Split: {meta['split']}. Threads: {meta['threads']}.",
+        "Bytes: the compressible linear layers (all 211, lm_head included); the embedding is fp32 in every row.", "",
+        "| setting | pipeline | perplexity | x fp32 | linear MB | values | indices | scales+zeros |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        b = r["bytes"]
+        total = sum(b.values())
+        lines.append(
+            f"| {r['setting']} | `{r['pipeline'] or '-'}` | {r['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.2f} | "
+            f"{total / 1e6:.1f} | {b['values'] / 1e6:.1f} | {b['indices'] / 1e6:.2f} | {b['scales'] / 1e6:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
