@@ -1,5 +1,5 @@
-"""Lowering targets. Each backend module exposes ``NAME``, ``lower(model, out_dir)`` and
-``run(out_dir, inputs)``."""
+"""Lowering targets. Each backend module exposes ``NAME``, ``legalization()`` (pass texts it
+appends to the pipeline), ``lower(model, out_dir)`` and ``run(out_dir, inputs)``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from effc.errors import UnsupportedError, did_you_mean
 
 
 def get_backend(name: str) -> ModuleType:
-    from effc.backends import onnxruntime
+    from effc.backends import bsr, onnxruntime
 
-    backends = {onnxruntime.NAME: onnxruntime}
+    backends = {onnxruntime.NAME: onnxruntime, bsr.NAME: bsr}
+
     if name not in backends:
         raise UnsupportedError(
             f"unknown target {name!r}{did_you_mean(name, backends)}; available: {', '.join(backends)}"

@@ -29,12 +29,24 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
 def session_for(model: ir.Model, threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session for an in-memory model (weights are serialized, not copied twice)."""
     proto = ir.serde.serialize_model(model)
+    opts = session_options(threads)
+    from effc.passes.bsr_pack import DOMAIN
+
+    if DOMAIN in model.opset_imports:  # BSR kernel nodes: register effc's custom op
+        from effc.backends.bsr import _register_op
+
+        opts.register_custom_ops_library(_register_op())
     try:
         return ort.InferenceSession(
-            proto.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+            proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
+
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+
+
+def legalization() -> list[str]:
+    return []
 
 
 def lower(model: ir.Model, out_dir: Path) -> list[Path]:

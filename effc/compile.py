@@ -28,6 +28,11 @@ def compile_model(
     prepare_output(out, force)
     backend = get_backend(target)
     pipeline = passes if isinstance(passes, Pipeline) else Pipeline.from_text(passes)
+    legal = backend.legalization()
+    if legal:
+        pipeline = Pipeline([*pipeline.passes, *legal], instruments=pipeline.instruments)
+        pipeline.legalized = legal
+
     if verify and not any(isinstance(i, VerifyInstrument) for i in pipeline.instruments):
         pipeline.instruments.append(VerifyInstrument())
     result = pipeline.run(model, ctx or PassContext())

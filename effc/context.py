@@ -24,7 +24,6 @@ class PassContext:
     eval_seeds: int = 2
     error_samples: int = 4  # calibration inputs a lossy pass's output error is measured on
 
-
     def __post_init__(self) -> None:
         os.environ.setdefault("EFFC_THREADS", str(self.threads))
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))

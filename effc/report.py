@@ -91,7 +91,10 @@ class Report:
                 elif not r.error.get("ok", True):
                     err += " (over tolerance)"
 
-            changes = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, dict))
+            changes = ", ".join(
+                f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list))
+            )
+
             if not r.modified:
                 changes = changes or "no change"
             table.add_row(

@@ -75,10 +75,7 @@ class FxModel:
         """Outputs on numpy inputs: the source module (any input shape) unless a structural
         pass rewrote the graph, then the (static-shape) graph module."""
         runner = self.graph_module if self.graph_modified else self.module
-        outputs = runner(
-
-            **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-        )
+        outputs = runner(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
         flat, _ = torch.utils._pytree.tree_flatten(outputs)
         return [t.detach().numpy() for t in flat if isinstance(t, torch.Tensor)]
 

@@ -1,9 +1,10 @@
 """Built-in passes. Importing this package registers them."""
 
+from effc.passes.bsr_pack import BSRPack
 from effc.passes.cleanup import Cleanup
 from effc.passes.fuse import Fuse
 from effc.passes.group_prune import GroupPrune
 from effc.passes.nm_prune import NMPrune
 from effc.passes.quantize import Quantize
 
-__all__ = ["Cleanup", "Fuse", "GroupPrune", "NMPrune", "Quantize"]
+__all__ = ["BSRPack", "Cleanup", "Fuse", "GroupPrune", "NMPrune", "Quantize"]

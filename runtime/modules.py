@@ -75,12 +75,39 @@ def matrix_from_annotations(notes: dict) -> BSRMatrix:
     return from_quantized(codes, scale, zero, mask, notes["bits"])
 
 
-def _time(fn, x, reps: int = 20) -> float:
-    fn(x)
+def _time(fn, *args, reps: int = 10) -> float:
+    fn(*args)
     t0 = time.perf_counter()
     for _ in range(reps):
-        fn(x)
-    return (time.perf_counter() - t0) / reps
+        fn(*args)
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+@torch.no_grad()
+def measure_choice(matrix: BSRMatrix, batch: int) -> dict:
+    """Time the BSR kernel against dense fp32 ``F.linear`` of the same shape at ``batch`` rows;
+    the layer goes sparse only where the kernel is not slower."""
+    from effc.runtime.cpu import kernels
+
+    out, inp = matrix.shape
+    x = torch.randn(batch, inp)
+    args = (
+        matrix.indptr,
+        matrix.indices,
+        matrix.values,
+        matrix.scales,
+        matrix.zeros,
+        out,
+        matrix.group,
+        matrix.bits,
+    )
+    sparse = _time(kernels().bsr_linear, x, *args)
+    dense = _time(torch.nn.functional.linear, x, torch.randn(out, inp))
+    return {
+        "sparse_ms": sparse,
+        "dense_ms": dense,
+        "choice": "sparse" if sparse <= dense else "dense",
+    }
 
 
 @torch.no_grad()
@@ -105,13 +132,7 @@ def swap_linears(
             "bytes": bsr.matrix.nbytes(),
             "dense_bytes": linear.weight.numel() * 4,
         }
-        if decide:
-            x = torch.randn(batch, bsr.in_features)
-            record["sparse_ms"] = _time(bsr, x) * 1e3
-            record["dense_ms"] = _time(linear, x) * 1e3
-            record["choice"] = "sparse" if record["sparse_ms"] <= record["dense_ms"] else "dense"
-        else:
-            record["choice"] = "sparse"
+        record.update(measure_choice(bsr.matrix, batch) if decide else {"choice": "sparse"})
         if record["choice"] == "sparse":
             parent, _, leaf = fqn.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, leaf, bsr)

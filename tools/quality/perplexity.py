@@ -96,7 +96,6 @@ def main() -> None:
     import effc
     from effc.ir import FxModel
     from effc.models.real import smollm2_folder
-
     from tools.quality.data import SPLIT, split, windows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,8 +130,13 @@ def main() -> None:
             annotations = result.model.annotations
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, eval_windows)
-        row = {"setting": name, "pipeline": ROWS[name], "perplexity": ppl, "compress_s": seconds,
-               "bytes": compressed_bytes(model, annotations)}
+        row = {
+            "setting": name,
+            "pipeline": ROWS[name],
+            "perplexity": ppl,
+            "compress_s": seconds,
+            "bytes": compressed_bytes(model, annotations),
+        }
         results.append(row)
         print(f"{name:<40} ppl {ppl:10.2f}  ({seconds:.0f} s)", flush=True)
     meta = {
@@ -144,21 +148,27 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "rows": results}, indent=1) + "\n"
+    )
     out.with_suffix(".md").write_text(to_markdown(meta, results, args) + "\n")
     print(to_markdown(meta, results, args))
 
 
 def to_markdown(meta: dict, rows: list[dict], args) -> str:
-    command = (f"python -m tools.quality.perplexity --windows {args.windows} --seqlen {args.seqlen} "
-               f"--calib-samples {args.calib_samples}" + (f" --rows '{args.rows}'" if args.rows else ""))
+    command = (
+        f"python -m tools.quality.perplexity --windows {args.windows} --seqlen {args.seqlen} "
+        f"--calib-samples {args.calib_samples}" + (f" --rows '{args.rows}'" if args.rows else "")
+    )
     base = next((r for r in rows if r["setting"] == "fp32"), rows[0])
     lines = [
-        "# SmolLM2-135M perplexity under effc pipelines", "",
+        "# SmolLM2-135M perplexity under effc pipelines",
+        "",
         f"Command: `{command}`  ",
         f"Model: {meta['model']}. Evaluation: {meta['eval']}. Calibration: {meta['calibration']}. "
         f"Split: {meta['split']}. Threads: {meta['threads']}.",
-        "Bytes: the compressible linear layers (all 211, lm_head included); the embedding is fp32 in every row.", "",
+        "Bytes: the compressible linear layers (all 211, lm_head included); the embedding is fp32 in every row.",
+        "",
         "| setting | pipeline | perplexity | x fp32 | linear MB | values | indices | scales+zeros |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
