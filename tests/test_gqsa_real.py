@@ -1,0 +1,122 @@
+"""GQSA on the real SmolLM2-135M (reduced configurations of tools/quality; marked slow)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import effc
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gensim")
+    from transformers import AutoTokenizer
+
+    from effc.errors import UnsupportedError
+    from effc.models.real import smollm2_folder
+    from tools.quality.data import split, windows
+
+    try:
+        folder = smollm2_folder()
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib_text, eval_text = split()
+    return folder, windows(tokenizer, calib_text, 4, 128), windows(tokenizer, eval_text, 4, 256)
+
+
+def _compress(folder, text, calib):
+    from effc.ir import FxModel
+    from tools.quality.perplexity import load_model
+
+    model = load_model(folder)
+    ctx = effc.PassContext(
+        calibration=[{"input_ids": w[None].numpy()} for w in calib], error_samples=1
+    )
+    result = (
+        effc.Pipeline.from_text(text).run(FxModel(model, {"input_ids": calib[:1, :32]}), ctx)
+        if text
+        else None
+    )
+    return model, result
+
+
+def test_w4_and_one_shot_w4s50_perplexity_bounds(smollm2):
+    from tools.quality.perplexity import perplexity
+
+    folder, calib, evaluation = smollm2
+    ppl = {}
+    for name, text in {
+        "fp32": "",
+        "w4": "quantize{bits=4,group=16}",
+        "w4s50": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
+    }.items():
+        model, _ = _compress(folder, text, calib)
+        ppl[name] = perplexity(model, evaluation)
+    assert 10 < ppl["fp32"] < 40, ppl
+    assert ppl["w4"] < 1.5 * ppl["fp32"], ppl
+    assert ppl["fp32"] < ppl["w4"] < ppl["w4s50"], (
+        ppl
+    )  # one-shot W4S50 loses quality (no training yet)
+
+
+def test_gptq_lowers_layer_output_error_against_rtn_on_real_weights(smollm2):
+    from effc.passes.quantize import dequantize, gptq, rtn
+    from tools.quality.perplexity import load_model
+
+    folder, calib, _ = smollm2
+    model = load_model(folder)
+    names = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.10.mlp.down_proj",
+        "model.layers.29.mlp.up_proj",
+    ]
+    inputs = {n: [] for n in names}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        for w in calib:
+            model(input_ids=w[None])
+    for h in hooks:
+        h.remove()
+    for name in names:
+        x = torch.cat(inputs[name])
+        w = model.get_submodule(name).weight.detach()
+        H = 2 * x.T @ x / x.shape[0]
+        ref = x @ w.T
+        err = {}
+        for method, (c, s, z) in {
+            "rtn": rtn(w, 4, 64, False),
+            "gptq": gptq(w, H, 4, 64, False),
+        }.items():
+            err[method] = float(((x @ dequantize(c, s, z).T - ref) ** 2).mean())
+        assert err["gptq"] < 0.9 * err["rtn"], (name, err)
+
+
+def test_w4s50_one_shot_gives_the_same_weights_through_fx_and_onnx(smollm2):
+    from effc.ir import OnnxModel
+    from effc.ir.sites import read_weight, weight_sites
+    from effc.ir.torch_io import export_onnx
+    from tools.quality.perplexity import load_model
+
+    folder, calib, _ = smollm2
+    text = "group-prune{sparsity=0.5,score=magnitude},quantize{bits=4,group=16}"
+    onnx = OnnxModel(export_onnx(load_model(folder), {"input_ids": calib[:1, :32]}))
+    onnx_result = effc.Pipeline.from_text(text).run(onnx, effc.PassContext(eval_seeds=0))
+    fx_model, fx_result = _compress(folder, text, calib)
+    a = {s.fqn: read_weight(s) for s in weight_sites(fx_result.model)}
+    b = {s.fqn: read_weight(s) for s in weight_sites(onnx_result.model)}
+    assert a.keys() == b.keys() and len(a) == 211
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
