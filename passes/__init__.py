@@ -3,8 +3,9 @@
 from effc.passes.bsr_pack import BSRPack
 from effc.passes.cleanup import Cleanup
 from effc.passes.fuse import Fuse
+from effc.passes.gqsa_train import GQSATrain
 from effc.passes.group_prune import GroupPrune
 from effc.passes.nm_prune import NMPrune
 from effc.passes.quantize import Quantize
 
-__all__ = ["BSRPack", "Cleanup", "Fuse", "GroupPrune", "NMPrune", "Quantize"]
+__all__ = ["BSRPack", "Cleanup", "Fuse", "GQSATrain", "GroupPrune", "NMPrune", "Quantize"]

@@ -8,7 +8,9 @@ Budgets keep exactly round((1 - sparsity) * groups) groups:
     layer:  the best groups of each layer, rows may differ;
     global: the best groups of all layers, scores normalised by each layer's mean score.
 Pruned groups are written as zeros and the keep-mask is recorded in the model's annotations
-(``annotations[fqn]["mask"]``, shape (out, in/g)) for quantization and the BSR packer. A tied
+(``annotations[fqn]["mask"]``, shape (out, in/g)) for quantization and the BSR packer, with the
+uncompressed weight (``"original"``) that training passes use as their teacher. A tied
+
 lm_head is untied first, and the report says so.
 """
 
@@ -150,7 +152,11 @@ class GroupPrune(Pass):
             w = weights[site.fqn]
             out, inp = w.shape
             w.view(out, inp // o.group, o.group).mul_(mask[:, :, None].to(w.dtype))
+            model.annotations.setdefault(site.fqn, {}).setdefault(
+                "original", read_weight(site).clone()
+            )
             write_weight(site, w)
+
             model.annotations.setdefault(site.fqn, {}).update(mask=mask, group=o.group)
             pruned += int((~mask).sum())
             total += mask.numel()

@@ -185,7 +185,9 @@ class Quantize(Pass):
             deq = dequantize(codes, scale, zero, mask)
             err_sq += float(((deq - w) ** 2).sum())
             ref_sq += float((w**2).sum())
+            model.annotations.setdefault(site.fqn, {}).setdefault("original", w.clone())
             write_weight(site, deq)
+
             model.annotations.setdefault(site.fqn, {}).update(
                 codes=codes.to(torch.uint8),
                 scale=scale,

@@ -1,0 +1,292 @@
+"""gqsa-train: GQSA's two-stage sparsity-aware training (FX only: it needs torch autograd).
+
+stage=bqpo (block-wise quantization-pruning optimisation): for each transformer block in order,
+on calibration activations, learn the kept weights and the per-group scales of every compressed
+linear so the compressed block reproduces the original block:
+    minimise || B_orig(h) - B_q(h) ||^2,   B_q's weights  w = s * (clamp(round(W / s) + z) - z) * mask
+with straight-through rounding and the masks fixed. The block inputs h come from the already
+compressed blocks before it (errors do not pile up unseen), the targets from the original block
+(the ``original`` weights recorded by group-prune / quantize) on the same inputs.
+
+stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales are trained end to
+end on the language-model loss over the calibration tokens.
+
+Both write the final codes and fp16 scales back into the annotations (so the BSR packer stores
+exactly what was trained) and the dequantized weights into the model, and report the budget
+(samples, tokens, steps, learning rate) and the loss before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from effc.errors import InputError, PassOptionError, UnsupportedError
+from effc.pass_base import Pass, PassResult, register
+
+log = logging.getLogger(__name__)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer whose weight is fake-quantized from trainable ``weight`` and ``scale``."""
+
+    def __init__(self, linear: nn.Linear, notes: dict, train_weight: bool):
+        super().__init__()
+        self.group, self.bits = notes["group"], notes["bits"]
+        out, inp = linear.weight.shape
+        mask = notes.get("mask")
+        self.register_buffer(
+            "mask",
+            (
+                mask if mask is not None else torch.ones(out, inp // self.group, dtype=torch.bool)
+            ).float(),
+        )
+        self.register_buffer("zero", notes["zero"].float())
+        self.scale = nn.Parameter(notes["scale"].float().clone())
+        start = (
+            notes["original"]
+            if train_weight
+            else notes["scale"][..., None]
+            * (notes["codes"].float() - notes["zero"].float()[..., None])
+        )
+        start = start.reshape(out, inp).float().clone()
+        self.weight = nn.Parameter(start, requires_grad=train_weight)
+        if not train_weight:  # E2E-OQP: codes are fixed; only the scales move
+            self.register_buffer("codes", notes["codes"].float())
+        self.bias = linear.bias
+
+    def codes_now(self) -> torch.Tensor:
+        if hasattr(self, "codes"):
+            return self.codes
+        out, inp = self.weight.shape
+        w = self.weight.view(out, inp // self.group, self.group)
+        return torch.clamp(
+            round_ste(w / self.scale[..., None]) + self.zero[..., None], 0, 2**self.bits - 1
+        )
+
+    def dequantized(self) -> torch.Tensor:
+        w = self.scale[..., None] * (self.codes_now() - self.zero[..., None]) * self.mask[..., None]
+        return w.reshape(self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized(), self.bias)
+
+    @torch.no_grad()
+    def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final (codes uint8, fp16-exact scale, dequantized weight)."""
+        self.scale.data = self.scale.data.abs().clamp_min(1e-8).half().float()
+        self.scale.data[self.scale.data == 0] = 1.0
+        codes = self.codes_now().round()
+        return codes.to(torch.uint8), self.scale.data.clone(), self.dequantized()
+
+
+def _swap(root: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    parent, _, leaf = fqn.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, leaf)
+    setattr(owner, leaf, new)
+    return old
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_block_inputs(model, block: nn.Module, inputs: list[dict]) -> list[tuple]:
+    """(args, kwargs) the first block receives for each calibration input."""
+    captured = []
+
+    def hook(_mod, args, kwargs):
+        captured.append(
+            (tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs))
+        )
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                try:
+                    model(**{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()})
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _progress(total: int, what: str):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from effc.report import make_console
+
+    console = make_console()
+    progress = Progress(
+        TextColumn(what),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    return progress, progress.add_task(what, total=total)
+
+
+@register
+class GQSATrain(Pass):
+    """GQSA training: bqpo (block-wise, weights + scales) or e2e (scales only, LM loss)."""
+
+    name = "gqsa-train"
+    kinds = ("fx",)
+    lossy = True
+
+    @dataclass
+    class Options:
+        stage: Literal["bqpo", "e2e"] = "bqpo"
+        steps: int = 50
+        lr: float = 1e-4
+        samples: int = 8
+
+    def validate(self) -> None:
+        if self.options.steps < 1 or self.options.samples < 1 or self.options.lr <= 0:
+            raise PassOptionError("pass 'gqsa-train': steps and samples must be >= 1 and lr > 0")
+
+    def requires(self, model, ctx) -> None:
+        if not ctx.calibration:
+            raise InputError(
+                "pass 'gqsa-train' needs calibration inputs (--calib) and none were given"
+            )
+        if not any("codes" in n for n in model.annotations.values()):
+            raise UnsupportedError(
+                "pass 'gqsa-train' trains quantized weights: run quantize (and group-prune) first"
+            )
+
+    def run(self, model, ctx) -> PassResult:
+        torch.manual_seed(ctx.seed)
+        data = ctx.calibration[: self.options.samples]
+        stats = {
+            "stage": self.options.stage,
+            "samples": len(data),
+            "steps": self.options.steps,
+            "lr": self.options.lr,
+            "tokens": int(sum(np.asarray(next(iter(x.values()))).size for x in data)),
+        }
+        with torch.enable_grad():
+            stats.update(
+                self._bqpo(model, data) if self.options.stage == "bqpo" else self._e2e(model, data)
+            )
+        model.retrace()
+        return PassResult(model, True, stats)
+
+    def _sites(self, model, prefix: str = "") -> dict[str, dict]:
+        return {f: n for f, n in model.annotations.items() if "codes" in n and f.startswith(prefix)}
+
+    def _finish(self, model, fqn: str, fq: FakeQuantLinear, linear: nn.Linear) -> None:
+        codes, scale, weight = fq.export()
+        notes = model.annotations[fqn]
+        out, inp = weight.shape
+        notes.update(codes=codes.view(out, inp // fq.group, fq.group), scale=scale)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        _swap(model.module, fqn, linear)
+
+    def _bqpo(self, model, data) -> dict:
+        from effc.ir.blocks import find_blocks
+
+        blocks = find_blocks(model)
+        if not blocks:
+            raise UnsupportedError("bqpo needs repeated transformer blocks and none were found")
+        module = model.module
+        inputs = _capture_block_inputs(module, module.get_submodule(blocks[0].fqn), data)
+        progress, task = _progress(len(blocks) * self.options.steps, "bqpo")
+        first_loss = last_loss = 0.0
+        with progress:
+            for block in blocks:
+                student = module.get_submodule(block.fqn)
+                teacher = copy.deepcopy(student).eval()
+                sites = self._sites(model, block.fqn + ".")
+                with torch.no_grad():
+                    for fqn, notes in sites.items():
+                        teacher.get_submodule(fqn[len(block.fqn) + 1 :]).weight.copy_(
+                            notes["original"]
+                        )
+                    targets = [_hidden(teacher(*a, **k)) for a, k in inputs]
+                fakes = {}
+                for fqn, notes in sites.items():
+                    linear = module.get_submodule(fqn)
+                    fakes[fqn] = (FakeQuantLinear(linear, notes, train_weight=True), linear)
+                    _swap(module, fqn, fakes[fqn][0])
+                params = [p for fq, _ in fakes.values() for p in (fq.weight, fq.scale)]
+                opt = torch.optim.Adam(params, lr=self.options.lr)
+                for step in range(self.options.steps):
+                    i = step % len(inputs)
+                    args, kwargs = inputs[i]
+                    loss = nn.functional.mse_loss(_hidden(student(*args, **kwargs)), targets[i])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    if step == 0:
+                        first_loss += float(loss)
+                    progress.advance(task)
+                for fqn, (fq, linear) in fakes.items():
+                    self._finish(model, fqn, fq, linear)
+                with torch.no_grad():
+                    last_loss += sum(
+                        float(nn.functional.mse_loss(_hidden(student(*a, **k)), t))
+                        for (a, k), t in zip(inputs, targets)
+                    ) / len(inputs)
+                    inputs = [((_hidden(student(*a, **k)), *a[1:]), k) for a, k in inputs]
+        return {
+            "blocks": len(blocks),
+            "block_mse_first_step": first_loss,
+            "block_mse_after": last_loss,
+        }
+
+    def _e2e(self, model, data) -> dict:
+        module = model.module
+        fakes = {}
+        for fqn, notes in self._sites(model).items():
+            linear = module.get_submodule(fqn)
+            fakes[fqn] = (FakeQuantLinear(linear, notes, train_weight=False), linear)
+            _swap(module, fqn, fakes[fqn][0])
+        opt = torch.optim.Adam([fq.scale for fq, _ in fakes.values()], lr=self.options.lr)
+        losses = []
+        progress, task = _progress(self.options.steps, "e2e-oqp")
+        try:
+            with progress:
+                for step in range(self.options.steps):
+                    x = data[step % len(data)]
+                    ids = torch.from_numpy(np.asarray(x["input_ids"]))
+                    logits = module(**{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()})
+                    logits = getattr(logits, "logits", logits)
+                    loss = nn.functional.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+                    )
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss))
+                    progress.advance(task)
+        finally:
+            for fqn, (fq, linear) in fakes.items():
+                self._finish(model, fqn, fq, linear)
+        return {
+            "layers": len(fakes),
+            "lm_loss_first_step": losses[0],
+            "lm_loss_last_step": losses[-1],
+        }
