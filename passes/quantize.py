@@ -122,10 +122,17 @@ def hessians(model, sites, ctx) -> dict[str, torch.Tensor]:
 
     H: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
+    last: list = [None, None]  # (input, its X^T X): q/k/v (and gate/up) share one input
 
     def accumulate(site, x):
-        h = x.double().T @ x.double()
-        H[site.fqn] = H[site.fqn] + h if site.fqn in H else h
+        prev = last[0]
+        if prev is not None and prev.data_ptr() == x.data_ptr() and prev.shape == x.shape:
+            h = last[1]
+        else:
+            h = (x.T @ x).double()  # fp32 GEMM, accumulated in fp64 across samples
+            last[:] = [x, h]
+        H[site.fqn] = H[site.fqn] + h if site.fqn in H else h.clone()
+
         count[site.fqn] = count.get(site.fqn, 0) + x.shape[0]
 
     collect_site_inputs(model, sites, ctx.calibration, accumulate)
