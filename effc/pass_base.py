@@ -100,7 +100,8 @@ class Pass:
     def run(self, model, ctx) -> PassResult:
         raise NotImplementedError
 
-    def __call__(self, model, ctx) -> PassResult:
+    def check_kind(self, model) -> None:
+        """Raise UnsupportedError when the pass cannot work on this IR kind."""
         if model.kind not in self.kinds:
             need = " or ".join(k.upper() for k in self.kinds)
             raise UnsupportedError(
@@ -108,7 +109,11 @@ class Pass:
                 f"{model.kind.upper()}"
                 + ("; training needs a torch model, not ONNX" if self.kinds == ("fx",) else "")
             )
+
+    def __call__(self, model, ctx) -> PassResult:
+        self.check_kind(model)
         self.requires(model, ctx)
+
         result = self.run(model, ctx)
         self.ensures(result.model, ctx)
         return result

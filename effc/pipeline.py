@@ -275,6 +275,9 @@ class _RunState:
         text = Pipeline([p]).text
         try:
             model = self._boundary(p, model, ctx)
+            p.check_kind(model)  # before measuring anything on a model the pass cannot take
+            p.requires(model, ctx)
+
             for inst in self.instruments:
                 inst.before_pass(text, ctx)
             measure = (p.lossy and bool(ctx.calibration)) or any(
@@ -285,7 +288,9 @@ class _RunState:
             ops0, params0, bytes0 = self._snapshot(model)
             kind = model.kind
             t0 = time.perf_counter()
-            result = p(model, ctx)
+            result = p.run(model, ctx)
+            p.ensures(result.model, ctx)
+
             seconds = time.perf_counter() - t0
             model = result.model
             ops1, params1, bytes1 = self._snapshot(model)

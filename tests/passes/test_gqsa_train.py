@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+import effc
+from effc.errors import EffcError, UnsupportedError
+from effc.passes.quantize import dequantize
+
+
+def _calib(n=4, seq=32):
+    rng = np.random.default_rng(0)
+    return [{"input_ids": rng.integers(0, 256, (1, seq)).astype(np.int64)} for _ in range(n)]
+
+
+def _run(text):
+    from effc.models import BUILTINS
+
+    model = BUILTINS["tiny-llama"][0]()
+    return model, effc.Pipeline.from_text(text).run(model, effc.PassContext(calibration=_calib()))
+
+
+def test_bqpo_lowers_block_error_keeps_masks_and_stores_what_it_trained():
+    model, result = _run(
+        "group-prune{sparsity=0.5},quantize{bits=4,group=16},gqsa-train{steps=30,lr=0.001}"
+    )
+    stats = result.report.records[-1].stats
+    assert stats["blocks"] == 2 and stats["tokens"] == 4 * 32 and stats["steps"] == 30
+    assert stats["block_mse_after"] < stats["block_mse_first_step"]
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "lm_head"):
+        notes = result.model.annotations[name]
+        weight = model.get_submodule(name).weight.detach()
+        expected = dequantize(
+            notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
+        )
+        torch.testing.assert_close(weight, expected, rtol=0, atol=0)
+        pruned = ~notes["mask"]
+        assert torch.all(weight.view(weight.shape[0], -1, 16)[pruned] == 0)
+        assert torch.equal(notes["scale"], notes["scale"].half().float())
+    assert isinstance(model.lm_head, torch.nn.Linear)  # fake-quant modules are gone
+
+
+def test_e2e_trains_only_scales():
+    model, result = _run("group-prune{sparsity=0.5},quantize{bits=4,group=16}")
+    before = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
+    ctx = effc.PassContext(calibration=_calib())
+    after = effc.Pipeline.from_text("gqsa-train{stage=e2e,steps=4,lr=0.001}").run(result.model, ctx)
+    stats = after.report.records[0].stats
+    assert stats["layers"] == 15 and np.isfinite(stats["lm_loss_last_step"])
+    for name, codes in before.items():
+        assert torch.equal(after.model.annotations[name]["codes"], codes), name
+
+
+def test_training_needs_a_torch_model_quantization_and_calibration(llama_onnx, tiny_llama):
+    with pytest.raises(UnsupportedError, match="training needs a torch model"):
+        effc.Pipeline.from_text("gqsa-train").run(
+            str(llama_onnx["dynamo"]), effc.PassContext(calibration=_calib())
+        )
+    with pytest.raises(UnsupportedError, match="run quantize"):
+        effc.Pipeline.from_text("gqsa-train").run(
+            tiny_llama, effc.PassContext(calibration=_calib())
+        )
+    with pytest.raises(EffcError, match="needs calibration inputs"):
+        effc.Pipeline.from_text("group-prune{score=magnitude},quantize,gqsa-train").run(tiny_llama)
