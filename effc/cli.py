@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effc.errors import EffcError, InputError
+from effc.errors import EffcError
 
 log = logging.getLogger("effc")
 
@@ -40,23 +40,22 @@ def _load(args, ref: str):
 
 
 def _context(args, model=None):
+    from effc import calibration
     from effc.context import PassContext
-    from effc.inputs import check_inputs, load_npz, parse_shapes
+    from effc.inputs import parse_shapes
 
     ctx = PassContext(seed=args.seed, threads=args.threads, shapes=parse_shapes(args.shape))
     if args.calib:
-        arrays = load_npz(args.calib)
-        n = min(len(a) for a in arrays.values()) if arrays else 0
-        n = min(n, args.calib_samples) if args.calib_samples else n
-        ctx.calibration = [{k: v[i] for k, v in arrays.items()} for i in range(n)]
-        if model is not None and ctx.calibration:
-            try:
-                check_inputs(model.input_specs(), ctx.calibration[0])
-            except InputError as e:
-                raise InputError(
-                    f"--calib {args.calib}: {e} (arrays are stacked samples: N x input shape)"
-                ) from e
-        ctx.calibration_info = {"file": str(args.calib), "samples": n}
+        if args.calib.endswith(".txt"):
+            data = calibration.from_text(
+                args.calib, args.model, model, args.calib_samples, args.calib_seqlen
+            )
+        else:
+            data = calibration.from_npz(args.calib, model, args.calib_samples)
+        ctx.calibration = data
+        ctx.calibration_info = {"file": str(args.calib), "samples": len(data)}
+        if args.calib.endswith(".txt"):
+            ctx.calibration_info["seqlen"] = args.calib_seqlen
     return ctx
 
 
@@ -263,8 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact folder to create")
     p.add_argument("--target", default="onnxruntime")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--calib", help="calibration inputs (.npz, arrays stacked as N x input shape)")
-    p.add_argument("--calib-samples", type=int, default=0)
+    p.add_argument(
+        "--calib",
+        help="calibration inputs: .npz (arrays stacked as N x input shape) or .txt (LM text)",
+    )
+    p.add_argument(
+        "--calib-samples", type=int, default=0, help="use at most this many samples (0: all)"
+    )
+    p.add_argument(
+        "--calib-seqlen", type=int, default=512, help="tokens per text calibration sample"
+    )
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     p.add_argument("--no-verify", action="store_true", help="skip output checks after each pass")
     p.set_defaults(func=cmd_compile)

@@ -107,3 +107,43 @@ def test_smollm2_fx_and_onnx_have_the_same_sites_and_30_blocks():
     for sites in (fx_sites, onnx_sites):
         blocks = find_blocks(sites)
         assert [b.fqn for b in blocks] == [f"model.layers.{i}" for i in range(30)]
+
+
+def test_text_calibration_from_an_hf_folder(tmp_path, cli):
+    from effc.models.real import minilm_folder
+
+    folder = _folder(minilm_folder)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    code, _, err = cli(
+        "compile",
+        folder,
+        "--passes",
+        "group-prune{sparsity=0.25}",
+        "-o",
+        tmp_path / "o",
+        "--calib",
+        text,
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "32",
+        "--no-verify",
+    )
+    assert code == 0, err
+    import json
+
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["calibration"] == {"file": str(text), "samples": 2, "seqlen": 32}
+    assert report["passes"][0]["stats"]["sparsity"] == 0.25
+    code, _, err = cli(
+        "compile",
+        "builtin:tiny-llama",
+        "--passes",
+        "group-prune",
+        "-o",
+        tmp_path / "p",
+        "--calib",
+        text,
+    )
+    assert code == 2 and "needs the model's tokenizer" in err

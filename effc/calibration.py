@@ -1,0 +1,62 @@
+"""Calibration inputs from files (DESIGN.md section 7): ``.npz`` of named arrays stacked as
+N x input shape, or a ``.txt`` file of text for language models, tokenized with the model's own
+tokenizer (an HF folder) into the first N non-overlapping windows of ``seqlen`` tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import InputError, UnsupportedError
+from effc.inputs import check_inputs, load_npz
+
+
+def from_npz(path: str, model, samples: int = 0) -> list[dict[str, np.ndarray]]:
+    arrays = load_npz(path)
+    n = min((len(a) for a in arrays.values()), default=0)
+    n = min(n, samples) if samples else n
+    data = [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+    if data:
+        try:
+            check_inputs(model.input_specs(), data[0])
+        except InputError as e:
+            raise InputError(
+                f"--calib {path}: {e} (arrays are stacked samples: N x input shape)"
+            ) from e
+    return data
+
+
+def from_text(
+    path: str, model_ref: str, model, samples: int, seqlen: int
+) -> list[dict[str, np.ndarray]]:
+    folder = Path(model_ref)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise InputError(
+            f"--calib {path}: text calibration needs the model's tokenizer; give an HF model folder"
+        )
+    if not Path(path).is_file():
+        raise InputError(f"no such calibration file: {path}")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise UnsupportedError(
+            "text calibration needs transformers: pip install 'effc[llm]'"
+        ) from e
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, return_tensors="np", add_special_tokens=False)["input_ids"][0]
+    n = samples or max(1, len(ids) // seqlen)
+    if len(ids) < n * seqlen:
+        raise InputError(
+            f"--calib {path}: {len(ids)} tokens, fewer than {n} samples x {seqlen} tokens"
+        )
+    names = [s.name for s in model.input_specs()]
+    data = []
+    for i in range(n):
+        window = ids[i * seqlen : (i + 1) * seqlen][None].astype(np.int64)
+        sample = {"input_ids": window}
+        if "attention_mask" in names:
+            sample["attention_mask"] = np.ones_like(window)
+        data.append(sample)
+    return data
