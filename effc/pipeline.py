@@ -140,6 +140,24 @@ def lower_to_onnx(model):
     return OnnxModel(export_onnx(source, model.example_inputs), annotations=model.annotations)
 
 
+def snapshot(model) -> tuple[dict, int, int]:
+    """Op histogram, parameter count and bytes: what a PassRecord compares before and after."""
+    return model.op_histogram(), *model.param_stats()
+
+
+def measured_step(name: str, text: str, kind: str, model, step):
+    """Run ``step(model) -> (model, modified, stats)``, timed, with a PassRecord of what changed."""
+    ops0, params0, bytes0 = snapshot(model)
+    t0 = time.perf_counter()
+    new, modified, stats = step(model)
+    seconds = time.perf_counter() - t0
+    ops1, params1, bytes1 = snapshot(new)
+    record = PassRecord(
+        name, text, kind, seconds, modified, stats, ops0, ops1, params0, params1, bytes0, bytes1
+    )
+    return new, record
+
+
 def ensure_onnx(model, report: Report, why: str, instruments: list[Instrument] = ()):
     """Lower an FX model to ONNX (once, at the boundary) and record it in the report."""
     if model.kind == "onnx":
@@ -147,26 +165,10 @@ def ensure_onnx(model, report: Report, why: str, instruments: list[Instrument] =
     for inst in instruments:
         inst.before_pass("(FX -> ONNX)", None)
     log.info("lowering FX -> ONNX for %s", why)
-    t0 = time.perf_counter()
-    ops0, params0, bytes0 = _RunState._snapshot(model)
-    onnx_model = lower_to_onnx(model)
-    ops1, params1, bytes1 = _RunState._snapshot(onnx_model)
-    report.records.append(
-        PassRecord(
-            "lower-fx-onnx",
-            "(FX -> ONNX)",
-            "fx->onnx",
-            time.perf_counter() - t0,
-            True,
-            {},
-            ops0,
-            ops1,
-            params0,
-            params1,
-            bytes0,
-            bytes1,
-        )
+    onnx_model, record = measured_step(
+        "lower-fx-onnx", "(FX -> ONNX)", "fx->onnx", model, lambda m: (lower_to_onnx(m), True, {})
     )
+    report.records.append(record)
     report.notes.append(f"lowered FX -> ONNX (dynamo exporter) for {why}")
     return onnx_model
 
@@ -256,10 +258,6 @@ class _RunState:
     inputs: list | None = None
     ran: list[str] = field(default_factory=list)
 
-    @staticmethod
-    def _snapshot(model):
-        return model.op_histogram(), *model.param_stats()
-
     def _outputs(self, model, ctx):
         if self.inputs is None:
             self.inputs = ctx.eval_inputs(model)
@@ -285,30 +283,14 @@ class _RunState:
             )
             if measure and self.outputs is None:
                 self.outputs = self._outputs(model, ctx)
-            ops0, params0, bytes0 = self._snapshot(model)
-            kind = model.kind
-            t0 = time.perf_counter()
-            result = p.run(model, ctx)
-            p.ensures(result.model, ctx)
 
-            seconds = time.perf_counter() - t0
-            model = result.model
-            ops1, params1, bytes1 = self._snapshot(model)
-            record = PassRecord(
-                p.name,
-                text,
-                kind,
-                seconds,
-                result.modified,
-                result.stats,
-                ops0,
-                ops1,
-                params0,
-                params1,
-                bytes0,
-                bytes1,
-                note=f"iteration {iteration + 1}" if iteration else "",
-            )
+            def step(m):
+                result = p.run(m, ctx)
+                p.ensures(result.model, ctx)
+                return result.model, result.modified, result.stats
+
+            model, record = measured_step(p.name, text, model.kind, model, step)
+            record.note = f"iteration {iteration + 1}" if iteration else ""
             record.lossy = p.lossy
             if measure:
                 after = self._outputs(model, ctx)
@@ -316,7 +298,7 @@ class _RunState:
                     [compare_outputs(a, b) for a, b in zip(self.outputs, after)]
                 )
                 self.outputs = after
-            elif result.modified and p.lossy:
+            elif record.modified and p.lossy:
                 self.outputs = None
             self.report.records.append(record)
             for inst in self.instruments:
@@ -326,7 +308,7 @@ class _RunState:
         except Exception as e:
             raise PassFailedError(f"{self._where(text)}{type(e).__name__}: {e}") from e
         self.ran.append(text)
-        return model, result.modified
+        return model, record.modified
 
     def _where(self, text: str) -> str:
         before = ", ".join(self.ran) if self.ran else "none"

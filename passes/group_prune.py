@@ -77,19 +77,26 @@ def masks_for(
     return result
 
 
-def compressible_sites(model, skip: list[str], ctx_report: dict) -> list:
-    """Linear weight sites not matched by ``skip`` (FQN substrings); unties tied ones first."""
+def compressible_sites(model, skip: list[str], stats: dict, divisor: int, what: str) -> list:
+    """Linear weight sites not matched by ``skip`` (FQN substrings), tied ones untied first (and
+    listed in ``stats``); every input size must be a multiple of ``divisor`` (``what`` names it)."""
     from effc.ir.sites import untie, weight_sites
 
-    sites = [
-        s for s in weight_sites(model) if s.op == "linear" and not any(p in s.fqn for p in skip)
-    ]
-    untied = [s.fqn for s in sites if untie(model, s)]
-    if untied:
-        ctx_report["untied"] = untied
-        sites = [
+    def linear_sites():
+        return [
             s for s in weight_sites(model) if s.op == "linear" and not any(p in s.fqn for p in skip)
         ]
+
+    sites = linear_sites()
+    untied = [s.fqn for s in sites if untie(model, s)]
+    if untied:
+        stats["untied"] = untied
+        sites = linear_sites()
+    bad = [s.fqn for s in sites if s.in_features % divisor]
+    if bad:
+        raise UnsupportedError(
+            f"{what} does not divide the input size of {bad[0]} ({len(bad)} layers)"
+        )
     return sites
 
 
@@ -134,12 +141,7 @@ class GroupPrune(Pass):
     def run(self, model, ctx) -> PassResult:
         o = self.options
         stats: dict = {}
-        sites = compressible_sites(model, o.skip, stats)
-        bad = [s.fqn for s in sites if s.in_features % o.group]
-        if bad:
-            raise UnsupportedError(
-                f"group {o.group} does not divide the input size of {bad[0]} ({len(bad)} layers)"
-            )
+        sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
         norms = activation_norms(model, sites, ctx) if o.score == "wanda" else {}
         from effc.ir.sites import read_weight, write_weight
 

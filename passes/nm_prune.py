@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from effc.errors import PassOptionError, UnsupportedError
+from effc.errors import PassOptionError
 from effc.pass_base import Pass, PassResult, register
 
 
@@ -47,10 +47,7 @@ class NMPrune(Pass):
 
         o = self.options
         stats: dict = {}
-        sites = compressible_sites(model, o.skip, stats)
-        bad = [s.fqn for s in sites if s.in_features % o.m]
-        if bad:
-            raise UnsupportedError(f"m={o.m} does not divide the input size of {bad[0]}")
+        sites = compressible_sites(model, o.skip, stats, o.m, f"m={o.m}")
         norms = activation_norms(model, sites, ctx) if o.score == "wanda" else {}
         for site in sites:
             w = read_weight(site).clone()

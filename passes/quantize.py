@@ -174,12 +174,7 @@ class Quantize(Pass):
 
         o = self.options
         stats: dict = {}
-        sites = compressible_sites(model, o.skip, stats)
-        bad = [s.fqn for s in sites if s.in_features % o.group]
-        if bad:
-            raise UnsupportedError(
-                f"group {o.group} does not divide the input size of {bad[0]} ({len(bad)} layers)"
-            )
+        sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
         H = hessians(model, sites, ctx) if o.method == "gptq" else {}
         err_sq = ref_sq = 0.0
         for site in sites:
