@@ -241,7 +241,7 @@ class GQSATrain(Pass):
                     loss.backward()
                     opt.step()
                     if step == 0:
-                        first_loss += float(loss)
+                        first_loss += float(loss.detach())
                     progress.advance(task)
                 for fqn, (fq, linear) in fakes.items():
                     self._finish(model, fqn, fq, linear)
@@ -280,7 +280,7 @@ class GQSATrain(Pass):
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     progress.advance(task)
         finally:
             for fqn, (fq, linear) in fakes.items():
