@@ -41,8 +41,8 @@ def bandwidth(kernels) -> float:
     return buf.numel() / best
 
 
-def copies_for(nbytes: int) -> int:
-    return max(2, -(-ROTATE_BYTES // max(nbytes, 1)))
+def copies_for(nbytes: int, rotate: int = ROTATE_BYTES) -> int:
+    return max(2, -(-rotate // max(nbytes, 1)))
 
 
 def time_rotating(fns: list, seconds: float = 0.6, min_reps: int = 8) -> float:
@@ -74,52 +74,54 @@ def make_bsr(out: int, inp: int, sparsity: float, bits: int, group: int, seed: i
     return from_quantized(codes, scales, zeros, mask, bits)
 
 
-def rotating(make, call, nbytes: int) -> list:
-    """Callables over distinct weight copies (enough to exceed 4x the L3): call(make(i))."""
-    return [functools.partial(call, make(i)) for i in range(copies_for(nbytes))]
+def copies(make, nbytes: int, rotate: int) -> list:
+    """Distinct weight copies totalling at least ``rotate`` bytes (default: 4x the L3)."""
+    return [make(i) for i in range(copies_for(nbytes, rotate))]
 
 
-def methods(out: int, inp: int, M: int, seed: int):
-    """(name, weight bytes per call, callables over rotating weight copies) for every method."""
+def inputs(M: int, inp: int, out: int) -> dict:
+    x = torch.randn(M, inp)
+    return {"x": x, "xb": x.to(torch.bfloat16), "xn": x.numpy(), "zeros": torch.zeros(out, M)}
+
+
+def methods(out: int, inp: int, seed: int, rotate: int = ROTATE_BYTES):
+    """(name, weight bytes per call, weight copies, call(weight, inputs)) for every method; the
+    copies are built once per shape and reused for every M."""
     from torch.ao.quantization import quantize_dynamic
 
     from effc.runtime.cpu import kernels
 
     k = kernels()
-    x = torch.randn(M, inp)
-    xb, xn = x.to(torch.bfloat16), x.numpy()
     F = torch.nn.functional
     n = out * inp
     yield (
         "torch fp32 F.linear",
         n * 4,
-        rotating(lambda i: torch.randn(out, inp), lambda w: F.linear(x, w), n * 4),
+        copies(lambda i: torch.randn(out, inp), n * 4, rotate),
+        lambda w, X: F.linear(X["x"], w),
     )
     yield (
         "torch bf16 F.linear",
         n * 2,
-        rotating(
-            lambda i: torch.randn(out, inp, dtype=torch.bfloat16), lambda w: F.linear(xb, w), n * 2
-        ),
+        copies(lambda i: torch.randn(out, inp, dtype=torch.bfloat16), n * 2, rotate),
+        lambda w, X: F.linear(X["xb"], w),
     )
     yield (
         "numpy fp32 (OpenBLAS)",
         n * 4,
-        rotating(
+        copies(
             lambda i: np.random.default_rng(i).standard_normal((inp, out), dtype=np.float32),
-            lambda w: xn @ w,
             n * 4,
+            rotate,
         ),
+        lambda w, X: X["xn"] @ w,
     )
 
     def qdyn(i):
-        return quantize_dynamic(
-            torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False)),
-            {torch.nn.Linear},
-            dtype=torch.qint8,
-        )
+        linear = torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False))
+        return quantize_dynamic(linear, {torch.nn.Linear}, dtype=torch.qint8)
 
-    yield "torch quantize_dynamic int8", n, rotating(qdyn, lambda q: q(x), n)
+    yield "torch quantize_dynamic int8", n, copies(qdyn, n, rotate), lambda q, X: q(X["x"])
     group = 32
 
     def int4pack(i):
@@ -131,21 +133,15 @@ def methods(out: int, inp: int, M: int, seed: int):
     yield (
         "torch int4 _weight_int4pack_mm (g32, bf16 x)",
         int4_bytes,
-        rotating(
-            int4pack,
-            lambda p: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p[0], group, p[1]),
-            int4_bytes,
-        ),
+        copies(int4pack, int4_bytes, rotate),
+        lambda p, X: torch.ops.aten._weight_int4pack_mm_for_cpu(X["xb"], p[0], group, p[1]),
     )
     nbits_bytes = n // 2 + (inp // group) * out * (4 + 1)
     yield (
         "onnxruntime MatMulNBits (4-bit g32, acc level 4)",
         nbits_bytes,
-        rotating(
-            lambda i: matmul_nbits_session(out, inp, group, i),
-            lambda s: s.run(None, {"x": xn}),
-            nbits_bytes,
-        ),
+        copies(lambda i: matmul_nbits_session(out, inp, group, i), nbits_bytes, rotate),
+        lambda s, X: s.run(None, {"x": X["xn"]}),
     )
 
     def torch_bsr(i):
@@ -157,11 +153,11 @@ def methods(out: int, inp: int, M: int, seed: int):
         return (torch.randn(out, inp) * blocks).to_sparse_bsr((16, 16))
 
     bsr16_bytes = int(n * 0.5 * 4 + (out // 16) * (inp // 16) * 0.5 * 8)
-    zeros = torch.zeros(out, M)
     yield (
         "torch to_sparse_bsr 16x16 S50 fp32 + addmm",
         bsr16_bytes,
-        rotating(torch_bsr, lambda w: torch.addmm(zeros, w, x.T), bsr16_bytes),
+        copies(torch_bsr, bsr16_bytes, rotate),
+        lambda w, X: torch.addmm(X["zeros"], w, X["x"].T),
     )
     for label, sparsity, bits in (
         ("effc BSR W4S50 g16", 0.5, 4),
@@ -172,14 +168,15 @@ def methods(out: int, inp: int, M: int, seed: int):
         yield (
             label,
             nbytes,
-            rotating(
+            copies(
                 functools.partial(
                     lambda i, s, b: make_bsr(out, inp, s, b, 16, seed + i), s=sparsity, b=bits
                 ),
-                lambda m: k.bsr_linear(
-                    x, m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
-                ),
                 nbytes,
+                rotate,
+            ),
+            lambda m, X: k.bsr_linear(
+                X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
             ),
         )
 
@@ -217,16 +214,18 @@ def matmul_nbits_session(out: int, inp: int, group: int, seed: int):
     )
 
 
-def run(shapes, batches, seed: int = 0) -> dict:
+def run(shapes, batches, seed: int = 0, rotate: int = ROTATE_BYTES) -> dict:
     from effc.runtime.cpu import kernels
 
     torch.set_num_threads(THREADS)
     bw = bandwidth(kernels())
     rows = []
     for out, inp in shapes:
-        for M in batches:
-            for name, nbytes, fns in methods(out, inp, M, seed):
-                seconds = time_rotating(fns)
+        for name, nbytes, weights, call in methods(out, inp, seed, rotate):
+            for M in batches:
+                X = inputs(M, inp, out)
+                seconds = time_rotating([functools.partial(call, w, X) for w in weights])
+                floor = nbytes / bw * 1e3
                 rows.append(
                     {
                         "shape": f"{out}x{inp}",
@@ -234,14 +233,14 @@ def run(shapes, batches, seed: int = 0) -> dict:
                         "method": name,
                         "ms": seconds * 1e3,
                         "weight_bytes": nbytes,
-                        "floor_ms": nbytes / bw * 1e3,
+                        "floor_ms": floor,
                     }
                 )
                 print(
-                    f"{out}x{inp} M={M:<3} {name:<50} {seconds * 1e3:8.3f} ms  floor {nbytes / bw * 1e3:7.3f} ms",
+                    f"{out}x{inp} M={M:<3} {name:<50} {seconds * 1e3:8.3f} ms  floor {floor:7.3f} ms",
                     flush=True,
                 )
-                del fns
+            del weights
     return {
         "threads": THREADS,
         "bandwidth_GBps": bw / 1e9,
