@@ -47,9 +47,9 @@ ROWS = {
     "W4S50 one-shot (wanda global + GPTQ g16)": "group-prune{sparsity=0.5,scope=global},"
     "quantize{bits=4,group=16,method=gptq}",
     "W4S50 + BQPO": "group-prune{sparsity=0.5,scope=global},quantize{bits=4,group=16,method=gptq},"
-    "gqsa-train{stage=bqpo,steps=64,lr=0.001,samples=16}",
+    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
     "W4S50 + BQPO + E2E-OQP": "group-prune{sparsity=0.5,scope=global},quantize{bits=4,group=16,method=gptq},"
-    "gqsa-train{stage=bqpo,steps=64,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=16,lr=0.0001,samples=16}",
+    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=16,lr=0.0001,samples=16}",
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
 }
