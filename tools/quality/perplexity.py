@@ -36,12 +36,12 @@ ROWS = {
     "W3 g64 RTN": "quantize{bits=3,group=64}",
     "W3 g64 GPTQ": "quantize{bits=3,group=64,method=gptq}",
     "W2 g64 RTN": "quantize{bits=2,group=64}",
-    "S30 groups (wanda, row)": "group-prune{sparsity=0.3}",
-    "S40 groups (wanda, row)": "group-prune{sparsity=0.4}",
-    "S50 groups (wanda, row)": "group-prune{sparsity=0.5}",
-    "S50 groups (magnitude, row)": "group-prune{sparsity=0.5,score=magnitude}",
-    "S50 groups (wanda, layer)": "group-prune{sparsity=0.5,scope=layer}",
-    "S50 groups (wanda, global)": "group-prune{sparsity=0.5,scope=global}",
+    "S30 groups (wanda/row)": "group-prune{sparsity=0.3}",
+    "S40 groups (wanda/row)": "group-prune{sparsity=0.4}",
+    "S50 groups (wanda/row)": "group-prune{sparsity=0.5}",
+    "S50 groups (magnitude/row)": "group-prune{sparsity=0.5,score=magnitude}",
+    "S50 groups (wanda/layer)": "group-prune{sparsity=0.5,scope=layer}",
+    "S50 groups (wanda/global)": "group-prune{sparsity=0.5,scope=global}",
     "W4S50 one-shot (wanda + RTN g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16}",
     "W4S50 one-shot (wanda + GPTQ g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
     "W4S50 one-shot (wanda global + GPTQ g16)": "group-prune{sparsity=0.5,scope=global},"
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--rows", help="comma-separated row names (default: all)")
+    parser.add_argument("--rows", help="row names separated by ';' (default: all)")
     parser.add_argument("--out", default="tools/quality/results/smollm2_perplexity")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
@@ -122,7 +122,26 @@ def main() -> None:
     eval_windows = windows(tokenizer, eval_text, args.windows, args.seqlen)
     calib_windows = windows(tokenizer, calib_text, args.calib_samples, args.seqlen)
     calibration = [{"input_ids": w[None].numpy()} for w in calib_windows]
-    names = args.rows.split(",") if args.rows else list(ROWS)
+    names = args.rows.split(";") if args.rows else list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows: {'; '.join(ROWS)}")
+    meta = {
+        "model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32)",
+        "eval": f"first {args.windows} windows of {args.seqlen} tokens of the evaluation articles",
+        "calibration": f"{args.calib_samples} windows of {args.seqlen} tokens of the calibration articles",
+        "split": SPLIT,
+        "threads": THREADS,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row, so a long run loses nothing
+        out.with_suffix(".json").write_text(
+            json.dumps({"meta": meta, "rows": results}, indent=1) + "\n"
+        )
+        out.with_suffix(".md").write_text(to_markdown(meta, results, args) + "\n")
+
     results = []
     for name in names:
         model = load_model(folder)
@@ -144,20 +163,8 @@ def main() -> None:
             "bytes": compressed_bytes(model, annotations),
         }
         results.append(row)
+        save()
         print(f"{name:<40} ppl {ppl:10.2f}  ({seconds:.0f} s)", flush=True)
-    meta = {
-        "model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32)",
-        "eval": f"first {args.windows} windows of {args.seqlen} tokens of the evaluation articles",
-        "calibration": f"{args.calib_samples} windows of {args.seqlen} tokens of the calibration articles",
-        "split": SPLIT,
-        "threads": THREADS,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "rows": results}, indent=1) + "\n"
-    )
-    out.with_suffix(".md").write_text(to_markdown(meta, results, args) + "\n")
     print(to_markdown(meta, results, args))
 
 
