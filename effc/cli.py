@@ -62,42 +62,47 @@ def _context(args, model=None):
 def cmd_compile(args) -> int:
     import torch
 
+    from effc.artifact import prepare_output
     from effc.compile import compile_model
-    from effc.pipeline import DumpInstrument, Pipeline
+    from effc.pipeline import DumpInstrument, Pipeline, ProgressInstrument
 
     torch.set_num_threads(args.threads)
     pipeline = Pipeline.from_text(args.passes)
     if args.dump_ir:
         pipeline.instruments.append(DumpInstrument(args.dump_ir))
-    from effc.artifact import prepare_output
-
-    prepare_output(Path(args.output), args.force)
+    prepare_output(Path(args.output), args.force)  # fail before loading a large model
     model = _load(args, args.model)
-    result = compile_model(
-        model,
-        pipeline,
-        args.output,
-        args.target,
-        _context(args, model),
-        args.force,
-        not args.no_verify,
-    )
+    progress = ProgressInstrument(_console())
+    pipeline.instruments.append(progress)
+    try:
+        result = compile_model(
+            model,
+            pipeline,
+            args.output,
+            args.target,
+            _context(args, model),
+            args.force,
+            not args.no_verify,
+        )
+    finally:
+        progress.close()
+
     result.report.print(_console())
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from effc.artifact import prepare_output
     from effc.inputs import parse_shapes
     from effc.ir.onnx_io import save_onnx
     from effc.ir.torch_io import export_onnx, resolve_torch
 
     out = Path(args.output)
+    if out.is_dir():
+        raise EffcError(f"output {out} is a folder; give the path of the .onnx file to write")
     if out.exists() and not args.force:
         raise EffcError(f"output {out} already exists; pass --force to replace it")
-    if out.is_dir():
-        prepare_output(out, False)
+
     module, inputs = resolve_torch(args.model, parse_shapes(args.shape) or None, args.task)
     model = export_onnx(module, inputs, legacy=args.legacy, opset=args.opset)
     files = save_onnx(model, out)

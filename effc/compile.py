@@ -31,7 +31,6 @@ def compile_model(
     legal = backend.legalization()
     if legal:
         pipeline = Pipeline([*pipeline.passes, *legal], instruments=pipeline.instruments)
-        pipeline.legalized = legal
 
     if verify and not any(isinstance(i, VerifyInstrument) for i in pipeline.instruments):
         pipeline.instruments.append(VerifyInstrument())

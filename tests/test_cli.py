@@ -141,6 +141,7 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, cli, monkeypat
         (["inspect", "{tmp}/random.onnx"], "not a valid ONNX"),
         (["inspect", "{tmp}/lfs.onnx"], "Git LFS pointer"),
         (["run", "{tmp}"], "no manifest.json"),
+        (["export", "builtin:tiny-cnn", "-o", "{tmp}"], "is a folder"),
         (["check", "builtin:tiny-cnn"], "needs a second model"),
     ],
 )
