@@ -42,7 +42,9 @@ class BSRLinear(nn.Module):
         from effc.runtime.cpu import kernels
 
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
         y = kernels().bsr_linear(
             x2,
             self.indptr,
@@ -56,7 +58,9 @@ class BSRLinear(nn.Module):
         )
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        if x.dim() != 2:
+            y = y.reshape(*shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         m = self.matrix

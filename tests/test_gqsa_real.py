@@ -120,3 +120,22 @@ def test_w4s50_one_shot_gives_the_same_weights_through_fx_and_onnx(smollm2):
     assert a.keys() == b.keys() and len(a) == 211
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_w4s50_bsr_decoding_gives_the_dequantized_models_tokens(smollm2):
+    """The BSR kernels swapped into SmolLM2 (lm_head included) decode the same greedy tokens as
+    the dequantized dense weights, in effc's static-cache loop and under HF generate()."""
+    from effc.runtime.decode import StaticDecoder
+    from effc.runtime.modules import swap_linears
+
+    folder, calib, evaluation = smollm2
+    model, result = _compress(folder, "group-prune{sparsity=0.5},quantize{bits=4,group=16}", calib)
+    prompt = evaluation[0, :24]
+    dense = StaticDecoder(model, 64).generate(prompt, 16).tokens
+    records = swap_linears(model, result.model.annotations, decide=False)
+    assert len(records) == 211
+    assert StaticDecoder(model, 64).generate(prompt, 16).tokens == dense
+    model.config.use_cache = True
+    with torch.no_grad():
+        hf = model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert hf[0, 24:].tolist() == dense

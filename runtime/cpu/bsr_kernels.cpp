@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -73,19 +74,37 @@ struct Block {
   }
 };
 
+constexpr int64_t kStackRow = 2048;  // per-row scale/zero buffers up to this many blocks live on the stack
+
+// The first row whose blocks start at or after ``block`` (rows split so threads share blocks evenly).
+inline int64_t row_for_block(const int32_t* indptr, int64_t N, int64_t block) {
+  return std::lower_bound(indptr, indptr + N, (int32_t)block) - indptr;
+}
+
 template <int BITS, int G>
 void kernel(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices,
             const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
   const int64_t max_row = K / G;
 #pragma omp parallel
   {
-    std::vector<float> S(max_row + 8), Z(max_row + 8);
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < N; ++r) {
+    // Each thread takes one contiguous range of rows holding an equal share of the blocks: static
+    // (no scheduling traffic, which costs more than the work on decode-sized layers) and balanced
+    // when rows hold different numbers of blocks (layer or global pruning budgets).
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t first = row_for_block(indptr, N, (int64_t)indptr[N] * tid / nth);
+    const int64_t last = tid + 1 == nth ? N : row_for_block(indptr, N, (int64_t)indptr[N] * (tid + 1) / nth);
+    float S_stack[kStackRow], Z_stack[kStackRow];
+    std::vector<float> S_heap, Z_heap;
+    float *S = S_stack, *Z = Z_stack;
+    if (max_row + 8 > kStackRow) {
+      S_heap.resize(max_row + 8), Z_heap.resize(max_row + 8);
+      S = S_heap.data(), Z = Z_heap.data();
+    }
+    for (int64_t r = first; r < last; ++r) {
       const int32_t begin = indptr[r], end = indptr[r + 1];
-      row_params(scales, zeros, begin, end, S.data(), Z.data());
-      const float* s = S.data() - begin;
-      const float* z = Z.data() - begin;
+      row_params(scales, zeros, begin, end, S, Z);
+      const float* s = S - begin;
+      const float* z = Z - begin;
       if (M == 1) {  // GEMV: four independent accumulator chains over the row's blocks
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         Block<BITS, G> blk[4];

@@ -1,0 +1,251 @@
+"""End-to-end greedy decoding of SmolLM2-135M: dense fp32 against GQSA-compressed BSR weights.
+
+    python -m tools.bench.decode [--new-tokens 64] [--prompt-tokens 32] [--rounds 3]
+                                 [--pipeline TEXT]
+                                 [--out tools/bench/results/decode_smollm2]
+
+One process, 2 threads (torch and OpenMP). The same prompt (the start of the evaluation text) is
+decoded greedily by:
+- effc's own decode loop (``effc.runtime.decode``: static KV cache) on the fp32 model and, for
+  each compressed setting (W4S50 and plain W4 g16 by default), on its dequantized dense weights
+  and on the same model with every quantized linear swapped for ``BSRLinear`` (lm_head included);
+- HF ``generate()`` (its default dynamic cache) on the fp32 model and on the BSR models.
+Configurations alternate for ``--rounds`` rounds; each figure is the median round. The floor of a
+token is the bytes its linear layers read divided by the read bandwidth measured in the same run.
+The BSR tokens must equal the dequantized dense model's tokens (both fp32 math on the same
+weights); the report says whether they do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+THREADS = int(os.environ.get("EFFC_THREADS", "2"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+DEFAULT_PIPELINES = {
+    "W4S50": "group-prune{sparsity=0.5},quantize{bits=4,group=16}",
+    "W4": "quantize{bits=4,group=16}",
+}
+
+
+def pipelines(text: str | None) -> dict[str, str]:
+    """The compressed settings to run: the defaults, or one given on the command line."""
+    return {"custom": text} if text else dict(DEFAULT_PIPELINES)
+
+
+def linear_bytes(model) -> int:
+    """Bytes the linear layers of ``model`` read per token (dense fp32 weights or BSR buffers)."""
+    from effc.runtime.modules import BSRLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, BSRLinear):
+            total += sum(module.matrix.nbytes().values())
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    """Tokens and decode tokens/s of HF ``generate()`` (prefill timed separately and removed)."""
+    ids = prompt[None]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False, min_new_tokens=1)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+        total = time.perf_counter() - t0
+    return out[0, prompt.numel() :].tolist(), (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def main() -> None:
+    import effc
+    from effc.ir import FxModel
+    from effc.models.real import smollm2_folder
+    from effc.runtime.cpu import kernels
+    from effc.runtime.decode import StaticDecoder
+    from effc.runtime.modules import swap_linears
+    from tools.bench.bsr_linear import bandwidth
+    from tools.quality.data import split, windows
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--pipeline", help="one effc pipeline instead of the defaults")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF generate() rows")
+    parser.add_argument("--out", default="tools/bench/results/decode_smollm2")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib_text, eval_text = split()
+    prompt = windows(tokenizer, eval_text, 1, args.prompt_tokens)[0]
+    calibration = [
+        {"input_ids": w[None].numpy()}
+        for w in windows(tokenizer, calib_text, args.calib_samples, 256)
+    ]
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    fp32 = load()
+    bw = bandwidth(kernels())
+    configs = {"fp32 (dense)": fp32}
+    compress_info = {}
+    for label, text in pipelines(args.pipeline).items():
+        compressed = load()
+        compressed.config.use_cache = False
+        t0 = time.perf_counter()
+        ids = torch.from_numpy(calibration[0]["input_ids"][:, :64])
+        result = effc.Pipeline.from_text(text).run(
+            FxModel(compressed, {"input_ids": ids}), effc.PassContext(calibration=calibration)
+        )
+        compressed.config.use_cache = True
+        bsr = copy.deepcopy(compressed)
+        choices = swap_linears(bsr, result.model.annotations, batch=1)
+        compress_info[label] = {
+            "pipeline": text,
+            "compress_s": time.perf_counter() - t0,
+            "sparse_layers": f"{sum(r['choice'] == 'sparse' for r in choices)} of {len(choices)}",
+            "dense_fallback": [r["layer"] for r in choices if r["choice"] != "sparse"],
+        }
+        configs[f"{label} dequantized dense (fp32 math)"] = compressed
+        configs[f"{label} BSR (effc kernels)"] = bsr
+
+    max_len = args.prompt_tokens + args.new_tokens
+    hf_names = [n for n in configs if n == "fp32 (dense)" or n.endswith("BSR (effc kernels)")]
+    rounds: dict[str, list] = {name: [] for name in configs}
+    tokens: dict[str, list[int]] = {}
+    hf_rounds: dict[str, list] = {name: [] for name in hf_names}
+    hf_tokens: dict[str, list[int]] = {}
+    for _ in range(args.rounds):
+        for name, model in configs.items():
+            res = StaticDecoder(model, max_len).generate(prompt, args.new_tokens)
+            rounds[name].append(res.tokens_per_s)
+            tokens[name] = res.tokens
+        if not args.no_hf:
+            for name in hf_names:
+                toks, rate = hf_generate(configs[name], prompt, args.new_tokens)
+                hf_rounds[name].append(rate)
+                hf_tokens[name] = toks
+
+    def row(loop: str, name: str, rate: float, base: float) -> dict:
+        nbytes = linear_bytes(configs[name])
+        floor_ms = nbytes / bw * 1e3
+        return {
+            "loop": loop,
+            "config": name,
+            "tokens_per_s": rate,
+            "ms_per_token": 1e3 / rate,
+            "linear_MB": nbytes / 1e6,
+            "floor_ms": floor_ms,
+            "x_floor": (1e3 / rate) / floor_ms,
+            "speedup_vs_fp32": rate / base,
+        }
+
+    base = statistics.median(rounds["fp32 (dense)"])
+    rows = [row("effc static cache", n, statistics.median(r), base) for n, r in rounds.items()]
+    if not args.no_hf:
+        hf_base = statistics.median(hf_rounds["fp32 (dense)"])
+        rows += [
+            row("HF generate()", n, statistics.median(r), hf_base) for n, r in hf_rounds.items()
+        ]
+    checks = {}
+    for label in compress_info:
+        ref, got = (
+            tokens[f"{label} dequantized dense (fp32 math)"],
+            tokens[f"{label} BSR (effc kernels)"],
+        )
+        checks[f"{label}: BSR tokens == dequantized tokens"] = got == ref
+        if not args.no_hf:
+            checks[f"{label}: HF generate() tokens == effc loop tokens"] = (
+                hf_tokens[f"{label} BSR (effc kernels)"] == got
+            )
+    if not args.no_hf:
+        checks["fp32: HF generate() tokens == effc loop tokens"] = (
+            hf_tokens["fp32 (dense)"] == tokens["fp32 (dense)"]
+        )
+    meta = {
+        "command": "python -m tools.bench.decode"
+        + (f" --pipeline '{args.pipeline}'" if args.pipeline else "")
+        + (" --no-hf" if args.no_hf else ""),
+        "model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF)",
+        "compressed": compress_info,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "threads": THREADS,
+        "bandwidth_GBps": bw / 1e9,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "text": {
+            name: tokenizer.decode(tokens[name]) for name in configs if "dequantized" not in name
+        },
+        "prompt": tokenizer.decode(prompt),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "checks": checks, "rows": rows}, indent=1) + "\n"
+    )
+    md = to_markdown(meta, checks, rows)
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+def to_markdown(meta: dict, checks: dict, rows: list[dict]) -> str:
+    lines = [
+        "# SmolLM2-135M greedy decoding: fp32 vs GQSA BSR",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, median of "
+        f"{meta['rounds']} alternating rounds; threads {meta['threads']}; read bandwidth "
+        f"{meta['bandwidth_GBps']:.1f} GB/s (same run); floor = linear-layer bytes per token / "
+        "bandwidth (attention and the Python loop are not in it).",
+        "",
+    ]
+    for label, info in meta["compressed"].items():
+        lines.append(
+            f"- {label}: `{info['pipeline']}`, compressed in {info['compress_s']:.0f} s; sparse "
+            f"kernel chosen for {info['sparse_layers']} layers"
+            + (f" (dense: {', '.join(info['dense_fallback'])})" if info["dense_fallback"] else "")
+        )
+    lines += [
+        "",
+        "| loop | model | tokens/s | ms/token | linear MB/token | floor ms | x floor | speedup vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['loop']} | {r['config']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
+            f"{r['linear_MB']:.1f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
+            f"{r['speedup_vs_fp32']:.2f}x |"
+        )
+    lines += ["", "Checks:", ""] + [f"- {k}: {v}" for k, v in checks.items()]
+    lines += ["", f"Prompt: {meta['prompt']!r}", ""]
+    lines += [f"- {name}: {text!r}" for name, text in meta["text"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
