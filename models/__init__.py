@@ -11,6 +11,7 @@ from collections.abc import Callable
 from torch import nn
 
 from effc.models.cnn import TinyCNN
+from effc.models.ditn import DITN, DITNConfig, load_trained
 from effc.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -21,9 +22,18 @@ def _tiny_llama() -> nn.Module:
     return LlamaForCausalLM(LlamaConfig()).eval()
 
 
+def _ditn() -> nn.Module:
+    import torch
+
+    torch.manual_seed(0)
+    return DITN(DITNConfig()).eval()
+
+
 BUILTINS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "tiny-cnn": (TinyCNN, "MobileNet-style CNN, conv/BN/ReLU6 + depthwise blocks, 32x32 input"),
     "tiny-llama": (_tiny_llama, "LLaMA-style decoder, 2 layers, hidden 64, tied embeddings"),
+    "ditn": (_ditn, "DITN-style x2 super-resolution, random weights, channel LayerNorm"),
+    "ditn-x2": (load_trained, "DITN-style x2 super-resolution trained on skimage images"),
 }
 
-__all__ = ["BUILTINS", "LlamaConfig", "LlamaForCausalLM", "TinyCNN"]
+__all__ = ["BUILTINS", "DITN", "DITNConfig", "LlamaConfig", "LlamaForCausalLM", "TinyCNN"]
