@@ -217,6 +217,12 @@ def write_weight(site: WeightSite, value: torch.Tensor) -> None:
     old, transposed = site.handle
     data = value.detach().cpu().numpy().astype(old.const_value.numpy().dtype)
     old.const_value = ir.tensor(np.ascontiguousarray(data.T if transposed else data), name=old.name)
+    # a compressed weight sits on its quantization grid / sparsity pattern: rewrites that would
+    # fold other factors into it (fuse's affine and linear-chain rules) leave it alone
+    old.metadata_props[COMPRESSED] = "true"
+
+
+COMPRESSED = "effc.compressed"
 
 
 def untie(model, site: WeightSite) -> bool:

@@ -25,10 +25,20 @@ _FX_NOOPS = {
 }
 
 
+def _keep_compressed(node: ir.Node) -> bool | None:
+    """Do not fold ops on compressed weights (e.g. the Transpose of a quantized tied lm_head):
+    the folded copy would lose its weight site, and with it the quantization record."""
+    from effc.ir.sites import COMPRESSED
+
+    if any(v is not None and v.metadata_props.get(COMPRESSED) for v in node.inputs):
+        return False
+    return None
+
+
 def _fold_constants(model: ir.Model) -> None:
     import onnxscript.optimizer as opt
 
-    opt.fold_constants(model, onnx_shape_inference=True)
+    opt.fold_constants(model, onnx_shape_inference=True, should_fold=_keep_compressed)
 
 
 @register

@@ -38,6 +38,9 @@ class Fuse(Pass):
 
     def run(self, model, ctx) -> PassResult:
         stats: dict[str, int | str] = {}
+        if model.kind == "onnx":  # the rules read static shapes of intermediate values
+            common.ShapeInferencePass(strict_mode=False)(model.model)
+
         for name in self.options.rules:
             rule = RULES[name]
             if model.kind == "onnx" and rule.onnx is not None:

@@ -7,14 +7,17 @@ from dataclasses import dataclass
 
 from onnxscript.rewriter import RewriteRuleSet
 
+from effc.passes.fuse._onnx import GraphRule
+from effc.passes.fuse.affine import affine_onnx, linear_chain_onnx
 from effc.passes.fuse.batchnorm import fuse_batchnorm_fx, fuse_batchnorm_onnx
+from effc.passes.fuse.layout import layout_fx, layout_onnx
 from effc.passes.fuse.matmul_add import matmul_add_onnx
 
 
 @dataclass(frozen=True)
 class Rule:
     doc: str
-    onnx: Callable[[], RewriteRuleSet] | None = None
+    onnx: Callable[[], RewriteRuleSet | GraphRule] | None = None
     fx: Callable | None = None
 
 
@@ -27,5 +30,21 @@ RULES: dict[str, Rule] = {
     "matmul-add": Rule(
         "2-D MatMul + Add of a bias broadcastable to (M, N) -> Gemm",
         onnx=matmul_add_onnx,
+    ),
+    "layout-chains": Rule(
+        "chains of Reshape/Transpose/Squeeze/... -> nothing, one Reshape or one Transpose "
+        "(inverse pairs cancel; per-layer patch partition/reverse becomes unfold once)",
+        onnx=layout_onnx,
+        fx=layout_fx,
+    ),
+    "affine": Rule(
+        "constant per-channel Mul/Add before or after Conv/MatMul/Gemm -> folded into its "
+        "weights and bias; consecutive constant Mul/Add merged",
+        onnx=affine_onnx,
+    ),
+    "linear-chain": Rule(
+        "1x1 conv -> 1x1 conv, MatMul -> MatMul (constant weights, nothing between) -> one op, "
+        "where that does not add FLOPs",
+        onnx=linear_chain_onnx,
     ),
 }
