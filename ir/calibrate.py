@@ -51,23 +51,32 @@ def _collect_fx(model, sites, inputs, fn) -> None:
 
 
 def _collect_onnx(model, sites, inputs, fn) -> None:
+    acts = {site.fqn: site.node.inputs[0] for site in sites}
+    values = list(dict.fromkeys(acts.values()))
+
+    def each(outs: dict[str, np.ndarray]) -> None:
+        for site in sites:
+            act = outs[acts[site.fqn].name]
+            fn(site, torch.from_numpy(np.asarray(act, dtype=np.float32)).reshape(-1, act.shape[-1]))
+
+    collect_values(model, values, inputs, each)
+
+
+def collect_values(model, values: list, inputs: list[dict[str, np.ndarray]], fn) -> None:
+    """Run an ONNX model on each calibration input with ``values`` (onnx_ir values) exposed as
+    extra graph outputs; ``fn({name: array})`` sees them, one input at a time."""
     from effc.backends.onnxruntime import session_for
 
+    if not inputs:
+        raise InputError("this pass needs calibration inputs (--calib) and none were given")
     graph = model.model.graph
-    acts = {site.fqn: site.node.inputs[0] for site in sites}
-    extra = [v for v in dict.fromkeys(acts.values()) if v not in graph.outputs]
+    extra = [v for v in dict.fromkeys(values) if v not in graph.outputs]
     graph.outputs.extend(extra)
     try:
         session = session_for(model.model)
         names = [o.name for o in session.get_outputs()]
         for x in inputs:
-            outs = dict(zip(names, session.run(None, x)))
-            for site in sites:
-                act = outs[acts[site.fqn].name]
-                fn(
-                    site,
-                    torch.from_numpy(np.asarray(act, dtype=np.float32)).reshape(-1, act.shape[-1]),
-                )
+            fn(dict(zip(names, session.run(None, x))))
     finally:
         for v in extra:
             graph.outputs.remove(v)

@@ -147,3 +147,20 @@ def test_text_calibration_from_an_hf_folder(tmp_path, cli):
         text,
     )
     assert code == 2 and "needs the model's tokenizer" in err
+
+
+def test_minilm_legacy_layernorms_fuse_exactly(minilm_exports):
+    """The opset-14 export writes LayerNorm as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add:
+    all 13 (embeddings + 2 per layer) become LayerNormalization; outputs stay within fp32."""
+    from effc.check import check_models
+
+    text = "fixpoint(cleanup,fuse),layernorm,fixpoint(cleanup,fuse)"
+    result = effc.Pipeline.from_text(text, instruments=[effc.VerifyInstrument()]).run(
+        minilm_exports["legacy"]
+    )
+    ln = next(r for r in result.report.records if r.name == "layernorm")
+    assert ln.stats["decomposed_fused"] == 13 and ln.stats["sites"] == 13
+    assert ln.ops_after["LayerNormalization"] == 13 and "Pow" not in ln.ops_after
+    assert result.model.model.opset_imports[""] == 18
+    check = check_models(effc.load(minilm_exports["legacy"]), result.model, seeds=3)
+    assert check["ok"], check
