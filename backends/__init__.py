@@ -9,9 +9,9 @@ from effc.errors import UnsupportedError, did_you_mean
 
 
 def get_backend(name: str) -> ModuleType:
-    from effc.backends import bsr, onnxruntime
+    from effc.backends import bsr, onnxruntime, tensorrt
 
-    backends = {onnxruntime.NAME: onnxruntime, bsr.NAME: bsr}
+    backends = {onnxruntime.NAME: onnxruntime, bsr.NAME: bsr, tensorrt.NAME: tensorrt}
 
     if name not in backends:
         raise UnsupportedError(

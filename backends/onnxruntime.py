@@ -16,20 +16,34 @@ NAME = "onnxruntime"
 MODEL_FILE = "model.onnx"
 
 
-def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+_LEVELS = {
+    True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    # semantics-preserving rewrites only: the extended level fuses e.g. DequantizeLinear(int4) +
+    # MatMul into MatMulNBits, whose arithmetic differs from the graph's by up to ~1e-1
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+}
+
+
+def session_options(threads: int | None = None, optimize: bool | str = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or int(os.environ.get("EFFC_THREADS", "2"))
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.graph_optimization_level = _LEVELS[optimize]
     return opts
 
 
-def session_for(model: ir.Model, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime session for an in-memory model (weights are serialized, not copied twice)."""
+def session_for(
+    model: ir.Model, threads: int | None = None, optimize: bool | str = True
+) -> ort.InferenceSession:
+    """An onnxruntime session for an in-memory model (weights are serialized, not copied twice);
+    ``optimize``: True (all of onnxruntime's graph optimizations), ``"basic"`` (exact rewrites
+    only: the reference semantics) or False (none)."""
+
     proto = ir.serde.serialize_model(model)
-    opts = session_options(threads)
+    opts = session_options(threads, optimize)
+
     from effc.passes.bsr_pack import DOMAIN
 
     if DOMAIN in model.opset_imports:  # BSR kernel nodes: register effc's custom op
@@ -55,10 +69,16 @@ def lower(model: ir.Model, out_dir: Path) -> list[Path]:
 
 
 def run(
-    out_dir: Path, inputs: dict[str, np.ndarray], threads: int | None = None
+    out_dir: Path,
+    inputs: dict[str, np.ndarray],
+    threads: int | None = None,
+    optimize: bool | str = True,
 ) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(
-        str(out_dir / MODEL_FILE), session_options(threads), providers=["CPUExecutionProvider"]
+        str(out_dir / MODEL_FILE),
+        session_options(threads, optimize),
+        providers=["CPUExecutionProvider"],
     )
+
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, inputs)))

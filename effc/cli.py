@@ -70,6 +70,8 @@ def cmd_compile(args) -> int:
     pipeline = Pipeline.from_text(args.passes)
     if args.dump_ir:
         pipeline.instruments.append(DumpInstrument(args.dump_ir))
+    if args.engine and args.target != "tensorrt":
+        raise EffcError("--engine builds a TensorRT engine: it needs --target tensorrt")
     prepare_output(Path(args.output), args.force)  # fail before loading a large model
     model = _load(args, args.model)
     progress = ProgressInstrument(_console())
@@ -83,6 +85,7 @@ def cmd_compile(args) -> int:
             _context(args, model),
             args.force,
             not args.no_verify,
+            {"engine": args.engine} if args.engine else None,
         )
     finally:
         progress.close()
@@ -279,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     p.add_argument("--no-verify", action="store_true", help="skip output checks after each pass")
+    p.add_argument(
+        "--engine",
+        choices=["fp32", "fp16", "int8"],
+        help="--target tensorrt: also build a TensorRT engine (needs tensorrt and an NVIDIA GPU)",
+    )
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("export", parents=[common], help="write ONNX from a torch model")

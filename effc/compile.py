@@ -20,8 +20,10 @@ def compile_model(
     ctx: PassContext | None = None,
     force: bool = False,
     verify: bool = True,
+    backend_options: dict | None = None,
 ) -> PipelineResult:
-    """Compile ``model`` (any form ``Pipeline.run`` accepts) into the artifact folder ``out``."""
+    """Compile ``model`` (any form ``Pipeline.run`` accepts) into the artifact folder ``out``;
+    ``backend_options`` go to the backend's ``lower`` (e.g. ``engine="fp16"`` for tensorrt)."""
     from effc.pipeline import VerifyInstrument
 
     out = Path(out)
@@ -56,7 +58,8 @@ def compile_model(
     }
 
     def build(folder: Path) -> None:
-        backend.lower(final.model, folder)
+        backend.lower(final.model, folder, **(backend_options or {}))
+
         report.save(folder / "report.json")
 
     write_artifact(out, build, manifest, force=force)

@@ -5,7 +5,21 @@ from effc.passes.cleanup import Cleanup
 from effc.passes.fuse import Fuse
 from effc.passes.gqsa_train import GQSATrain
 from effc.passes.group_prune import GroupPrune
+from effc.passes.layernorm import LayerNorm
 from effc.passes.nm_prune import NMPrune
 from effc.passes.quantize import Quantize
+from effc.passes.quantize_activations import QuantizeActivations
+from effc.passes.tensorrt_legalize import TensorRTLegalize
 
-__all__ = ["BSRPack", "Cleanup", "Fuse", "GQSATrain", "GroupPrune", "NMPrune", "Quantize"]
+__all__ = [
+    "BSRPack",
+    "Cleanup",
+    "Fuse",
+    "GQSATrain",
+    "GroupPrune",
+    "LayerNorm",
+    "NMPrune",
+    "Quantize",
+    "QuantizeActivations",
+    "TensorRTLegalize",
+]

@@ -1,0 +1,177 @@
+"""onnxruntime CPU speed of the DITN-style SR model: the unmodified export against the same
+model after effc's exact passes (LayerNorm forms and fusion rules; outputs within fp32 rounding).
+
+    python -m tools.bench.ditn_ort [--size 128] [--rounds 5] [--out tools/bench/results/ditn_ort]
+
+One process, 2 intra-op threads for every session. Each export is timed with onnxruntime's
+graph optimizations on (the default, ORT_ENABLE_ALL) and off (ORT_DISABLE_ALL), so the table
+shows what effc adds beyond what onnxruntime already does. Sessions alternate for ``--rounds``
+rounds; each figure is the median call. The floor beside each figure is the bytes the graph's
+tensors occupy (every intermediate written once and read once, weights read once) divided by the
+read bandwidth measured in the same run: a memory-traffic floor for an unfused execution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+THREADS = int(os.environ.get("EFFC_THREADS", "2"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+EXACT = "fixpoint(cleanup,fuse),layernorm,fixpoint(cleanup,fuse)"
+
+
+def traffic_bytes(model) -> int:
+    """Bytes of every tensor of the graph with a static shape (outputs written and read, weights
+    and inputs read)."""
+    g = model.graph
+    total = 0
+    for v in list(g.inputs) + [o for n in g for o in n.outputs]:
+        if v.shape is not None and v.dtype is not None and all(isinstance(d, int) for d in v.shape):
+            factor = 1 if v in g.inputs else 2
+            total += factor * int(np.prod(v.shape)) * v.dtype.itemsize
+    total += sum(t.const_value.nbytes for t in g.initializers.values() if t.const_value is not None)
+    return total
+
+
+def session(model, optimize: bool):
+    from effc.backends.onnxruntime import session_for
+
+    return session_for(model, THREADS, optimize)
+
+
+def build(weights: str | None, size: int):
+    """{name: (original OnnxModel, effc OnnxModel, report)} for each export of the model."""
+    import effc
+    from effc.ir import OnnxModel
+    from effc.ir.torch_io import export_onnx
+    from effc.models.ditn import DITN, DITNConfig, load_trained
+
+    models = {}
+    variants = [("DITN (published unfold once)", "once"), ("DITN (unfold per layer)", "per-layer")]
+    for label, unfold in variants:
+        model = (
+            load_trained(unfold=unfold) if weights != "random" else DITN(DITNConfig(unfold=unfold))
+        )
+        model.eval()
+        x = {"x": torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+        for kind, legacy in (("dynamo, opset 20", False), ("legacy, opset 14", True)):
+            original = OnnxModel(export_onnx(model, x, legacy=legacy))
+            optimized = OnnxModel(export_onnx(model, x, legacy=legacy))
+            result = effc.Pipeline.from_text(EXACT).run(optimized)
+            models[f"{label}, {kind}"] = (original, result.model, result.report, x)
+    return models
+
+
+def time_sessions(sessions: dict, feeds: dict, rounds: int, calls: int = 5) -> dict:
+    samples = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feeds)
+    for _ in range(rounds):
+        for key, s in sessions.items():
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                samples[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+
+
+def main() -> None:
+    from effc.runtime.cpu import kernels
+    from tools.bench.bsr_linear import bandwidth
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="LR input height and width")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--weights", default="trained", choices=["trained", "random"])
+    parser.add_argument("--out", default="tools/bench/results/ditn_ort")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    bw = bandwidth(kernels())
+    rows = []
+    for name, (original, optimized, report, x) in build(args.weights, args.size).items():
+        feeds = {"x": x["x"].numpy()}
+        sessions = {
+            (side, opt): session((original if side == "export" else optimized).model, opt)
+            for side in ("export", "effc")
+            for opt in (True, False)
+        }
+        ref = sessions[("export", False)].run(None, feeds)[0]
+        err = float(np.abs(sessions[("effc", False)].run(None, feeds)[0] - ref).max())
+        ms = time_sessions(sessions, feeds, args.rounds)
+        for opt in (True, False):
+            floors = {
+                side: traffic_bytes((original if side == "export" else optimized).model) / bw * 1e3
+                for side in ("export", "effc")
+            }
+            rows.append(
+                {
+                    "model": name,
+                    "ort_optimizations": "on" if opt else "off",
+                    "export_ms": ms[("export", opt)],
+                    "effc_ms": ms[("effc", opt)],
+                    "speedup": ms[("export", opt)] / ms[("effc", opt)],
+                    "export_nodes": len(list(original.model.graph)),
+                    "effc_nodes": len(list(optimized.model.graph)),
+                    "export_floor_ms": floors["export"],
+                    "effc_floor_ms": floors["effc"],
+                    "max_abs_error": err,
+                    "fired": {f"{r.name}": r.stats for r in report.records if r.modified},
+                }
+            )
+            print(
+                f"{name:<48} ORT opt {'on ' if opt else 'off'}  export {ms[('export', opt)]:8.2f} ms"
+                f"  effc {ms[('effc', opt)]:8.2f} ms  x{rows[-1]['speedup']:.2f}",
+                flush=True,
+            )
+    meta = {
+        "command": f"python -m tools.bench.ditn_ort --size {args.size} --rounds {args.rounds}"
+        + (" --weights random" if args.weights == "random" else ""),
+        "input": f"1 x 3 x {args.size} x {args.size} (x2 -> {2 * args.size})",
+        "pipeline": EXACT,
+        "threads": THREADS,
+        "bandwidth_GBps": bw / 1e9,
+        "cpu": platform.processor() or platform.machine(),
+        "onnxruntime": __import__("onnxruntime").__version__,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    md = to_markdown(meta, rows)
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        "# DITN-style SR on onnxruntime CPU: unmodified export vs effc exact passes",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Input {meta['input']}; effc pipeline `{meta['pipeline']}`; {meta['threads']} intra-op "
+        f"threads; onnxruntime {meta['onnxruntime']}; read bandwidth {meta['bandwidth_GBps']:.1f} "
+        "GB/s (same run). floor = tensor bytes of the graph (intermediates written and read once) "
+        "/ bandwidth.",
+        "",
+        "| model / export | ORT graph opts | export ms | floor | effc ms | floor | speedup | nodes | max abs err |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['ort_optimizations']} | {r['export_ms']:.2f} | "
+            f"{r['export_floor_ms']:.2f} | {r['effc_ms']:.2f} | {r['effc_floor_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['export_nodes']} -> {r['effc_nodes']} | {r['max_abs_error']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
