@@ -3,8 +3,10 @@
 - ``exact`` (default; ONNX, an FX model is lowered first): decomposed LayerNorm chains
   (ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div, as the legacy exporter writes them) fused into
   one ``LayerNormalization`` (opset raised to 18 where lower), and channel LayerNorms of NCHW
-  tensors (to_3d / LayerNorm / to_4d) rewritten to a transpose-free reduction over axis 1.
-  Same math; outputs within fp32 rounding. (On FX there is nothing to fuse: torch.export
+  tensors (to_3d / LayerNorm / to_4d) rewritten transpose-free: ``form=reduce`` (ReduceMean
+  over axis 1), ``form=conv`` (two 1x1 convs: centring and variance), or ``form=auto`` (default:
+  the faster of the two under onnxruntime at each site's shape, timed by the pass and listed in
+  the report). Same math; outputs within fp32 rounding. (On FX there is nothing to fuse: torch.export
   already gives ``aten.layer_norm``; the form that matters is the deployed graph's.)
 - ``affine`` (calibrated, FX and ONNX): each LayerNorm becomes y = a * x + b per channel, the
   least-squares fit of its outputs on its inputs over the calibration data; ``fuse`` then folds
@@ -187,6 +189,7 @@ class LayerNorm(Pass):
     @dataclass
     class Options:
         mode: Literal["exact", "affine", "rms", "tanh"] = "exact"
+        form: Literal["auto", "reduce", "conv"] = "auto"  # exact channel LayerNorm on NCHW
         max_mean_ratio: float = 0.1
         steps: int = 300
         lr: float = 0.002
@@ -212,7 +215,6 @@ class LayerNorm(Pass):
             find_sites,
             fuse_decomposed,
             write_affine,
-            write_channel_exact,
             write_rms,
         )
 
@@ -225,10 +227,7 @@ class LayerNorm(Pass):
 
         mode = self.options.mode
         if mode == "exact":
-            for site in sites:
-                if site.channel:
-                    write_channel_exact(graph, site)
-            stats["channel_rewritten"] = stats["channel_sites"]
+            stats.update(self._channel_exact(graph, sites))
         else:
             acc = {id(s): _Stats(s.gamma, s.beta, s.eps) for s in sites}
 
@@ -245,6 +244,25 @@ class LayerNorm(Pass):
             stats.get(k) for k in ("channel_rewritten", "replaced")
         )
         return PassResult(model, changed, stats)
+
+    def _channel_exact(self, graph, sites) -> dict:
+        """Each channel site in the form ``form`` names, or (auto) the faster of the two under
+        onnxruntime at the site's shape, timed here."""
+        from effc.passes.layernorm_onnx import CHANNEL_FORMS, time_channel_forms
+
+        chosen = {}
+        for site in sites:
+            if not site.channel:
+                continue
+            form = self.options.form
+            if form == "auto":
+                ms = time_channel_forms(tuple(site.x.shape))
+                form = min(ms, key=ms.get)
+                chosen[site.name] = {"form": form, **{k: round(v, 3) for k, v in ms.items()}}
+            else:
+                chosen[site.name] = {"form": form}
+            CHANNEL_FORMS[form](graph, site)
+        return {"channel_rewritten": len(chosen), "forms": chosen}
 
     def _substitute_onnx(self, graph, sites, acc, write_affine, write_rms) -> dict:
         replaced, ratios = 0, {}

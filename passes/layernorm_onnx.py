@@ -281,7 +281,75 @@ def write_channel_exact(graph: ir.Graph, site: Site) -> None:
     )
 
 
+def write_channel_conv(graph: ir.Graph, site: Site) -> None:
+    """The same normalisation as two 1x1 convs: d = (I - 1/C) x centres every pixel's channels,
+    var = (1/C) d^2 (+ eps as the bias); y = d / sqrt(var) * g + b. Convs keep onnxruntime's
+    blocked NCHWc layout, which pays off on large images."""
+    c = len(site.gamma)
+    centre = (np.eye(c, dtype=np.float32) - np.float32(1.0 / c))[:, :, None, None]
+    mean = np.full((1, c, 1, 1), 1.0 / c, dtype=np.float32)
+    _emit(
+        graph,
+        site,
+        [
+            ("Conv", ["x", initializer(graph, f"{site.name}_centre", centre)]),
+            ("Mul", ["$0", "$0"]),
+            (
+                "Conv",
+                [
+                    "$1",
+                    initializer(graph, f"{site.name}_mean", mean),
+                    initializer(graph, f"{site.name}_eps", np.array([site.eps], np.float32)),
+                ],
+            ),
+            ("Sqrt", ["$2"]),
+            ("Div", ["$0", "$3"]),
+            ("Mul", ["$4", _vec(graph, site, "gamma", site.gamma)]),
+            ("Add", ["$5", _vec(graph, site, "beta", site.beta)]),
+        ],
+    )
+
+
+CHANNEL_FORMS = {"reduce": write_channel_exact, "conv": write_channel_conv}
+_TIMINGS: dict[tuple, dict[str, float]] = {}
+
+
+def time_channel_forms(shape: tuple[int, ...], threads: int = 2) -> dict[str, float]:
+    """Milliseconds of each exact channel-LayerNorm form on an NCHW tensor of ``shape`` under
+    onnxruntime (all graph optimizations, ``threads`` intra-op threads); cached per shape."""
+    key = (tuple(shape), threads)
+    if key in _TIMINGS:
+        return _TIMINGS[key]
+    import time
+
+    from effc.backends.onnxruntime import session_for
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    result = {}
+    for form, write in CHANNEL_FORMS.items():
+        inp = ir.Value(name="x", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+        graph = ir.Graph([inp], [], nodes=[], opset_imports={"": OPSET})
+        anchor = ir.node("Identity", [inp])
+        graph.append(anchor)
+        graph.outputs.append(anchor.outputs[0])
+        c = shape[1]
+        site = Site(anchor, inp, anchor.outputs[0], 1, np.ones(c), np.zeros(c), 1e-5)
+        write(graph, site)
+        session = session_for(ir.Model(graph, ir_version=10), threads)
+        session.run(None, {"x": x})
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(3):
+                session.run(None, {"x": x})
+            best = min(best, (time.perf_counter() - t0) / 3 * 1e3)
+        result[form] = best
+    _TIMINGS[key] = result
+    return result
+
+
 def write_affine(graph: ir.Graph, site: Site, a: np.ndarray, b: np.ndarray) -> None:
+
     _emit(
         graph,
         site,

@@ -39,7 +39,11 @@ def initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     while name in names:
         i += 1
         name = f"{base}_{i}"
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array)))
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into 1-d)
+        array = array.copy(order="C")
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(value)

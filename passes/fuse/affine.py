@@ -141,6 +141,15 @@ class _Linear:
     def add_bias(self, c: np.ndarray) -> None:
         self.bias = c.astype(self.weight.dtype) if self.bias is None else self.bias.reshape(-1) + c
 
+    def emit_conv(self, graph, x: ir.Value, out: ir.Value, attrs: dict, before: ir.Node) -> None:
+        """A Conv with these weights and ``attrs`` reading ``x``, inserted before ``before``,
+        taking over ``out``."""
+        name = self.node.name or "conv"
+        inputs = [x, initializer(graph, f"{name}_part_w", self.weight)]
+        if self.bias is not None:
+            inputs.append(initializer(graph, f"{name}_part_b", self.bias))
+        replace(out, insert(graph, before, ir.node("Conv", inputs, attributes=attrs)))
+
     def emit(self, graph: ir.Graph, x: ir.Value, out: ir.Value) -> None:
         """Write the op with the new weights in place of ``self.node``, taking over ``out``."""
         name = self.node.name or self.node.op_type
@@ -195,34 +204,42 @@ def _fold_after(graph: ir.Graph, node: ir.Node) -> bool:
     return True
 
 
+def _padded(lin: _Linear) -> bool:
+    pads = lin.node.attributes.get("pads")
+    auto_pad = lin.node.attributes.get("auto_pad")
+    return lin.kind == "conv" and (
+        (pads is not None and any(pads.value))
+        or (auto_pad is not None and auto_pad.value not in ("NOTSET", "VALID"))
+    )
+
+
 def _fold_before(graph: ir.Graph, node: ir.Node) -> bool:
-    """Mul/Add of a constant whose only consumer is a linear op (as its data input)."""
+    """Mul/Add of a constant whose consumers are all linear ops reading it as their data input
+    (each gets the factor folded into its own weights)."""
     if node.op_type not in ("Mul", "Add") or node.domain != "":
         return False
     split = _split_const(node)
     out = node.outputs[0]
-    user = only_user(out)
-    lin = _Linear.of(user)
-    if split is None or lin is None or lin.node.inputs[0] is not out or _rank(out) is None:
+    uses = list(out.uses())
+    if split is None or not uses or out.is_graph_output() or _rank(out) is None:
         return False
     x, c = split
     if _rank(x) != _rank(out):
         return False  # the constant broadcasts x to a higher rank: not a per-channel op
-    vec = _channel_vector(c, _rank(out), lin.channel_axis, lin.in_channels)
-    if vec is None:
+    linears = [_Linear.of(u.node) if u.idx == 0 else None for u in uses]
+    if any(lin is None for lin in linears):
         return False
-    if node.op_type == "Mul":
-        lin.scale_in(vec)
-    else:
-        pads = lin.node.attributes.get("pads")
-        auto_pad = lin.node.attributes.get("auto_pad")
-        if lin.kind == "conv" and (
-            (pads is not None and any(pads.value))
-            or (auto_pad is not None and auto_pad.value not in ("NOTSET", "VALID"))
-        ):
-            return False  # an offset before a padded conv changes the border
-        lin.shift_in(vec)
-    lin.emit(graph, x, lin.node.outputs[0])
+    vecs = [_channel_vector(c, _rank(out), lin.channel_axis, lin.in_channels) for lin in linears]
+    if any(v is None for v in vecs):
+        return False
+    if node.op_type == "Add" and any(_padded(lin) for lin in linears):
+        return False  # an offset before a padded conv changes the border
+    for lin, vec in zip(linears, vecs):
+        if node.op_type == "Mul":
+            lin.scale_in(vec)
+        else:
+            lin.shift_in(vec)
+        lin.emit(graph, x, lin.node.outputs[0])
     return True
 
 
@@ -312,3 +329,81 @@ def _fire_chain(graph: ir.Graph, node: ir.Node) -> bool:
 
 def linear_chain_onnx() -> GraphRule:
     return GraphRule(_fire_chain)
+
+
+def _split_sizes(split: ir.Node, channels: int) -> list[int] | None:
+    axis = split.attributes.get("axis")
+    if (axis.value if axis is not None else 0) not in (1, -3):
+        return None
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        sizes = const(split.inputs[1])
+        return None if sizes is None else [int(s) for s in sizes]
+    attr = split.attributes.get("split")
+    if attr is not None:
+        return list(attr.value)
+    n = len(split.outputs)
+    return [channels // n] * n if channels % n == 0 else None
+
+
+def _channel_parts(y: ir.Value, channels: int) -> list[tuple[int, int, ir.Value]] | None:
+    """(start, stop, value) for each channel range ``y`` is cut into: by one Split(axis=1), or
+    by Slices along axis 1 (step 1) that are its only consumers."""
+    users = [u.node for u in y.uses()]
+    if not users or y.is_graph_output():
+        return None
+    if len(users) == 1 and users[0].op_type == "Split" and users[0].domain == "":
+        sizes = _split_sizes(users[0], channels)
+        if sizes is None or sum(sizes) != channels:
+            return None
+        bounds = np.cumsum([0, *sizes])
+        return [(int(a), int(b), v) for a, b, v in zip(bounds, bounds[1:], users[0].outputs)]
+    parts = []
+    for node in users:
+        if node.op_type != "Slice" or node.domain != "" or node.inputs[0] is not y:
+            return None
+        args = [const(v) if v is not None else None for v in node.inputs[1:]]
+        starts, ends = args[0], args[1]
+        axes = args[2] if len(args) > 2 and args[2] is not None else np.array([0])
+        steps = args[3] if len(args) > 3 and args[3] is not None else np.array([1])
+        if starts is None or ends is None or list(axes) not in ([1], [-3]) or list(steps) != [1]:
+            return None
+        a, b = int(starts[0]), int(min(ends[0], channels))
+        if not 0 <= a < b:
+            return None
+        parts.append((a, b, node.outputs[0]))
+    return parts
+
+
+def _fire_split(graph: ir.Graph, conv_node: ir.Node) -> bool:
+    """A Conv whose output is only cut along channels (Split, or Slices) -> one Conv per part:
+    a group-1 conv by output rows, a depthwise conv with the cut moved to its input. Exact: the
+    same sums per channel, and no copy of the parts."""
+    conv = _Linear.of(conv_node)
+    if conv is None or conv.kind != "conv" or conv.weight.ndim != 4:
+        return False
+    parts = _channel_parts(conv_node.outputs[0], conv.out_channels)
+    if parts is None:
+        return False
+    depthwise = conv.groups == conv.out_channels == conv.in_channels and conv.weight.shape[1] == 1
+    if conv.groups != 1 and not depthwise:
+        return False
+    x = conv_node.inputs[0]
+    for a, b, out in parts:
+        piece = _Linear(conv_node, conv.weight[a:b], None, "conv")
+        if conv.bias is not None:
+            piece.bias = conv.bias.reshape(-1)[a:b]
+        attrs = {k: v for k, v in conv_node.attributes.items() if k != "group"}
+        source = x
+        if depthwise:  # channels a..b of the output read channels a..b of the input
+            attrs["group"] = b - a
+            name = conv_node.name or "conv"
+            starts, ends, axes = (
+                initializer(graph, f"{name}_cut", np.array([v], np.int64)) for v in (a, b, 1)
+            )
+            source = insert(graph, conv_node, ir.node("Slice", [x, starts, ends, axes]))
+        piece.emit_conv(graph, source, out, attrs, conv_node)
+    return True
+
+
+def split_conv_onnx() -> GraphRule:
+    return GraphRule(_fire_split)

@@ -6,9 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter.rules.common import expand_before_binary_op_rules
 
 from effc.passes.fuse._onnx import GraphRule
-from effc.passes.fuse.affine import affine_onnx, linear_chain_onnx
+from effc.passes.fuse.affine import affine_onnx, linear_chain_onnx, split_conv_onnx
 from effc.passes.fuse.batchnorm import fuse_batchnorm_fx, fuse_batchnorm_onnx
 from effc.passes.fuse.layout import layout_fx, layout_onnx
 from effc.passes.fuse.matmul_add import matmul_add_onnx
@@ -36,6 +37,16 @@ RULES: dict[str, Rule] = {
         "(inverse pairs cancel; per-layer patch partition/reverse becomes unfold once)",
         onnx=layout_onnx,
         fx=layout_fx,
+    ),
+    "expand-binary": Rule(
+        "Expand feeding a broadcasting binary op (Add/Mul/Div/...) whose own broadcast gives the "
+        "same result -> dropped (e.g. the expand_as of F.normalize)",
+        onnx=lambda: expand_before_binary_op_rules,
+    ),
+    "split-conv": Rule(
+        "Split along channels of a Conv output -> one Conv per part (a depthwise conv takes the "
+        "Split to its input first), so no split copy is made",
+        onnx=split_conv_onnx,
     ),
     "affine": Rule(
         "constant per-channel Mul/Add before or after Conv/MatMul/Gemm -> folded into its "

@@ -142,3 +142,35 @@ def test_ditn_tanh_norms_fold_into_the_next_pointwise_conv():
     new, record, _ = run_pass("fuse{rules=[linear-chain]}", onnx_model)
     assert record.stats == {"linear-chain": 5}  # 2 ITLs x 2 norms + the SAL's FFN norm
     np.testing.assert_allclose(new.run({"x": x["x"].numpy()})[0], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cut", ["split", "slices"])
+def test_channel_cuts_of_convs_become_one_conv_per_part(cut):
+    inits = {
+        "W1": rng_array(12, 4, 1, 1, seed=1),
+        "B1": rng_array(12, seed=2),
+        "Wd": rng_array(12, 1, 3, 3, seed=3),
+        "Bd": rng_array(12, seed=4),
+    }
+    if cut == "split":
+        body = "q, k, v = Split<axis = 1>(d, sizes)"
+        inits["sizes"] = np.array([4, 4, 4], dtype=np.int64)
+    else:
+        body = "\n".join(f"{n} = Slice(d, s{i}, e{i}, ax)" for i, n in enumerate(("q", "k", "v")))
+        for i in range(3):
+            inits[f"s{i}"] = np.array([4 * i], dtype=np.int64)
+            inits[f"e{i}"] = np.array([4 * i + 4], dtype=np.int64)
+        inits["ax"] = np.array([1], dtype=np.int64)
+    model = _model(
+        "a = Conv(x, W1, B1)\n d = Conv<pads = [1, 1, 1, 1], group = 12>(a, Wd, Bd)\n"
+        + body
+        + "\n y = Add(q, k)\n z = Mul(y, v)",
+        "float[2,4,6,6] x",
+        "float[2,4,6,6] z",
+        inits,
+    )
+    new, record, cmp = run_pass("fixpoint(fuse{rules=[split-conv]})", model)
+    ops = op_types(new)
+    assert ops.count("Conv") == 6 and "Split" not in ops
+    assert ops.count("Slice") == 0  # the cut moved up through the depthwise conv, then vanished
+    assert cmp["ok"] and cmp["max_abs"] < 1e-4

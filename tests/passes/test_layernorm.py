@@ -157,3 +157,22 @@ def test_calibrated_modes_need_calibration(mode):
         effc.Pipeline.from_text(f"layernorm{{mode={mode}}}").run(
             FxModel(model, model.example_inputs(size=16))
         )
+
+
+@pytest.mark.parametrize("form", ["reduce", "conv", "auto"])
+def test_channel_forms_agree(form):
+    model = _ditn(3)
+    x = model.example_inputs(size=16)
+    result = _run(f"layernorm{{form={form}}}", OnnxModel(export_onnx(model, x)))
+    record = result.report.records[-1]
+    forms = record.stats["forms"]
+    assert len(forms) == 6 and record.error["ok"]
+    if form == "auto":  # timed: both forms measured at each site's shape
+        assert all(
+            {"reduce", "conv"} <= set(v) and v["form"] in ("reduce", "conv") for v in forms.values()
+        )
+    else:
+        assert {v["form"] for v in forms.values()} == {form}
+    with torch.no_grad():
+        expected = model(**x).numpy()
+    np.testing.assert_allclose(result.model.run({"x": x["x"].numpy()})[0], expected, atol=1e-4)
