@@ -157,8 +157,13 @@ def _distill(
     from tqdm import tqdm
 
     inputs = [{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()} for x in ctx.calibration]
+
+    def outputs(model, x) -> list[torch.Tensor]:  # every float tensor of the output structure
+        flat, _ = torch.utils._pytree.tree_flatten(model(**x))
+        return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
     with torch.no_grad():
-        targets = [teacher(**x) for x in inputs]
+        targets = [outputs(teacher, x) for x in inputs]
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -169,7 +174,9 @@ def _distill(
     bar = tqdm(range(steps), desc="layernorm{mode=tanh} distillation", unit="step", leave=False)
     for _ in bar:
         i = int(torch.randint(len(inputs), (1,), generator=g))
-        loss = nn.functional.mse_loss(student(**inputs[i]), targets[i])
+        pairs = zip(outputs(student, inputs[i]), targets[i])
+        loss = sum(nn.functional.mse_loss(s, t) for s, t in pairs)
+
         opt.zero_grad()
         loss.backward()
         opt.step()

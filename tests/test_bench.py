@@ -19,3 +19,45 @@ def test_bench_runs_every_method_and_prints_floors():
     )  # 8 B codes + 2 index + 2 scale + 1 zero per block
     table = to_markdown(result, "test")
     assert "## 64x256, M = 3" in table and "x floor" in table
+
+
+def test_ditn_ort_bench_builds_equal_models_and_renders():
+    import numpy as np
+
+    from tools.bench.ditn_ort import build, session, time_sessions, to_markdown, traffic_bytes
+
+    models = build("random", 16)
+    assert len(models) == 4
+    rows = []
+    for name, (original, optimized, _report, x) in models.items():
+        feeds = {"x": x["x"].numpy()}
+        sessions = {
+            side: session(m.model, True) for side, m in (("export", original), ("effc", optimized))
+        }
+        outs = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
+        np.testing.assert_allclose(outs["effc"], outs["export"], rtol=1e-4, atol=1e-5)
+        ms = time_sessions(sessions, feeds, rounds=1, calls=1)
+        assert traffic_bytes(optimized.model) > 0 and all(v > 0 for v in ms.values())
+        rows.append(
+            {
+                "model": name,
+                "ort_optimizations": "on",
+                "export_ms": ms["export"],
+                "effc_ms": ms["effc"],
+                "speedup": ms["export"] / ms["effc"],
+                "export_nodes": 1,
+                "effc_nodes": 1,
+                "export_floor_ms": 1.0,
+                "effc_floor_ms": 1.0,
+                "max_abs_error": 0.0,
+            }
+        )
+    meta = {
+        "command": "test",
+        "input": "16",
+        "pipeline": "p",
+        "threads": 2,
+        "onnxruntime": "x",
+        "bandwidth_GBps": 1.0,
+    }
+    assert "| DITN (unfold per layer), legacy, opset 14 | on |" in to_markdown(meta, rows)
