@@ -14,6 +14,9 @@ end on the language-model loss over the calibration tokens.
 Both write the final codes and fp16 scales back into the annotations (so the BSR packer stores
 exactly what was trained) and the dequantized weights into the model, and report the budget
 (samples, tokens, steps, learning rate) and the loss before and after.
+
+Pruned sites without quantization (2:4 from nm-prune, or groups from group-prune alone) train
+their kept weights in bqpo under a fixed element mask, so the baselines can get the same budget.
 """
 
 from __future__ import annotations
@@ -88,6 +91,30 @@ class FakeQuantLinear(nn.Module):
         self.scale.data[self.scale.data == 0] = 1.0
         codes = self.codes_now().round()
         return codes.to(torch.uint8), self.scale.data.clone(), self.dequantized()
+
+
+class MaskedLinear(nn.Module):
+    """A pruned, unquantized linear layer (N:M, or groups without quantize): trainable kept
+    weights, the zeros held by a fixed element mask."""
+
+    def __init__(self, linear: nn.Linear, notes: dict):
+        super().__init__()
+        self.register_buffer("mask", element_mask(notes).float())
+        self.weight = nn.Parameter(linear.weight.detach().clone() * self.mask)
+        self.bias = linear.bias
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized(), self.bias)
+
+
+def element_mask(notes: dict) -> torch.Tensor:
+    """(out, in) keep-mask of a pruned site: N:M element masks as they are, group masks expanded."""
+    if "element_mask" in notes:
+        return notes["element_mask"]
+    return notes["mask"].repeat_interleave(notes["group"], dim=1)
 
 
 def _swap(root: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
@@ -171,9 +198,16 @@ class GQSATrain(Pass):
             raise InputError(
                 "pass 'gqsa-train' needs calibration inputs (--calib) and none were given"
             )
-        if not any("codes" in n for n in model.annotations.values()):
+        if self.options.stage == "e2e" and not any(
+            "codes" in n for n in model.annotations.values()
+        ):
             raise UnsupportedError(
-                "pass 'gqsa-train' trains quantized weights: run quantize (and group-prune) first"
+                "gqsa-train{stage=e2e} trains quantization scales: run quantize first"
+            )
+        if not any(self._trainable(n) for n in model.annotations.values()):
+            raise UnsupportedError(
+                "pass 'gqsa-train' trains compressed weights: run quantize, group-prune or "
+                "nm-prune first"
             )
 
     def run(self, model, ctx) -> PassResult:
@@ -193,14 +227,28 @@ class GQSATrain(Pass):
         model.retrace()
         return PassResult(model, True, stats)
 
-    def _sites(self, model, prefix: str = "") -> dict[str, dict]:
-        return {f: n for f, n in model.annotations.items() if "codes" in n and f.startswith(prefix)}
+    @staticmethod
+    def _trainable(notes: dict) -> bool:
+        """Quantized sites, and pruned sites with their original weights (masked training)."""
+        return "codes" in notes or (
+            "original" in notes and ("element_mask" in notes or "mask" in notes)
+        )
 
-    def _finish(self, model, fqn: str, fq: FakeQuantLinear, linear: nn.Linear) -> None:
-        codes, scale, weight = fq.export()
+    def _sites(self, model, prefix: str = "") -> dict[str, dict]:
+        return {
+            f: n
+            for f, n in model.annotations.items()
+            if self._trainable(n) and f.startswith(prefix)
+        }
+
+    def _finish(self, model, fqn: str, fq: nn.Module, linear: nn.Linear) -> None:
         notes = model.annotations[fqn]
-        out, inp = weight.shape
-        notes.update(codes=codes.view(out, inp // fq.group, fq.group), scale=scale)
+        if isinstance(fq, FakeQuantLinear):
+            codes, scale, weight = fq.export()
+            out, inp = weight.shape
+            notes.update(codes=codes.view(out, inp // fq.group, fq.group), scale=scale)
+        else:
+            weight = fq.dequantized().detach()
         with torch.no_grad():
             linear.weight.copy_(weight)
         _swap(model.module, fqn, linear)
@@ -229,9 +277,20 @@ class GQSATrain(Pass):
                 fakes = {}
                 for fqn, notes in sites.items():
                     linear = module.get_submodule(fqn)
-                    fakes[fqn] = (FakeQuantLinear(linear, notes, train_weight=True), linear)
-                    _swap(module, fqn, fakes[fqn][0])
-                params = [p for fq, _ in fakes.values() for p in (fq.weight, fq.scale)]
+                    fq = (
+                        FakeQuantLinear(linear, notes, train_weight=True)
+                        if "codes" in notes
+                        else MaskedLinear(linear, notes)
+                    )
+                    fakes[fqn] = (fq, linear)
+                    _swap(module, fqn, fq)
+                params = [
+                    p
+                    for fq, _ in fakes.values()
+                    for p in (
+                        (fq.weight, fq.scale) if isinstance(fq, FakeQuantLinear) else (fq.weight,)
+                    )
+                ]
                 opt = torch.optim.Adam(params, lr=self.options.lr)
                 for step in range(self.options.steps):
                     i = step % len(inputs)
@@ -261,6 +320,8 @@ class GQSATrain(Pass):
         module = model.module
         fakes = {}
         for fqn, notes in self._sites(model).items():
+            if "codes" not in notes:
+                continue  # no scales to train on a pruned-only site
             linear = module.get_submodule(fqn)
             fakes[fqn] = (FakeQuantLinear(linear, notes, train_weight=False), linear)
             _swap(module, fqn, fakes[fqn][0])

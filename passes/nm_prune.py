@@ -52,6 +52,11 @@ class NMPrune(Pass):
         for site in sites:
             w = read_weight(site).clone()
             scores = w.abs() * (norms[site.fqn][None, :] if site.fqn in norms else 1)
-            write_weight(site, w * nm_mask(scores, o.n, o.m))
+            keep = nm_mask(scores, o.n, o.m)
+            write_weight(site, w * keep)
+            # the element mask and the weight before pruning, for gqsa-train{stage=bqpo}
+            model.annotations.setdefault(site.fqn, {}).setdefault("original", w)
+            model.annotations[site.fqn]["element_mask"] = keep
+
         stats.update(layers=len(sites), sparsity=round(1 - o.n / o.m, 6))
         return PassResult(model, bool(sites), stats)

@@ -61,3 +61,24 @@ def test_training_needs_a_torch_model_quantization_and_calibration(llama_onnx, t
         )
     with pytest.raises(EffcError, match="needs calibration inputs"):
         effc.Pipeline.from_text("group-prune{score=magnitude},quantize,gqsa-train").run(tiny_llama)
+
+
+@pytest.mark.parametrize("prune", ["nm-prune{n=2,m=4}", "group-prune{sparsity=0.5}"])
+def test_bqpo_trains_pruned_only_weights_under_their_masks(prune):
+    """The baselines (2:4, groups without quantization) get the same block-wise training: the
+    kept weights move, the pruned ones stay exactly zero, the block error falls."""
+    from effc.models import BUILTINS
+
+    model = BUILTINS["tiny-llama"][0]()
+    ctx = effc.PassContext(calibration=_calib())
+    pruned = effc.Pipeline.from_text(prune).run(model, ctx)
+    name = "model.layers.1.mlp.up_proj"
+    before = model.get_submodule(name).weight.detach().clone()
+    result = effc.Pipeline.from_text("gqsa-train{steps=30,lr=0.001}").run(pruned.model, ctx)
+    stats = result.report.records[0].stats
+    assert stats["block_mse_after"] < stats["block_mse_first_step"]
+    after = model.get_submodule(name).weight.detach()
+    assert not torch.equal(after, before)
+    assert torch.equal(after == 0, before == 0)  # the same zeros: masks held
+    with pytest.raises(UnsupportedError, match="run quantize first"):
+        effc.Pipeline.from_text("gqsa-train{stage=e2e}").run(result.model, ctx)

@@ -80,6 +80,17 @@ def build(weights: str | None, size: int):
     return models
 
 
+def fired(report) -> dict[str, int]:
+    """Counts summed over the pipeline's records: pass.stat -> total (rule firings, folds)."""
+    totals: dict[str, int] = {}
+    for r in report.records:
+        for key, value in r.stats.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value:
+                name = f"{r.name}.{key}"
+                totals[name] = totals.get(name, 0) + value
+    return totals
+
+
 def time_sessions(sessions: dict, feeds: dict, rounds: int, calls: int = 5) -> dict:
     samples = {k: [] for k in sessions}
     for s in sessions.values():  # warm up: first calls (allocations, caches, clocks) are slower
@@ -136,7 +147,7 @@ def main() -> None:
                     "export_floor_ms": floors["export"],
                     "effc_floor_ms": floors["effc"],
                     "max_abs_error": err,
-                    "fired": {f"{r.name}": r.stats for r in report.records if r.modified},
+                    "fired": fired(report),
                 }
             )
             print(
@@ -172,14 +183,21 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "GB/s (same run). floor = tensor bytes of the graph (intermediates written and read once) "
         "/ bandwidth.",
         "",
-        "| model / export | ORT graph opts | export ms | floor | effc ms | floor | speedup | nodes | max abs err |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        "| model / export | ORT graph opts | export ms | floor | effc ms | floor | speedup | nodes | max abs err | fuse rules fired |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
+        fired_text = ", ".join(
+            f"{k.split('.', 1)[1]} {v}"
+            for k, v in r.get("fired", {}).items()
+            if k.startswith("fuse.")
+        )
+        r = {**r, "fired_text": fired_text or "-"}
         lines.append(
             f"| {r['model']} | {r['ort_optimizations']} | {r['export_ms']:.2f} | "
             f"{r['export_floor_ms']:.2f} | {r['effc_ms']:.2f} | {r['effc_floor_ms']:.2f} | "
-            f"{r['speedup']:.2f}x | {r['export_nodes']} -> {r['effc_nodes']} | {r['max_abs_error']:.1e} |"
+            f"{r['speedup']:.2f}x | {r['export_nodes']} -> {r['effc_nodes']} | {r['max_abs_error']:.1e} | "
+            f"{r['fired_text']} |"
         )
     return "\n".join(lines)
 

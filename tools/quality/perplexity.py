@@ -52,6 +52,10 @@ ROWS = {
     "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=16,lr=0.0001,samples=16}",
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
+    "2:4 magnitude + BQPO": "nm-prune{n=2,m=4,score=magnitude},"
+    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
+    "2:4 wanda + BQPO": "nm-prune{n=2,m=4,score=wanda},"
+    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
 }
 
 
@@ -142,7 +146,13 @@ def main() -> None:
         )
         out.with_suffix(".md").write_text(to_markdown(meta, results, args) + "\n")
 
+    # rows of an earlier run with the same settings are kept; a row run again replaces its own
+    previous = out.with_suffix(".json")
     results = []
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("meta") == meta:
+            results = old["rows"]
     for name in names:
         model = load_model(folder)
         t0 = time.perf_counter()
@@ -162,7 +172,11 @@ def main() -> None:
             "compress_s": seconds,
             "bytes": compressed_bytes(model, annotations),
         }
-        results.append(row)
+        same = [i for i, r in enumerate(results) if r["setting"] == name]
+        if same:
+            results[same[0]] = row
+        else:
+            results.append(row)
         save()
         print(f"{name:<40} ppl {ppl:10.2f}  ({seconds:.0f} s)", flush=True)
     print(to_markdown(meta, results, args))
@@ -171,13 +185,14 @@ def main() -> None:
 def to_markdown(meta: dict, rows: list[dict], args) -> str:
     command = (
         f"python -m tools.quality.perplexity --windows {args.windows} --seqlen {args.seqlen} "
-        f"--calib-samples {args.calib_samples}" + (f" --rows '{args.rows}'" if args.rows else "")
+        f"--calib-samples {args.calib_samples}" + (" --rows 'NAME;...'" if args.rows else "")
     )
     base = next((r for r in rows if r["setting"] == "fp32"), rows[0])
     lines = [
         "# SmolLM2-135M perplexity under effc pipelines",
         "",
-        f"Command: `{command}`  ",
+        f"Command: `{command}` (rows may come from several runs with these settings; each row's "
+        "pipeline is in the table)  ",
         f"Model: {meta['model']}. Evaluation: {meta['eval']}. Calibration: {meta['calibration']}. "
         f"Split: {meta['split']}. Threads: {meta['threads']}.",
         "Bytes: the compressible linear layers (all 211, lm_head included); the embedding is fp32 in every row.",
