@@ -10,6 +10,7 @@ from onnxscript.rewriter.rules.common import expand_before_binary_op_rules
 
 from effc.passes.fuse._onnx import GraphRule
 from effc.passes.fuse.affine import affine_onnx, linear_chain_onnx, split_conv_onnx
+from effc.passes.fuse.affine_fx import affine_fx, linear_chain_fx
 from effc.passes.fuse.batchnorm import fuse_batchnorm_fx, fuse_batchnorm_onnx
 from effc.passes.fuse.layout import layout_fx, layout_onnx
 from effc.passes.fuse.matmul_add import matmul_add_onnx
@@ -52,10 +53,12 @@ RULES: dict[str, Rule] = {
         "constant per-channel Mul/Add before or after Conv/MatMul/Gemm -> folded into its "
         "weights and bias; consecutive constant Mul/Add merged",
         onnx=affine_onnx,
+        fx=affine_fx,
     ),
     "linear-chain": Rule(
         "1x1 conv -> 1x1 conv, MatMul -> MatMul (constant weights, nothing between) -> one op, "
         "where that does not add FLOPs",
         onnx=linear_chain_onnx,
+        fx=linear_chain_fx,
     ),
 }

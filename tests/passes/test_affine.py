@@ -174,3 +174,53 @@ def test_channel_cuts_of_convs_become_one_conv_per_part(cut):
     assert ops.count("Conv") == 6 and "Split" not in ops
     assert ops.count("Slice") == 0  # the cut moved up through the depthwise conv, then vanished
     assert cmp["ok"] and cmp["max_abs"] < 1e-4
+
+
+def test_fx_rules_fold_the_same_patterns():
+    """affine and linear-chain on FX graphs: conv * s + b, scale before a linear, offset before
+    an unpadded 1x1 conv, and the tanh-norm 1x1 convs of DITN; outputs unchanged."""
+    import torch
+
+    import effc
+    from effc.ir.model import FxModel
+    from effc.models.ditn import DITN, DITNConfig
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.s = torch.nn.Parameter(torch.randn(8, 1, 1))
+            self.b = torch.nn.Parameter(torch.randn(8, 1, 1))
+            self.fc = torch.nn.Linear(8, 6)
+            self.k = torch.nn.Parameter(torch.randn(8))
+            self.pw = torch.nn.Conv2d(4, 5, 1)
+            self.t = torch.nn.Parameter(torch.randn(4, 1, 1))
+
+        def forward(self, x):
+            y = self.conv(x) * self.s + self.b
+            z = self.fc(y.mean((2, 3)) * self.k) * 2.0
+            return y, z, self.pw(x + self.t)
+
+    torch.manual_seed(0)
+    for module, x, text, expected in (
+        (Toy().eval(), {"x": torch.randn(2, 4, 6, 6)}, "fixpoint(fuse{rules=[affine]})", 5),
+        (
+            DITN(DITNConfig(norm="tanh")).eval(),
+            {"x": torch.rand(1, 3, 16, 16)},
+            "fuse{rules=[linear-chain]}",
+            5,
+        ),
+    ):
+        fx = FxModel(module, x)
+        convs = fx.op_histogram().get("aten::conv2d.default", 0)
+        result = effc.Pipeline.from_text(text).run(fx)
+        fired = sum(r.stats[next(iter(r.stats))] for r in result.report.records)
+        assert fired == expected
+        with torch.no_grad():
+            refs = module(**x)
+        refs = refs if isinstance(refs, tuple) else (refs,)
+        outs = result.model.run({"x": x["x"].numpy()})
+        for got, ref in zip(outs, refs):
+            np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
+    ops = result.model.op_histogram()
+    assert ops["aten::conv2d.default"] == convs - 5  # 5 norm convs merged into their consumers
