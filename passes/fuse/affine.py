@@ -7,8 +7,9 @@ consecutive linear maps, into one Conv / MatMul / Gemm. Exact math (float roundi
 - Add(x, c) before a Conv without padding -> bias += W c (with padding the border would change);
 - Mul(Mul(x, a), b) -> Mul(x, a b) and Add(Add(x, a), b) -> Add(x, a + b).
 ``linear-chain``: 1x1 conv -> 1x1 conv (stride 1, no padding, one group) and MatMul -> MatMul
-with constant 2-D weights -> one op with W2 W1 and bias W2 b1 + b2, only where that does not
-add FLOPs (a bottleneck C -> r -> C with r < C/2 stays two ops).
+with constant 2-D weights -> one op with W2 W1 and bias W2 b1 + b2, also through a Reshape that
+only regroups the leading dims (the last dim, the one the maps act on, kept), only where that
+does not add FLOPs (a bottleneck C -> r -> C with r < C/2 stays two ops).
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from effc.passes.fuse._onnx import GraphRule, const, initializer, insert, only_user, replace
+from effc.passes.fuse._onnx import (
+    GraphRule,
+    const,
+    initializer,
+    insert,
+    only_user,
+    replace,
+    static_shape,
+)
 
 
 def _split_const(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
@@ -293,6 +302,15 @@ def _fire_chain(graph: ir.Graph, node: ir.Node) -> bool:
         return False
     mid = node.inputs[0]
     first = _Linear.of(mid.producer() if mid is not None else None)
+    reshape = None
+    if first is None and second.kind != "conv":
+        reshape = _last_dim_reshape(mid)
+        if reshape is not None:
+            first = _Linear.of(reshape.inputs[0].producer())
+            if first is not None and (
+                first.kind == "conv" or only_user(reshape.inputs[0]) is not reshape
+            ):
+                first = None
     if first is None or only_user(mid) is not node:
         return False
     if first.kind == "conv" and second.kind == "conv":
@@ -323,8 +341,27 @@ def _fire_chain(graph: ir.Graph, node: ir.Node) -> bool:
     else:
         second.weight, second.bias = w.T, bias
         second.kind = "gemm" if bias is not None and second.kind == "gemm" else second.kind
-    second.emit(graph, first.node.inputs[0], node.outputs[0])
+    source = first.node.inputs[0]
+    if reshape is not None:  # the same reshape of the leading dims, now on the input
+        shape = [*static_shape(mid)[:-1], cin]
+        target = initializer(
+            graph, f"{reshape.name or 'reshape'}_folded_shape", np.array(shape, np.int64)
+        )
+        source = insert(graph, node, ir.node("Reshape", [source, target]))
+    second.emit(graph, source, node.outputs[0])
     return True
+
+
+def _last_dim_reshape(value: ir.Value | None) -> ir.Node | None:
+    """The Reshape producing ``value`` if it only regroups leading dims (last dim kept, static
+    shapes): a linear map on the last axis commutes with it."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Reshape" or node.domain != "":
+        return None
+    before, after = static_shape(node.inputs[0]), static_shape(value)
+    if before is None or after is None or not before or not after or before[-1] != after[-1]:
+        return None
+    return node
 
 
 def linear_chain_onnx() -> GraphRule:

@@ -224,3 +224,36 @@ def test_fx_rules_fold_the_same_patterns():
             np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
     ops = result.model.op_histogram()
     assert ops["aten::conv2d.default"] == convs - 5  # 5 norm convs merged into their consumers
+
+
+def test_matmul_chain_folds_through_a_reshape_of_the_leading_dims():
+    model = _model(
+        "a = MatMul(x, A)\n s = Constant<value = int64[2] {6, 32}>()\n r = Reshape(a, s)\n"
+        " y = MatMul(r, B)\n"
+        " t = Constant<value = int64[2] {3, 64}>()\n q = Reshape(a, t)\n z = Relu(q)",
+        "float[2,3,16] x",
+        "float[6,24] y, float[3,64] z",
+        {"A": rng_array(16, 32, seed=1), "B": rng_array(32, 24, seed=2)},
+    )
+    # y's reshape keeps the last dim: folds; a also feeds z (not single use): nothing folds
+    _, record, _ = run_pass("fuse{rules=[linear-chain]}", model)
+    assert record.stats == {"linear-chain": 0}
+    model = _model(
+        "a = MatMul(x, A)\n s = Constant<value = int64[2] {6, 32}>()\n r = Reshape(a, s)\n"
+        " y = MatMul(r, B)",
+        "float[2,3,16] x",
+        "float[6,24] y",
+        {"A": rng_array(16, 32, seed=1), "B": rng_array(32, 24, seed=2)},
+    )
+    new, record, cmp = run_pass("fuse{rules=[linear-chain]}", model)
+    assert op_types(new) == ["Reshape", "MatMul"] and record.stats == {"linear-chain": 1}
+    assert cmp["ok"] and cmp["max_abs"] < 1e-4
+    model = _model(  # a reshape that moves the last dim is not a regrouping: kept
+        "a = MatMul(x, A)\n s = Constant<value = int64[2] {12, 16}>()\n r = Reshape(a, s)\n"
+        " y = MatMul(r, B)",
+        "float[2,3,32] x",
+        "float[12,24] y",
+        {"A": rng_array(32, 32, seed=1), "B": rng_array(16, 24, seed=2)},
+    )
+    _, record, _ = run_pass("fuse{rules=[linear-chain]}", model)
+    assert record.stats == {"linear-chain": 0}
