@@ -10,8 +10,9 @@ with a global residual from the stem.
 Normalization slots (``norm``): ``"layernorm"`` is the channel LayerNorm of Restormer-style code
 on NCHW (to_3d: b c h w -> b (h w) c, LayerNorm over c, to_4d back); ``"tanh"`` is the
 deployment form (tanh then a 1x1 conv). ``unfold="per-layer"`` writes the partition/reverse
-pair around every ITL instead of once per unit (what naive code does; same math), the input of
-the ``fuse`` rule that hoists them.
+pair around every ITL instead of once per unit (what naive code does; same math);
+``unfold="per-op"`` partitions and reverses around every attention and FFN with the residual
+adds on the image (Swin-style code). Both are inputs of the ``fuse`` rules that hoist them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class DITNConfig:
     patch: int = 8
     scale: int = 2
     norm: str = "layernorm"  # or "tanh"
-    unfold: str = "once"  # or "per-layer"
+    unfold: str = "once"  # or "per-layer", "per-op"
 
 
 class ChannelLayerNorm(nn.Module):
@@ -157,19 +158,22 @@ class UFONE(nn.Module):
 
     def __init__(self, cfg: DITNConfig):
         super().__init__()
-        self.patch, self.per_layer = cfg.patch, cfg.unfold == "per-layer"
-        if cfg.unfold not in ("once", "per-layer"):
-            raise ValueError(f"unfold must be 'once' or 'per-layer', not {cfg.unfold!r}")
+        self.patch, self.unfold = cfg.patch, cfg.unfold
+        if cfg.unfold not in ("once", "per-layer", "per-op"):
+            raise ValueError(f"unfold must be 'once', 'per-layer' or 'per-op', not {cfg.unfold!r}")
         self.itls = nn.ModuleList(ITL(cfg) for _ in range(cfg.itl_blocks))
         self.sals = nn.Sequential(*(SAL(cfg) for _ in range(cfg.sal_blocks)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         p = self.patch
-        if self.per_layer:
+        if self.unfold == "per-layer":
             for itl in self.itls:
                 x = reverse(itl(partition(x, p)), p, b, h, w)
-
+        elif self.unfold == "per-op":  # Swin-style: residuals on the image, patches per op
+            for itl in self.itls:
+                x = x + reverse(itl.attn(itl.norm1(partition(x, p))), p, b, h, w)
+                x = x + reverse(itl.ffn(itl.norm2(partition(x, p))), p, b, h, w)
         else:
             y = partition(x, p)
             for itl in self.itls:

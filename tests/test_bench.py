@@ -27,7 +27,7 @@ def test_ditn_ort_bench_builds_equal_models_and_renders():
     from tools.bench.ditn_ort import build, session, time_sessions, to_markdown, traffic_bytes
 
     models = build("random", 16)
-    assert len(models) == 4
+    assert len(models) == 6
     rows = []
     for name, (original, optimized, _report, x) in models.items():
         feeds = {"x": x["x"].numpy()}

@@ -93,4 +93,6 @@ class GraphRule:
             from onnx_ir.passes.common import RemoveUnusedNodesPass
 
             RemoveUnusedNodesPass()(model)
+            model.graph.sort()  # a rule may read a value its node was inserted before
+
         return count

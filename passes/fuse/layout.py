@@ -5,7 +5,8 @@ by its reverse, or a transpose and its inverse), one Reshape (the chain keeps el
 one Transpose (the chain is a single axis permutation).
 
 How: with static shapes, run the chain on ``arange(n)`` of the source shape; the result is the
-chain's index map, compared against the identity, a reshape and every axis permutation. This
+chain's index map, compared against the identity, a reshape, an axis permutation, and a reshape
+followed by one permutation (for chains longer than two ops). This
 covers inverse pairs at any distance along the chain and "unfold once": when each layer of a
 patch-local stack partitions and reverses around itself, the reverse of one layer and the
 partition of the next cancel, leaving one unfold and one fold. Exact: pure rewrites, outputs
@@ -97,7 +98,28 @@ def _simplify(chain_length: int, source_shape, index: np.ndarray):
             return ("identity", None)
         return ("reshape", list(index.shape)) if chain_length > 1 else None
     perm = _as_permutation(index, tuple(source_shape)) if chain_length > 1 else None
-    return ("transpose", perm) if perm is not None else None
+    if perm is not None:
+        return ("transpose", perm)
+    if chain_length > 2:  # a reshape then one transpose, if the chain is longer than that
+        shape_perm = _as_reshape_transpose(index)
+        if shape_perm is not None:
+            return ("reshape-transpose", shape_perm)
+    return None
+
+
+def _as_reshape_transpose(index: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """(S, perm) with ``arange(n).reshape(S).transpose(perm) == index``, if there are such."""
+    if index.ndim > 8:
+        return None
+    steps = []
+    for i, size in enumerate(index.shape):
+        unit = (0,) * i + (1,) + (0,) * (index.ndim - i - 1)
+        steps.append(int(index[unit] - index.flat[0]) if size > 1 else -1)
+    order = sorted(range(index.ndim), key=lambda a: -steps[a])  # source axes, outermost first
+    shape = [index.shape[a] for a in order]
+    perm = [order.index(a) for a in range(index.ndim)]
+    base = np.arange(index.size).reshape(shape)
+    return (shape, perm) if np.array_equal(base.transpose(perm), index) else None
 
 
 def _chain_onnx(end: ir.Node) -> list[ir.Node]:
@@ -133,9 +155,12 @@ def _fire_onnx(graph: ir.Graph, node: ir.Node) -> bool:
     if kind == "identity":
         replace(out, source)
         return True
-    if kind == "reshape":
-        target = initializer(graph, f"{out.name}_shape", np.array(arg, dtype=np.int64))
+    if kind in ("reshape", "reshape-transpose"):
+        shape = arg if kind == "reshape" else arg[0]
+        target = initializer(graph, f"{out.name}_shape", np.array(shape, dtype=np.int64))
         new = insert(graph, node, ir.node("Reshape", [source, target]))
+        if kind == "reshape-transpose":
+            new = insert(graph, node, ir.node("Transpose", [new], {"perm": arg[1]}))
     else:
         new = insert(graph, node, ir.node("Transpose", [source], {"perm": arg}))
     replace(out, new)
@@ -196,9 +221,12 @@ def layout_fx(model) -> int:
             node.replace_all_uses_with(source)
         else:
             with gm.graph.inserting_before(node):
-                target = aten.reshape.default if kind == "reshape" else aten.permute.default
-
-                new = gm.graph.call_function(target, (source, arg))
+                if kind == "reshape-transpose":
+                    shaped = gm.graph.call_function(aten.reshape.default, (source, arg[0]))
+                    new = gm.graph.call_function(aten.permute.default, (shaped, arg[1]))
+                else:
+                    target = aten.reshape.default if kind == "reshape" else aten.permute.default
+                    new = gm.graph.call_function(target, (source, arg))
             new.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(new)
         fired += 1
@@ -207,3 +235,109 @@ def layout_fx(model) -> int:
         gm.recompile()
         model.graph_module = gm
     return fired
+
+
+# ---------------------------------------------------------------- unfold once through residuals
+def _chain_end_map(end: ir.Node) -> tuple[list[ir.Node], np.ndarray] | None:
+    """(the maximal layout chain ending at ``end``, its index map over the source's elements)."""
+    chain = _chain_onnx(end)
+    shape = static_shape(chain[0].inputs[0])
+    if shape is None or np.prod(shape) > 2**24:
+        return None
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    for n in chain:
+        index = _apply_onnx(n, index)
+        if index is None:
+            return None
+    return chain, index
+
+
+def _layout_output(value: ir.Value) -> tuple[list[ir.Node], np.ndarray] | None:
+    node = value.producer()
+    if node is None or node.op_type not in ONNX_LAYOUT or node.domain != "":
+        return None
+    return _chain_end_map(node)
+
+
+def _forward_paths(value: ir.Value) -> list[list[ir.Node]]:
+    """The layout-op paths that start at ``value`` (following single consumers)."""
+    paths = []
+    for use in value.uses():
+        node = use.node
+        if node.op_type not in ONNX_LAYOUT or node.domain != "" or use.idx != 0:
+            continue
+        path = [node]
+        while True:
+            uses = list(path[-1].outputs[0].uses())
+            nxt = uses[0].node if len(uses) == 1 else None
+            if nxt is None or nxt.op_type not in ONNX_LAYOUT or nxt.domain != "":
+                break
+            path.append(nxt)
+        paths.append(path)
+    return paths
+
+
+def _replay(graph: ir.Graph, chain: list[ir.Node], source: ir.Value, before: ir.Node) -> ir.Value:
+    """The ops of ``chain`` again, on ``source``."""
+    value = source
+    for node in chain:
+        attrs = {k: a for k, a in node.attributes.items()}
+        value = insert(graph, before, ir.node(node.op_type, [value, *node.inputs[1:]], attrs))
+    return value
+
+
+def _fire_hoist(graph: ir.Graph, add: ir.Node) -> bool:
+    """Add(R(a), R(b)) -> R(a + b); Add(x, R(b)) -> R(P(x) + b) where P = R^-1 is a partition
+    of x the graph computes anyway. With layout-chains cancelling P(R(.)), a stack of patch-local
+    layers whose residual adds sit on the image keeps one unfold and one fold."""
+    if add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
+        return False
+    out_shape = static_shape(add.outputs[0])
+    if out_shape is None or any(static_shape(v) != out_shape for v in add.inputs):
+        return False  # elementwise only: a permutation distributes over a same-shape Add
+    maps = [_layout_output(v) for v in add.inputs]
+    if all(m is not None for m in maps):
+        (ca, ia), (cb, ib) = maps
+        src_a, src_b = ca[0].inputs[0], cb[0].inputs[0]
+        if static_shape(src_a) == static_shape(src_b) and np.array_equal(ia, ib):
+            summed = insert(graph, add, ir.node("Add", [src_a, src_b]))
+            replace(add.outputs[0], _replay(graph, ca, summed, add))
+            return True
+    for i in (0, 1):
+        x, r = add.inputs[1 - i], maps[i]
+        if r is None or maps[1 - i] is not None:
+            continue
+        chain_r, index_r = r
+        b = chain_r[0].inputs[0]
+        found = _inverse_prefix(x, index_r, tuple(static_shape(b)))
+        if found is None:
+            continue
+        part, exact = found  # P(x), in b's element order; exact: already in b's shape
+        if not exact:  # (exporters merge the last reshape of P into the next one)
+            shape = initializer(graph, f"{add.name or 'add'}_patches", np.array(static_shape(b)))
+            part = insert(graph, add, ir.node("Reshape", [part, shape]))
+        summed = insert(graph, add, ir.node("Add", [part, b]))
+        replace(add.outputs[0], _replay(graph, chain_r, summed, add))
+        return True
+    return False
+
+
+def _inverse_prefix(x: ir.Value, index_r: np.ndarray, shape_b: tuple):
+    """(value, exact) of a layout path from ``x`` that undoes R (index map ``index_r``): a prefix
+    where R then the prefix is the identity on b (exact) or keeps b's element order."""
+    fallback = None
+    for path in _forward_paths(x):
+        composed = index_r  # R then a prefix of the path
+        for end in path:
+            composed = _apply_onnx(end, composed)
+            if composed is None:
+                break
+            if np.array_equal(composed.ravel(), np.arange(composed.size)):
+                if composed.shape == shape_b:
+                    return end.outputs[0], True
+                fallback = fallback or (end.outputs[0], False)
+    return fallback
+
+
+def hoist_onnx() -> GraphRule:
+    return GraphRule(_fire_hoist)

@@ -12,7 +12,7 @@ from effc.passes.fuse._onnx import GraphRule
 from effc.passes.fuse.affine import affine_onnx, linear_chain_onnx, split_conv_onnx
 from effc.passes.fuse.affine_fx import affine_fx, linear_chain_fx
 from effc.passes.fuse.batchnorm import fuse_batchnorm_fx, fuse_batchnorm_onnx
-from effc.passes.fuse.layout import layout_fx, layout_onnx
+from effc.passes.fuse.layout import hoist_onnx, layout_fx, layout_onnx
 from effc.passes.fuse.matmul_add import matmul_add_onnx
 
 
@@ -38,6 +38,12 @@ RULES: dict[str, Rule] = {
         "(inverse pairs cancel; per-layer patch partition/reverse becomes unfold once)",
         onnx=layout_onnx,
         fx=layout_fx,
+    ),
+    "unfold-once": Rule(
+        "Add(R(a), R(b)) -> R(a + b) and Add(x, R(b)) -> R(P(x) + b) for a patch reverse R whose "
+        "partition P = R^-1 of x exists: residual adds move into patch space, so a stack that "
+        "partitions and reverses around every op keeps one unfold and one fold",
+        onnx=hoist_onnx,
     ),
     "expand-binary": Rule(
         "Expand feeding a broadcasting binary op (Add/Mul/Div/...) whose own broadcast gives the "

@@ -130,3 +130,29 @@ def test_flatten_axes_follow_onnx(axis):
     moves = axis == 2
     assert op_types(new).count("Flatten") == int(moves) and "Reshape" not in op_types(new)
     assert record.stats == {"layout-chains": 1 if moves else 2} and cmp["identical"]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_swin_style_residuals_hoist_to_unfold_once(legacy):
+    """unfold="per-op" partitions and reverses around every attention and FFN, with the residual
+    adds on the image; unfold-once + layout-chains leave the layout ops of the published form."""
+    from effc.ir.torch_io import export_onnx
+
+    once, per_op = _ditn("once"), _ditn("per-op")
+    x = once.example_inputs(size=16)
+    with torch.no_grad():
+        assert torch.allclose(once(**x), per_op(**x), atol=1e-5)
+    text = "fixpoint(cleanup,fuse{rules=[unfold-once,layout-chains]})"
+    target = effc.Pipeline.from_text(text).run(OnnxModel(export_onnx(once, x, legacy=legacy)))
+    model = OnnxModel(export_onnx(per_op, x, legacy=legacy))
+    before = model.run({"x": x["x"].numpy()})
+    result = effc.Pipeline.from_text(text).run(model)
+    layout = {"Reshape", "Transpose"}
+    counts = [
+        sorted(op for op in op_types(m) if op in layout) for m in (result.model, target.model)
+    ]
+    assert counts[0] == counts[1]
+    fired = sum(r.stats.get("unfold-once", 0) for r in result.report.records if r.name == "fuse")
+    assert fired == 4  # 2 ITLs x (attention + FFN) residual adds
+    after = result.model.run({"x": x["x"].numpy()})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-6)

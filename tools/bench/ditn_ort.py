@@ -65,7 +65,11 @@ def build(weights: str | None, size: int):
     from effc.models.ditn import DITN, DITNConfig, load_trained
 
     models = {}
-    variants = [("DITN (published unfold once)", "once"), ("DITN (unfold per layer)", "per-layer")]
+    variants = [
+        ("DITN (published unfold once)", "once"),
+        ("DITN (unfold per layer)", "per-layer"),
+        ("DITN (unfold per op, Swin-style)", "per-op"),
+    ]
     for label, unfold in variants:
         model = (
             load_trained(unfold=unfold) if weights != "random" else DITN(DITNConfig(unfold=unfold))
