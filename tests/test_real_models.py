@@ -79,7 +79,6 @@ def test_minilm_dynamo_export_only_loses_layout_ops_and_stays_identical(minilm_e
     assert check_models(effc.load(minilm_exports["dynamo"]), result.model, seeds=2)["identical"]
 
 
-
 def test_minilm_sites_and_blocks(minilm_exports):
     from effc.ir.blocks import find_blocks
     from effc.ir.sites import weight_sites
