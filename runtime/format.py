@@ -88,6 +88,12 @@ class BSRMatrix:
         idx = self.indices.to(torch.int64)
         if self.nnzb and int(idx.max()) >= inp // g:
             bad("a block index is out of range")
+        if self.nnzb > 1:  # block columns strictly ascend within each row (kernels rely on it)
+            starts = torch.zeros(self.nnzb, dtype=torch.bool)
+            starts[ptr[:-1][ptr[:-1] < self.nnzb]] = True
+            if bool(((idx[1:] <= idx[:-1]) & ~starts[1:]).any()):
+                bad("block indices must ascend within each row")
+
         if bits == 4 and self.nnzb and int(self.zeros.max()) > 15:
             bad("an int4 zero point exceeds 15")
         if not bool(torch.isfinite(self.scales.float()).all()):

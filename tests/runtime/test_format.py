@@ -50,6 +50,10 @@ def test_bytes_split_into_values_indices_scales():
         (lambda m: setattr(m, "zeros", torch.full_like(m.zeros, 200)), "zero point exceeds 15"),
         (lambda m: m.scales.__setitem__(0, float("inf")), "not finite"),
         (lambda m: setattr(m, "group", 12), "group must divide"),
+        (
+            lambda m: setattr(m, "indices", m.indices.int().flip(0).to(torch.uint16)),
+            "ascend within each row",
+        ),
     ],
 )
 def test_validate_rejects_inconsistent_matrices(corrupt, message):

@@ -104,3 +104,26 @@ def test_bad_arguments_are_errors(kernels):
         kernels.bsr_linear(
             torch.randn(1, 64), m.indptr, m.indices, m.values, m.scales, m.zeros, 8, 24, 4
         )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_long_rows(kernels, bits):
+    """GEMV with K = 10240 (x larger than L1): ragged rows whose blocks sit in one region only,
+    empty rows and full rows included."""
+    from effc.runtime.format import from_quantized
+
+    out, group = 7, 16
+    ng = 10240 // group
+    gen = torch.Generator().manual_seed(bits)
+    mask = torch.rand(out, ng, generator=gen) < 0.4
+    mask[1] = False  # empty
+    mask[2] = True  # full
+    mask[3] = False
+    mask[3, 300:310] = True  # only in the second chunk
+    codes = torch.randint(0, 2**bits, (out, ng, group), dtype=torch.uint8, generator=gen)
+    zeros = torch.randint(0, 2**bits, (out, ng), dtype=torch.uint8, generator=gen)
+    m = from_quantized(codes, torch.rand(out, ng, generator=gen) * 0.01, zeros, mask, bits)
+    x = torch.randn(1, ng * group, generator=gen)
+    w = m.to_dense().double()
+    err = (_run(kernels, m, x).double() - x.double() @ w.T).abs()
+    assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
