@@ -221,8 +221,6 @@ class LayerNorm(Pass):
             ensure_opset,
             find_sites,
             fuse_decomposed,
-            write_affine,
-            write_rms,
         )
 
         graph = model.model.graph
@@ -243,7 +241,7 @@ class LayerNorm(Pass):
                     acc[id(s)].add(_rows(outs[s.x.name], s.axis))
 
             collect_values(model, [s.x for s in sites], ctx.calibration, each)
-            stats.update(self._substitute_onnx(graph, sites, acc, write_affine, write_rms))
+            stats.update(self._substitute_onnx(graph, sites, acc))
         from onnx_ir.passes.common import RemoveUnusedNodesPass
 
         RemoveUnusedNodesPass()(model.model)
@@ -271,7 +269,9 @@ class LayerNorm(Pass):
             CHANNEL_FORMS[form](graph, site)
         return {"channel_rewritten": len(chosen), "forms": chosen}
 
-    def _substitute_onnx(self, graph, sites, acc, write_affine, write_rms) -> dict:
+    def _substitute_onnx(self, graph, sites, acc) -> dict:
+        from effc.passes.layernorm_onnx import write_affine, write_rms
+
         replaced, ratios = 0, {}
         for site in sites:
             st = acc[id(site)]

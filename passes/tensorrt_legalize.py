@@ -81,10 +81,12 @@ def _block_dq(graph: ir.Graph, site, notes: dict) -> bool:
     cv = initializer(graph, f"{base}_codes", codes.astype(np.uint8).astype(np_dtype))
     sv = initializer(graph, f"{base}_block_scale", np.ascontiguousarray(scale))
     zv = initializer(graph, f"{base}_block_zero", zero.astype(np.uint8).astype(np_dtype))
-    consumers = [u for u in value.uses()]
-    first = min((u.node for u in consumers), key=lambda n: list(graph).index(n))
+    consumers = list(value.uses())
+    # its inputs are initializers: placed first, it precedes every consumer
     dq = insert(
-        graph, first, ir.node("DequantizeLinear", [cv, sv, zv], {"axis": axis, "block_size": group})
+        graph,
+        next(iter(graph)),
+        ir.node("DequantizeLinear", [cv, sv, zv], {"axis": axis, "block_size": group}),
     )
     like(dq, value)
     for use in consumers:

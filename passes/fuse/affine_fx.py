@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from effc.ir.model import attr_tensor
+from effc.passes.fuse._fx import commit
 from effc.passes.fuse.affine import _channel_vector, _Linear
 
 aten = torch.ops.aten
@@ -143,7 +144,7 @@ def affine_fx(model) -> int:
                 lin.shift_in(vec)
             lin.write(x)
         fired += 1
-    return _finish(model, gm, fired)
+    return commit(model, gm, fired)
 
 
 def linear_chain_fx(model) -> int:
@@ -173,12 +174,4 @@ def linear_chain_fx(model) -> int:
         second.bias = None if bias is None else bias.astype(np.float32)
         second.write(first.node.args[0])
         fired += 1
-    return _finish(model, gm, fired)
-
-
-def _finish(model, gm, fired: int) -> int:
-    if fired:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        model.graph_module = gm
-    return fired
+    return commit(model, gm, fired)

@@ -19,6 +19,7 @@ from onnxscript.rewriter.rules.common import (
 from torch import nn
 
 from effc.ir.model import attr_tensor
+from effc.passes.fuse._fx import commit
 
 
 def fuse_batchnorm_onnx() -> RewriteRuleSet:
@@ -109,8 +110,4 @@ def fuse_batchnorm_fx(model) -> int:
             if node in gm.graph.nodes and not node.users:
                 gm.graph.erase_node(node)
         fired += 1
-    if fired:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        model.graph_module = gm
-    return fired
+    return commit(model, gm, fired)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from effc.passes.fuse._fx import commit
 from effc.passes.fuse._onnx import GraphRule, const, initializer, insert, replace, static_shape
 
 ONNX_LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
@@ -131,6 +132,20 @@ def _chain_onnx(end: ir.Node) -> list[ir.Node]:
         chain.insert(0, producer)
 
 
+def _chain_end_map(end: ir.Node) -> tuple[list[ir.Node], np.ndarray] | None:
+    """(the maximal layout chain ending at ``end``, its index map over the source's elements)."""
+    chain = _chain_onnx(end)
+    shape = static_shape(chain[0].inputs[0])
+    if shape is None or np.prod(shape) > 2**24:
+        return None
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    for n in chain:
+        index = _apply_onnx(n, index)
+        if index is None:
+            return None
+    return chain, index
+
+
 def _fire_onnx(graph: ir.Graph, node: ir.Node) -> bool:
     if node.op_type not in ONNX_LAYOUT or node.domain != "":
         return False
@@ -138,17 +153,12 @@ def _fire_onnx(graph: ir.Graph, node: ir.Node) -> bool:
     uses = list(out.uses())
     if uses and not out.is_graph_output() and all(u.node.op_type in ONNX_LAYOUT for u in uses):
         return False  # not the end of its chain: the end will take the whole chain
-    chain = _chain_onnx(node)
-    source = chain[0].inputs[0]
-    shape = static_shape(source)
-    if shape is None or np.prod(shape) > 2**24:
+    found = _chain_end_map(node)
+    if found is None:
         return False
-    index = np.arange(int(np.prod(shape))).reshape(shape)
-    for n in chain:
-        index = _apply_onnx(n, index)
-        if index is None:
-            return False
-    plan = _simplify(len(chain), shape, index)
+    chain, index = found
+    source = chain[0].inputs[0]
+    plan = _simplify(len(chain), static_shape(source), index)
     if plan is None:
         return False
     kind, arg = plan
@@ -230,28 +240,10 @@ def layout_fx(model) -> int:
             new.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(new)
         fired += 1
-    if fired:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        model.graph_module = gm
-    return fired
+    return commit(model, gm, fired)
 
 
 # ---------------------------------------------------------------- unfold once through residuals
-def _chain_end_map(end: ir.Node) -> tuple[list[ir.Node], np.ndarray] | None:
-    """(the maximal layout chain ending at ``end``, its index map over the source's elements)."""
-    chain = _chain_onnx(end)
-    shape = static_shape(chain[0].inputs[0])
-    if shape is None or np.prod(shape) > 2**24:
-        return None
-    index = np.arange(int(np.prod(shape))).reshape(shape)
-    for n in chain:
-        index = _apply_onnx(n, index)
-        if index is None:
-            return None
-    return chain, index
-
-
 def _layout_output(value: ir.Value) -> tuple[list[ir.Node], np.ndarray] | None:
     node = value.producer()
     if node is None or node.op_type not in ONNX_LAYOUT or node.domain != "":
