@@ -48,7 +48,7 @@ def test_ragged_empty_and_fully_dense_rows(kernels):
     m = from_quantized(
         codes, torch.rand(out, ng), torch.randint(0, 16, (out, ng), dtype=torch.uint8), mask, 4
     )
-    for M in (1, 4):
+    for M in (1, 4, 12):  # GEMV, one tile, K-chunked small GEMM
         x = torch.randn(M, ng * g)
         y = _run(kernels, m, x)
         torch.testing.assert_close(y, x @ m.to_dense().T, rtol=1e-4, atol=1e-4)
@@ -69,11 +69,11 @@ def test_rows_split_by_blocks_cover_every_row(kernels, threads):
     codes = torch.randint(0, 16, (out, ng, g), dtype=torch.uint8, generator=gen)
     zeros = torch.randint(0, 16, (out, ng), dtype=torch.uint8, generator=gen)
     m = from_quantized(codes, torch.rand(out, ng, generator=gen), zeros, mask, 4)
-    x = torch.randn(3, ng * g, generator=gen)
+    x = torch.randn(11, ng * g, generator=gen)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rows in (x[:1], x):
+        for rows in (x[:1], x[:3], x):
             torch.testing.assert_close(
                 _run(kernels, m, rows), rows @ m.to_dense().T, rtol=1e-5, atol=1e-5
             )
@@ -107,9 +107,10 @@ def test_bad_arguments_are_errors(kernels):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_long_rows(kernels, bits):
-    """GEMV with K = 10240 (x larger than L1): ragged rows whose blocks sit in one region only,
-    empty rows and full rows included."""
+@pytest.mark.parametrize("M", [1, 64])
+def test_long_rows(kernels, bits, M):
+    """K = 10240 (x larger than L1; at M = 64 the small GEMM walks K in chunks of 48 blocks):
+    ragged rows whose blocks sit in one region only, empty rows and full rows included."""
     from effc.runtime.format import from_quantized
 
     out, group = 7, 16
@@ -123,7 +124,7 @@ def test_long_rows(kernels, bits):
     codes = torch.randint(0, 2**bits, (out, ng, group), dtype=torch.uint8, generator=gen)
     zeros = torch.randint(0, 2**bits, (out, ng), dtype=torch.uint8, generator=gen)
     m = from_quantized(codes, torch.rand(out, ng, generator=gen) * 0.01, zeros, mask, bits)
-    x = torch.randn(1, ng * group, generator=gen)
+    x = torch.randn(M, ng * group, generator=gen)
     w = m.to_dense().double()
     err = (_run(kernels, m, x).double() - x.double() @ w.T).abs()
     assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
