@@ -56,12 +56,9 @@ class FakeQuantLinear(nn.Module):
         )
         self.register_buffer("zero", notes["zero"].float())
         self.scale = nn.Parameter(notes["scale"].float().clone())
-        start = (
-            notes["original"]
-            if train_weight
-            else notes["scale"][..., None]
-            * (notes["codes"].float() - notes["zero"].float()[..., None])
-        )
+        # Training starts from the weights the model carries (their rounding gives back the codes),
+        # so what error-compensating passes (GPTQ, OBS pruning) achieved is kept.
+        start = notes["scale"][..., None] * (notes["codes"].float() - notes["zero"].float()[..., None])
         start = start.reshape(out, inp).float().clone()
         self.weight = nn.Parameter(start, requires_grad=train_weight)
         if not train_weight:  # E2E-OQP: codes are fixed; only the scales move

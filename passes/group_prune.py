@@ -3,10 +3,23 @@
 Scores (per group, summed over its g weights):
     magnitude:  sum_j |W[r, j]|
     wanda:      sum_j |W[r, j]| * ||X[:, j]||_2      (activation-aware, from calibration inputs)
+    obs:        sum_j W[r, j]^2 / U[j, j]^2          (optimal brain surgeon saliency; U is the upper
+                Cholesky factor of the inverse Hessian H^-1, H = X^T X of the calibration inputs)
+                and the pruned groups' loss is compensated: the kept weights of each row are
+                updated column by column so the layer's output on the calibration inputs changes
+                least (SparseGPT, Frantar & Alistarh 2023, with 1 x g group masks).
 Budgets keep exactly round((1 - sparsity) * groups) groups:
     row:    the same count in every row (the tail of the division spread one per row);
     layer:  the best groups of each layer, rows may differ;
     global: the best groups of all layers, scores normalised by each layer's mean score.
+allocate=sensitivity gives each layer its own sparsity within ``target +- spread`` (the model-wide
+budget still exact). A layer's cost curve: its own relative output error tr(dW H dW^T)/tr(W H W^T)
+at ``target - spread``, ``target`` and ``target + spread`` (from the calibration Hessian, no model
+runs), scaled so that at ``target`` it equals the measured relative deviation of the whole model's
+outputs ``||y' - y||^2 / ||y||^2`` when that layer alone is pruned (one model run per layer and
+calibration sample, ``sensitivity_samples``). Assuming the deviations add up, a greedy walk over
+the lower convex hull of every curve spends the pruning budget where it costs the least output
+deviation per pruned weight (the Lagrangian optimum). The sparsity chosen per layer is reported.
 Pruned groups are written as zeros and the keep-mask is recorded in the model's annotations
 (``annotations[fqn]["mask"]``, shape (out, in/g)) for quantization and the BSR packer, with the
 uncompressed weight (``"original"``) that training passes use as their teacher. A tied
@@ -36,6 +49,30 @@ def group_scores(
     return w.view(out, inp // group, group).sum(-1)
 
 
+def obs_scores(
+    weight: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, group: int
+) -> torch.Tensor:
+    """(out, in/g) OBS group saliencies sum_j W[r, j]^2 / U[j, j]^2 (inputs never seen count 0)."""
+    s = weight.float() ** 2 / torch.diag(U)[None, :] ** 2
+    s[:, dead] = 0
+    out, inp = s.shape
+    return s.view(out, inp // group, group).sum(-1)
+
+
+def obs_prune(
+    weight: torch.Tensor, U_dead: tuple, mask: torch.Tensor, group: int, block: int = 128
+) -> torch.Tensor:
+    """Zero the groups ``mask`` drops and compensate in the kept weights (OBS sweep)."""
+    from effc.passes.quantize import obs_sweep
+
+    U, dead = U_dead
+    keep = mask.repeat_interleave(group, dim=1)
+    w = weight.float().clone()
+    w[:, dead] = 0
+    out = obs_sweep(w, U, lambda col, W1, i: W1[:, i] * keep[:, col], max(group, block - block % group))
+    return (out * keep).to(weight.dtype)
+
+
 def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     if k > 0:
@@ -56,10 +93,71 @@ def row_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask
 
 
+def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower convex hull of (x, y) points, in ascending x."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(points):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(
+    curves: dict[str, list[tuple[float, float]]], sizes: dict[str, int], target: float
+) -> dict[str, float]:
+    """Per-layer sparsities minimising the summed cost under sum(size * s) = target * sum(size).
+
+    ``curves[k]``: (sparsity, cost) points of layer k; the greedy walk over each curve's lower
+    convex hull, cheapest marginal cost per pruned weight first, is the Lagrangian optimum of the
+    piecewise-linear problem. The last step is taken in part, so the budget is met exactly."""
+    import heapq
+
+    hulls = {k: lower_hull(c) for k, c in curves.items()}
+    chosen = {k: h[0][0] for k, h in hulls.items()}
+    budget = target * sum(sizes.values()) - sum(sizes[k] * s for k, s in chosen.items())
+    heap = []
+
+    def push(k: str, i: int) -> None:
+        h = hulls[k]
+        if i + 1 < len(h):
+            (x0, y0), (x1, y1) = h[i], h[i + 1]
+            heapq.heappush(heap, ((y1 - y0) / (sizes[k] * (x1 - x0)), k, i))
+
+    for k in hulls:
+        push(k, 0)
+    while heap and budget > 1e-9:
+        _, k, i = heapq.heappop(heap)
+        (x0, _), (x1, _) = hulls[k][i], hulls[k][i + 1]
+        step = min(x1 - x0, budget / sizes[k])
+        chosen[k] = x0 + step
+        budget -= step * sizes[k]
+        push(k, i + 1)
+    return chosen
+
+
+def keep_counts(
+    scores: dict[str, torch.Tensor], sparsities: dict[str, float], target: float
+) -> dict[str, int]:
+    """Kept groups per layer for per-layer sparsities, corrected so the model-wide count equals
+    round((1 - target) * groups) exactly (the residual goes to the largest layer)."""
+    keep = {k: round((1 - sparsities[k]) * s.numel()) for k, s in scores.items()}
+    residual = round((1 - target) * sum(s.numel() for s in scores.values())) - sum(keep.values())
+    if residual:
+        big = max(scores, key=lambda k: scores[k].numel())
+        keep[big] = min(max(keep[big] + residual, 0), scores[big].numel())
+    return keep
+
+
 def masks_for(
-    scores: dict[str, torch.Tensor], sparsity: float, scope: str
+    scores: dict[str, torch.Tensor], sparsity: float | dict[str, int], scope: str
 ) -> dict[str, torch.Tensor]:
-    """Keep-masks for every layer's group scores under the chosen budget."""
+    """Keep-masks for every layer's group scores under the chosen budget (``sparsity``: one
+    model-wide target, or kept-group counts per layer for the row and layer scopes)."""
     if scope == "global":
         normed = {k: s / s.mean().clamp_min(1e-12) for k, s in scores.items()}
         flat = torch.cat([s.reshape(-1) for s in normed.values()])
@@ -72,9 +170,31 @@ def masks_for(
         return out
     result = {}
     for k, s in scores.items():
-        keep = round((1 - sparsity) * s.numel())
+        keep = sparsity[k] if isinstance(sparsity, dict) else round((1 - sparsity) * s.numel())
         result[k] = row_mask(s, keep) if scope == "row" else _keep_top(s, keep)
     return result
+
+
+def layer_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error of a layer on its calibration inputs, from H = X^T X:
+    tr(dW H dW^T) / tr(W H W^T)."""
+    d = (pruned.float() - weight.float()).double()
+    w = weight.double()
+    H = hessian.double()
+    return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
+
+
+def output_deviation(model, samples: list[dict], reference: list[list]) -> float:
+    """sum ||y' - y||^2 / sum ||y||^2 over the float outputs of ``samples``."""
+    import numpy as np
+
+    num = den = 0.0
+    for x, ref in zip(samples, reference):
+        for y, r in zip(model.run(x), ref):
+            if np.issubdtype(np.asarray(r).dtype, np.floating):
+                num += float(((np.asarray(y, np.float64) - r) ** 2).sum())
+                den += float((np.asarray(r, np.float64) ** 2).sum())
+    return num / max(den, 1e-30)
 
 
 def compressible_sites(model, skip: list[str], stats: dict, divisor: int, what: str) -> list:
@@ -125,9 +245,12 @@ class GroupPrune(Pass):
     class Options:
         sparsity: float = 0.5
         group: int = 16
-        score: Literal["magnitude", "wanda"] = "wanda"
+        score: Literal["magnitude", "wanda", "obs"] = "wanda"
         scope: Literal["row", "layer", "global"] = "row"
         skip: list[str] = field(default_factory=list)
+        allocate: Literal["uniform", "sensitivity"] = "uniform"
+        spread: float = 0.2
+        sensitivity_samples: int = 1
 
     def validate(self) -> None:
         o = self.options
@@ -137,6 +260,17 @@ class GroupPrune(Pass):
             )
         if o.group < 1:
             raise PassOptionError(f"pass 'group-prune': option 'group' must be >= 1, got {o.group}")
+        if o.allocate == "sensitivity":
+            if o.scope == "global":
+                raise PassOptionError(
+                    "pass 'group-prune': allocate=sensitivity sets each layer's sparsity; "
+                    "use it with scope=row or scope=layer, not scope=global"
+                )
+            if not 0.0 < o.spread < 1.0 or o.sensitivity_samples < 1:
+                raise PassOptionError(
+                    "pass 'group-prune': option 'spread' must be in (0, 1) and "
+                    "'sensitivity_samples' >= 1"
+                )
 
     def run(self, model, ctx) -> PassResult:
         o = self.options
@@ -146,8 +280,32 @@ class GroupPrune(Pass):
         from effc.ir.sites import read_weight, write_weight
 
         weights = {s.fqn: read_weight(s).clone() for s in sites}
-        scores = {k: group_scores(w, o.group, norms.get(k)) for k, w in weights.items()}
-        masks = masks_for(scores, o.sparsity, o.scope)
+        hess = {}
+        if o.score == "obs" or o.allocate == "sensitivity":
+            from effc.passes.quantize import hessians, inverse_hessian_factor
+
+            hess = hessians(model, sites, ctx)
+        if o.score == "obs":
+            factors = {k: inverse_hessian_factor(h) for k, h in hess.items()}
+            scores = {
+                k: obs_scores(w, factors[k][0], factors[k][1], o.group) for k, w in weights.items()
+            }
+        else:
+            scores = {k: group_scores(w, o.group, norms.get(k)) for k, w in weights.items()}
+
+        def pruned_weight(k: str, mask: torch.Tensor) -> torch.Tensor:
+            w = weights[k]
+            if o.score == "obs":
+                return obs_prune(w, factors[k], mask, o.group)
+            out, inp = w.shape
+            return (w.view(out, inp // o.group, o.group) * mask[:, :, None]).view(out, inp)
+
+        sparsity: float | dict[str, int] = o.sparsity
+        if o.allocate == "sensitivity":
+            sparsity = self._allocate(model, ctx, sites, scores, pruned_weight, hess, stats)
+        masks = masks_for(scores, sparsity, o.scope)
+        for k in weights:
+            weights[k] = pruned_weight(k, masks[k])
         pruned = total = 0
         for site in sites:
             mask = masks[site.fqn]
@@ -169,3 +327,40 @@ class GroupPrune(Pass):
             sparsity=round(pruned / max(total, 1), 6),
         )
         return PassResult(model, pruned > 0, stats)
+
+    def _allocate(self, model, ctx, sites, scores, pruned_weight, hess, stats) -> dict[str, int]:
+        """Kept groups per layer from each layer's sensitivity (allocate=sensitivity)."""
+        from effc.ir.sites import read_weight, write_weight
+        from effc.passes.gqsa_train import _progress
+
+        o = self.options
+        samples = ctx.calibration[: o.sensitivity_samples]
+        grid = sorted({min(max(o.sparsity + d, 0.0), 0.99) for d in (-o.spread, 0.0, o.spread)})
+        reference = [model.run(x) for x in samples]
+        curves: dict[str, list[tuple[float, float]]] = {}
+        measured: dict[str, float] = {}
+        progress, task = _progress(len(sites), "group-prune: layer sensitivity")
+        with progress:
+            for site in sites:
+                k, s = site.fqn, scores[site.fqn]
+                original = read_weight(site).clone()
+                local = {}
+                for sp in grid:
+                    w = pruned_weight(k, masks_for({k: s}, sp, o.scope)[k])
+                    local[sp] = layer_error(original, w, hess[k])
+                    if sp == o.sparsity:
+                        write_weight(site, w)
+                        measured[k] = output_deviation(model, samples, reference)
+                write_weight(site, original)
+                scale = measured[k] / max(local[o.sparsity], 1e-30)
+                curves[k] = [(sp, scale * e) for sp, e in local.items()]
+                progress.advance(task)
+        sizes = {k: s.numel() for k, s in scores.items()}
+        keep = keep_counts(scores, allocate(curves, sizes, o.sparsity), o.sparsity)
+        stats["allocation"] = {
+            "grid": grid,
+            "samples": len(samples),
+            "layer_sparsity": {k: round(1 - keep[k] / sizes[k], 4) for k in scores},
+            "output_deviation_at_target": {k: float(f"{v:.4g}") for k, v in measured.items()},
+        }
+        return keep

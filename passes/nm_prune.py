@@ -1,5 +1,7 @@
 """nm-prune: N:M semi-structured pruning (keep N of every M consecutive input weights per row),
-the 2:4 baseline GQSA compares against. Scores are magnitude |W| or Wanda |W| * ||X_j||."""
+the 2:4 baseline GQSA compares against. Scores are magnitude |W|, Wanda |W| * ||X_j|| or obs
+(SparseGPT: W^2 / U_jj^2 from the calibration Hessian, and the pruned weights' loss compensated in
+the kept ones, the same sweep as group-prune{score=obs})."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class NMPrune(Pass):
     class Options:
         n: int = 2
         m: int = 4
-        score: Literal["magnitude", "wanda"] = "magnitude"
+        score: Literal["magnitude", "wanda", "obs"] = "magnitude"
         skip: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -49,11 +51,21 @@ class NMPrune(Pass):
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.m, f"m={o.m}")
         norms = activation_norms(model, sites, ctx) if o.score == "wanda" else {}
+        if o.score == "obs":
+            from effc.passes.group_prune import obs_prune, obs_scores
+            from effc.passes.quantize import hessians, inverse_hessian_factor
+
+            hess = hessians(model, sites, ctx)
         for site in sites:
             w = read_weight(site).clone()
-            scores = w.abs() * (norms[site.fqn][None, :] if site.fqn in norms else 1)
-            keep = nm_mask(scores, o.n, o.m)
-            write_weight(site, w * keep)
+            if o.score == "obs":
+                factor = inverse_hessian_factor(hess.pop(site.fqn))
+                keep = nm_mask(obs_scores(w, *factor, 1), o.n, o.m)
+                write_weight(site, obs_prune(w, factor, keep, 1))
+            else:
+                scores = w.abs() * (norms[site.fqn][None, :] if site.fqn in norms else 1)
+                keep = nm_mask(scores, o.n, o.m)
+                write_weight(site, w * keep)
             # the element mask and the weight before pruning, for gqsa-train{stage=bqpo}
             model.annotations.setdefault(site.fqn, {}).setdefault("original", w)
             model.annotations[site.fqn]["element_mask"] = keep

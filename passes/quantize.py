@@ -57,6 +57,40 @@ def rtn(weight: torch.Tensor, bits: int, group: int, symmetric: bool):
     return quantize_groups(w, scale, zero, bits), scale, zero
 
 
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01):
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, and the dead-input mask
+    (inputs never seen in calibration). U[j, j]^2 is the OBS denominator of input j when the
+    inputs are removed in order (GPTQ, SparseGPT)."""
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return U.float(), dead
+
+
+def obs_sweep(weight: torch.Tensor, U: torch.Tensor, target, block: int = 128) -> torch.Tensor:
+    """Replace the columns of ``weight`` one by one, left to right, by ``target(col, W1, i)`` (the
+    new value of column ``col`` = ``W1[:, i]`` of the current block ``W1``, whose later columns
+    already carry the updates) and spread each column's error over the columns not yet visited,
+    weighted by the inverse Hessian factor ``U`` (optimal brain surgeon updates, lazily batched in
+    blocks as in GPTQ). Returns the updated weight."""
+    out, inp = weight.shape
+    W = weight.float().clone()
+    for i1 in range(0, inp, block):
+        i2 = min(i1 + block, inp)
+        W1, E1, H1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            new = target(i1 + i, W1, i)
+            err = (W1[:, i] - new) / H1[i, i]
+            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
+            W1[:, i] = new
+            E1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return W
+
+
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -67,17 +101,12 @@ def gptq(
     block: int = 128,
     damp: float = 0.01,
 ):
-    """GPTQ with per-group parameters; pruned groups (mask False) are forced to exact zero."""
+    """GPTQ with per-group parameters; pruned groups (mask False) are forced to exact zero (and,
+    when the weight still holds them, their removal is compensated like rounding error)."""
     out, inp = weight.shape
+    U, dead = inverse_hessian_factor(hessian, damp)
     W = weight.float().clone()
-    H = hessian.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(inp, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(
-        torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True
-    ).float()
     keep = (
         mask.repeat_interleave(group, dim=1)
         if mask is not None
@@ -86,27 +115,18 @@ def gptq(
     codes = torch.zeros(out, inp)
     scales = torch.zeros(out, inp // group)
     zeros = torch.zeros(out, inp // group)
-    block = max(group, block - block % group)
-    for i1 in range(0, inp, block):
-        i2 = min(i1 + block, inp)
-        W1, E1, H1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group == 0:
-                g = col // group
-                sc, zr = group_params(
-                    W1[:, i : i + group] * keep[:, col : col + group], bits, symmetric
-                )
-                scales[:, g], zeros[:, g] = sc, zr
-            g = col // group
-            q = quantize_groups(W1[:, i : i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
 
-            deq = torch.where(keep[:, col], scales[:, g] * (q - zeros[:, g]), torch.zeros(()))
-            codes[:, col] = q
-            err = (W1[:, i] - deq) / H1[i, i]
-            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    def target(col, W1, i):
+        g = col // group
+        if col % group == 0:
+            scales[:, g], zeros[:, g] = group_params(
+                W1[:, i : i + group] * keep[:, col : col + group], bits, symmetric
+            )
+        q = quantize_groups(W1[:, i : i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
+        codes[:, col] = q
+        return torch.where(keep[:, col], scales[:, g] * (q - zeros[:, g]), torch.zeros(()))
+
+    obs_sweep(W, U, target, max(group, block - block % group))
     return codes.view(out, inp // group, group), scales, zeros
 
 

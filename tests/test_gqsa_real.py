@@ -67,6 +67,35 @@ def test_w4_and_one_shot_w4s50_perplexity_bounds(smollm2):
     )  # one-shot W4S50 loses quality (no training yet)
 
 
+def test_w4s50_stages_each_lower_perplexity(smollm2):
+    """The recipe's stages on real weights (reduced budget): OBS group pruning beats Wanda's one-shot,
+    sensitivity allocation keeps the exact budget, BQPO and then E2E-OQP each lower perplexity."""
+    from tools.quality.perplexity import perplexity
+
+    folder, calib, evaluation = smollm2
+    ppl = {}
+    rows = {
+        "wanda": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
+        "obs": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},"
+        "quantize{bits=4,group=16,method=gptq}",
+        "bqpo": "gqsa-train{stage=bqpo,steps=8,lr=0.0005,samples=4}",
+        "e2e": "gqsa-train{stage=e2e,steps=8,lr=0.0001,samples=4}",
+    }
+    model, result = _compress(folder, rows["wanda"], calib)
+    ppl["wanda"] = perplexity(model, evaluation)
+    model, result = _compress(folder, rows["obs"], calib)
+    ppl["obs"] = perplexity(model, evaluation)
+    prune = result.report.records[0].stats
+    assert prune["groups_pruned"] == round(0.5 * prune["groups_total"])
+    assert len(set(prune["allocation"]["layer_sparsity"].values())) > 2
+    ctx = effc.PassContext(calibration=[{"input_ids": w[None].numpy()} for w in calib])
+    for stage in ("bqpo", "e2e"):
+        effc.Pipeline.from_text(rows[stage]).run(result.model, ctx)
+        ppl[stage] = perplexity(model, evaluation)
+    assert ppl["obs"] < 0.5 * ppl["wanda"], ppl
+    assert ppl["bqpo"] < ppl["obs"] and ppl["e2e"] < ppl["bqpo"], ppl
+
+
 def test_gptq_lowers_layer_output_error_against_rtn_on_real_weights(smollm2):
     from effc.passes.quantize import dequantize, gptq, rtn
     from tools.quality.perplexity import load_model

@@ -82,3 +82,18 @@ def test_bqpo_trains_pruned_only_weights_under_their_masks(prune):
     assert torch.equal(after == 0, before == 0)  # the same zeros: masks held
     with pytest.raises(UnsupportedError, match="run quantize first"):
         effc.Pipeline.from_text("gqsa-train{stage=e2e}").run(result.model, ctx)
+
+
+def test_bqpo_starts_from_the_compensated_weights():
+    """BQPO's first step sees GPTQ's weights (not the originals requantized): with lr ~ 0 the
+    codes GPTQ chose survive unchanged."""
+    from effc.models import BUILTINS
+
+    model = BUILTINS["tiny-llama"][0]()
+    ctx = effc.PassContext(calibration=_calib())
+    text = "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq}"
+    result = effc.Pipeline.from_text(text).run(model, ctx)
+    name = "model.layers.1.mlp.up_proj"
+    codes = result.model.annotations[name]["codes"].clone()
+    effc.Pipeline.from_text("gqsa-train{steps=1,lr=1e-12}").run(result.model, ctx)
+    assert torch.equal(result.model.annotations[name]["codes"], codes)

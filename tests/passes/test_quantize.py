@@ -92,3 +92,23 @@ def test_quantize_gives_the_same_weights_on_fx_and_onnx(llama_onnx):
     b = {s.fqn: read_weight(s) for s in weight_sites(onnx.model)}
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_nm_prune_obs_keeps_n_of_m_and_beats_wanda_on_the_layer_output():
+    """SparseGPT-style 2:4 (the nm-prune{score=obs} sweep): exactly 2 of 4 kept, and a lower
+    output error on the calibration inputs than Wanda's 2:4, as it compensates the pruned weights."""
+    from effc.passes.group_prune import obs_prune, obs_scores
+    from effc.passes.quantize import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g) / 8 + torch.eye(64)
+    x = torch.randn(512, 64, generator=g) @ mix
+    w = torch.randn(24, 64, generator=g)
+    H = 2 * x.T @ x / 512
+    factor = inverse_hessian_factor(H)
+    keep = nm_mask(obs_scores(w, *factor, 1), 2, 4)
+    obs = obs_prune(w, factor, keep, 1)
+    assert torch.all((obs != 0).view(24, 16, 4).sum(-1) == 2)
+    wanda = w * nm_mask(w.abs() * x.norm(dim=0)[None, :], 2, 4)
+    err = lambda p: float(((x @ (p - w).T) ** 2).sum())  # noqa: E731
+    assert err(obs) < 0.95 * err(wanda)

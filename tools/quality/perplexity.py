@@ -42,6 +42,12 @@ ROWS = {
     "S50 groups (magnitude/row)": "group-prune{sparsity=0.5,score=magnitude}",
     "S50 groups (wanda/layer)": "group-prune{sparsity=0.5,scope=layer}",
     "S50 groups (wanda/global)": "group-prune{sparsity=0.5,scope=global}",
+    "S50 groups (obs/row)": "group-prune{sparsity=0.5,score=obs}",
+    "S50 groups (obs/layer)": "group-prune{sparsity=0.5,score=obs,scope=layer}",
+    "S50 groups (obs/row, sensitivity allocation)": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity}",
+    "W4S50 one-shot (obs + sensitivity + GPTQ g16)": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},"
+    "quantize{bits=4,group=16,method=gptq}",
+    "W4S50 one-shot (obs + GPTQ g16)": "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq}",
     "W4S50 one-shot (wanda + RTN g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16}",
     "W4S50 one-shot (wanda + GPTQ g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
     "W4S50 one-shot (wanda global + GPTQ g16)": "group-prune{sparsity=0.5,scope=global},"
@@ -50,7 +56,15 @@ ROWS = {
     "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
     "W4S50 + BQPO + E2E-OQP": "group-prune{sparsity=0.5,scope=global},quantize{bits=4,group=16,method=gptq},"
     "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=16,lr=0.0001,samples=16}",
+    "W4S50 (obs) + BQPO": "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq},"
+    "gqsa-train{stage=bqpo,steps=128,lr=0.001,samples=16}",
+    "W4S50 (obs) + BQPO + E2E-OQP": "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq},"
+    "gqsa-train{stage=bqpo,steps=128,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=32,lr=0.0001,samples=16}",
+    "W4S50 (obs, sensitivity) + BQPO + E2E-OQP": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},"
+    "quantize{bits=4,group=16,method=gptq},"
+    "gqsa-train{stage=bqpo,steps=128,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=32,lr=0.0001,samples=16}",
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
+    "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
     "2:4 magnitude + BQPO": "nm-prune{n=2,m=4,score=magnitude},"
     "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
