@@ -4,7 +4,8 @@ stage=bqpo (block-wise quantization-pruning optimisation): for each transformer 
 on calibration activations, learn the kept weights and the per-group scales of every compressed
 linear so the compressed block reproduces the original block:
     minimise || B_orig(h) - B_q(h) ||^2,   B_q's weights  w = s * (clamp(round(W / s) + z) - z) * mask
-with straight-through rounding and the masks fixed. The block inputs h come from the already
+with straight-through rounding and the masks fixed (Adam, cosine-annealed learning rate per block;
+the scales may take their own ``scale_lr``). The block inputs h come from the already
 compressed blocks before it (errors do not pile up unseen), the targets from the original block
 (the ``original`` weights recorded by group-prune / quantize) on the same inputs.
 
@@ -58,7 +59,9 @@ class FakeQuantLinear(nn.Module):
         self.scale = nn.Parameter(notes["scale"].float().clone())
         # Training starts from the weights the model carries (their rounding gives back the codes),
         # so what error-compensating passes (GPTQ, OBS pruning) achieved is kept.
-        start = notes["scale"][..., None] * (notes["codes"].float() - notes["zero"].float()[..., None])
+        start = notes["scale"][..., None] * (
+            notes["codes"].float() - notes["zero"].float()[..., None]
+        )
         start = start.reshape(out, inp).float().clone()
         self.weight = nn.Parameter(start, requires_grad=train_weight)
         if not train_weight:  # E2E-OQP: codes are fixed; only the scales move
@@ -185,10 +188,19 @@ class GQSATrain(Pass):
         steps: int = 50
         lr: float = 1e-4
         samples: int = 8
+        scale_lr: float | None = None  # bqpo: the scales' learning rate (default: lr)
 
     def validate(self) -> None:
-        if self.options.steps < 1 or self.options.samples < 1 or self.options.lr <= 0:
-            raise PassOptionError("pass 'gqsa-train': steps and samples must be >= 1 and lr > 0")
+        o = self.options
+        if (
+            o.steps < 1
+            or o.samples < 1
+            or o.lr <= 0
+            or (o.scale_lr is not None and o.scale_lr <= 0)
+        ):
+            raise PassOptionError(
+                "pass 'gqsa-train': steps and samples must be >= 1, lr and scale_lr > 0"
+            )
 
     def requires(self, model, ctx) -> None:
         if not ctx.calibration:
@@ -215,6 +227,7 @@ class GQSATrain(Pass):
             "samples": len(data),
             "steps": self.options.steps,
             "lr": self.options.lr,
+            **({"scale_lr": self.options.scale_lr} if self.options.stage == "bqpo" else {}),
             "tokens": int(sum(np.asarray(next(iter(x.values()))).size for x in data)),
         }
         with torch.enable_grad():
@@ -281,14 +294,22 @@ class GQSATrain(Pass):
                     )
                     fakes[fqn] = (fq, linear)
                     _swap(module, fqn, fq)
-                params = [
-                    p
-                    for fq, _ in fakes.values()
-                    for p in (
-                        (fq.weight, fq.scale) if isinstance(fq, FakeQuantLinear) else (fq.weight,)
-                    )
-                ]
-                opt = torch.optim.Adam(params, lr=self.options.lr)
+                scale_lr = self.options.scale_lr or self.options.lr
+                opt = torch.optim.Adam(
+                    [
+                        {"params": [fq.weight for fq, _ in fakes.values()]},
+                        {
+                            "params": [
+                                fq.scale
+                                for fq, _ in fakes.values()
+                                if isinstance(fq, FakeQuantLinear)
+                            ],
+                            "lr": scale_lr,
+                        },
+                    ],
+                    lr=self.options.lr,
+                )
+                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
                 for step in range(self.options.steps):
                     i = step % len(inputs)
                     args, kwargs = inputs[i]
@@ -296,6 +317,7 @@ class GQSATrain(Pass):
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    schedule.step()
                     if step == 0:
                         first_loss += float(loss.detach())
                     progress.advance(task)
@@ -323,6 +345,7 @@ class GQSATrain(Pass):
             fakes[fqn] = (FakeQuantLinear(linear, notes, train_weight=False), linear)
             _swap(module, fqn, fakes[fqn][0])
         opt = torch.optim.Adam([fq.scale for fq, _ in fakes.values()], lr=self.options.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
         losses = []
         progress, task = _progress(self.options.steps, "e2e-oqp")
         try:
@@ -338,6 +361,7 @@ class GQSATrain(Pass):
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    schedule.step()
                     losses.append(float(loss.detach()))
                     progress.advance(task)
         finally:

@@ -69,7 +69,9 @@ def obs_prune(
     keep = mask.repeat_interleave(group, dim=1)
     w = weight.float().clone()
     w[:, dead] = 0
-    out = obs_sweep(w, U, lambda col, W1, i: W1[:, i] * keep[:, col], max(group, block - block % group))
+    out = obs_sweep(
+        w, U, lambda col, W1, i: W1[:, i] * keep[:, col], max(group, block - block % group)
+    )
     return (out * keep).to(weight.dtype)
 
 

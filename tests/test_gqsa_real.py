@@ -78,7 +78,7 @@ def test_w4s50_stages_each_lower_perplexity(smollm2):
         "wanda": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
         "obs": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},"
         "quantize{bits=4,group=16,method=gptq}",
-        "bqpo": "gqsa-train{stage=bqpo,steps=8,lr=0.0005,samples=4}",
+        "bqpo": "gqsa-train{stage=bqpo,steps=8,lr=0.003,samples=4}",
         "e2e": "gqsa-train{stage=e2e,steps=8,lr=0.0001,samples=4}",
     }
     model, result = _compress(folder, rows["wanda"], calib)

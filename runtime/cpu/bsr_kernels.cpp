@@ -85,56 +85,66 @@ inline int64_t row_for_block(const int32_t* indptr, int64_t N, int64_t block) {
   return std::lower_bound(indptr, indptr + N, (int32_t)block) - indptr;
 }
 
-// Small GEMM for M > MT: K is cut into chunks whose slice of x (all M rows) stays in L2, and
-// within a chunk each output row's blocks are dequantized once into a thread-local buffer that
-// then serves every tile of MT rows of x. Each row keeps a cursor into its (ascending) blocks.
-// y must start at zero: every chunk adds its partial dot products.
+// Small GEMM for M > MT: each thread walks its rows in panels of up to 256 rows; within a panel K
+// is cut into chunks whose slice of x (all M rows) stays in L2, and each row's blocks in a chunk
+// are dequantized once into a small buffer that then serves every tile of MT rows of x. Partial
+// sums go to a panel-local (row, m) buffer (no strided writes into y per chunk); each row keeps a
+// cursor into its ascending blocks.
 template <int BITS, int G>
 void gemm_chunked(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices,
                   const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
   const int64_t cols = K / G;
   const int64_t chunk = std::clamp<int64_t>((int64_t)(192 * 1024 / 4) / (M * G), 8, cols);
+  constexpr int64_t PANEL = 256;
 #pragma omp parallel
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t first = row_for_block(indptr, N, (int64_t)indptr[N] * tid / nth);
     const int64_t last = tid + 1 == nth ? N : row_for_block(indptr, N, (int64_t)indptr[N] * (tid + 1) / nth);
-    std::vector<int32_t> cursor(indptr + first, indptr + last);
-    std::vector<float> wbuf((size_t)chunk * G), S(chunk + 8), Z(chunk + 8);
-    for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
-      const int64_t c1 = std::min(c0 + chunk, cols);
-      for (int64_t r = first; r < last; ++r) {
-        const int32_t b0 = cursor[r - first], row_end = indptr[r + 1];
-        int32_t b1 = b0;
-        while (b1 < row_end && indices[b1] < c1) ++b1;
-        cursor[r - first] = b1;
-        if (b0 == b1) continue;
-        row_params(scales, zeros, b0, b1, S.data(), Z.data());
-        Block<BITS, G> blk;
-        for (int32_t b = b0; b < b1; ++b) {
-          blk.load(values, b, Z[b - b0], S[b - b0]);
-          blk.store(wbuf.data() + (int64_t)(b - b0) * G);
-        }
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-          const int mt = (int)std::min<int64_t>(MT, M - m0);
-          __m256 acc[MT];
-          for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
-          const float* xm = x + m0 * K;
+    std::vector<int32_t> cursor(PANEL);
+    std::vector<float> wbuf((size_t)chunk * G), S(chunk + 8), Z(chunk + 8), part((size_t)PANEL * M);
+    for (int64_t p0 = first; p0 < last; p0 += PANEL) {
+      const int64_t p1 = std::min(p0 + PANEL, last);
+      std::copy(indptr + p0, indptr + p1, cursor.begin());
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
+        const int64_t c1 = std::min(c0 + chunk, cols);
+        for (int64_t r = p0; r < p1; ++r) {
+          const int32_t b0 = cursor[r - p0], row_end = indptr[r + 1];
+          int32_t b1 = b0;
+          while (b1 < row_end && indices[b1] < c1) ++b1;
+          cursor[r - p0] = b1;
+          if (b0 == b1) continue;
+          row_params(scales, zeros, b0, b1, S.data(), Z.data());
+          Block<BITS, G> blk;
           for (int32_t b = b0; b < b1; ++b) {
-            const float* wp = wbuf.data() + (int64_t)(b - b0) * G;
-            const float* xp = xm + (int64_t)indices[b] * G;
-            for (int k = 0; k < G / 8; ++k) {
-              const __m256 w = _mm256_loadu_ps(wp + 8 * k);
-              if (mt == MT) {
-                for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
-              } else {
-                for (int i = 0; i < mt; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
+            blk.load(values, b, Z[b - b0], S[b - b0]);
+            blk.store(wbuf.data() + (int64_t)(b - b0) * G);
+          }
+          float* out = part.data() + (r - p0) * M;
+          for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mt = (int)std::min<int64_t>(MT, M - m0);
+            __m256 acc[MT];
+            for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+            const float* xm = x + m0 * K;
+            for (int32_t b = b0; b < b1; ++b) {
+              const float* wp = wbuf.data() + (int64_t)(b - b0) * G;
+              const float* xp = xm + (int64_t)indices[b] * G;
+              for (int k = 0; k < G / 8; ++k) {
+                const __m256 w = _mm256_loadu_ps(wp + 8 * k);
+                if (mt == MT) {
+                  for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
+                } else {
+                  for (int i = 0; i < mt; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
+                }
               }
             }
+            for (int i = 0; i < mt; ++i) out[m0 + i] += hsum(acc[i]);
           }
-          for (int i = 0; i < mt; ++i) y[(m0 + i) * N + r] += hsum(acc[i]);
         }
       }
+      for (int64_t r = p0; r < p1; ++r)
+        for (int64_t m = 0; m < M; ++m) y[m * N + r] = part[(r - p0) * M + m];
     }
   }
 }
@@ -214,9 +224,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   TORCH_CHECK(indptr.size(0) == out_features + 1, "indptr must have out_features + 1 entries");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(group == 16 || group == 32 || group == 64 || group == 128, "group must be 16, 32, 64 or 128");
-  // M > 8 accumulates K chunk by chunk into y (gemm_chunked), so it starts at zero
-  auto y = x.size(0) > MT ? torch::zeros({x.size(0), out_features}, x.options())
-                          : torch::empty({x.size(0), out_features}, x.options());
+  auto y = torch::empty({x.size(0), out_features}, x.options());
   const auto* idx = reinterpret_cast<const uint16_t*>(indices.data_ptr());
   const auto* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   auto args = std::make_tuple(x.data_ptr<float>(), x.size(0), x.size(1), indptr.data_ptr<int32_t>(), idx,

@@ -97,3 +97,13 @@ def test_bqpo_starts_from_the_compensated_weights():
     codes = result.model.annotations[name]["codes"].clone()
     effc.Pipeline.from_text("gqsa-train{steps=1,lr=1e-12}").run(result.model, ctx)
     assert torch.equal(result.model.annotations[name]["codes"], codes)
+
+
+@pytest.mark.parametrize(
+    "text", ["gqsa-train{steps=0}", "gqsa-train{lr=0}", "gqsa-train{scale_lr=-1.0}"]
+)
+def test_bad_training_options_are_clear_errors(text):
+    from effc.errors import PassOptionError
+
+    with pytest.raises(PassOptionError, match="steps and samples must be >= 1, lr and scale_lr"):
+        effc.Pipeline.from_text(text)

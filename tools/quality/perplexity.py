@@ -24,6 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+# The block-wise training budget every trained row gets (W4S50 and the 2:4 baselines alike):
+# 128 Adam steps per transformer block over 16 calibration windows, lr 3e-3 cosine-annealed.
+BQPO = "gqsa-train{stage=bqpo,steps=128,lr=0.003,samples=16}"
+
 ROWS = {
     "fp32": "",
     "W4 g16 RTN": "quantize{bits=4,group=16}",
@@ -31,17 +35,21 @@ ROWS = {
     "W4 g64 RTN": "quantize{bits=4,group=64}",
     "W4 g64 RTN sym": "quantize{bits=4,group=64,symmetric=true}",
     "W4 g16 GPTQ": "quantize{bits=4,group=16,method=gptq}",
+    "W4 g32 GPTQ": "quantize{bits=4,group=32,method=gptq}",
     "W4 g64 GPTQ": "quantize{bits=4,group=64,method=gptq}",
     "W8 g16 RTN": "quantize{bits=8,group=16}",
     "W3 g64 RTN": "quantize{bits=3,group=64}",
     "W3 g64 GPTQ": "quantize{bits=3,group=64,method=gptq}",
     "W2 g64 RTN": "quantize{bits=2,group=64}",
+    "W2 g64 GPTQ": "quantize{bits=2,group=64,method=gptq}",
     "S30 groups (wanda/row)": "group-prune{sparsity=0.3}",
     "S40 groups (wanda/row)": "group-prune{sparsity=0.4}",
     "S50 groups (wanda/row)": "group-prune{sparsity=0.5}",
     "S50 groups (magnitude/row)": "group-prune{sparsity=0.5,score=magnitude}",
     "S50 groups (wanda/layer)": "group-prune{sparsity=0.5,scope=layer}",
     "S50 groups (wanda/global)": "group-prune{sparsity=0.5,scope=global}",
+    "S30 groups (obs/row)": "group-prune{sparsity=0.3,score=obs}",
+    "S40 groups (obs/row)": "group-prune{sparsity=0.4,score=obs}",
     "S50 groups (obs/row)": "group-prune{sparsity=0.5,score=obs}",
     "S50 groups (obs/layer)": "group-prune{sparsity=0.5,score=obs,scope=layer}",
     "S50 groups (obs/row, sensitivity allocation)": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity}",
@@ -52,25 +60,38 @@ ROWS = {
     "W4S50 one-shot (wanda + GPTQ g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
     "W4S50 one-shot (wanda global + GPTQ g16)": "group-prune{sparsity=0.5,scope=global},"
     "quantize{bits=4,group=16,method=gptq}",
-    "W4S50 + BQPO": "group-prune{sparsity=0.5,scope=global},quantize{bits=4,group=16,method=gptq},"
-    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
-    "W4S50 + BQPO + E2E-OQP": "group-prune{sparsity=0.5,scope=global},quantize{bits=4,group=16,method=gptq},"
-    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=16,lr=0.0001,samples=16}",
-    "W4S50 (obs) + BQPO": "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq},"
-    "gqsa-train{stage=bqpo,steps=128,lr=0.001,samples=16}",
-    "W4S50 (obs) + BQPO + E2E-OQP": "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq},"
-    "gqsa-train{stage=bqpo,steps=128,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=32,lr=0.0001,samples=16}",
     "W4S50 (obs, sensitivity) + BQPO + E2E-OQP": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},"
     "quantize{bits=4,group=16,method=gptq},"
-    "gqsa-train{stage=bqpo,steps=128,lr=0.001,samples=16},gqsa-train{stage=e2e,steps=32,lr=0.0001,samples=16}",
+    f"{BQPO},gqsa-train{{stage=e2e,steps=32,lr=0.0001,samples=16}}",
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
-    "2:4 magnitude + BQPO": "nm-prune{n=2,m=4,score=magnitude},"
-    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
-    "2:4 wanda + BQPO": "nm-prune{n=2,m=4,score=wanda},"
-    "gqsa-train{stage=bqpo,steps=32,lr=0.001,samples=16}",
+    "2:4 wanda + BQPO": f"nm-prune{{n=2,m=4,score=wanda}},{BQPO}",
+    "2:4 obs (SparseGPT) + BQPO": f"nm-prune{{n=2,m=4,score=obs}},{BQPO}",
 }
+
+
+class StagePerplexity:
+    """Pipeline instrument: perplexity after every lossy pass, so one row shows each stage's gain
+    (one-shot, + BQPO, + E2E-OQP) with the seconds each pass took."""
+
+    wants_error = False
+
+    def __init__(self, model, windows: torch.Tensor):
+        self.model, self.windows, self.rows = model, windows, []
+
+    def before_pass(self, text, ctx) -> None:
+        pass
+
+    def after_pass(self, record, model, ctx, index) -> None:
+        if record.name in ("group-prune", "nm-prune", "quantize", "gqsa-train"):
+            self.rows.append(
+                {
+                    "after": record.text,
+                    "perplexity": perplexity(self.model, self.windows),
+                    "seconds": round(record.seconds, 1),
+                }
+            )
 
 
 def load_model(folder: Path):
@@ -165,17 +186,21 @@ def main() -> None:
     results = []
     if previous.is_file():
         old = json.loads(previous.read_text())
-        if old.get("meta") == meta:
-            results = old["rows"]
+        if old.get("meta") == meta:  # rows whose pipeline changed or went away are dropped
+            results = [r for r in old["rows"] if ROWS.get(r["setting"]) == r["pipeline"]]
     for name in names:
         model = load_model(folder)
         t0 = time.perf_counter()
         annotations: dict = {}
+        stages = None
         if ROWS[name]:
             ctx = effc.PassContext(calibration=calibration, error_samples=2)
             fx_inputs = {"input_ids": calib_windows[:1, :64]}
             fxm = FxModel(model, fx_inputs)
-            result = effc.Pipeline.from_text(ROWS[name]).run(fxm, ctx)
+            stages = StagePerplexity(model, eval_windows)
+            pipeline = effc.Pipeline.from_text(ROWS[name])
+            pipeline.instruments.append(stages)
+            result = pipeline.run(fxm, ctx)
             annotations = result.model.annotations
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, eval_windows)
@@ -186,6 +211,23 @@ def main() -> None:
             "compress_s": seconds,
             "bytes": compressed_bytes(model, annotations),
         }
+        allocation = [
+            r.stats["allocation"]["layer_sparsity"]
+            for r in (result.report.records if stages else [])
+            if "allocation" in r.stats
+        ]
+        if allocation:  # mean sparsity per kind of layer (q_proj, ..., lm_head)
+            kinds: dict[str, list[float]] = {}
+            for fqn, sp in allocation[0].items():
+                kinds.setdefault(fqn.rsplit(".", 1)[-1], []).append(sp)
+            row["allocation"] = {k: round(sum(v) / len(v), 3) for k, v in kinds.items()}
+        if stages and len(stages.rows) > 1:
+            row["stages"] = stages.rows
+            row["train"] = {
+                r.text: {k: v for k, v in r.stats.items() if k != "stage"}
+                for r in result.report.records
+                if r.name == "gqsa-train"
+            }
         same = [i for i, r in enumerate(results) if r["setting"] == name]
         if same:
             results[same[0]] = row
@@ -221,6 +263,37 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
             f"| {r['setting']} | `{r['pipeline'] or '-'}` | {r['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.2f} | "
             f"{total / 1e6:.1f} | {b['values'] / 1e6:.1f} | {b['indices'] / 1e6:.2f} | {b['scales'] / 1e6:.2f} |"
         )
+    staged = [r for r in rows if r.get("stages")]
+    if staged:
+        lines += [
+            "",
+            "## Each stage's gain",
+            "",
+            "Perplexity after every lossy pass of a row (same evaluation windows), and the seconds "
+            "that pass took (2 threads; the compression budget).",
+            "",
+            "| setting | after pass | perplexity | pass seconds |",
+            "|---|---|---:|---:|",
+        ]
+        for r in staged:
+            for st in r["stages"]:
+                lines.append(
+                    f"| {r['setting']} | `{st['after']}` | {st['perplexity']:.2f} | {st['seconds']:.0f} |"
+                )
+        for r in rows:
+            if r.get("allocation"):
+                lines.append(
+                    f"- {r['setting']}: mean sparsity chosen per kind of layer: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in r["allocation"].items())
+                )
+        budgets = [(r["setting"], t, v) for r in staged for t, v in r.get("train", {}).items()]
+        if budgets:
+            lines += [
+                "",
+                "Training budgets and losses (as stored in each pass's report):",
+                "",
+            ]
+            lines += [f"- {name}, `{t}`: {json.dumps(v)}" for name, t, v in budgets]
     return "\n".join(lines)
 
 
