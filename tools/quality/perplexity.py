@@ -280,6 +280,7 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
                 lines.append(
                     f"| {r['setting']} | `{st['after']}` | {st['perplexity']:.2f} | {st['seconds']:.0f} |"
                 )
+        lines.append("")
         for r in rows:
             if r.get("allocation"):
                 lines.append(
