@@ -188,18 +188,13 @@ class GQSATrain(Pass):
         steps: int = 50
         lr: float = 1e-4
         samples: int = 8
-        scale_lr: float | None = None  # bqpo: the scales' learning rate (default: lr)
+        scale_lr: float = 0.0  # bqpo: the scales' learning rate (0: the same as lr)
 
     def validate(self) -> None:
         o = self.options
-        if (
-            o.steps < 1
-            or o.samples < 1
-            or o.lr <= 0
-            or (o.scale_lr is not None and o.scale_lr <= 0)
-        ):
+        if o.steps < 1 or o.samples < 1 or o.lr <= 0 or o.scale_lr < 0:
             raise PassOptionError(
-                "pass 'gqsa-train': steps and samples must be >= 1, lr and scale_lr > 0"
+                "pass 'gqsa-train': steps and samples must be >= 1, lr > 0 and scale_lr >= 0"
             )
 
     def requires(self, model, ctx) -> None:

@@ -105,5 +105,7 @@ def test_bqpo_starts_from_the_compensated_weights():
 def test_bad_training_options_are_clear_errors(text):
     from effc.errors import PassOptionError
 
-    with pytest.raises(PassOptionError, match="steps and samples must be >= 1, lr and scale_lr"):
+    with pytest.raises(
+        PassOptionError, match="steps and samples must be >= 1, lr > 0 and scale_lr >= 0"
+    ):
         effc.Pipeline.from_text(text)

@@ -164,10 +164,12 @@ def test_allocation_spends_the_budget_exactly_where_it_is_cheapest():
     assert sum(keep.values()) == 250
 
 
-def test_sensitivity_allocation_varies_layers_and_keeps_the_exact_budget(tiny_llama):
+def test_sensitivity_allocation_varies_layers_and_keeps_the_exact_budget():
+    from effc.models import BUILTINS
+
     result = effc.Pipeline.from_text(
         "group-prune{sparsity=0.5,score=obs,allocate=sensitivity,spread=0.25}"
-    ).run(tiny_llama, effc.PassContext(calibration=calibration()))
+    ).run(BUILTINS["tiny-llama"][0](), effc.PassContext(calibration=calibration()))
     stats = result.report.records[0].stats
     per_layer = stats["allocation"]["layer_sparsity"]
     assert len(set(per_layer.values())) > 2  # not uniform
