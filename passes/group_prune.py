@@ -69,9 +69,7 @@ def obs_prune(
     keep = mask.repeat_interleave(group, dim=1)
     w = weight.float().clone()
     w[:, dead] = 0
-    out = obs_sweep(
-        w, U, lambda col, W1, i: W1[:, i] * keep[:, col], max(group, block - block % group)
-    )
+    out = obs_sweep(w, U, lambda col, W1, i: W1[:, i] * keep[:, col], block, group)
     return (out * keep).to(weight.dtype)
 
 
@@ -311,9 +309,7 @@ class GroupPrune(Pass):
         pruned = total = 0
         for site in sites:
             mask = masks[site.fqn]
-            w = weights[site.fqn]
-            out, inp = w.shape
-            w.view(out, inp // o.group, o.group).mul_(mask[:, :, None].to(w.dtype))
+            w = weights[site.fqn]  # pruned_weight zeroed the dropped groups
             model.annotations.setdefault(site.fqn, {}).setdefault(
                 "original", read_weight(site).clone()
             )
@@ -337,7 +333,8 @@ class GroupPrune(Pass):
 
         o = self.options
         samples = ctx.calibration[: o.sensitivity_samples]
-        grid = sorted({min(max(o.sparsity + d, 0.0), 0.99) for d in (-o.spread, 0.0, o.spread)})
+        target = min(o.sparsity, 0.99)  # the grid's middle point, clipped like the others
+        grid = sorted({min(max(target + d, 0.0), 0.99) for d in (-o.spread, 0.0, o.spread)})
         reference = [model.run(x) for x in samples]
         curves: dict[str, list[tuple[float, float]]] = {}
         measured: dict[str, float] = {}
@@ -350,11 +347,11 @@ class GroupPrune(Pass):
                 for sp in grid:
                     w = pruned_weight(k, masks_for({k: s}, sp, o.scope)[k])
                     local[sp] = layer_error(original, w, hess[k])
-                    if sp == o.sparsity:
+                    if sp == target:
                         write_weight(site, w)
                         measured[k] = output_deviation(model, samples, reference)
                 write_weight(site, original)
-                scale = measured[k] / max(local[o.sparsity], 1e-30)
+                scale = measured[k] / max(local[target], 1e-30)
                 curves[k] = [(sp, scale * e) for sp, e in local.items()]
                 progress.advance(task)
         sizes = {k: s.numel() for k, s in scores.items()}

@@ -69,7 +69,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01):
     return U.float(), dead
 
 
-def obs_sweep(weight: torch.Tensor, U: torch.Tensor, target, block: int = 128) -> torch.Tensor:
+def obs_sweep(
+    weight: torch.Tensor, U: torch.Tensor, target, block: int = 128, group: int = 1
+) -> torch.Tensor:
     """Replace the columns of ``weight`` one by one, left to right, by ``target(col, W1, i)`` (the
     new value of column ``col`` = ``W1[:, i]`` of the current block ``W1``, whose later columns
     already carry the updates) and spread each column's error over the columns not yet visited,
@@ -77,6 +79,7 @@ def obs_sweep(weight: torch.Tensor, U: torch.Tensor, target, block: int = 128) -
     blocks as in GPTQ). Returns the updated weight."""
     out, inp = weight.shape
     W = weight.float().clone()
+    block = max(group, block - block % group)  # blocks never split a group
     for i1 in range(0, inp, block):
         i2 = min(i1 + block, inp)
         W1, E1, H1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1), U[i1:i2, i1:i2]
@@ -126,7 +129,7 @@ def gptq(
         codes[:, col] = q
         return torch.where(keep[:, col], scales[:, g] * (q - zeros[:, g]), torch.zeros(()))
 
-    obs_sweep(W, U, target, max(group, block - block % group))
+    obs_sweep(W, U, target, block, group)
     return codes.view(out, inp // group, group), scales, zeros
 
 
