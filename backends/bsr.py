@@ -1,7 +1,8 @@
 """The BSR backend: compressed linear layers run by effc's BSR kernels (DESIGN.md section 5).
 
 Decision (the "two ways" of DESIGN.md): the artifact is one ONNX graph in which every compressed
-MatMul becomes ``ai.onnx.contrib::BSRMatMul(x, indptr, indices, values, scales, zeros)`` with
+MatMul becomes ``ai.onnx.contrib::BSRMatMul(x, indptr, indices, values, scales, zeros)`` (or
+``BSRMatMulA8``, the opt-in int8-activation mode) with
 the packed BSR arrays as initializers (fp16 scales as their uint16 bits); ``effc run`` executes it with onnxruntime, where that op is
 an onnxruntime-extensions Python custom op that calls the compiled kernel on the packed bytes.
 Everything else runs in onnxruntime as usual. The rewrite is the ``bsr-pack`` pass, which this
@@ -19,7 +20,7 @@ import torch
 
 from effc.errors import UnsupportedError
 from effc.ir.onnx_io import save_onnx
-from effc.passes.bsr_pack import OP
+from effc.passes.bsr_pack import OP, OP_A8
 
 NAME = "bsr"
 MODEL_FILE = "model.onnx"
@@ -34,25 +35,30 @@ def _register_op() -> str:
         raise UnsupportedError(
             "the bsr target needs onnxruntime-extensions: pip install onnxruntime-extensions"
         ) from e
-    from effc.runtime.cpu import kernels
+    from effc.runtime.modules import bsr_matmul as kernel
+    from effc.runtime.modules import check_activations
 
-    k = kernels()
     t = PyCustomOpDef
 
-    @onnx_op(
-        op_type=OP,
-        inputs=[t.dt_float, t.dt_int32, t.dt_uint16, t.dt_uint8, t.dt_uint16, t.dt_uint8],
-        outputs=[t.dt_float],
-        attrs={"out_features": t.dt_int64, "group": t.dt_int64, "bits": t.dt_int64},
-    )
-    def bsr_matmul(x, indptr, indices, values, scales, zeros, **attrs):
-        n, g, bits = int(attrs["out_features"]), int(attrs["group"]), int(attrs["bits"])
-        x2 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, x.shape[-1])
-        half_scales = torch.from_numpy(scales).view(torch.float16)  # stored as their uint16 bits
-        arrays = [torch.from_numpy(a) for a in (indptr, indices, values)]
-        y = k.bsr_linear(x2, *arrays, half_scales, torch.from_numpy(zeros), n, g, bits)
+    def define(op_type: str, a8: bool) -> None:
+        @onnx_op(
+            op_type=op_type,
+            inputs=[t.dt_float, t.dt_int32, t.dt_uint16, t.dt_uint8, t.dt_uint16, t.dt_uint8],
+            outputs=[t.dt_float],
+            attrs={"out_features": t.dt_int64, "group": t.dt_int64, "bits": t.dt_int64},
+        )
+        def bsr_matmul(x, indptr, indices, values, scales, zeros, **attrs):
+            n, g, bits = int(attrs["out_features"]), int(attrs["group"]), int(attrs["bits"])
+            x2 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            x2 = x2.reshape(-1, x.shape[-1])
+            half_scales = torch.from_numpy(scales).view(torch.float16)  # stored as uint16 bits
+            arrays = [torch.from_numpy(a) for a in (indptr, indices, values)]
+            arrays += [half_scales, torch.from_numpy(zeros)]
+            y = kernel(x2, arrays, n, g, bits, a8 and check_activations("int8", bits))
+            return y.numpy().reshape(*x.shape[:-1], n)
 
-        return y.numpy().reshape(*x.shape[:-1], n)
+    define(OP, False)
+    define(OP_A8, True)
 
     return get_library_path()
 

@@ -30,7 +30,10 @@ def compile_model(
     prepare_output(out, force)
     backend = get_backend(target)
     pipeline = passes if isinstance(passes, Pipeline) else Pipeline.from_text(passes)
-    legal = backend.legalization()
+    # the target's legalization passes, unless the pipeline already names them (with options,
+    # e.g. bsr-pack{activations=int8})
+    named = {getattr(p, "name", None) for p in pipeline.passes}
+    legal = [text for text in backend.legalization() if text.split("{")[0] not in named]
     if legal:
         pipeline = Pipeline([*pipeline.passes, *legal], instruments=pipeline.instruments)
 

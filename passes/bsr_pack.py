@@ -3,15 +3,18 @@ the packed BSR arrays (the ``bsr`` target's legalization pass; ONNX only).
 
 Each site with a quantization annotation (int4/int8, optionally a group-pruning mask) becomes
 ``BSRMatMul(x, indptr, indices, values, scales, zeros)`` with ``out_features``, ``group`` and
-``bits`` attributes; the fp32 weight initializer goes away. Per layer, the BSR kernel is timed
+``bits`` attributes (``BSRMatMulA8``, same inputs and attributes, where ``activations=int8``
+runs that int4 layer with int8 activations); the fp32 weight initializer goes away. Per layer, the BSR kernel is timed
 against a dense MatMul at ``batch`` rows; where dense wins (``decide=true``), the layer stays a
 dense MatMul of its fake-quantized weights. Exact with respect to the fake-quantized model (the
-kernels compute the same products in fp32).
+kernels compute the same products in fp32); ``activations=int8`` is the opt-in lossy mode
+(x quantized to int8 per block of the group, VNNI dot products; see runtime/modules.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import onnx_ir as ir
 import torch
@@ -20,12 +23,13 @@ from effc.pass_base import Pass, PassResult, register
 
 DOMAIN = "ai.onnx.contrib"
 OP = "BSRMatMul"
+OP_A8 = "BSRMatMulA8"  # the same op with int8 activations (opt-in, lossy)
 
 
-def rewrite(model, batch: int = 1, decide: bool = True) -> list[dict]:
+def rewrite(model, batch: int = 1, decide: bool = True, activations: str = "fp32") -> list[dict]:
     """Replace compressed MatMul sites of an OnnxModel by BSRMatMul nodes; return per-layer records."""
     from effc.ir.sites import weight_sites
-    from effc.runtime.modules import matrix_from_annotations, measure_choice
+    from effc.runtime.modules import check_activations, matrix_from_annotations, measure_choice
 
     graph = model.model.graph
     records = []
@@ -42,9 +46,10 @@ def rewrite(model, batch: int = 1, decide: bool = True) -> list[dict]:
             "bytes": matrix.nbytes(),
             "dense_fp32_bytes": out * inp * 4,
             "choice": "sparse",
+            "activations": "int8" if check_activations(activations, matrix.bits) else "fp32",
         }
         if decide:
-            record.update(measure_choice(matrix, batch))
+            record.update(measure_choice(matrix, batch, activations))
         records.append(record)
         if record["choice"] != "sparse":
             continue
@@ -60,10 +65,14 @@ def rewrite(model, batch: int = 1, decide: bool = True) -> list[dict]:
             inits.append(value)
         node = site.node
         new = ir.node(
-            OP,
+            OP_A8 if record["activations"] == "int8" else OP,
             [node.inputs[0], *inits],
             domain=DOMAIN,
-            attributes={"out_features": out, "group": matrix.group, "bits": matrix.bits},
+            attributes={
+                "out_features": out,
+                "group": matrix.group,
+                "bits": matrix.bits,
+            },
             name=f"{site.fqn}.bsr",
         )
         new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
@@ -95,13 +104,21 @@ class BSRPack(Pass):
     class Options:
         batch: int = 1
         decide: bool = True
+        activations: Literal["fp32", "int8"] = "fp32"  # int8: opt-in lossy VNNI mode (int4)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        # int8 activations change the numerics: the pipeline then measures and reports the error
+        # instead of holding the pass to fp32 tolerance
+        self.lossy = self.options.activations == "int8"
 
     def run(self, model, ctx) -> PassResult:
-        records = rewrite(model, self.options.batch, self.options.decide)
+        records = rewrite(model, self.options.batch, self.options.decide, self.options.activations)
         sparse = [r for r in records if r["choice"] == "sparse"]
         stats = {
             "layers_packed": len(sparse),
             "layers_dense": len(records) - len(sparse),
+            "activations": self.options.activations,
             "bsr_bytes": {
                 k: sum(r["bytes"][k] for r in sparse) for k in ("values", "indices", "scales")
             },

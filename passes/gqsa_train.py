@@ -6,8 +6,13 @@ linear so the compressed block reproduces the original block:
     minimise || B_orig(h) - B_q(h) ||^2,   B_q's weights  w = s * (clamp(round(W / s) + z) - z) * mask
 with straight-through rounding and the masks fixed (Adam, cosine-annealed learning rate per block;
 the scales may take their own ``scale_lr``). The block inputs h come from the already
-compressed blocks before it (errors do not pile up unseen), the targets from the original block
-(the ``original`` weights recorded by group-prune / quantize) on the same inputs.
+compressed blocks before it (errors do not pile up unseen). The targets come from the original
+blocks (the ``original`` weights recorded by group-prune / quantize): with ``target=local`` the
+original block on the same inputs (each block mimics its original), with ``target=model`` the
+original model's own hidden state after that block (each block also undoes the drift of the
+compressed blocks before it). Compressed sites outside the blocks (lm_head) are trained last,
+when ``tail=true``: their inputs from the compressed model, their targets the original layer on
+the original model's inputs.
 
 stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales are trained end to
 end on the language-model loss over the calibration tokens.
@@ -189,12 +194,19 @@ class GQSATrain(Pass):
         lr: float = 1e-4
         samples: int = 8
         scale_lr: float = 0.0  # bqpo: the scales' learning rate (0: the same as lr)
+        target: Literal["local", "model"] = "local"  # bqpo: see the module docstring
+        tail: bool = False  # bqpo: also train compressed sites after the last block (lm_head)
 
     def validate(self) -> None:
         o = self.options
         if o.steps < 1 or o.samples < 1 or o.lr <= 0 or o.scale_lr < 0:
             raise PassOptionError(
                 "pass 'gqsa-train': steps and samples must be >= 1, lr > 0 and scale_lr >= 0"
+            )
+        if o.stage == "e2e" and (o.target != "local" or o.tail):
+            raise PassOptionError(
+                "pass 'gqsa-train': target and tail are bqpo options (stage=e2e trains scales "
+                "end to end)"
             )
 
     def requires(self, model, ctx) -> None:
@@ -222,7 +234,15 @@ class GQSATrain(Pass):
             "samples": len(data),
             "steps": self.options.steps,
             "lr": self.options.lr,
-            **({"scale_lr": self.options.scale_lr} if self.options.stage == "bqpo" else {}),
+            **(
+                {
+                    "scale_lr": self.options.scale_lr,
+                    "target": self.options.target,
+                    "tail": self.options.tail,
+                }
+                if self.options.stage == "bqpo"
+                else {}
+            ),
             "tokens": int(sum(np.asarray(next(iter(x.values()))).size for x in data)),
         }
         with torch.enable_grad():
@@ -258,6 +278,49 @@ class GQSATrain(Pass):
             linear.weight.copy_(weight)
         _swap(model.module, fqn, linear)
 
+    def _fakes(self, model, sites: dict[str, dict]) -> dict:
+        """Swap each site's linear for its trainable stand-in; {fqn: (stand-in, linear)}."""
+        fakes = {}
+        for fqn, notes in sites.items():
+            linear = model.module.get_submodule(fqn)
+            fq = (
+                FakeQuantLinear(linear, notes, train_weight=True)
+                if "codes" in notes
+                else MaskedLinear(linear, notes)
+            )
+            fakes[fqn] = (fq, linear)
+            _swap(model.module, fqn, fq)
+        return fakes
+
+    def _fit(self, fakes: dict, loss_of, count: int, advance) -> float:
+        """Adam with a cosine-annealed lr over ``steps``, cycling through ``count`` samples;
+        ``loss_of(i)`` is sample i's loss. Returns the first step's loss."""
+        scale_lr = self.options.scale_lr or self.options.lr
+        opt = torch.optim.Adam(
+            [
+                {"params": [fq.weight for fq, _ in fakes.values()]},
+                {
+                    "params": [
+                        fq.scale for fq, _ in fakes.values() if isinstance(fq, FakeQuantLinear)
+                    ],
+                    "lr": scale_lr,
+                },
+            ],
+            lr=self.options.lr,
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
+        first = 0.0
+        for step in range(self.options.steps):
+            loss = loss_of(step % count)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+            if step == 0:
+                first = float(loss.detach())
+            advance()
+        return first
+
     def _bqpo(self, model, data) -> dict:
         from effc.ir.blocks import find_blocks
 
@@ -266,7 +329,19 @@ class GQSATrain(Pass):
             raise UnsupportedError("bqpo needs repeated transformer blocks and none were found")
         module = model.module
         inputs = _capture_block_inputs(module, module.get_submodule(blocks[0].fqn), data)
-        progress, task = _progress(len(blocks) * self.options.steps, "bqpo")
+        reference = [a[0] for a, _ in inputs]  # the original model's hidden states (target=model)
+        tail = (
+            {
+                f: n
+                for f, n in self._sites(model).items()
+                if not any(f.startswith(b.fqn + ".") for b in blocks)
+            }
+            if self.options.tail
+            else {}
+        )
+        if tail:  # their targets: the original layers on the original model's inputs
+            tail_targets = self._tail_targets(model, tail, data)
+        progress, task = _progress((len(blocks) + bool(tail)) * self.options.steps, "bqpo")
         first_loss = last_loss = 0.0
         with progress:
             for block in blocks:
@@ -278,44 +353,22 @@ class GQSATrain(Pass):
                         teacher.get_submodule(fqn[len(block.fqn) + 1 :]).weight.copy_(
                             notes["original"]
                         )
-                    targets = [_hidden(teacher(*a, **k)) for a, k in inputs]
-                fakes = {}
-                for fqn, notes in sites.items():
-                    linear = module.get_submodule(fqn)
-                    fq = (
-                        FakeQuantLinear(linear, notes, train_weight=True)
-                        if "codes" in notes
-                        else MaskedLinear(linear, notes)
-                    )
-                    fakes[fqn] = (fq, linear)
-                    _swap(module, fqn, fq)
-                scale_lr = self.options.scale_lr or self.options.lr
-                opt = torch.optim.Adam(
-                    [
-                        {"params": [fq.weight for fq, _ in fakes.values()]},
-                        {
-                            "params": [
-                                fq.scale
-                                for fq, _ in fakes.values()
-                                if isinstance(fq, FakeQuantLinear)
-                            ],
-                            "lr": scale_lr,
-                        },
-                    ],
-                    lr=self.options.lr,
-                )
-                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
-                for step in range(self.options.steps):
-                    i = step % len(inputs)
+                    if self.options.target == "model":
+                        reference = [
+                            _hidden(teacher(h, *a[1:], **k)) for h, (a, k) in zip(reference, inputs)
+                        ]
+                        targets = reference
+                    else:
+                        targets = [_hidden(teacher(*a, **k)) for a, k in inputs]
+                fakes = self._fakes(model, sites)
+
+                def block_loss(i, student=student, targets=targets, inputs=inputs):
                     args, kwargs = inputs[i]
-                    loss = nn.functional.mse_loss(_hidden(student(*args, **kwargs)), targets[i])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    schedule.step()
-                    if step == 0:
-                        first_loss += float(loss.detach())
-                    progress.advance(task)
+                    return nn.functional.mse_loss(_hidden(student(*args, **kwargs)), targets[i])
+
+                first_loss += self._fit(
+                    fakes, block_loss, len(inputs), lambda: progress.advance(task)
+                )
                 for fqn, (fq, linear) in fakes.items():
                     self._finish(model, fqn, fq, linear)
                 with torch.no_grad():
@@ -324,11 +377,83 @@ class GQSATrain(Pass):
                         for (a, k), t in zip(inputs, targets)
                     ) / len(inputs)
                     inputs = [((_hidden(student(*a, **k)), *a[1:]), k) for a, k in inputs]
-        return {
-            "blocks": len(blocks),
-            "block_mse_first_step": first_loss,
-            "block_mse_after": last_loss,
-        }
+            stats = {
+                "blocks": len(blocks),
+                "block_mse_first_step": first_loss,
+                "block_mse_after": last_loss,
+            }
+            if tail:
+                stats.update(
+                    self._train_tail(
+                        model, tail, tail_targets, data, lambda: progress.advance(task)
+                    )
+                )
+        return stats
+
+    @staticmethod
+    def _site_inputs(model, fqns, data) -> dict[str, list[torch.Tensor]]:
+        """Each named linear's input on every calibration sample (one full forward each)."""
+        seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
+        handles = [
+            model.module.get_submodule(f).register_forward_pre_hook(
+                lambda _m, args, f=f: seen[f].append(args[0].detach())
+            )
+            for f in fqns
+        ]
+        try:
+            with torch.no_grad():
+                for x in data:
+                    model.module(**{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()})
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    def _tail_targets(self, model, tail: dict, data) -> dict[str, list[torch.Tensor]]:
+        """The original layers' outputs on the original model's inputs (every compressed site
+        holds its original weight for this one pass, then gets its compressed weight back)."""
+        everything = self._sites(model)
+        kept = {}
+        with torch.no_grad():
+            for fqn, notes in everything.items():
+                weight = model.module.get_submodule(fqn).weight
+                kept[fqn] = weight.detach().clone()
+                weight.copy_(notes["original"])
+            try:
+                seen = self._site_inputs(model, list(tail), data)
+                return {f: [model.module.get_submodule(f)(x) for x in xs] for f, xs in seen.items()}
+            finally:
+                for fqn, w in kept.items():
+                    model.module.get_submodule(fqn).weight.copy_(w)
+
+    def _train_tail(self, model, tail, targets, data, advance) -> dict:
+        inputs = self._site_inputs(model, list(tail), data)
+        fakes = self._fakes(model, tail)
+        names = list(tail)
+
+        def tail_loss(i):
+            return sum(
+                nn.functional.mse_loss(fakes[f][0](inputs[f][i]), targets[f][i]) for f in names
+            )
+
+        with torch.no_grad():
+            before = sum(float(tail_loss(i)) for i in range(len(data))) / len(data)
+        self._fit(fakes, tail_loss, len(data), advance)
+        for fqn, (fq, linear) in fakes.items():
+            self._finish(model, fqn, fq, linear)
+        with torch.no_grad():
+            after = sum(
+                float(
+                    sum(
+                        nn.functional.mse_loss(
+                            model.module.get_submodule(f)(inputs[f][i]), targets[f][i]
+                        )
+                        for f in names
+                    )
+                )
+                for i in range(len(data))
+            ) / len(data)
+        return {"tail_sites": names, "tail_mse_before": before, "tail_mse_after": after}
 
     def _e2e(self, model, data) -> dict:
         module = model.module

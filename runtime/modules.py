@@ -8,17 +8,55 @@ import time
 import torch
 from torch import nn
 
+from effc.errors import UnsupportedError
 from effc.runtime.format import BSRMatrix, from_quantized
+
+ACTIVATIONS = ("fp32", "int8")
+
+
+def check_activations(activations: str, bits: int) -> bool:
+    """Whether a layer of ``bits``-bit weights runs the int8-activation kernel under
+    ``activations``; a clear error where that mode is unknown or this CPU cannot run it."""
+    if activations not in ACTIVATIONS:
+        raise UnsupportedError(
+            f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}"
+        )
+    if activations == "fp32" or bits != 4:  # int8 weights keep fp32 activations
+        return False
+    from effc.runtime.cpu import kernels
+
+    if not kernels().has_a8():
+        raise UnsupportedError(
+            "activations=int8 needs a CPU with AVX512-VNNI (avx512f/bw/vl/vnni); "
+            "use activations=fp32 on this machine"
+        )
+    return True
+
+
+def bsr_matmul(x2: torch.Tensor, matrix_arrays, out_features: int, group: int, bits: int, a8: bool):
+    """The kernel call behind every BSR layer: x2 (M, K) float32 contiguous. With ``a8`` (int4
+    weights, int8-activation mode), rows of x are quantized to int8 per block of ``group`` and
+    multiplied with VNNI dot products; at M = 1 the exact fp32 GEMV is used (it is faster there)."""
+    from effc.runtime.cpu import kernels
+
+    if a8 and x2.shape[0] > 1:
+        return kernels().bsr_linear_a8(x2, *matrix_arrays, out_features, group)
+    return kernels().bsr_linear(x2, *matrix_arrays, out_features, group, bits)
 
 
 class BSRLinear(nn.Module):
-    """y = x W^T + b with W stored as BSR (1 x g int4/int8 blocks)."""
+    """y = x W^T + b with W stored as BSR (1 x g int4/int8 blocks). ``activations="int8"``
+    (opt-in, lossy) quantizes x to int8 per block for int4 layers at M > 1 (see ``bsr_matmul``)."""
 
-    def __init__(self, matrix: BSRMatrix, bias: torch.Tensor | None = None):
+    def __init__(
+        self, matrix: BSRMatrix, bias: torch.Tensor | None = None, activations: str = "fp32"
+    ):
         super().__init__()
         matrix.validate()
         self.out_features, self.in_features = matrix.shape
         self.group, self.bits = matrix.group, matrix.bits
+        self.activations = activations
+        self.a8 = check_activations(activations, matrix.bits)
         for name, t in matrix.tensors().items():
             self.register_buffer(name, t)
         self.bias = (
@@ -39,23 +77,12 @@ class BSRLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from effc.runtime.cpu import kernels
-
         shape = x.shape
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
-        y = kernels().bsr_linear(
-            x2,
-            self.indptr,
-            self.indices,
-            self.values,
-            self.scales,
-            self.zeros,
-            self.out_features,
-            self.group,
-            self.bits,
-        )
+        arrays = (self.indptr, self.indices, self.values, self.scales, self.zeros)
+        y = bsr_matmul(x2, arrays, self.out_features, self.group, self.bits, self.a8)
         if self.bias is not None:
             y = y + self.bias
         if x.dim() != 2:
@@ -66,7 +93,7 @@ class BSRLinear(nn.Module):
         m = self.matrix
         return (
             f"in={self.in_features}, out={self.out_features}, group={self.group}, bits={self.bits}, "
-            f"density={m.density:.3f}"
+            f"density={m.density:.3f}, activations={self.activations}"
         )
 
 
@@ -88,24 +115,14 @@ def _time(fn, *args, reps: int = 10) -> float:
 
 
 @torch.no_grad()
-def measure_choice(matrix: BSRMatrix, batch: int) -> dict:
+def measure_choice(matrix: BSRMatrix, batch: int, activations: str = "fp32") -> dict:
     """Time the BSR kernel against dense fp32 ``F.linear`` of the same shape at ``batch`` rows;
     the layer goes sparse only where the kernel is not slower."""
-    from effc.runtime.cpu import kernels
-
     out, inp = matrix.shape
     x = torch.randn(batch, inp)
-    args = (
-        matrix.indptr,
-        matrix.indices,
-        matrix.values,
-        matrix.scales,
-        matrix.zeros,
-        out,
-        matrix.group,
-        matrix.bits,
-    )
-    sparse = _time(kernels().bsr_linear, x, *args)
+    a8 = check_activations(activations, matrix.bits)
+    arrays = (matrix.indptr, matrix.indices, matrix.values, matrix.scales, matrix.zeros)
+    sparse = _time(bsr_matmul, x, arrays, out, matrix.group, matrix.bits, a8)
     dense = _time(torch.nn.functional.linear, x, torch.randn(out, inp))
     return {
         "sparse_ms": sparse,
@@ -116,11 +133,16 @@ def measure_choice(matrix: BSRMatrix, batch: int) -> dict:
 
 @torch.no_grad()
 def swap_linears(
-    module: nn.Module, annotations: dict[str, dict], batch: int = 1, decide: bool = True
+    module: nn.Module,
+    annotations: dict[str, dict],
+    batch: int = 1,
+    decide: bool = True,
+    activations: str = "fp32",
 ) -> list[dict]:
     """Replace every quantized ``nn.Linear`` of ``module`` by a ``BSRLinear``; return one record per
     layer. With ``decide``, a layer whose BSR kernel is slower than dense ``F.linear`` at ``batch``
-    rows stays dense (its fake-quantized fp32 weight), and the record says so with both timings."""
+    rows stays dense (its fake-quantized fp32 weight), and the record says so with both timings.
+    ``activations`` picks the kernel's activation mode (``BSRLinear``)."""
     records = []
     for fqn, notes in annotations.items():
         if "codes" not in notes or notes.get("bits") not in (4, 8):
@@ -128,15 +150,18 @@ def swap_linears(
         linear = module.get_submodule(fqn)
         if not isinstance(linear, nn.Linear):
             continue
-        bsr = BSRLinear(matrix_from_annotations(notes), linear.bias)
+        bsr = BSRLinear(matrix_from_annotations(notes), linear.bias, activations)
         record = {
             "layer": fqn,
             "shape": [bsr.out_features, bsr.in_features],
             "density": bsr.matrix.density,
             "bytes": bsr.matrix.nbytes(),
             "dense_bytes": linear.weight.numel() * 4,
+            "activations": "int8" if bsr.a8 else "fp32",
         }
-        record.update(measure_choice(bsr.matrix, batch) if decide else {"choice": "sparse"})
+        record.update(
+            measure_choice(bsr.matrix, batch, activations) if decide else {"choice": "sparse"}
+        )
         if record["choice"] == "sparse":
             parent, _, leaf = fqn.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, leaf, bsr)

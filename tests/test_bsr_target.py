@@ -70,3 +70,42 @@ def test_cli_bsr_target_decides_per_layer(tmp_path, cli):
     pack = next(p for p in report["passes"] if p["name"] == "bsr-pack")
     for layer in pack["stats"]["layers"]:
         assert layer["choice"] == ("sparse" if layer["sparse_ms"] <= layer["dense_ms"] else "dense")
+
+
+def test_int8_activation_mode_is_lossy_measured_and_close(tmp_path, compiled):
+    """bsr-pack{activations=int8}: every int4 node says so, the pass is reported lossy with its
+    measured error, and effc run stays close to the fp32-activation artifact (not equal)."""
+    from effc.compile import compile_model
+    from effc.models import BUILTINS
+    from effc.runtime.cpu import kernels
+
+    if not kernels().has_a8():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    fp32_out, _, _ = compiled
+    text = (
+        "group-prune{score=magnitude,sparsity=0.5},quantize{bits=4,group=16},"
+        "bsr-pack{decide=false,activations=int8}"
+    )
+    calib = [
+        {"input_ids": np.random.default_rng(i).integers(0, 256, (1, 16)).astype(np.int64)}
+        for i in range(2)
+    ]
+    result = compile_model(
+        BUILTINS["tiny-llama"][0](),
+        text,
+        tmp_path / "a8",
+        target="bsr",
+        ctx=effc.PassContext(calibration=calib),
+    )
+    ops = result.model.op_histogram()
+    assert ops["ai.onnx.contrib::BSRMatMulA8"] == 15 and "ai.onnx.contrib::BSRMatMul" not in ops
+    pack = next(r for r in result.report.records if r.name == "bsr-pack")
+    assert pack.lossy and pack.stats["activations"] == "int8"
+    assert 0 < pack.error["max_abs"] < 1.0
+    from effc.backends import bsr
+
+    x = {"input_ids": np.random.default_rng(5).integers(0, 256, (1, 16)).astype(np.int64)}
+    (a8,) = bsr.run(tmp_path / "a8", x).values()
+    (fp32,) = bsr.run(fp32_out, x).values()
+    assert not np.array_equal(a8, fp32)
+    assert np.abs(a8 - fp32).max() <= 0.05 * np.abs(fp32).max()

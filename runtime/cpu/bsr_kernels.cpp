@@ -8,7 +8,9 @@
 #include <omp.h>
 #include <cstdint>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -85,6 +87,253 @@ inline int64_t row_for_block(const int32_t* indptr, int64_t N, int64_t block) {
   return std::lower_bound(indptr, indptr + N, (int32_t)block) - indptr;
 }
 
+// This thread's rows: one contiguous range holding an equal share of the blocks (static: no
+// scheduling traffic, which costs more than the work on decode-sized layers; balanced when rows
+// hold different numbers of blocks, as under layer or global pruning budgets).
+inline std::pair<int64_t, int64_t> thread_rows(const int32_t* indptr, int64_t N) {
+  const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t first = row_for_block(indptr, N, (int64_t)indptr[N] * tid / nth);
+  const int64_t last = tid + 1 == nth ? N : row_for_block(indptr, N, (int64_t)indptr[N] * (tid + 1) / nth);
+  return {first, last};
+}
+
+// Rows [first, last) in panels of ``panel`` rows; within a panel, K in chunks of ``chunk`` column
+// blocks, so the slice of x a chunk needs stays in cache while every row of the panel uses it.
+// Each row keeps a cursor into its ascending blocks; ``fn(r, p0, b0, b1)`` gets row r's blocks in
+// the chunk (never empty), ``done(p0, p1)`` ends each panel.
+template <class Fn, class Done>
+inline void panel_chunks(const int32_t* indptr, const uint16_t* indices, int64_t first, int64_t last, int64_t C,
+                         int64_t chunk, int64_t panel, Fn&& fn, Done&& done) {
+  std::vector<int32_t> cursor(panel);
+  for (int64_t p0 = first; p0 < last; p0 += panel) {
+    const int64_t p1 = std::min(p0 + panel, last);
+    std::copy(indptr + p0, indptr + p1, cursor.begin());
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t c1 = std::min(c0 + chunk, C);
+      for (int64_t r = p0; r < p1; ++r) {
+        const int32_t b0 = cursor[r - p0], row_end = indptr[r + 1];
+        int32_t b1 = b0;
+        while (b1 < row_end && indices[b1] < c1) ++b1;
+        cursor[r - p0] = b1;
+        if (b0 < b1) fn(r, p0, b0, b1);
+      }
+    }
+    done(p0, p1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8-activation mode (opt-in, lossy in x like MatMulNBits accuracy_level 4 and llama.cpp's
+// Q4 x Q8): x is quantized per (row m, column block of g) to int8 with its own fp32 scale, and
+// each 1 x g int4 block becomes g/4 AVX512-VNNI dot products (vpdpbusd: 4 u8 x s8 products per
+// int32 lane). Lanes run over rows of x (8 per ymm tile, up to 8 tiles in registers), so every
+// instruction serves 8 rows and a block's codes are unpacked once per output row, in registers:
+//   y[m, r] = sum_b s_b * (sx[m, c_b] * sum_k q[m, k] code_bk  -  z_b * sx[m, c_b] * sum_k q[m, k])
+// with q = round(x / sx) in [-127, 127]. The codes are the unsigned operand, q the signed one; the
+// zero point's term uses the per-(row, column block) sum of q computed once with q.
+// x layout: xq[((c * g/4 + k/4) * Mp + m) * 4 + k % 4], so one 32-byte load feeds 8 rows.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+
+constexpr int TILE = 8;   // rows of x per ymm accumulator
+constexpr int TILES = 8;  // accumulators kept in registers (64 rows of x)
+static const int64_t GEMV_CHUNK_BYTES = std::getenv("EFFC_GEMV_CHUNK") ? std::atoll(std::getenv("EFFC_GEMV_CHUNK")) : 16 * 1024;
+static const int64_t CHUNK_BYTES = std::getenv("EFFC_A8_CHUNK") ? std::atoll(std::getenv("EFFC_A8_CHUNK")) : 24 * 1024;
+
+// x (M, K) fp32 -> xq (layout above), sx[c * Mp + m] and sxq[c * Mp + m] = sx * sum_k q;
+// rows M..Mp-1 are zero.
+template <int G>
+void quantize_x(const float* x, int64_t M, int64_t K, int64_t Mp, int8_t* xq, float* sx, float* sxq) {
+  constexpr int Q = G / 4;
+  const int64_t C = K / G;
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < Mp; ++m) {  // rows of x in order: x is read sequentially
+    for (int64_t c = 0; c < C; ++c) {
+      if (m >= M) {
+        for (int q = 0; q < Q; ++q) std::memset(xq + ((c * Q + q) * Mp + m) * 4, 0, 4);
+        sx[c * Mp + m] = sxq[c * Mp + m] = 0.0f;
+        continue;
+      }
+      const float* xp = x + m * K + c * G;
+      __m512 amax = _mm512_setzero_ps();
+      for (int v = 0; v < G / 16; ++v) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xp + 16 * v)));
+      const float mx = _mm512_reduce_max_ps(amax);
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      __m512i total = _mm512_setzero_si512();
+      for (int v = 0; v < G / 16; ++v) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp + 16 * v), _mm512_set1_ps(inv)));
+        q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        total = _mm512_add_epi32(total, q);
+        alignas(16) uint32_t quads[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(quads), _mm512_cvtepi32_epi8(q));
+        for (int j = 0; j < 4; ++j) std::memcpy(xq + ((c * Q + 4 * v + j) * Mp + m) * 4, quads + j, 4);
+      }
+      sx[c * Mp + m] = mx / 127.0f;
+      sxq[c * Mp + m] = mx / 127.0f * (float)_mm512_reduce_add_epi32(total);
+    }
+  }
+}
+
+// NT tiles of TILE rows of x, starting at tile t0, over blocks [begin, end) of one output row;
+// adds into out[(t0 + t) * TILE ...].
+template <int G, int NT>
+inline void row_tiles(const int8_t* xq, const float* sx, const float* sxq, int64_t Mp, int64_t t0, const uint16_t* indices,
+                      const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end,
+                      float* out) {
+  constexpr int Q = G / 4;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 yacc[NT];
+  for (int t = 0; t < NT; ++t) yacc[t] = _mm256_loadu_ps(out + (t0 + t) * TILE);
+  for (int32_t b = begin; b < end; ++b) {
+    const int64_t c = indices[b];
+    const int8_t* xb = xq + (c * Q * Mp + t0 * TILE) * 4;
+    const uint8_t* block = values + (int64_t)b * (G / 2);
+    __m256i acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
+    for (int v = 0; v < G / 16; ++v) {  // 16 codes: bytes 0..7 hold elements 0..7 (low) and 8..15 (high)
+      const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * v));
+      const __m256i codes = _mm256_broadcastsi128_si256(
+          _mm_unpacklo_epi64(_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low)));
+      const __m256i w[4] = {_mm256_shuffle_epi32(codes, 0x00), _mm256_shuffle_epi32(codes, 0x55),
+                            _mm256_shuffle_epi32(codes, 0xAA), _mm256_shuffle_epi32(codes, 0xFF)};
+      for (int j = 0; j < 4; ++j) {
+        const int8_t* xp = xb + (int64_t)(4 * v + j) * Mp * 4;
+        for (int t = 0; t < NT; ++t)
+          acc[t] = _mm256_dpbusd_epi32(acc[t], w[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32 * t)));
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(scales[b])), zv = _mm256_set1_ps((float)zeros[b]);
+    const float* sxp = sx + c * Mp + t0 * TILE;
+    const float* sqp = sxq + c * Mp + t0 * TILE;
+    for (int t = 0; t < NT; ++t) {
+      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_loadu_ps(sxp + 8 * t));
+      yacc[t] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zv, _mm256_loadu_ps(sqp + 8 * t), dot), sv, yacc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + (t0 + t) * TILE, yacc[t]);
+}
+
+template <int G>
+inline void row_all_tiles(const int8_t* xq, const float* sx, const float* sxq, int64_t Mp, const uint16_t* indices,
+                          const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end,
+                          float* out) {
+  const int64_t tiles = Mp / TILE;
+  int64_t t0 = 0;
+  for (; t0 + TILES <= tiles; t0 += TILES)
+    row_tiles<G, TILES>(xq, sx, sxq, Mp, t0, indices, values, scales, zeros, begin, end, out);
+  switch (tiles - t0) {
+#define EFFC_TAIL(n) case n: row_tiles<G, n>(xq, sx, sxq, Mp, t0, indices, values, scales, zeros, begin, end, out); break;
+    EFFC_TAIL(1) EFFC_TAIL(2) EFFC_TAIL(3) EFFC_TAIL(4) EFFC_TAIL(5) EFFC_TAIL(6) EFFC_TAIL(7)
+#undef EFFC_TAIL
+    default: break;
+  }
+}
+
+// Rows in panels; within a panel K is cut into chunks whose quantized x, sx and sxq (all rows of
+// x) stay in L1, and each row's partial sums live in a panel buffer (as in gemm_chunked).
+template <int G>
+void gemm_a8(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices, const uint8_t* values,
+             const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
+  const int64_t C = K / G, Mp = (M + TILE - 1) / TILE * TILE;
+  std::vector<int8_t> xq((size_t)K * Mp);
+  std::vector<float> sx((size_t)C * Mp), sxq((size_t)C * Mp);
+  quantize_x<G>(x, M, K, Mp, xq.data(), sx.data(), sxq.data());
+  const int64_t chunk = std::clamp<int64_t>(CHUNK_BYTES / (Mp * (G + 8)), 2, C);
+  constexpr int64_t PANEL = 128;
+#pragma omp parallel
+  {
+    const auto [first, last] = thread_rows(indptr, N);
+    std::vector<float> part((size_t)PANEL * Mp);
+    panel_chunks(
+        indptr, indices, first, last, C, chunk, PANEL,
+        [&](int64_t r, int64_t p0, int32_t b0, int32_t b1) {
+          row_all_tiles<G>(xq.data(), sx.data(), sxq.data(), Mp, indices, values, scales, zeros, b0, b1,
+                           part.data() + (r - p0) * Mp);
+        },
+        [&](int64_t p0, int64_t p1) {
+          for (int64_t m = 0; m < M; ++m)  // along rows of y (contiguous stores)
+            for (int64_t r = p0; r < p1; ++r) y[m * N + r] = part[(r - p0) * Mp + m];
+          std::fill(part.begin(), part.end(), 0.0f);
+        });
+  }
+}
+
+// Exact fp32 GEMV (M = 1) with 512-bit vectors: each 16-element piece of a block is one
+// broadcast load of its 8 bytes, a variable shift that puts the high nibbles in the upper
+// 8 bytes, one zero-extension to 16 int32 lanes, one conversion, and two FMAs
+// (w = code * s - z * s, then acc += w * x): about 10 instructions per 16 weights against 15 for
+// the AVX2 path; chosen at run time where the CPU has AVX-512. Where x is larger than L1 (K above
+// 6144 floats), rows go in panels and K in chunks of x that stay in L1, partial sums per row.
+template <int BITS, int G>
+void gemv512(const float* x, int64_t K, const int32_t* indptr, const uint16_t* indices, const uint8_t* values,
+             const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
+  constexpr int V = G / 16;
+  constexpr int64_t bytes = (int64_t)G * BITS / 8;
+  constexpr int64_t PANEL = 256;
+  const int64_t C = K / G;
+  const int64_t chunk = K * 4 <= 24 * 1024 ? C : std::max<int64_t>(1, (GEMV_CHUNK_BYTES / 4) / G);
+#pragma omp parallel
+  {
+    const auto [first, last] = thread_rows(indptr, N);
+    std::vector<float> S(C + 16), NZS(C + 16), part(PANEL);
+    const __m128i shift = _mm_set_epi64x(4, 0), low = _mm_set1_epi8(0x0F);
+    // sum over blocks [begin, end) of one row
+    auto blocks = [&](int32_t begin, int32_t end) {
+      int32_t b = begin;
+      for (; b + 16 <= end; b += 16) {
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b)));
+        const __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + b))));
+        _mm512_storeu_ps(S.data() + (b - begin), sv);
+        _mm512_storeu_ps(NZS.data() + (b - begin), _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), zv), sv));
+      }
+      for (; b < end; ++b) {
+        S[b - begin] = _cvtsh_ss(scales[b]);
+        NZS[b - begin] = -(float)zeros[b] * S[b - begin];
+      }
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      auto piece = [&](int32_t blk, int v, __m512 a) {
+        const uint8_t* p = values + (int64_t)blk * bytes + (BITS == 4 ? 8 : 16) * v;
+        __m128i codes;
+        if constexpr (BITS == 4) {
+          int64_t packed;
+          std::memcpy(&packed, p, 8);
+          codes = _mm_and_si128(_mm_srlv_epi64(_mm_set1_epi64x(packed), shift), low);
+        } else {
+          codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        }
+        const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), _mm512_set1_ps(S[blk - begin]),
+                                         _mm512_set1_ps(NZS[blk - begin]));
+        return _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (int64_t)indices[blk] * G + 16 * v), a);
+      };
+      b = begin;
+      if constexpr (V == 1) {
+        for (; b + 4 <= end; b += 4)
+          for (int u = 0; u < 4; ++u) acc[u] = piece(b + u, 0, acc[u]);
+        for (; b < end; ++b) acc[0] = piece(b, 0, acc[0]);
+      } else {
+        for (; b < end; ++b)
+          for (int v = 0; v < V; ++v) acc[v % 4] = piece(b, v, acc[v % 4]);
+      }
+      return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    };
+    if (chunk >= C) {
+      for (int64_t r = first; r < last; ++r) y[r] = blocks(indptr[r], indptr[r + 1]);
+    } else {
+      panel_chunks(
+          indptr, indices, first, last, C, chunk, PANEL,
+          [&](int64_t r, int64_t p0, int32_t b0, int32_t b1) { part[r - p0] += blocks(b0, b1); },
+          [&](int64_t p0, int64_t p1) {
+            std::copy(part.begin(), part.begin() + (p1 - p0), y + p0);
+            std::fill(part.begin(), part.end(), 0.0f);
+          });
+    }
+  }
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+
 // Small GEMM for M > MT: each thread walks its rows in panels of up to 256 rows; within a panel K
 // is cut into chunks whose slice of x (all M rows) stays in L2, and each row's blocks in a chunk
 // are dequantized once into a small buffer that then serves every tile of MT rows of x. Partial
@@ -98,73 +347,65 @@ void gemm_chunked(const float* x, int64_t M, int64_t K, const int32_t* indptr, c
   constexpr int64_t PANEL = 256;
 #pragma omp parallel
   {
-    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t first = row_for_block(indptr, N, (int64_t)indptr[N] * tid / nth);
-    const int64_t last = tid + 1 == nth ? N : row_for_block(indptr, N, (int64_t)indptr[N] * (tid + 1) / nth);
-    std::vector<int32_t> cursor(PANEL);
+    const auto [first, last] = thread_rows(indptr, N);
     std::vector<float> wbuf((size_t)chunk * G), S(chunk + 8), Z(chunk + 8), part((size_t)PANEL * M);
-    for (int64_t p0 = first; p0 < last; p0 += PANEL) {
-      const int64_t p1 = std::min(p0 + PANEL, last);
-      std::copy(indptr + p0, indptr + p1, cursor.begin());
-      std::fill(part.begin(), part.end(), 0.0f);
-      for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
-        const int64_t c1 = std::min(c0 + chunk, cols);
-        for (int64_t r = p0; r < p1; ++r) {
-          const int32_t b0 = cursor[r - p0], row_end = indptr[r + 1];
-          int32_t b1 = b0;
-          while (b1 < row_end && indices[b1] < c1) ++b1;
-          cursor[r - p0] = b1;
-          if (b0 == b1) continue;
-          row_params(scales, zeros, b0, b1, S.data(), Z.data());
-          Block<BITS, G> blk;
-          for (int32_t b = b0; b < b1; ++b) {
-            blk.load(values, b, Z[b - b0], S[b - b0]);
-            blk.store(wbuf.data() + (int64_t)(b - b0) * G);
-          }
-          float* out = part.data() + (r - p0) * M;
-          for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            const int mt = (int)std::min<int64_t>(MT, M - m0);
-            __m256 acc[MT];
-            for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
-            const float* xm = x + m0 * K;
-            for (int32_t b = b0; b < b1; ++b) {
-              const float* wp = wbuf.data() + (int64_t)(b - b0) * G;
-              const float* xp = xm + (int64_t)indices[b] * G;
-              for (int k = 0; k < G / 8; ++k) {
-                const __m256 w = _mm256_loadu_ps(wp + 8 * k);
-                if (mt == MT) {
-                  for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
-                } else {
-                  for (int i = 0; i < mt; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
-                }
-              }
+    auto rows = [&](int64_t r, int64_t p0, int32_t b0, int32_t b1) {
+      row_params(scales, zeros, b0, b1, S.data(), Z.data());
+      Block<BITS, G> blk;
+      for (int32_t b = b0; b < b1; ++b) {
+        blk.load(values, b, Z[b - b0], S[b - b0]);
+        blk.store(wbuf.data() + (int64_t)(b - b0) * G);
+      }
+      float* out = part.data() + (r - p0) * M;
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int mt = (int)std::min<int64_t>(MT, M - m0);
+        __m256 acc[MT];
+        for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+        const float* xm = x + m0 * K;
+        for (int32_t b = b0; b < b1; ++b) {
+          const float* wp = wbuf.data() + (int64_t)(b - b0) * G;
+          const float* xp = xm + (int64_t)indices[b] * G;
+          for (int k = 0; k < G / 8; ++k) {
+            const __m256 w = _mm256_loadu_ps(wp + 8 * k);
+            if (mt == MT) {
+              for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
+            } else {
+              for (int i = 0; i < mt; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
             }
-            for (int i = 0; i < mt; ++i) out[m0 + i] += hsum(acc[i]);
           }
         }
+        for (int i = 0; i < mt; ++i) out[m0 + i] += hsum(acc[i]);
       }
-      for (int64_t r = p0; r < p1; ++r)
-        for (int64_t m = 0; m < M; ++m) y[m * N + r] = part[(r - p0) * M + m];
-    }
+    };
+    panel_chunks(indptr, indices, first, last, cols, chunk, PANEL, rows, [&](int64_t p0, int64_t p1) {
+      for (int64_t m = 0; m < M; ++m)  // along rows of y (contiguous stores)
+        for (int64_t r = p0; r < p1; ++r) y[m * N + r] = part[(r - p0) * M + m];
+      std::fill(part.begin(), part.end(), 0.0f);
+    });
   }
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
 }
 
 template <int BITS, int G>
 void kernel(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices,
             const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
   const int64_t max_row = K / G;
+  if (M == 1 && has_avx512() && !std::getenv("EFFC_BSR_AVX2")) {
+    avx512::gemv512<BITS, G>(x, K, indptr, indices, values, scales, zeros, y, N);
+    return;
+  }
   if (M > MT) {
     gemm_chunked<BITS, G>(x, M, K, indptr, indices, values, scales, zeros, y, N);
     return;
   }
 #pragma omp parallel
   {
-    // Each thread takes one contiguous range of rows holding an equal share of the blocks: static
-    // (no scheduling traffic, which costs more than the work on decode-sized layers) and balanced
-    // when rows hold different numbers of blocks (layer or global pruning budgets).
-    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t first = row_for_block(indptr, N, (int64_t)indptr[N] * tid / nth);
-    const int64_t last = tid + 1 == nth ? N : row_for_block(indptr, N, (int64_t)indptr[N] * (tid + 1) / nth);
+    const auto [first, last] = thread_rows(indptr, N);
     float S_stack[kStackRow], Z_stack[kStackRow];
     std::vector<float> S_heap, Z_heap;
     float *S = S_stack, *Z = Z_stack;
@@ -216,6 +457,7 @@ void kernel(const float* x, int64_t M, int64_t K, const int32_t* indptr, const u
 
 }  // namespace
 
+
 torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                          torch::Tensor scales, torch::Tensor zeros, int64_t out_features, int64_t group,
                          int64_t bits) {
@@ -233,6 +475,29 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   EFFC_DISPATCH(4, 16) EFFC_DISPATCH(4, 32) EFFC_DISPATCH(4, 64) EFFC_DISPATCH(4, 128)
   EFFC_DISPATCH(8, 16) EFFC_DISPATCH(8, 32) EFFC_DISPATCH(8, 64) EFFC_DISPATCH(8, 128)
 #undef EFFC_DISPATCH
+  return y;
+}
+
+bool has_a8() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"); }
+
+// The int8-activation mode (see namespace avx512): int4 weights only (code - zero must fit int8).
+torch::Tensor bsr_linear_a8(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
+                            torch::Tensor scales, torch::Tensor zeros, int64_t out_features, int64_t group) {
+  TORCH_CHECK(has_a8(), "the int8-activation BSR kernel needs a CPU with AVX512-VNNI");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(x.size(1) % group == 0, "group must divide K");
+  TORCH_CHECK(indptr.size(0) == out_features + 1, "indptr must have out_features + 1 entries");
+  auto y = torch::empty({x.size(0), out_features}, x.options());
+  const auto* idx = reinterpret_cast<const uint16_t*>(indices.data_ptr());
+  const auto* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  auto args = std::make_tuple(x.data_ptr<float>(), x.size(0), x.size(1), indptr.data_ptr<int32_t>(), idx,
+                              values.data_ptr<uint8_t>(), sc, zeros.data_ptr<uint8_t>(), y.data_ptr<float>(), out_features);
+  if (group == 16) std::apply(avx512::gemm_a8<16>, args);
+  else if (group == 32) std::apply(avx512::gemm_a8<32>, args);
+  else if (group == 64) std::apply(avx512::gemm_a8<64>, args);
+  else if (group == 128) std::apply(avx512::gemm_a8<128>, args);
+  else TORCH_CHECK(false, "group must be 16, 32, 64 or 128");
   return y;
 }
 
@@ -257,4 +522,6 @@ double read_bytes(torch::Tensor buffer) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_bytes", &read_bytes, "sum of all bytes (bandwidth probe)");
   m.def("bsr_linear", &bsr_linear, "BSR (1 x g blocks, int4/int8) times dense x");
+  m.def("bsr_linear_a8", &bsr_linear_a8, "BSR int4 times x quantized to int8 per (row, block) (AVX512-VNNI)");
+  m.def("has_a8", &has_a8, "whether this CPU runs the int8-activation kernel");
 }

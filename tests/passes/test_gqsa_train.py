@@ -109,3 +109,60 @@ def test_bad_training_options_are_clear_errors(text):
         PassOptionError, match="steps and samples must be >= 1, lr > 0 and scale_lr >= 0"
     ):
         effc.Pipeline.from_text(text)
+
+
+def test_bqpo_options_belong_to_bqpo():
+    from effc.errors import PassOptionError
+
+    for text in ("gqsa-train{stage=e2e,target=model}", "gqsa-train{stage=e2e,tail=true}"):
+        with pytest.raises(PassOptionError, match="target and tail are bqpo options"):
+            effc.Pipeline.from_text(text)
+
+
+def _final_hidden_error(model, original, calib):
+    """Mean squared distance of the last block's output from the original model's."""
+    seen = []
+    hooks = [
+        m.model.layers[-1].register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+        for m in (model, original)
+    ]
+    with torch.no_grad():
+        errors = []
+        for x in calib:
+            ids = torch.from_numpy(x["input_ids"])
+            model(input_ids=ids), original(input_ids=ids)
+            errors.append(float(torch.nn.functional.mse_loss(seen[-2], seen[-1])))
+    for h in hooks:
+        h.remove()
+    return sum(errors) / len(errors)
+
+
+def test_bqpo_model_target_and_tail_train_towards_the_original_model():
+    """target=model: every block's target is the original model's hidden state, so training
+    lowers the distance of the compressed model's last hidden state from the original's; with
+    tail=true, lm_head (outside the blocks) is trained last against the original logits."""
+    import copy
+
+    from effc.models import BUILTINS
+
+    model = BUILTINS["tiny-llama"][0]()
+    original = copy.deepcopy(model)
+    ctx = effc.PassContext(calibration=_calib())
+    text = "group-prune{sparsity=0.5},quantize{bits=4,group=16}"
+    result = effc.Pipeline.from_text(text).run(model, ctx)
+    one_shot = _final_hidden_error(model, original, _calib())
+    head = model.lm_head.weight.detach().clone()
+    trained = effc.Pipeline.from_text("gqsa-train{steps=40,lr=0.01,target=model,tail=true}").run(
+        result.model, ctx
+    )
+    stats = trained.report.records[0].stats
+    assert stats["target"] == "model" and stats["tail"] is True
+    assert stats["tail_sites"] == ["lm_head"]
+    assert stats["tail_mse_after"] < stats["tail_mse_before"]
+    assert not torch.equal(model.lm_head.weight, head)
+    notes = trained.model.annotations["lm_head"]
+    expected = dequantize(
+        notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
+    )
+    torch.testing.assert_close(model.lm_head.weight.detach(), expected, rtol=0, atol=0)
+    assert _final_hidden_error(model, original, _calib()) < one_shot

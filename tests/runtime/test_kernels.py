@@ -1,5 +1,6 @@
 """The compiled CPU kernels against the dequantized dense reference (fp32 tolerance)."""
 
+import numpy as np
 import pytest
 import torch
 from _helpers import random_matrix
@@ -34,6 +35,20 @@ def test_matches_dense_reference(kernels, bits, group, M):
     assert (err <= bound).all(), (
         f"max error {err.max():.3g}, worst error/bound {(err / bound).max():.3g}"
     )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [16, 64])
+def test_avx2_gemv_where_avx512_is_missing(kernels, bits, group, monkeypatch):
+    """M = 1 takes the AVX-512 GEMV where the CPU has it; EFFC_BSR_AVX2=1 forces the AVX2 one
+    that other CPUs run, so both stay tested here (short rows and K above L1)."""
+    monkeypatch.setenv("EFFC_BSR_AVX2", "1")
+    for inp in (group * 5, 10240):
+        m, _ = random_matrix(out=29, inp=inp, group=group, bits=bits, density=0.5, seed=group)
+        x = torch.randn(1, inp, generator=torch.Generator().manual_seed(bits))
+        w = m.to_dense().double()
+        err = (_run(kernels, m, x).double() - x.double() @ w.T).abs()
+        assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
 
 
 def test_ragged_empty_and_fully_dense_rows(kernels):
@@ -109,7 +124,8 @@ def test_bad_arguments_are_errors(kernels):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("M", [1, 64])
 def test_long_rows(kernels, bits, M):
-    """K = 10240 (x larger than L1; at M = 64 the small GEMM walks K in chunks of 48 blocks):
+    """K = 10240 (x larger than L1: the GEMV walks K in chunks of 256 blocks, the small GEMM at
+    M = 64 in chunks of 48):
     ragged rows whose blocks sit in one region only, empty rows and full rows included."""
     from effc.runtime.format import from_quantized
 
@@ -128,3 +144,78 @@ def test_long_rows(kernels, bits, M):
     w = m.to_dense().double()
     err = (_run(kernels, m, x).double() - x.double() @ w.T).abs()
     assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
+
+
+def _quantized_x(x, group):
+    """The int8-activation mode's x as the kernel sees it: per (row, block) symmetric int8,
+    q = round(x * (127 / max|x|)) with the same fp32 arithmetic."""
+    m, k = x.shape
+    blocks = x.view(m, k // group, group)
+    mx = blocks.abs().amax(-1, keepdim=True)
+    # (127 / mx would be reciprocal(mx) * 127 in torch: one rounding more than the kernel's)
+    inv = torch.where(mx > 0, torch.full_like(mx, 127.0) / mx, torch.zeros_like(mx))
+    q = torch.round(blocks * inv).clamp(-127, 127)
+    return (q.double() * (mx / 127).double()).view(m, k)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128])
+@pytest.mark.parametrize("M", [2, 3, 8, 9, 17, 64, 70])
+def test_int8_activations_match_their_quantized_reference(kernels, group, M):
+    if not kernels.has_a8():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    m, _ = random_matrix(out=37, inp=group * 5, group=group, bits=4, density=0.5, seed=M + group)
+    x = torch.randn(M, m.shape[1], generator=torch.Generator().manual_seed(M)) * 3
+    x[0, :group] = 0.0  # an all-zero block of x (scale 0)
+    w = m.to_dense().double()
+    y = kernels.bsr_linear_a8(
+        x, m.indptr, m.indices, m.values, m.scales, m.zeros, m.shape[0], group
+    ).double()
+    # exact integer dot products: only the fp32 epilogue rounds
+    reference = _quantized_x(x, group) @ w.T
+    bound = 1e-5 * (_quantized_x(x, group).abs() @ w.abs().T) + 1e-6
+    assert ((y - reference).abs() <= bound).all()
+    # and against fp32 activations, the error is that of int8 x (about 1/254 of each block's max)
+    exact = x.double() @ w.T
+    assert (y - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert (y - exact).abs().max() > 0  # it is lossy: the test would notice an fp32 fallback
+
+
+def test_int8_activations_ragged_rows_and_long_k(kernels):
+    """Empty, full and ragged rows with K = 10240 and 1 to 3 threads."""
+    if not kernels.has_a8():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    from effc.runtime.format import from_quantized
+
+    gen = torch.Generator().manual_seed(3)
+    out, inp, g = 24, 10240, 16
+    codes = torch.randint(0, 16, (out, inp // g, g), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(out, inp // g, generator=gen) + 0.1
+    zero = torch.randint(0, 16, (out, inp // g), generator=gen).float()
+    mask = torch.rand(out, inp // g, generator=gen) < 0.3
+    mask[0] = False
+    mask[1] = True
+    m = from_quantized(codes, scale, zero, mask, 4)
+    x = torch.randn(12, inp, generator=gen)
+    reference = _quantized_x(x, g) @ m.to_dense().double().T
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        y = kernels.bsr_linear_a8(x, m.indptr, m.indices, m.values, m.scales, m.zeros, out, g)
+        assert (y[:, 0] == 0).all()
+        np.testing.assert_allclose(y.double(), reference, rtol=1e-5, atol=1e-3)
+    torch.set_num_threads(2)
+
+
+def test_activation_mode_errors_and_int8_weights():
+    from effc.errors import UnsupportedError
+    from effc.runtime.modules import BSRLinear, check_activations
+
+    with pytest.raises(UnsupportedError, match="activations must be one of fp32, int8"):
+        check_activations("int4", 4)
+    # int8 weights cannot take the VNNI path (code - zero does not fit a byte): they stay exact
+    m, _ = random_matrix(out=8, inp=32, group=16, bits=8, density=0.5, seed=1)
+    layer = BSRLinear(m, activations="int8")
+    assert not layer.a8
+    x = torch.randn(4, 32)
+    np.testing.assert_allclose(
+        layer(x).double(), x.double() @ m.to_dense().double().T, rtol=1e-5, atol=1e-5
+    )

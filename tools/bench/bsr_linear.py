@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 THREADS = int(os.environ.get("EFFC_THREADS", "2"))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from tools.results import save  # noqa: E402
 
 L3_BYTES = 32 * 2**20
 ROTATE_BYTES = 4 * L3_BYTES
@@ -179,6 +179,23 @@ def methods(out: int, inp: int, seed: int, rotate: int = ROTATE_BYTES):
                 X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
             ),
         )
+    if k.has_a8():  # the opt-in int8-activation mode (M = 1 runs the exact fp32 GEMV)
+        from effc.runtime.modules import bsr_matmul
+
+        nbytes = sum(make_bsr(out, inp, 0.5, 4, 16, seed).nbytes().values())
+        yield (
+            "effc BSR W4S50 g16, int8 x (VNNI)",
+            nbytes,
+            copies(lambda i: make_bsr(out, inp, 0.5, 4, 16, seed + i), nbytes, rotate),
+            lambda m, X: bsr_matmul(
+                X["x"],
+                (m.indptr, m.indices, m.values, m.scales, m.zeros),
+                out,
+                m.group,
+                m.bits,
+                True,
+            ),
+        )
 
 
 def matmul_nbits_session(out: int, inp: int, group: int, seed: int):
@@ -258,6 +275,9 @@ def to_markdown(result: dict, command: str) -> str:
         f"Threads: {result['threads']} (torch, onnxruntime intra-op, OpenMP); measured read bandwidth "
         f"{result['bandwidth_GBps']:.1f} GB/s (read-only reduction over 512 MiB, same threads); torch {result['torch']}.",
         "Weights rotate through copies totalling >= 4x the 32 MiB L3. floor = weight bytes / bandwidth.",
+        "Activations: fp32 except torch bf16 / int4 (bf16 x), MatMulNBits accuracy level 4 (int8 x), "
+        "quantize_dynamic (int8 x) and effc's opt-in `int8 x (VNNI)` row (x quantized to int8 per "
+        "block of 16; at M = 1 it runs the exact fp32 GEMV).",
         "",
     ]
     by_case: dict = {}
@@ -290,10 +310,7 @@ def main() -> None:
     batches = [1, 8] if args.quick else [1, 8, 64]
     result = run(shapes, batches)
     command = "python -m tools.bench.bsr_linear" + (" --quick" if args.quick else "")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.out + ".md").write_text(to_markdown(result, command) + "\n")
-    print(to_markdown(result, command))
+    save(args.out, result, to_markdown(result, command))
 
 
 if __name__ == "__main__":

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 THREADS = int(os.environ.get("EFFC_THREADS", "2"))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from tools.results import save  # noqa: E402
 
 DEFAULT_PIPELINES = {
     "W4S50": "group-prune{sparsity=0.5},quantize{bits=4,group=16}",
@@ -203,14 +203,7 @@ def main() -> None:
         },
         "prompt": tokenizer.decode(prompt),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "checks": checks, "rows": rows}, indent=1) + "\n"
-    )
-    md = to_markdown(meta, checks, rows)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    save(args.out, {"meta": meta, "checks": checks, "rows": rows}, to_markdown(meta, checks, rows))
 
 
 def to_markdown(meta: dict, checks: dict, rows: list[dict]) -> str:

@@ -16,17 +16,17 @@ bandwidth measured in the same run: a memory-traffic floor for an unfused execut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 THREADS = int(os.environ.get("EFFC_THREADS", "2"))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from tools.results import save  # noqa: E402
 
 EXACT = "fixpoint(cleanup,fuse),layernorm,fixpoint(cleanup,fuse)"
 
@@ -171,12 +171,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "onnxruntime": __import__("onnxruntime").__version__,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    md = to_markdown(meta, rows)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    save(args.out, {"meta": meta, "rows": rows}, to_markdown(meta, rows))
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:

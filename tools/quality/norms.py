@@ -15,7 +15,6 @@ a fresh copy of the model; ``tanh`` trains on the torch model (FX) and is then l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from tools.results import save  # noqa: E402
 
 EXACT = "fixpoint(cleanup,fuse),layernorm,fixpoint(cleanup,fuse)"
 ROWS = {
@@ -211,14 +212,7 @@ def main() -> None:
         "command": f"python -m tools.quality.norms --tanh-steps {args.tanh_steps}",
         "threads": THREADS,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "sr": sr, "minilm": lm}, indent=1) + "\n"
-    )
-    md = to_markdown(meta, sr, lm)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+    save(args.out, {"meta": meta, "sr": sr, "minilm": lm}, to_markdown(meta, sr, lm))
 
 
 def to_markdown(meta: dict, sr: list[dict], lm: list[dict]) -> str:

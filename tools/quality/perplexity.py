@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from tools.results import save  # noqa: E402
+
 # The block-wise training budget every trained row gets (W4S50 and the 2:4 baselines alike):
 # 128 Adam steps per transformer block over 16 calibration windows, lr 3e-3 cosine-annealed.
 BQPO = "gqsa-train{stage=bqpo,steps=128,lr=0.003,samples=16}"
@@ -175,11 +177,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:  # after every row, so a long run loses nothing
-        out.with_suffix(".json").write_text(
-            json.dumps({"meta": meta, "rows": results}, indent=1) + "\n"
-        )
-        out.with_suffix(".md").write_text(to_markdown(meta, results, args) + "\n")
+    def save_all() -> None:  # after every row, so a long run loses nothing
+        save(out, {"meta": meta, "rows": results}, to_markdown(meta, results, args), echo=False)
 
     # rows of an earlier run with the same settings are kept; a row run again replaces its own
     previous = out.with_suffix(".json")
@@ -233,7 +232,7 @@ def main() -> None:
             results[same[0]] = row
         else:
             results.append(row)
-        save()
+        save_all()
         print(f"{name:<40} ppl {ppl:10.2f}  ({seconds:.0f} s)", flush=True)
     print(to_markdown(meta, results, args))
 
