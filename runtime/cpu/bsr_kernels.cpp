@@ -8,7 +8,6 @@
 #include <omp.h>
 #include <cstdint>
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -97,31 +96,6 @@ inline std::pair<int64_t, int64_t> thread_rows(const int32_t* indptr, int64_t N)
   return {first, last};
 }
 
-// Rows [first, last) in panels of ``panel`` rows; within a panel, K in chunks of ``chunk`` column
-// blocks, so the slice of x a chunk needs stays in cache while every row of the panel uses it.
-// Each row keeps a cursor into its ascending blocks; ``fn(r, p0, b0, b1)`` gets row r's blocks in
-// the chunk (never empty), ``done(p0, p1)`` ends each panel.
-template <class Fn, class Done>
-inline void panel_chunks(const int32_t* indptr, const uint16_t* indices, int64_t first, int64_t last, int64_t C,
-                         int64_t chunk, int64_t panel, Fn&& fn, Done&& done) {
-  std::vector<int32_t> cursor(panel);
-  for (int64_t p0 = first; p0 < last; p0 += panel) {
-    const int64_t p1 = std::min(p0 + panel, last);
-    std::copy(indptr + p0, indptr + p1, cursor.begin());
-    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-      const int64_t c1 = std::min(c0 + chunk, C);
-      for (int64_t r = p0; r < p1; ++r) {
-        const int32_t b0 = cursor[r - p0], row_end = indptr[r + 1];
-        int32_t b1 = b0;
-        while (b1 < row_end && indices[b1] < c1) ++b1;
-        cursor[r - p0] = b1;
-        if (b0 < b1) fn(r, p0, b0, b1);
-      }
-    }
-    done(p0, p1);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // int8-activation mode (opt-in, lossy in x like MatMulNBits accuracy_level 4 and llama.cpp's
 // Q4 x Q8): x is quantized per (row m, column block of g) to int8 with its own fp32 scale, and
@@ -134,12 +108,11 @@ inline void panel_chunks(const int32_t* indptr, const uint16_t* indices, int64_t
 // x layout: xq[((c * g/4 + k/4) * Mp + m) * 4 + k % 4], so one 32-byte load feeds 8 rows.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")
-namespace avx512 {
+namespace a8 {
 
 constexpr int TILE = 8;   // rows of x per ymm accumulator
 constexpr int TILES = 8;  // accumulators kept in registers (64 rows of x)
-static const int64_t GEMV_CHUNK_BYTES = std::getenv("EFFC_GEMV_CHUNK") ? std::atoll(std::getenv("EFFC_GEMV_CHUNK")) : 16 * 1024;
-static const int64_t CHUNK_BYTES = std::getenv("EFFC_A8_CHUNK") ? std::atoll(std::getenv("EFFC_A8_CHUNK")) : 24 * 1024;
+constexpr int64_t CHUNK_BYTES = 24 * 1024;  // quantized x, sx and sxq of one K chunk (all rows): L1
 
 // x (M, K) fp32 -> xq (layout above), sx[c * Mp + m] and sxq[c * Mp + m] = sx * sum_k q;
 // rows M..Mp-1 are zero.
@@ -232,6 +205,8 @@ inline void row_all_tiles(const int8_t* xq, const float* sx, const float* sxq, i
 
 // Rows in panels; within a panel K is cut into chunks whose quantized x, sx and sxq (all rows of
 // x) stay in L1, and each row's partial sums live in a panel buffer (as in gemm_chunked).
+// The panel walk is written out as in gemm_chunked on purpose: one shared helper taking the
+// per-row work as a lambda measured 3-10% slower at M = 64.
 template <int G>
 void gemm_a8(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices, const uint8_t* values,
              const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
@@ -244,94 +219,31 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int32_t* indptr, const 
 #pragma omp parallel
   {
     const auto [first, last] = thread_rows(indptr, N);
+    std::vector<int32_t> cursor(PANEL);
     std::vector<float> part((size_t)PANEL * Mp);
-    panel_chunks(
-        indptr, indices, first, last, C, chunk, PANEL,
-        [&](int64_t r, int64_t p0, int32_t b0, int32_t b1) {
+    for (int64_t p0 = first; p0 < last; p0 += PANEL) {
+      const int64_t p1 = std::min(p0 + PANEL, last);
+      std::copy(indptr + p0, indptr + p1, cursor.begin());
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+        const int64_t c1 = std::min(c0 + chunk, C);
+        for (int64_t r = p0; r < p1; ++r) {
+          const int32_t b0 = cursor[r - p0], row_end = indptr[r + 1];
+          int32_t b1 = b0;
+          while (b1 < row_end && indices[b1] < c1) ++b1;
+          cursor[r - p0] = b1;
+          if (b0 == b1) continue;
           row_all_tiles<G>(xq.data(), sx.data(), sxq.data(), Mp, indices, values, scales, zeros, b0, b1,
                            part.data() + (r - p0) * Mp);
-        },
-        [&](int64_t p0, int64_t p1) {
-          for (int64_t m = 0; m < M; ++m)  // along rows of y (contiguous stores)
-            for (int64_t r = p0; r < p1; ++r) y[m * N + r] = part[(r - p0) * Mp + m];
-          std::fill(part.begin(), part.end(), 0.0f);
-        });
-  }
-}
-
-// Exact fp32 GEMV (M = 1) with 512-bit vectors: each 16-element piece of a block is one
-// broadcast load of its 8 bytes, a variable shift that puts the high nibbles in the upper
-// 8 bytes, one zero-extension to 16 int32 lanes, one conversion, and two FMAs
-// (w = code * s - z * s, then acc += w * x): about 10 instructions per 16 weights against 15 for
-// the AVX2 path; chosen at run time where the CPU has AVX-512. Where x is larger than L1 (K above
-// 6144 floats), rows go in panels and K in chunks of x that stay in L1, partial sums per row.
-template <int BITS, int G>
-void gemv512(const float* x, int64_t K, const int32_t* indptr, const uint16_t* indices, const uint8_t* values,
-             const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
-  constexpr int V = G / 16;
-  constexpr int64_t bytes = (int64_t)G * BITS / 8;
-  constexpr int64_t PANEL = 256;
-  const int64_t C = K / G;
-  const int64_t chunk = K * 4 <= 24 * 1024 ? C : std::max<int64_t>(1, (GEMV_CHUNK_BYTES / 4) / G);
-#pragma omp parallel
-  {
-    const auto [first, last] = thread_rows(indptr, N);
-    std::vector<float> S(C + 16), NZS(C + 16), part(PANEL);
-    const __m128i shift = _mm_set_epi64x(4, 0), low = _mm_set1_epi8(0x0F);
-    // sum over blocks [begin, end) of one row
-    auto blocks = [&](int32_t begin, int32_t end) {
-      int32_t b = begin;
-      for (; b + 16 <= end; b += 16) {
-        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b)));
-        const __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + b))));
-        _mm512_storeu_ps(S.data() + (b - begin), sv);
-        _mm512_storeu_ps(NZS.data() + (b - begin), _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), zv), sv));
-      }
-      for (; b < end; ++b) {
-        S[b - begin] = _cvtsh_ss(scales[b]);
-        NZS[b - begin] = -(float)zeros[b] * S[b - begin];
-      }
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      auto piece = [&](int32_t blk, int v, __m512 a) {
-        const uint8_t* p = values + (int64_t)blk * bytes + (BITS == 4 ? 8 : 16) * v;
-        __m128i codes;
-        if constexpr (BITS == 4) {
-          int64_t packed;
-          std::memcpy(&packed, p, 8);
-          codes = _mm_and_si128(_mm_srlv_epi64(_mm_set1_epi64x(packed), shift), low);
-        } else {
-          codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
         }
-        const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), _mm512_set1_ps(S[blk - begin]),
-                                         _mm512_set1_ps(NZS[blk - begin]));
-        return _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (int64_t)indices[blk] * G + 16 * v), a);
-      };
-      b = begin;
-      if constexpr (V == 1) {
-        for (; b + 4 <= end; b += 4)
-          for (int u = 0; u < 4; ++u) acc[u] = piece(b + u, 0, acc[u]);
-        for (; b < end; ++b) acc[0] = piece(b, 0, acc[0]);
-      } else {
-        for (; b < end; ++b)
-          for (int v = 0; v < V; ++v) acc[v % 4] = piece(b, v, acc[v % 4]);
       }
-      return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-    };
-    if (chunk >= C) {
-      for (int64_t r = first; r < last; ++r) y[r] = blocks(indptr[r], indptr[r + 1]);
-    } else {
-      panel_chunks(
-          indptr, indices, first, last, C, chunk, PANEL,
-          [&](int64_t r, int64_t p0, int32_t b0, int32_t b1) { part[r - p0] += blocks(b0, b1); },
-          [&](int64_t p0, int64_t p1) {
-            std::copy(part.begin(), part.begin() + (p1 - p0), y + p0);
-            std::fill(part.begin(), part.end(), 0.0f);
-          });
+      for (int64_t m = 0; m < M; ++m)  // along rows of y (contiguous stores)
+        for (int64_t r = p0; r < p1; ++r) y[m * N + r] = part[(r - p0) * Mp + m];
     }
   }
 }
 
-}  // namespace avx512
+}  // namespace a8
 #pragma GCC pop_options
 
 // Small GEMM for M > MT: each thread walks its rows in panels of up to 256 rows; within a panel K
@@ -347,58 +259,61 @@ void gemm_chunked(const float* x, int64_t M, int64_t K, const int32_t* indptr, c
   constexpr int64_t PANEL = 256;
 #pragma omp parallel
   {
-    const auto [first, last] = thread_rows(indptr, N);
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t first = row_for_block(indptr, N, (int64_t)indptr[N] * tid / nth);
+    const int64_t last = tid + 1 == nth ? N : row_for_block(indptr, N, (int64_t)indptr[N] * (tid + 1) / nth);
+    std::vector<int32_t> cursor(PANEL);
     std::vector<float> wbuf((size_t)chunk * G), S(chunk + 8), Z(chunk + 8), part((size_t)PANEL * M);
-    auto rows = [&](int64_t r, int64_t p0, int32_t b0, int32_t b1) {
-      row_params(scales, zeros, b0, b1, S.data(), Z.data());
-      Block<BITS, G> blk;
-      for (int32_t b = b0; b < b1; ++b) {
-        blk.load(values, b, Z[b - b0], S[b - b0]);
-        blk.store(wbuf.data() + (int64_t)(b - b0) * G);
-      }
-      float* out = part.data() + (r - p0) * M;
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int mt = (int)std::min<int64_t>(MT, M - m0);
-        __m256 acc[MT];
-        for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
-        const float* xm = x + m0 * K;
-        for (int32_t b = b0; b < b1; ++b) {
-          const float* wp = wbuf.data() + (int64_t)(b - b0) * G;
-          const float* xp = xm + (int64_t)indices[b] * G;
-          for (int k = 0; k < G / 8; ++k) {
-            const __m256 w = _mm256_loadu_ps(wp + 8 * k);
-            if (mt == MT) {
-              for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
-            } else {
-              for (int i = 0; i < mt; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
+    for (int64_t p0 = first; p0 < last; p0 += PANEL) {
+      const int64_t p1 = std::min(p0 + PANEL, last);
+      std::copy(indptr + p0, indptr + p1, cursor.begin());
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
+        const int64_t c1 = std::min(c0 + chunk, cols);
+        for (int64_t r = p0; r < p1; ++r) {
+          const int32_t b0 = cursor[r - p0], row_end = indptr[r + 1];
+          int32_t b1 = b0;
+          while (b1 < row_end && indices[b1] < c1) ++b1;
+          cursor[r - p0] = b1;
+          if (b0 == b1) continue;
+          row_params(scales, zeros, b0, b1, S.data(), Z.data());
+          Block<BITS, G> blk;
+          for (int32_t b = b0; b < b1; ++b) {
+            blk.load(values, b, Z[b - b0], S[b - b0]);
+            blk.store(wbuf.data() + (int64_t)(b - b0) * G);
+          }
+          float* out = part.data() + (r - p0) * M;
+          for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mt = (int)std::min<int64_t>(MT, M - m0);
+            __m256 acc[MT];
+            for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+            const float* xm = x + m0 * K;
+            for (int32_t b = b0; b < b1; ++b) {
+              const float* wp = wbuf.data() + (int64_t)(b - b0) * G;
+              const float* xp = xm + (int64_t)indices[b] * G;
+              for (int k = 0; k < G / 8; ++k) {
+                const __m256 w = _mm256_loadu_ps(wp + 8 * k);
+                if (mt == MT) {
+                  for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
+                } else {
+                  for (int i = 0; i < mt; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + i * K + 8 * k), acc[i]);
+                }
+              }
             }
+            for (int i = 0; i < mt; ++i) out[m0 + i] += hsum(acc[i]);
           }
         }
-        for (int i = 0; i < mt; ++i) out[m0 + i] += hsum(acc[i]);
       }
-    };
-    panel_chunks(indptr, indices, first, last, cols, chunk, PANEL, rows, [&](int64_t p0, int64_t p1) {
-      for (int64_t m = 0; m < M; ++m)  // along rows of y (contiguous stores)
-        for (int64_t r = p0; r < p1; ++r) y[m * N + r] = part[(r - p0) * M + m];
-      std::fill(part.begin(), part.end(), 0.0f);
-    });
+      for (int64_t r = p0; r < p1; ++r)
+        for (int64_t m = 0; m < M; ++m) y[m * N + r] = part[(r - p0) * M + m];
+    }
   }
-}
-
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
 }
 
 template <int BITS, int G>
 void kernel(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices,
             const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
   const int64_t max_row = K / G;
-  if (M == 1 && has_avx512() && !std::getenv("EFFC_BSR_AVX2")) {
-    avx512::gemv512<BITS, G>(x, K, indptr, indices, values, scales, zeros, y, N);
-    return;
-  }
   if (M > MT) {
     gemm_chunked<BITS, G>(x, M, K, indptr, indices, values, scales, zeros, y, N);
     return;
@@ -481,7 +396,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
 bool has_a8() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"); }
 
-// The int8-activation mode (see namespace avx512): int4 weights only (code - zero must fit int8).
+// The int8-activation mode (see namespace a8): int4 weights only (code - zero must fit int8).
 torch::Tensor bsr_linear_a8(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                             torch::Tensor scales, torch::Tensor zeros, int64_t out_features, int64_t group) {
   TORCH_CHECK(has_a8(), "the int8-activation BSR kernel needs a CPU with AVX512-VNNI");
@@ -493,10 +408,10 @@ torch::Tensor bsr_linear_a8(torch::Tensor x, torch::Tensor indptr, torch::Tensor
   const auto* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   auto args = std::make_tuple(x.data_ptr<float>(), x.size(0), x.size(1), indptr.data_ptr<int32_t>(), idx,
                               values.data_ptr<uint8_t>(), sc, zeros.data_ptr<uint8_t>(), y.data_ptr<float>(), out_features);
-  if (group == 16) std::apply(avx512::gemm_a8<16>, args);
-  else if (group == 32) std::apply(avx512::gemm_a8<32>, args);
-  else if (group == 64) std::apply(avx512::gemm_a8<64>, args);
-  else if (group == 128) std::apply(avx512::gemm_a8<128>, args);
+  if (group == 16) std::apply(a8::gemm_a8<16>, args);
+  else if (group == 32) std::apply(a8::gemm_a8<32>, args);
+  else if (group == 64) std::apply(a8::gemm_a8<64>, args);
+  else if (group == 128) std::apply(a8::gemm_a8<128>, args);
   else TORCH_CHECK(false, "group must be 16, 32, 64 or 128");
   return y;
 }
