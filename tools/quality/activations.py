@@ -76,14 +76,11 @@ def to_markdown(result: dict, command: str) -> str:
         f"{result['seqlen']} tokens of the evaluation articles (M = {result['seqlen']} per "
         f"linear). Threads: {result['threads']}.",
         "",
-        "| setting | perplexity | vs reference | eval seconds |",
-        "|---|---:|---:|---:|",
+        "| setting | perplexity | vs reference |",
+        "|---|---:|---:|",
     ]
     for r in result["rows"]:
-        lines.append(
-            f"| {r['setting']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.4f}x | "
-            f"{r['seconds']:.1f} |"
-        )
+        lines.append(f"| {r['setting']} | {r['perplexity']:.3f} | {r['perplexity'] / base:.4f}x |")
     return "\n".join(lines)
 
 
