@@ -130,8 +130,14 @@ void quantize_x(const float* x, int64_t M, int64_t K, int64_t Mp, int8_t* xq, fl
       }
       const float* xp = x + m * K + c * G;
       __m512 amax = _mm512_setzero_ps();
-      for (int v = 0; v < G / 16; ++v) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xp + 16 * v)));
-      const float mx = _mm512_reduce_max_ps(amax);
+      __mmask16 nan = 0;
+      for (int v = 0; v < G / 16; ++v) {
+        const __m512 xv = _mm512_loadu_ps(xp + 16 * v);
+        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(xv));
+      }
+      // a NaN in x makes this block's scale NaN, so it reaches y as in the fp32 path
+      const float mx = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(amax);
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       __m512i total = _mm512_setzero_si512();
       for (int v = 0; v < G / 16; ++v) {

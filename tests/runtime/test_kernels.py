@@ -204,3 +204,16 @@ def test_activation_mode_errors_and_int8_weights():
     np.testing.assert_allclose(
         layer(x).double(), x.double() @ m.to_dense().double().T, rtol=1e-5, atol=1e-5
     )
+
+
+def test_int8_activations_propagate_nan_and_inf(kernels):
+    """A NaN or inf in x reaches y (as in the fp32 kernel) instead of becoming finite garbage."""
+    if not kernels.has_a8():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    m, _ = random_matrix(out=16, inp=64, group=16, bits=4, density=1.0, seed=2)
+    x = torch.randn(4, 64)
+    x[1, 5] = float("nan")
+    x[2, 40] = float("inf")
+    y = kernels.bsr_linear_a8(x, m.indptr, m.indices, m.values, m.scales, m.zeros, 16, 16)
+    assert y[1].isnan().all() and not y[2].isfinite().any()
+    assert y[[0, 3]].isfinite().all()
