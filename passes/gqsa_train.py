@@ -431,28 +431,18 @@ class GQSATrain(Pass):
         fakes = self._fakes(model, tail)
         names = list(tail)
 
-        def tail_loss(i):
-            return sum(
-                nn.functional.mse_loss(fakes[f][0](inputs[f][i]), targets[f][i]) for f in names
-            )
+        def tail_loss(i, layer=lambda f: fakes[f][0]):
+            return sum(nn.functional.mse_loss(layer(f)(inputs[f][i]), targets[f][i]) for f in names)
 
-        with torch.no_grad():
-            before = sum(float(tail_loss(i)) for i in range(len(data))) / len(data)
+        def mean_loss(layer) -> float:
+            with torch.no_grad():
+                return sum(float(tail_loss(i, layer)) for i in range(len(data))) / len(data)
+
+        before = mean_loss(lambda f: fakes[f][0])
         self._fit(fakes, tail_loss, len(data), advance)
         for fqn, (fq, linear) in fakes.items():
             self._finish(model, fqn, fq, linear)
-        with torch.no_grad():
-            after = sum(
-                float(
-                    sum(
-                        nn.functional.mse_loss(
-                            model.module.get_submodule(f)(inputs[f][i]), targets[f][i]
-                        )
-                        for f in names
-                    )
-                )
-                for i in range(len(data))
-            ) / len(data)
+        after = mean_loss(model.module.get_submodule)  # the trained layers, swapped back in
         return {"tail_sites": names, "tail_mse_before": before, "tail_mse_after": after}
 
     def _e2e(self, model, data) -> dict:
