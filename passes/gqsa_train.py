@@ -15,7 +15,10 @@ when ``tail=true``: their inputs from the compressed model, their targets the or
 the original model's inputs.
 
 stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales are trained end to
-end on the language-model loss over the calibration tokens.
+end on the calibration tokens, with ``loss=lm`` on the next-token loss (the paper's), with
+``loss=kd`` on the KL divergence from the original model's next-token distribution (a teacher
+copy of the model with the original weights back in; every token then carries a whole
+distribution, not one label, which matters when calibration data is small).
 
 Both write the final codes and fp16 scales back into the annotations (so the BSR packer stores
 exactly what was trained) and the dequantized weights into the model, and report the budget
@@ -196,6 +199,7 @@ class GQSATrain(Pass):
         scale_lr: float = 0.0  # bqpo: the scales' learning rate (0: the same as lr)
         target: Literal["local", "model"] = "local"  # bqpo: see the module docstring
         tail: bool = False  # bqpo: also train compressed sites after the last block (lm_head)
+        loss: Literal["lm", "kd"] = "lm"  # e2e: next-token loss, or KL to the original model
 
     def validate(self) -> None:
         o = self.options
@@ -207,6 +211,10 @@ class GQSATrain(Pass):
             raise PassOptionError(
                 "pass 'gqsa-train': target and tail are bqpo options (stage=e2e trains scales "
                 "end to end)"
+            )
+        if o.stage == "bqpo" and o.loss != "lm":
+            raise PassOptionError(
+                "pass 'gqsa-train': loss is an e2e option (bqpo matches each block's output)"
             )
 
     def requires(self, model, ctx) -> None:
@@ -241,7 +249,7 @@ class GQSATrain(Pass):
                     "tail": self.options.tail,
                 }
                 if self.options.stage == "bqpo"
-                else {}
+                else {"loss": self.options.loss}
             ),
             "tokens": int(sum(np.asarray(next(iter(x.values()))).size for x in data)),
         }
@@ -409,9 +417,11 @@ class GQSATrain(Pass):
                 h.remove()
         return seen
 
-    def _tail_targets(self, model, tail: dict, data) -> dict[str, list[torch.Tensor]]:
-        """The original layers' outputs on the original model's inputs (every compressed site
-        holds its original weight for this one pass, then gets its compressed weight back)."""
+    def _tail_targets(self, model, tail: dict, data) -> dict:
+        """What the original layers compute on the original model's inputs: {fqn: (inputs,
+        original weight, bias)}. Only the inputs are stored (logits for many samples would not
+        fit in memory); the loss runs the original layer on them. Every compressed site holds its
+        original weight for one pass over the data, then gets its compressed weight back."""
         everything = self._sites(model)
         kept = {}
         with torch.no_grad():
@@ -421,18 +431,30 @@ class GQSATrain(Pass):
                 weight.copy_(notes["original"])
             try:
                 seen = self._site_inputs(model, list(tail), data)
-                return {f: [model.module.get_submodule(f)(x) for x in xs] for f, xs in seen.items()}
             finally:
                 for fqn, w in kept.items():
                     model.module.get_submodule(fqn).weight.copy_(w)
+        return {
+            f: (
+                xs,
+                everything[f]["original"].detach().float(),
+                model.module.get_submodule(f).bias,
+            )
+            for f, xs in seen.items()
+        }
 
     def _train_tail(self, model, tail, targets, data, advance) -> dict:
         inputs = self._site_inputs(model, list(tail), data)
         fakes = self._fakes(model, tail)
         names = list(tail)
 
+        def target(f, i):
+            xs, weight, bias = targets[f]
+            with torch.no_grad():
+                return nn.functional.linear(xs[i], weight, bias)
+
         def tail_loss(i, layer=lambda f: fakes[f][0]):
-            return sum(nn.functional.mse_loss(layer(f)(inputs[f][i]), targets[f][i]) for f in names)
+            return sum(nn.functional.mse_loss(layer(f)(inputs[f][i]), target(f, i)) for f in names)
 
         def mean_loss(layer) -> float:
             with torch.no_grad():
@@ -445,8 +467,19 @@ class GQSATrain(Pass):
         after = mean_loss(model.module.get_submodule)  # the trained layers, swapped back in
         return {"tail_sites": names, "tail_mse_before": before, "tail_mse_after": after}
 
+    def _teacher(self, model) -> nn.Module:
+        """A copy of the model with every compressed site's original weight back in."""
+        teacher = copy.deepcopy(model.module).eval()
+        with torch.no_grad():
+            for fqn, notes in self._sites(model).items():
+                teacher.get_submodule(fqn).weight.copy_(notes["original"])
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
     def _e2e(self, model, data) -> dict:
         module = model.module
+        teacher = self._teacher(model) if self.options.loss == "kd" else None
         fakes = {}
         for fqn, notes in self._sites(model).items():
             if "codes" not in notes:
@@ -456,29 +489,50 @@ class GQSATrain(Pass):
             _swap(module, fqn, fakes[fqn][0])
         opt = torch.optim.Adam([fq.scale for fq, _ in fakes.values()], lr=self.options.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
-        losses = []
+        losses, lm = [], []
         progress, task = _progress(self.options.steps, "e2e-oqp")
         try:
             with progress:
                 for step in range(self.options.steps):
-                    x = data[step % len(data)]
-                    ids = torch.from_numpy(np.asarray(x["input_ids"]))
-                    logits = module(**{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()})
-                    logits = getattr(logits, "logits", logits)
-                    loss = nn.functional.cross_entropy(
-                        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+                    x = {
+                        k: torch.from_numpy(np.asarray(v))
+                        for k, v in data[step % len(data)].items()
+                    }
+                    logits = _logits(module(**x))
+                    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+                    next_token = nn.functional.cross_entropy(
+                        flat, x["input_ids"][:, 1:].reshape(-1)
                     )
+                    if teacher is None:
+                        loss = next_token
+                    else:  # KL(original || compressed) over the vocabulary, per token
+                        with torch.no_grad():
+                            target = _logits(teacher(**x))[:, :-1].reshape(flat.shape)
+                        loss = nn.functional.kl_div(
+                            nn.functional.log_softmax(flat, -1),
+                            nn.functional.log_softmax(target, -1),
+                            log_target=True,
+                            reduction="batchmean",
+                        )
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     schedule.step()
                     losses.append(float(loss.detach()))
+                    lm.append(float(next_token.detach()))
                     progress.advance(task)
         finally:
             for fqn, (fq, linear) in fakes.items():
                 self._finish(model, fqn, fq, linear)
-        return {
+        stats = {
             "layers": len(fakes),
-            "lm_loss_first_step": losses[0],
-            "lm_loss_last_step": losses[-1],
+            "lm_loss_first_step": lm[0],
+            "lm_loss_last_step": lm[-1],
         }
+        if teacher is not None:
+            stats.update(kd_loss_first_step=losses[0], kd_loss_last_step=losses[-1])
+        return stats
+
+
+def _logits(out) -> torch.Tensor:
+    return getattr(out, "logits", out)

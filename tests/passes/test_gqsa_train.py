@@ -166,3 +166,50 @@ def test_bqpo_model_target_and_tail_train_towards_the_original_model():
     )
     torch.testing.assert_close(model.lm_head.weight.detach(), expected, rtol=0, atol=0)
     assert _final_hidden_error(model, original, _calib()) < one_shot
+
+
+def _kl_to(model, original, calib) -> float:
+    """Mean per-token KL(original || model) of the next-token distributions."""
+    with torch.no_grad():
+        kls = []
+        for x in calib:
+            ids = torch.from_numpy(x["input_ids"])
+            p, q = (
+                getattr(out, "logits", out)[0].log_softmax(-1)
+                for out in (original(input_ids=ids), model(input_ids=ids))
+            )
+            kls.append(
+                float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
+            )
+    return sum(kls) / len(kls)
+
+
+def test_e2e_kd_moves_scales_towards_the_original_model():
+    """loss=kd: only scales train (codes fixed), and the KL to the original model goes down."""
+    import copy
+
+    from effc.models import BUILTINS
+
+    model = BUILTINS["tiny-llama"][0]()
+    original = copy.deepcopy(model)
+    ctx = effc.PassContext(calibration=_calib())
+    result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
+        model, ctx
+    )
+    before = _kl_to(model, original, _calib())
+    codes = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
+    trained = effc.Pipeline.from_text("gqsa-train{stage=e2e,loss=kd,steps=20,lr=0.003}").run(
+        result.model, ctx
+    )
+    stats = trained.report.records[0].stats
+    assert stats["loss"] == "kd" and stats["kd_loss_last_step"] < stats["kd_loss_first_step"]
+    for name, c in codes.items():
+        assert torch.equal(trained.model.annotations[name]["codes"], c), name
+    assert _kl_to(model, original, _calib()) < 0.9 * before
+
+
+def test_kd_loss_is_an_e2e_option():
+    from effc.errors import PassOptionError
+
+    with pytest.raises(PassOptionError, match="loss is an e2e option"):
+        effc.Pipeline.from_text("gqsa-train{stage=bqpo,loss=kd}")
