@@ -36,17 +36,17 @@ def check_activations(activations: str, bits: int) -> bool:
 def bsr_matmul(x2: torch.Tensor, matrix_arrays, out_features: int, group: int, bits: int, a8: bool):
     """The kernel call behind every BSR layer: x2 (M, K) float32 contiguous. With ``a8`` (int4
     weights, int8-activation mode), rows of x are quantized to int8 per block of ``group`` and
-    multiplied with VNNI dot products; at M = 1 the exact fp32 GEMV is used (it is faster there)."""
+    multiplied with VNNI dot products (at M = 1 too: its GEMV runs lanes over K)."""
     from effc.runtime.cpu import kernels
 
-    if a8 and x2.shape[0] > 1:
+    if a8:
         return kernels().bsr_linear_a8(x2, *matrix_arrays, out_features, group)
     return kernels().bsr_linear(x2, *matrix_arrays, out_features, group, bits)
 
 
 class BSRLinear(nn.Module):
     """y = x W^T + b with W stored as BSR (1 x g int4/int8 blocks). ``activations="int8"``
-    (opt-in, lossy) quantizes x to int8 per block for int4 layers at M > 1 (see ``bsr_matmul``)."""
+    (opt-in, lossy) quantizes x to int8 per block for int4 layers (see ``bsr_matmul``)."""
 
     def __init__(
         self, matrix: BSRMatrix, bias: torch.Tensor | None = None, activations: str = "fp32"

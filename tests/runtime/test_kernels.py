@@ -144,7 +144,7 @@ def _quantized_x(x, group):
 
 
 @pytest.mark.parametrize("group", [16, 32, 64, 128])
-@pytest.mark.parametrize("M", [2, 3, 8, 9, 17, 64, 70])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 17, 64, 70])
 def test_int8_activations_match_their_quantized_reference(kernels, group, M):
     if not kernels.has_a8():
         pytest.skip("this CPU has no AVX512-VNNI")
@@ -180,13 +180,14 @@ def test_int8_activations_ragged_rows_and_long_k(kernels):
     mask[0] = False
     mask[1] = True
     m = from_quantized(codes, scale, zero, mask, 4)
-    x = torch.randn(12, inp, generator=gen)
-    reference = _quantized_x(x, g) @ m.to_dense().double().T
-    for threads in (1, 2, 3):
-        torch.set_num_threads(threads)
-        y = kernels.bsr_linear_a8(x, m.indptr, m.indices, m.values, m.scales, m.zeros, out, g)
-        assert (y[:, 0] == 0).all()
-        np.testing.assert_allclose(y.double(), reference, rtol=1e-5, atol=1e-3)
+    for M in (1, 12):  # the GEMV (lanes over K) and the GEMM (lanes over rows of x)
+        x = torch.randn(M, inp, generator=gen)
+        reference = _quantized_x(x, g) @ m.to_dense().double().T
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y = kernels.bsr_linear_a8(x, m.indptr, m.indices, m.values, m.scales, m.zeros, out, g)
+            assert (y[:, 0] == 0).all()
+            np.testing.assert_allclose(y.double(), reference, rtol=1e-5, atol=1e-3)
     torch.set_num_threads(2)
 
 
@@ -217,3 +218,10 @@ def test_int8_activations_propagate_nan_and_inf(kernels):
     y = kernels.bsr_linear_a8(x, m.indptr, m.indices, m.values, m.scales, m.zeros, 16, 16)
     assert y[1].isnan().all() and not y[2].isfinite().any()
     assert y[[0, 3]].isfinite().all()
+    for row in (1, 2):  # the M = 1 kernel (lanes over K) as well
+        one = kernels.bsr_linear_a8(
+            x[row : row + 1], m.indptr, m.indices, m.values, m.scales, m.zeros, 16, 16
+        )
+        assert not one.isfinite().any()
+    one = kernels.bsr_linear_a8(x[:1], m.indptr, m.indices, m.values, m.scales, m.zeros, 16, 16)
+    torch.testing.assert_close(one, y[:1], rtol=1e-5, atol=1e-4)

@@ -179,7 +179,7 @@ def methods(out: int, inp: int, seed: int, rotate: int = ROTATE_BYTES):
                 X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
             ),
         )
-    if k.has_a8():  # the opt-in int8-activation mode (M = 1 runs the exact fp32 GEMV)
+    if k.has_a8():  # the opt-in int8-activation mode
         from effc.runtime.modules import bsr_matmul
 
         nbytes = sum(make_bsr(out, inp, 0.5, 4, 16, seed).nbytes().values())
@@ -277,7 +277,7 @@ def to_markdown(result: dict, command: str) -> str:
         "Weights rotate through copies totalling >= 4x the 32 MiB L3. floor = weight bytes / bandwidth.",
         "Activations: fp32 except torch bf16 / int4 (bf16 x), MatMulNBits accuracy level 4 (int8 x), "
         "quantize_dynamic (int8 x) and effc's opt-in `int8 x (VNNI)` row (x quantized to int8 per "
-        "block of 16; at M = 1 it runs the exact fp32 GEMV).",
+        "block of 16).",
         "",
     ]
     by_case: dict = {}
