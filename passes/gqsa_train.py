@@ -379,12 +379,13 @@ class GQSATrain(Pass):
                 )
                 for fqn, (fq, linear) in fakes.items():
                     self._finish(model, fqn, fq, linear)
-                with torch.no_grad():
+                with torch.no_grad():  # one forward gives the next block's inputs and the loss
+                    outputs = [_hidden(student(*a, **k)) for a, k in inputs]
                     last_loss += sum(
-                        float(nn.functional.mse_loss(_hidden(student(*a, **k)), t))
-                        for (a, k), t in zip(inputs, targets)
+                        float(nn.functional.mse_loss(o, t)) for o, t in zip(outputs, targets)
                     ) / len(inputs)
-                    inputs = [((_hidden(student(*a, **k)), *a[1:]), k) for a, k in inputs]
+                    inputs = [((o, *a[1:]), k) for o, (a, k) in zip(outputs, inputs)]
+                    del outputs
             stats = {
                 "blocks": len(blocks),
                 "block_mse_first_step": first_loss,

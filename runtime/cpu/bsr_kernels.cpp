@@ -120,7 +120,7 @@ template <int G>
 void quantize_x(const float* x, int64_t M, int64_t K, int64_t Mp, int8_t* xq, float* sx, float* sxq) {
   constexpr int Q = G / 4;
   const int64_t C = K / G;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (Mp > 1)  // M = 1: no thread start-up for one row
   for (int64_t m = 0; m < Mp; ++m) {  // rows of x in order: x is read sequentially
     for (int64_t c = 0; c < C; ++c) {
       if (m >= M) {
@@ -292,24 +292,15 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
       for (int64_t u = 0; u < units; u += 4) {
         const int64_t j0 = u / UPB;  // first block of these four units
         const bool full = units - u >= 4;
-        // the blocks' floats, one lane each, built in registers (lanes past the row's end are zero)
-        __m128 sxv, sqv, s4, z4;
-        if (full) {
-          // (sx, sxq) of each block: one 8-byte load each, then two shuffles
-          const __m128 p01 = _mm_castpd_ps(_mm_setr_pd(pair[idx[j0]], NB > 1 ? pair[idx[j0 + 1]] : 0.0));
-          const __m128 p23 = NB > 2 ? _mm_castpd_ps(_mm_setr_pd(pair[idx[j0 + 2]], pair[idx[j0 + 3]])) : _mm_setzero_ps();
-          sxv = _mm_shuffle_ps(p01, p23, 0x88), sqv = _mm_shuffle_ps(p01, p23, 0xDD);
-          const __mmask8 kb = (1u << NB) - 1;
-          s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(kb, scales + begin + j0));
-          z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_maskz_loadu_epi8(kb, zeros + begin + j0)));
-        } else {  // the row's last, partial four units (at most once per row)
-          alignas(16) float sxs[4] = {}, sqs[4] = {}, ss[4] = {}, zs[4] = {};
-          for (int64_t i = 0; i < NB && j0 + i < n; ++i) {
-            const int64_t c = idx[j0 + i];
-            sxs[i] = sx[c], sqs[i] = sxq[c], ss[i] = _cvtsh_ss(scales[begin + j0 + i]), zs[i] = (float)zeros[begin + j0 + i];
-          }
-          sxv = _mm_load_ps(sxs), sqv = _mm_load_ps(sqs), s4 = _mm_load_ps(ss), z4 = _mm_load_ps(zs);
-        }
+        // the blocks' floats, one lane each, built in registers; lanes past the row's end are zero
+        const int nv = full ? NB : (int)std::min<int64_t>(NB, n - j0);
+        auto pair_of = [&](int i) { return i < nv ? pair[idx[j0 + i]] : 0.0; };  // (sx, sxq)
+        const __m128 p01 = _mm_castpd_ps(_mm_setr_pd(pair_of(0), NB > 1 ? pair_of(1) : 0.0));
+        const __m128 p23 = NB > 2 ? _mm_castpd_ps(_mm_setr_pd(pair_of(2), pair_of(3))) : _mm_setzero_ps();
+        const __m128 sxv = _mm_shuffle_ps(p01, p23, 0x88), sqv = _mm_shuffle_ps(p01, p23, 0xDD);
+        const __mmask8 kb = (__mmask8)((1u << nv) - 1);
+        const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(kb, scales + begin + j0));
+        const __m128 z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_maskz_loadu_epi8(kb, zeros + begin + j0)));
         const __m512 cs = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_mul_ps(s4, sxv)));
         if (UPB < 4 || u % UPB == 0)  // a block of 8 units (g = 128) spans two passes: count it once
           zacc = _mm_fmadd_ps(_mm_mul_ps(z4, s4), sqv, zacc);

@@ -131,6 +131,10 @@ def main() -> None:
         }
         configs[f"{label} dequantized dense (fp32 math)"] = compressed
         configs[f"{label} BSR (effc kernels)"] = bsr
+        if kernels().has_a8():  # the opt-in int8-activation mode (lossy in x)
+            bsr8 = copy.deepcopy(compressed)
+            swap_linears(bsr8, result.model.annotations, batch=1, activations="int8")
+            configs[f"{label} BSR int8 x (effc kernels)"] = bsr8
 
     max_len = args.prompt_tokens + args.new_tokens
     hf_names = [n for n in configs if n == "fp32 (dense)" or n.endswith("BSR (effc kernels)")]
@@ -177,6 +181,12 @@ def main() -> None:
             tokens[f"{label} BSR (effc kernels)"],
         )
         checks[f"{label}: BSR tokens == dequantized tokens"] = got == ref
+        if f"{label} BSR int8 x (effc kernels)" in tokens:  # lossy: how long it agrees
+            got8 = tokens[f"{label} BSR int8 x (effc kernels)"]
+            same = next((i for i, (a, b) in enumerate(zip(got8, ref)) if a != b), len(ref))
+            checks[f"{label}: BSR int8 x tokens agree with dequantized for the first"] = (
+                f"{same} of {len(ref)}"
+            )
         if not args.no_hf:
             checks[f"{label}: HF generate() tokens == effc loop tokens"] = (
                 hf_tokens[f"{label} BSR (effc kernels)"] == got
