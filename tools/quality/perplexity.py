@@ -72,6 +72,12 @@ ROWS = {
     "sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,method=gptq},"
     f"{BQPO[:-1]},target=model,tail=true}},"
     "gqsa-train{stage=e2e,steps=64,lr=0.0003,samples=16,loss=kd}",
+    "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps)": (
+        "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,"
+        "method=gptq},"
+        f"{BQPO[:-1]},target=model,tail=true}},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
+    ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
