@@ -354,13 +354,9 @@ class GQSATrain(Pass):
         with progress:
             for block in blocks:
                 student = module.get_submodule(block.fqn)
-                teacher = copy.deepcopy(student).eval()
                 sites = self._sites(model, block.fqn + ".")
+                teacher = _original_copy(student, sites, block.fqn + ".")
                 with torch.no_grad():
-                    for fqn, notes in sites.items():
-                        teacher.get_submodule(fqn[len(block.fqn) + 1 :]).weight.copy_(
-                            notes["original"]
-                        )
                     if self.options.target == "model":
                         reference = [
                             _hidden(teacher(h, *a[1:], **k)) for h, (a, k) in zip(reference, inputs)
@@ -468,19 +464,9 @@ class GQSATrain(Pass):
         after = mean_loss(model.module.get_submodule)  # the trained layers, swapped back in
         return {"tail_sites": names, "tail_mse_before": before, "tail_mse_after": after}
 
-    def _teacher(self, model) -> nn.Module:
-        """A copy of the model with every compressed site's original weight back in."""
-        teacher = copy.deepcopy(model.module).eval()
-        with torch.no_grad():
-            for fqn, notes in self._sites(model).items():
-                teacher.get_submodule(fqn).weight.copy_(notes["original"])
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
-
     def _e2e(self, model, data) -> dict:
         module = model.module
-        teacher = self._teacher(model) if self.options.loss == "kd" else None
+        teacher = _original_copy(module, self._sites(model)) if self.options.loss == "kd" else None
         fakes = {}
         for fqn, notes in self._sites(model).items():
             if "codes" not in notes:
@@ -533,6 +519,18 @@ class GQSATrain(Pass):
         if teacher is not None:
             stats.update(kd_loss_first_step=losses[0], kd_loss_last_step=losses[-1])
         return stats
+
+
+def _original_copy(root: nn.Module, sites: dict[str, dict], prefix: str = "") -> nn.Module:
+    """A frozen copy of ``root`` (the model, or one block whose names start with ``prefix``) with
+    every compressed site's original weight back in: the teacher of both training stages."""
+    teacher = copy.deepcopy(root).eval()
+    with torch.no_grad():
+        for fqn, notes in sites.items():
+            teacher.get_submodule(fqn[len(prefix) :]).weight.copy_(notes["original"])
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _logits(out) -> torch.Tensor:

@@ -249,7 +249,6 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int32_t* indptr, const 
   }
 }
 
-
 // M = 1: lanes run over K instead. x is quantized as above (for one row the layout is plain
 // order), and the weights go 16 codes ("units") at a time, four units per 512-bit vpdpbusd: the
 // 32 code bytes of four units are spread so each 128-bit lane holds one unit's codes in order,
