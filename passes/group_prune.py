@@ -15,11 +15,14 @@ Budgets keep exactly round((1 - sparsity) * groups) groups:
 allocate=sensitivity gives each layer its own sparsity within ``target +- spread`` (the model-wide
 budget still exact). A layer's cost curve: its own relative output error tr(dW H dW^T)/tr(W H W^T)
 at ``target - spread``, ``target`` and ``target + spread`` (from the calibration Hessian, no model
-runs), scaled so that at ``target`` it equals the measured relative deviation of the whole model's
-outputs ``||y' - y||^2 / ||y||^2`` when that layer alone is pruned (one model run per layer and
-calibration sample, ``sensitivity_samples``). Assuming the deviations add up, a greedy walk over
-the lower convex hull of every curve spends the pruning budget where it costs the least output
-deviation per pruned weight (the Lagrangian optimum). The sparsity chosen per layer is reported.
+runs), scaled so that at ``target`` it equals the measured deviation of the whole model's outputs
+when that layer alone is pruned (one model run per layer and calibration sample,
+``sensitivity_samples``): with ``metric=mse`` the relative error ``||y' - y||^2 / ||y||^2``, with
+``metric=kl`` the mean KL divergence of the next-token distribution (the outputs read as logits:
+what perplexity feels, where a squared logit error weighs every vocabulary entry alike). Assuming
+the deviations add up, a greedy walk over the lower convex hull of every curve spends the pruning
+budget where it costs the least output deviation per pruned weight (the Lagrangian optimum). The
+sparsity chosen per layer is reported.
 Pruned groups are written as zeros and the keep-mask is recorded in the model's annotations
 (``annotations[fqn]["mask"]``, shape (out, in/g)) for quantization and the BSR packer, with the
 uncompressed weight (``"original"``) that training passes use as their teacher. A tied
@@ -32,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from effc.errors import PassOptionError, UnsupportedError
@@ -184,16 +188,33 @@ def layer_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tenso
     return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
 
 
-def output_deviation(model, samples: list[dict], reference: list[list]) -> float:
-    """sum ||y' - y||^2 / sum ||y||^2 over the float outputs of ``samples``."""
-    import numpy as np
+def _log_softmax(a):
+    a = a - a.max(-1, keepdims=True)
+    return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+
+def output_deviation(
+    model, samples: list[dict], reference: list[list], metric: str = "mse"
+) -> float:
+    """How far the model's float outputs on ``samples`` moved from ``reference``.
+
+    mse: sum ||y' - y||^2 / sum ||y||^2.
+    kl:  the mean over positions of KL(softmax(y) || softmax(y')) along the last axis, the outputs
+         read as logits (a language model's next-token distribution)."""
 
     num = den = 0.0
     for x, ref in zip(samples, reference):
         for y, r in zip(model.run(x), ref):
-            if np.issubdtype(np.asarray(r).dtype, np.floating):
-                num += float(((np.asarray(y, np.float64) - r) ** 2).sum())
-                den += float((np.asarray(r, np.float64) ** 2).sum())
+            if not np.issubdtype(np.asarray(r).dtype, np.floating):
+                continue
+            y, r = np.asarray(y, np.float64), np.asarray(r, np.float64)
+            if metric == "kl":
+                lr, ly = _log_softmax(r), _log_softmax(y)
+                num += float((np.exp(lr) * (lr - ly)).sum())
+                den += float(lr[..., 0].size)
+            else:
+                num += float(((y - r) ** 2).sum())
+                den += float((r**2).sum())
     return num / max(den, 1e-30)
 
 
@@ -251,6 +272,7 @@ class GroupPrune(Pass):
         allocate: Literal["uniform", "sensitivity"] = "uniform"
         spread: float = 0.2
         sensitivity_samples: int = 1
+        metric: Literal["mse", "kl"] = "mse"
 
     def validate(self) -> None:
         o = self.options
@@ -349,7 +371,7 @@ class GroupPrune(Pass):
                     local[sp] = layer_error(original, w, hess[k])
                     if sp == target:
                         write_weight(site, w)
-                        measured[k] = output_deviation(model, samples, reference)
+                        measured[k] = output_deviation(model, samples, reference, o.metric)
                 write_weight(site, original)
                 scale = measured[k] / max(local[target], 1e-30)
                 curves[k] = [(sp, scale * e) for sp, e in local.items()]
@@ -359,6 +381,7 @@ class GroupPrune(Pass):
         stats["allocation"] = {
             "grid": grid,
             "samples": len(samples),
+            "metric": o.metric,
             "layer_sparsity": {k: round(1 - keep[k] / sizes[k], 4) for k in scores},
             "output_deviation_at_target": {k: float(f"{v:.4g}") for k, v in measured.items()},
         }

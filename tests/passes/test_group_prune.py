@@ -164,13 +164,15 @@ def test_allocation_spends_the_budget_exactly_where_it_is_cheapest():
     assert sum(keep.values()) == 250
 
 
-def test_sensitivity_allocation_varies_layers_and_keeps_the_exact_budget():
+@pytest.mark.parametrize("metric", ["mse", "kl"])
+def test_sensitivity_allocation_varies_layers_and_keeps_the_exact_budget(metric):
     from effc.models import BUILTINS
 
     result = effc.Pipeline.from_text(
-        "group-prune{sparsity=0.5,score=obs,allocate=sensitivity,spread=0.25}"
+        f"group-prune{{sparsity=0.5,score=obs,allocate=sensitivity,spread=0.25,metric={metric}}}"
     ).run(BUILTINS["tiny-llama"][0](), effc.PassContext(calibration=calibration()))
     stats = result.report.records[0].stats
+    assert stats["allocation"]["metric"] == metric
     per_layer = stats["allocation"]["layer_sparsity"]
     assert len(set(per_layer.values())) > 2  # not uniform
     assert all(0.25 - 1e-6 <= v <= 0.75 + 1e-6 for v in per_layer.values())
@@ -184,3 +186,28 @@ def test_sensitivity_allocation_varies_layers_and_keeps_the_exact_budget():
 def test_sensitivity_allocation_needs_a_local_scope():
     with pytest.raises(PassOptionError, match="scope=row or scope=layer"):
         effc.Pipeline.from_text("group-prune{allocate=sensitivity,scope=global}")
+
+
+def test_output_deviation_metrics():
+    """mse: relative squared error; kl: mean KL(softmax(ref) || softmax(out)) over positions."""
+    from effc.passes.group_prune import output_deviation
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 5, 11, generator=gen, dtype=torch.float64)
+    out = ref + 0.3 * torch.randn(1, 5, 11, generator=gen, dtype=torch.float64)
+    ids = np.zeros((1, 5), np.int64)
+
+    class Fixed:
+        def run(self, x):
+            return [out.numpy(), ids]
+
+    reference = [[ref.numpy(), ids]]
+    mse = float(((out - ref) ** 2).sum() / (ref**2).sum())
+    assert output_deviation(Fixed(), [{}], reference) == pytest.approx(mse, rel=1e-12)
+    kl = torch.nn.functional.kl_div(
+        out[0].log_softmax(-1), ref[0].log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert output_deviation(Fixed(), [{}], reference, "kl") == pytest.approx(float(kl), rel=1e-9)
+    assert output_deviation(Fixed(), [{}], [[out.numpy(), ids]], "kl") == pytest.approx(
+        0, abs=1e-12
+    )
