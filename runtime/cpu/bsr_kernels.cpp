@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -286,29 +287,43 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
       const uint8_t* codes = values + (int64_t)begin * (G / 2);
       const uint16_t* idx = indices + begin;
       const int64_t units = (int64_t)n * UPB;
-      __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      // one accumulator: its fma chain (4 cycles) is shorter than an iteration, and an array of
+      // two indexed by (u >> 2) & 1 was kept on the stack (a store-to-load chain per iteration)
+      __m512 acc = _mm512_setzero_ps();
       __m128 zacc = _mm_setzero_ps();
-      for (int64_t u = 0; u < units; u += 4) {
+      const int8_t* xqp = xq.data();
+      // four units; FULL: all four lie in the row (the main loop: no masks, no branches), else
+      // the row's last partial four (masked loads, lanes past the end read zeros)
+      auto step = [&](int64_t u, auto full_tag) {
+        constexpr bool FULL = decltype(full_tag)::value;
         const int64_t j0 = u / UPB;  // first block of these four units
-        const bool full = units - u >= 4;
         // the blocks' floats, one lane each, built in registers; lanes past the row's end are zero
-        const int nv = full ? NB : (int)std::min<int64_t>(NB, n - j0);
-        auto pair_of = [&](int i) { return i < nv ? pair[idx[j0 + i]] : 0.0; };  // (sx, sxq)
+        const int nv = FULL ? NB : (int)std::min<int64_t>(NB, n - j0);
+        auto pair_of = [&](int i) { return FULL || i < nv ? pair[idx[j0 + i]] : 0.0; };  // (sx, sxq)
         const __m128 p01 = _mm_castpd_ps(_mm_setr_pd(pair_of(0), NB > 1 ? pair_of(1) : 0.0));
         const __m128 p23 = NB > 2 ? _mm_castpd_ps(_mm_setr_pd(pair_of(2), pair_of(3))) : _mm_setzero_ps();
         const __m128 sxv = _mm_shuffle_ps(p01, p23, 0x88), sqv = _mm_shuffle_ps(p01, p23, 0xDD);
-        const __mmask8 kb = (__mmask8)((1u << nv) - 1);
-        const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(kb, scales + begin + j0));
-        const __m128 z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_maskz_loadu_epi8(kb, zeros + begin + j0)));
+        __m128 s4, z4;
+        if constexpr (FULL && NB == 4) {
+          s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + begin + j0)));
+          int32_t zb;
+          std::memcpy(&zb, zeros + begin + j0, 4);
+          z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(zb)));
+        } else {
+          const __mmask8 kb = (__mmask8)((1u << nv) - 1);
+          s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(kb, scales + begin + j0));
+          z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_maskz_loadu_epi8(kb, zeros + begin + j0)));
+        }
         const __m512 cs = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_mul_ps(s4, sxv)));
         if (UPB < 4 || u % UPB == 0)  // a block of 8 units (g = 128) spans two passes: count it once
           zacc = _mm_fmadd_ps(_mm_mul_ps(z4, s4), sqv, zacc);
         // the codes of four units, one unit per 128-bit lane, in element order
-        const __mmask32 k = full ? (__mmask32)0xFFFFFFFF : (__mmask32)((1ull << (8 * (units - u))) - 1);
-        __m512i w = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(k, codes + u * 8)));
+        const __m256i c32 = FULL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + u * 8))
+                                 : _mm256_maskz_loadu_epi8((__mmask32)((1ull << (8 * (units - u))) - 1), codes + u * 8);
+        __m512i w = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(c32));
         w = _mm512_and_si512(_mm512_srlv_epi64(w, shifts), low);
         auto x_of = [&](int64_t v) -> const __m128i* {
-          return reinterpret_cast<const __m128i*>(full || v < units ? xq.data() + (int64_t)idx[v / UPB] * G + (v % UPB) * 16
+          return reinterpret_cast<const __m128i*>(FULL || v < units ? xqp + (int64_t)idx[v / UPB] * G + (v % UPB) * 16
                                                                     : nothing);
         };
         __m512i q = _mm512_castsi128_si512(_mm_loadu_si128(x_of(u)));
@@ -316,10 +331,13 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
         q = _mm512_inserti32x4(q, _mm_loadu_si128(x_of(u + 2)), 2);
         q = _mm512_inserti32x4(q, _mm_loadu_si128(x_of(u + 3)), 3);
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, q);
-        acc[(u >> 2) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), cs, acc[(u >> 2) & 1]);
-      }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), cs, acc);
+      };
+      int64_t u = 0;
+      for (; u + 4 <= units; u += 4) step(u, std::true_type{});
+      if (u < units) step(u, std::false_type{});
       const __m128 z2 = _mm_add_ps(zacc, _mm_movehl_ps(zacc, zacc));
-      y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - _mm_cvtss_f32(_mm_add_ss(z2, _mm_movehdup_ps(z2)));
+      y[r] = _mm512_reduce_add_ps(acc) - _mm_cvtss_f32(_mm_add_ss(z2, _mm_movehdup_ps(z2)));
     }
   }
 }
