@@ -4,7 +4,8 @@
 
 Evaluation: the first ``--windows`` windows of ``--seqlen`` tokens of the evaluation articles
 (tools/quality/data.py: even/odd article split, never overlapping with calibration); the same
-windows for every row. Calibration: ``--calib-samples`` windows of the calibration articles.
+windows for every row. Calibration: ``--calib-samples`` windows of the calibration articles, or a
+row's own count where ROWS gives one as ``(pipeline, windows)`` (the first windows are the same).
 Bytes count the compressible linear layers only (the fp32 embedding is the same in every row):
 BSR rows split values / indices / scales; dense quantized rows count codes + fp16 scale + uint8 zero.
 """
@@ -78,12 +79,30 @@ ROWS = {
         f"{BQPO[:-1]},target=model,tail=true}},"
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
     ),
+    "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps), "
+    "128 calibration windows": (
+        "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,"
+        "method=gptq},"
+        f"{BQPO[:-1]},target=model,tail=true}},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd}",
+        128,
+    ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
     "2:4 wanda + BQPO": f"nm-prune{{n=2,m=4,score=wanda}},{BQPO}",
     "2:4 obs (SparseGPT) + BQPO": f"nm-prune{{n=2,m=4,score=obs}},{BQPO}",
+    "2:4 obs (SparseGPT) + BQPO, 128 calibration windows": (
+        f"nm-prune{{n=2,m=4,score=obs}},{BQPO}",
+        128,
+    ),
 }
+
+
+def row_spec(name: str, default_windows: int) -> tuple[str, int]:
+    """(pipeline, calibration windows) of a row."""
+    spec = ROWS[name]
+    return spec if isinstance(spec, tuple) else (spec, default_windows)
 
 
 class StagePerplexity:
@@ -174,12 +193,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib_text, eval_text = split()
     eval_windows = windows(tokenizer, eval_text, args.windows, args.seqlen)
-    calib_windows = windows(tokenizer, calib_text, args.calib_samples, args.seqlen)
-    calibration = [{"input_ids": w[None].numpy()} for w in calib_windows]
     names = args.rows.split(";") if args.rows else list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows: {'; '.join(ROWS)}")
+    most = max(row_spec(n, args.calib_samples)[1] for n in names)
+    calib_windows = windows(tokenizer, calib_text, most, args.seqlen)
+    calibration = [{"input_ids": w[None].numpy()} for w in calib_windows]
     meta = {
         "model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32)",
         "eval": f"first {args.windows} windows of {args.seqlen} tokens of the evaluation articles",
@@ -199,18 +219,25 @@ def main() -> None:
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("meta") == meta:  # rows whose pipeline changed or went away are dropped
-            results = [r for r in old["rows"] if ROWS.get(r["setting"]) == r["pipeline"]]
+            results = [
+                r
+                for r in old["rows"]
+                if r["setting"] in ROWS
+                and row_spec(r["setting"], args.calib_samples)
+                == (r["pipeline"], r.get("calib_windows", args.calib_samples))
+            ]
     for name in names:
         model = load_model(folder)
         t0 = time.perf_counter()
         annotations: dict = {}
         stages = None
-        if ROWS[name]:
-            ctx = effc.PassContext(calibration=calibration, error_samples=2)
+        text, count = row_spec(name, args.calib_samples)
+        if text:
+            ctx = effc.PassContext(calibration=calibration[:count], error_samples=2)
             fx_inputs = {"input_ids": calib_windows[:1, :64]}
             fxm = FxModel(model, fx_inputs)
             stages = StagePerplexity(model, eval_windows)
-            pipeline = effc.Pipeline.from_text(ROWS[name])
+            pipeline = effc.Pipeline.from_text(text)
             pipeline.instruments.append(stages)
             result = pipeline.run(fxm, ctx)
             annotations = result.model.annotations
@@ -218,11 +245,13 @@ def main() -> None:
         ppl = perplexity(model, eval_windows)
         row = {
             "setting": name,
-            "pipeline": ROWS[name],
+            "pipeline": text,
             "perplexity": ppl,
             "compress_s": seconds,
             "bytes": compressed_bytes(model, annotations),
         }
+        if count != args.calib_samples:
+            row["calib_windows"] = count
         allocation = [
             r.stats["allocation"]["layer_sparsity"]
             for r in (result.report.records if stages else [])
@@ -271,8 +300,9 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
     for r in rows:
         b = r["bytes"]
         total = sum(b.values())
+        own = f" ({r['calib_windows']} calibration windows)" if "calib_windows" in r else ""
         lines.append(
-            f"| {r['setting']} | `{r['pipeline'] or '-'}` | {r['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.2f} | "
+            f"| {r['setting']} | `{r['pipeline'] or '-'}`{own} | {r['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.2f} | "
             f"{total / 1e6:.1f} | {b['values'] / 1e6:.1f} | {b['indices'] / 1e6:.2f} | {b['scales'] / 1e6:.2f} |"
         )
     staged = [r for r in rows if r.get("stages")]
