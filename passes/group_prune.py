@@ -37,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.nn import functional as nn_f
 
 from effc.errors import PassOptionError, UnsupportedError
 from effc.pass_base import Pass, PassResult, register
@@ -188,11 +189,6 @@ def layer_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tenso
     return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
 
 
-def _log_softmax(a):
-    a = a - a.max(-1, keepdims=True)
-    return a - np.log(np.exp(a).sum(-1, keepdims=True))
-
-
 def output_deviation(
     model, samples: list[dict], reference: list[list], metric: str = "mse"
 ) -> float:
@@ -208,10 +204,10 @@ def output_deviation(
             if not np.issubdtype(np.asarray(r).dtype, np.floating):
                 continue
             y, r = np.asarray(y, np.float64), np.asarray(r, np.float64)
-            if metric == "kl":
-                lr, ly = _log_softmax(r), _log_softmax(y)
-                num += float((np.exp(lr) * (lr - ly)).sum())
-                den += float(lr[..., 0].size)
+            if metric == "kl":  # the same KL as gqsa-train's loss=kd, in float64
+                lr, ly = (torch.from_numpy(a).log_softmax(-1) for a in (r, y))
+                num += float(nn_f.kl_div(ly, lr, log_target=True, reduction="sum"))
+                den += float(r[..., 0].size)
             else:
                 num += float(((y - r) ** 2).sum())
                 den += float((r**2).sum())
