@@ -30,6 +30,12 @@ from tools.results import save  # noqa: E402
 # The block-wise training budget every trained row gets (W4S50 and the 2:4 baselines alike):
 # 128 Adam steps per transformer block over 16 calibration windows, lr 3e-3 cosine-annealed.
 BQPO = "gqsa-train{stage=bqpo,steps=128,lr=0.003,samples=16}"
+# The trained W4S50 rows' shared parts: one-shot OBS pruning with the sensitivity allocation plus
+# GPTQ, and BQPO towards the original model's hidden states with lm_head trained last.
+W4S50_ONESHOT = (
+    "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,method=gptq}"
+)
+BQPO_MODEL_TAIL = f"{BQPO[:-1]},target=model,tail=true}}"
 
 ROWS = {
     "fp32": "",
@@ -63,27 +69,20 @@ ROWS = {
     "W4S50 one-shot (wanda + GPTQ g16)": "group-prune{sparsity=0.5},quantize{bits=4,group=16,method=gptq}",
     "W4S50 one-shot (wanda global + GPTQ g16)": "group-prune{sparsity=0.5,scope=global},"
     "quantize{bits=4,group=16,method=gptq}",
-    "W4S50 (obs, sensitivity) + BQPO + E2E-OQP": "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},"
-    "quantize{bits=4,group=16,method=gptq},"
-    f"{BQPO},gqsa-train{{stage=e2e,steps=32,lr=0.0001,samples=16}}",
-    "W4S50 (obs, sensitivity) + BQPO with lm_head + E2E-OQP": "group-prune{sparsity=0.5,score=obs,"
-    "allocate=sensitivity},quantize{bits=4,group=16,method=gptq},"
-    f"{BQPO[:-1]},tail=true}},gqsa-train{{stage=e2e,steps=32,lr=0.0001,samples=16}}",
-    "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD)": "group-prune{"
-    "sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,method=gptq},"
-    f"{BQPO[:-1]},target=model,tail=true}},"
-    "gqsa-train{stage=e2e,steps=64,lr=0.0003,samples=16,loss=kd}",
+    "W4S50 (obs, sensitivity) + BQPO + E2E-OQP": f"{W4S50_ONESHOT},{BQPO},"
+    "gqsa-train{stage=e2e,steps=32,lr=0.0001,samples=16}",
+    "W4S50 (obs, sensitivity) + BQPO with lm_head + E2E-OQP": f"{W4S50_ONESHOT},{BQPO[:-1]},"
+    "tail=true},gqsa-train{stage=e2e,steps=32,lr=0.0001,samples=16}",
+    "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD)": (
+        f"{W4S50_ONESHOT},{BQPO_MODEL_TAIL},gqsa-train{{stage=e2e,steps=64,lr=0.0003,samples=16,loss=kd}}"
+    ),
     "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps)": (
-        "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,"
-        "method=gptq},"
-        f"{BQPO[:-1]},target=model,tail=true}},"
+        f"{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
     ),
     "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps), "
     "128 calibration windows": (
-        "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,"
-        "method=gptq},"
-        f"{BQPO[:-1]},target=model,tail=true}},"
+        f"{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd}",
         128,
     ),
