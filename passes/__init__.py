@@ -9,6 +9,7 @@ from effc.passes.layernorm import LayerNorm
 from effc.passes.nm_prune import NMPrune
 from effc.passes.quantize import Quantize
 from effc.passes.quantize_activations import QuantizeActivations
+from effc.passes.rearrange import Rearrange
 from effc.passes.tensorrt_legalize import TensorRTLegalize
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "NMPrune",
     "Quantize",
     "QuantizeActivations",
+    "Rearrange",
     "TensorRTLegalize",
 ]
