@@ -191,3 +191,22 @@ def test_int8_activations_cost_little_perplexity(smollm2):
     assert reference < 60  # W4 g16 RTN stays near fp32 SmolLM2 (about 25 on these windows)
     assert fp32 == pytest.approx(reference, rel=1e-4)
     assert int8 != fp32 and int8 == pytest.approx(reference, rel=0.03)
+
+
+def test_rearrange_on_smollm2_is_lossless_and_lowers_the_probe_error(smollm2):
+    from tools.quality.perplexity import perplexity
+
+    folder, calib, evaluation = smollm2
+    dense, _ = _compress(folder, "", calib)
+    model, result = _compress(folder, "rearrange{group=16}", calib)
+    stats = result.report.records[-1].stats
+    assert stats["regions"] == 30  # every layer's down_proj, fed by gate_proj and up_proj
+    assert stats["rearranged"] >= 20
+    # the group-pruned probe error the order is chosen by, summed over the layers
+    assert stats["probe_error_sum"]["after"] < 0.85 * stats["probe_error_sum"]["before"]
+    x = evaluation[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, rtol=1e-4, atol=1e-4)
+    assert perplexity(model, evaluation[:2]) == pytest.approx(
+        perplexity(dense, evaluation[:2]), rel=1e-5
+    )

@@ -86,6 +86,11 @@ ROWS = {
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd}",
         128,
     ),
+    "W4S50 rearranged (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, "
+    "128 steps)": (
+        f"rearrange{{group=16}},{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
+    ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
