@@ -128,15 +128,10 @@ class Region:
     tensors: list[torch.Tensor] = field(default_factory=list)  # producers' weights and biases
 
 
-def _fqn(node, target: str) -> str:
-    from effc.ir.sites import _fx_fqn
-
-    return _fx_fqn(node, target)
-
-
 def fx_regions(model) -> list[Region]:
     """Every rearrangeable region of an FX model (see the module docstring)."""
     from effc.ir.model import attr_tensor
+    from effc.ir.sites import _fx_fqn
 
     gm = model.graph_module
     linears = {
@@ -176,10 +171,9 @@ def fx_regions(model) -> list[Region]:
         if not ok or not producers:
             continue
         members = inner | set(producers)
-        # every value feeds only the region (the consumer reads the start value)
+        # every value feeds only the region; members are ancestors of the start value, so this
+        # also leaves the consumer as the start value's only user
         if any(u not in members and u is not consumer for m in members for u in m.users):
-            continue
-        if len(start.users) != 1:
             continue
         # every producer and intermediate has the consumer's input width as its last dim
         width = attr_tensor(gm, consumer.args[1].target).shape[1]
@@ -193,9 +187,9 @@ def fx_regions(model) -> list[Region]:
         tensors = [attr_tensor(gm, p.target) for p in params]
         regions.append(
             Region(
-                _fqn(consumer, consumer.args[1].target),
+                _fx_fqn(consumer, consumer.args[1].target),
                 tensors[0],
-                [_fqn(p, p.args[1].target) for p in producers],
+                [_fx_fqn(p, p.args[1].target) for p in producers],
                 tensors[1:],
             )
         )
