@@ -54,3 +54,9 @@ def random_matrix(out=8, inp=64, group=16, bits=4, density=0.5, seed=0):
     zeros = torch.randint(0, 2**bits, (out, ng), dtype=torch.uint8, generator=g)
     mask = torch.rand(out, ng, generator=g) < density
     return from_quantized(codes, scales, zeros, mask, bits), (codes, scales, zeros, mask)
+
+
+def token_calibration(n=3, vocab=256, seq=16):
+    """``n`` calibration samples of random token ids for the tiny LLaMA."""
+    rng = np.random.default_rng(0)
+    return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(n)]

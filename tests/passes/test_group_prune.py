@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from _helpers import token_calibration
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,11 +20,6 @@ from effc.passes.group_prune import (
     row_mask,
 )
 from effc.passes.quantize import inverse_hessian_factor
-
-
-def calibration(n=3, vocab=256, seq=16):
-    rng = np.random.default_rng(0)
-    return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(n)]
 
 
 @settings(max_examples=50, deadline=None)
@@ -69,7 +65,7 @@ def test_wanda_scores_weight_columns_by_activation_norms():
 def test_group_prune_gives_the_same_weights_on_fx_and_onnx(score, llama_onnx):
     from effc.models import BUILTINS
 
-    ctx = lambda: effc.PassContext(calibration=calibration())  # noqa: E731
+    ctx = lambda: effc.PassContext(calibration=token_calibration())  # noqa: E731
     text = f"group-prune{{sparsity=0.5,group=16,score={score}}}"
     fx = effc.Pipeline.from_text(text).run(BUILTINS["tiny-llama"][0](), ctx())
     onnx = effc.Pipeline.from_text(text).run(str(llama_onnx["dynamo"]), ctx())
@@ -170,7 +166,7 @@ def test_sensitivity_allocation_varies_layers_and_keeps_the_exact_budget(metric)
 
     result = effc.Pipeline.from_text(
         f"group-prune{{sparsity=0.5,score=obs,allocate=sensitivity,spread=0.25,metric={metric}}}"
-    ).run(BUILTINS["tiny-llama"][0](), effc.PassContext(calibration=calibration()))
+    ).run(BUILTINS["tiny-llama"][0](), effc.PassContext(calibration=token_calibration()))
     stats = result.report.records[0].stats
     assert stats["allocation"]["metric"] == metric
     per_layer = stats["allocation"]["layer_sparsity"]

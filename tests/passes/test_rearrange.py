@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from _helpers import token_calibration
 from torch import nn
 
 import effc
@@ -8,11 +9,6 @@ from effc.errors import PassOptionError, UnsupportedError
 from effc.ir import FxModel
 from effc.models import BUILTINS
 from effc.passes.rearrange import bisect_order, choose_order, fx_regions, saliency_profiles
-
-
-def calibration(n=3, vocab=256, seq=16):
-    rng = np.random.default_rng(0)
-    return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(n)]
 
 
 def interleaved_llama():
@@ -55,11 +51,11 @@ def test_rearrange_is_lossless_and_finds_the_mlp_regions():
     regions = fx_regions(fx)
     assert [r.consumer for r in regions] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     assert regions[0].producers and all("proj" in p for p in regions[0].producers)
-    inputs = [{"input_ids": c["input_ids"]} for c in calibration(2)]
+    inputs = token_calibration(2)
     before = [fx.run(x)[0] for x in inputs]
     down = model.model.layers[0].mlp.down_proj.weight.clone()
     result = effc.Pipeline.from_text("rearrange{group=16}").run(
-        fx, effc.PassContext(calibration=calibration())
+        fx, effc.PassContext(calibration=token_calibration())
     )
     stats = result.report.records[-1].stats
     assert stats["regions"] == 2 and stats["rearranged"] == 2
@@ -105,7 +101,7 @@ def test_rearrange_errors():
     with pytest.raises(UnsupportedError, match="calibration"):
         effc.Pipeline.from_text("rearrange").run(interleaved_llama())
     model = BUILTINS["tiny-llama"][0]()
-    ctx = effc.PassContext(calibration=calibration())
+    ctx = effc.PassContext(calibration=token_calibration())
     pruned = effc.Pipeline.from_text("group-prune{score=magnitude}").run(model, ctx).model
     with pytest.raises(UnsupportedError, match="before pruning"):
         effc.Pipeline.from_text("rearrange").run(pruned, ctx)
