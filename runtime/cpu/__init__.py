@@ -1,5 +1,6 @@
-"""The compiled CPU kernels (C++ with AVX2/FMA/F16C and OpenMP), built on first use with
-``torch.utils.cpp_extension`` into the user cache and loaded from there afterwards."""
+"""The compiled CPU kernels (C++ with AVX2/FMA/F16C, AVX-512 paths chosen at run time, and
+OpenMP), built on first use with ``torch.utils.cpp_extension`` into the user cache and loaded
+from there afterwards."""
 
 from __future__ import annotations
 

@@ -13,6 +13,17 @@ def kernels():
     return kernels()
 
 
+@pytest.fixture(scope="module", params=["avx512", "avx2"])
+def fp32_kernels(request, kernels):
+    """The fp32-x kernels both ways: for M > 1 AVX-512 CPUs take the AVX-512 ones, and the AVX2
+    ones (every other x86-64 CPU) are tested here too by turning the AVX-512 path off."""
+    if request.param == "avx512" and not kernels.has_avx512():
+        pytest.skip("this CPU has no AVX-512")
+    kernels.use_avx512(request.param == "avx512")
+    yield kernels
+    kernels.use_avx512(True)
+
+
 def _run(k, m, x):
     return k.bsr_linear(
         x, m.indptr, m.indices, m.values, m.scales, m.zeros, m.shape[0], m.group, m.bits
@@ -21,8 +32,9 @@ def _run(k, m, x):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [16, 32, 64, 128])
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 17])
-def test_matches_dense_reference(kernels, bits, group, M):
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 17, 64])
+def test_matches_dense_reference(fp32_kernels, bits, group, M):
+    kernels = fp32_kernels
     m, _ = random_matrix(
         out=37, inp=group * 5, group=group, bits=bits, density=0.5, seed=M * group + bits
     )
@@ -37,7 +49,8 @@ def test_matches_dense_reference(kernels, bits, group, M):
     )
 
 
-def test_ragged_empty_and_fully_dense_rows(kernels):
+def test_ragged_empty_and_fully_dense_rows(fp32_kernels):
+    kernels = fp32_kernels
     from effc.runtime.format import from_quantized
 
     out, ng, g = 6, 8, 16
@@ -57,9 +70,10 @@ def test_ragged_empty_and_fully_dense_rows(kernels):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_rows_split_by_blocks_cover_every_row(kernels, threads):
+def test_rows_split_by_blocks_cover_every_row(fp32_kernels, threads):
     """Threads split rows by block count; a skewed matrix (many empty rows, then dense ones) still
     gets every row computed exactly once, whatever the thread count."""
+    kernels = fp32_kernels
     from effc.runtime.format import from_quantized
 
     out, ng, g = 41, 6, 16
@@ -80,6 +94,18 @@ def test_rows_split_by_blocks_cover_every_row(kernels, threads):
             )
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("group", [16, 64])
+def test_many_panels_chunks_and_tiles(fp32_kernels, group):
+    """Enough rows for several row panels per thread, enough K for several column chunks, and M
+    = 40 for three tiles of x (the last one partial), as in the M > 8 GEMM on real layers."""
+    kernels = fp32_kernels
+    m, _ = random_matrix(out=600, inp=4096, group=group, bits=4, density=0.5, seed=group)
+    x = torch.randn(40, 4096, generator=torch.Generator().manual_seed(group))
+    w = m.to_dense().double()
+    err = (_run(kernels, m, x).double() - x.double() @ w.T).abs()
+    assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
 
 
 def test_no_dense_weight_is_allocated(kernels):
@@ -109,9 +135,10 @@ def test_bad_arguments_are_errors(kernels):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("M", [1, 64])
-def test_long_rows(kernels, bits, M):
+def test_long_rows(fp32_kernels, bits, M):
     """K = 10240 (x larger than L1; at M = 64 the small GEMM walks K in chunks of 48 blocks):
     ragged rows whose blocks sit in one region only, empty rows and full rows included."""
+    kernels = fp32_kernels
     from effc.runtime.format import from_quantized
 
     out, group = 7, 16
