@@ -34,6 +34,14 @@ inline __m256 dequant8(__m256i codes, __m256 magic_plus_zero, __m256 scale) {
   return _mm256_mul_ps(_mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(codes, magic)), magic_plus_zero), scale);
 }
 
+// The 16 int4 codes packed in 8 bytes (byte k holds element k in its low nibble and k + 8 in its
+// high one) as 16 bytes in element order.
+inline __m128i nibbles16(const uint8_t* packed8) {
+  const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed8));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi64(_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low));
+}
+
 // Per-row float scales and (2^23 + zero), converted 8 at a time.
 inline void row_params(const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end, float* s_out,
                        float* z_out) {
@@ -164,7 +172,6 @@ inline void row_tiles(const int8_t* xq, const float* sx, const float* sxq, int64
                       const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end,
                       float* out) {
   constexpr int Q = G / 4;
-  const __m128i low = _mm_set1_epi8(0x0F);
   __m256 yacc[NT];
   for (int t = 0; t < NT; ++t) yacc[t] = _mm256_loadu_ps(out + (t0 + t) * TILE);
   for (int32_t b = begin; b < end; ++b) {
@@ -174,9 +181,7 @@ inline void row_tiles(const int8_t* xq, const float* sx, const float* sxq, int64
     __m256i acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
     for (int v = 0; v < G / 16; ++v) {  // 16 codes: bytes 0..7 hold elements 0..7 (low) and 8..15 (high)
-      const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * v));
-      const __m256i codes = _mm256_broadcastsi128_si256(
-          _mm_unpacklo_epi64(_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low)));
+      const __m256i codes = _mm256_broadcastsi128_si256(nibbles16(block + 8 * v));
       const __m256i w[4] = {_mm256_shuffle_epi32(codes, 0x00), _mm256_shuffle_epi32(codes, 0x55),
                             _mm256_shuffle_epi32(codes, 0xAA), _mm256_shuffle_epi32(codes, 0xFF)};
       for (int j = 0; j < 4; ++j) {
@@ -353,19 +358,11 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace wide {
 
-// 16 codes of a block as int32 lanes, in element order (int4: byte k holds element k in its low
-// nibble and k + 8 in its high one).
+// Codes v * 16 .. v * 16 + 15 of a block as int32 lanes, in element order.
 template <int BITS>
 inline __m512i codes16(const uint8_t* block, int v) {
-  __m128i bytes;
-  if constexpr (BITS == 4) {
-    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * v));
-    const __m128i low = _mm_set1_epi8(0x0F);
-    bytes = _mm_unpacklo_epi64(_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low));
-  } else {
-    bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * v));
-  }
-  return _mm512_cvtepu8_epi32(bytes);
+  return _mm512_cvtepu8_epi32(BITS == 4 ? nibbles16(block + 8 * v)
+                                        : _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * v)));
 }
 
 // A row's block scales s and s * zero as floats, 16 blocks at a time.
