@@ -18,7 +18,9 @@ stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales 
 end on the calibration tokens, with ``loss=lm`` on the next-token loss (the paper's), with
 ``loss=kd`` on the KL divergence from the original model's next-token distribution (a teacher
 copy of the model with the original weights back in; every token then carries a whole
-distribution, not one label, which matters when calibration data is small).
+distribution, not one label, which matters when calibration data is small). ``norms=true`` also
+trains the norm layers' weights (RMSNorm / LayerNorm gains: a few thousand fp32 numbers the
+compressed model keeps as they are), beyond the paper's E2E-OQP.
 
 Both write the final codes and fp16 scales back into the annotations (so the BSR packer stores
 exactly what was trained) and the dequantized weights into the model, and report the budget
@@ -200,6 +202,7 @@ class GQSATrain(Pass):
         target: Literal["local", "model"] = "local"  # bqpo: see the module docstring
         tail: bool = False  # bqpo: also train compressed sites after the last block (lm_head)
         loss: Literal["lm", "kd"] = "lm"  # e2e: next-token loss, or KL to the original model
+        norms: bool = False  # e2e: also train the norm layers' weights (not in the paper)
 
     def validate(self) -> None:
         o = self.options
@@ -212,9 +215,10 @@ class GQSATrain(Pass):
                 "pass 'gqsa-train': target and tail are bqpo options (stage=e2e trains scales "
                 "end to end)"
             )
-        if o.stage == "bqpo" and o.loss != "lm":
+        if o.stage == "bqpo" and (o.loss != "lm" or o.norms):
             raise PassOptionError(
-                "pass 'gqsa-train': loss is an e2e option (bqpo matches each block's output)"
+                "pass 'gqsa-train': loss and norms are e2e options (bqpo matches each block's "
+                "output)"
             )
 
     def requires(self, model, ctx) -> None:
@@ -249,7 +253,7 @@ class GQSATrain(Pass):
                     "tail": self.options.tail,
                 }
                 if self.options.stage == "bqpo"
-                else {"loss": self.options.loss}
+                else {"loss": self.options.loss, "norms": self.options.norms}
             ),
             "tokens": int(sum(np.asarray(next(iter(x.values()))).size for x in data)),
         }
@@ -474,7 +478,11 @@ class GQSATrain(Pass):
             linear = module.get_submodule(fqn)
             fakes[fqn] = (FakeQuantLinear(linear, notes, train_weight=False), linear)
             _swap(module, fqn, fakes[fqn][0])
-        opt = torch.optim.Adam([fq.scale for fq, _ in fakes.values()], lr=self.options.lr)
+        norms = _norm_weights(module) if self.options.norms else []
+        was = [p.requires_grad for p in norms]
+        for p in norms:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([fq.scale for fq, _ in fakes.values()] + norms, lr=self.options.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
         losses, lm = [], []
         progress, task = _progress(self.options.steps, "e2e-oqp")
@@ -511,14 +519,29 @@ class GQSATrain(Pass):
         finally:
             for fqn, (fq, linear) in fakes.items():
                 self._finish(model, fqn, fq, linear)
+            for p, w in zip(norms, was):
+                p.requires_grad_(w)
         stats = {
             "layers": len(fakes),
+            "norm_weights_trained": len(norms),
             "lm_loss_first_step": lm[0],
             "lm_loss_last_step": lm[-1],
         }
         if teacher is not None:
             stats.update(kd_loss_first_step=losses[0], kd_loss_last_step=losses[-1])
         return stats
+
+
+def _norm_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of the norm layers (LayerNorm, RMSNorm and the like: a module whose class name
+    ends in "Norm" with a 1-D weight)."""
+    return [
+        m.weight
+        for m in module.modules()
+        if type(m).__name__.endswith("Norm")
+        and isinstance(getattr(m, "weight", None), nn.Parameter)
+        and m.weight.dim() == 1
+    ]
 
 
 def _original_copy(root: nn.Module, sites: dict[str, dict], prefix: str = "") -> nn.Module:

@@ -86,6 +86,18 @@ ROWS = {
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd}",
         128,
     ),
+    "W4S50 (obs, sensitivity) + BQPO on 128 windows to the model's states with lm_head + E2E-OQP "
+    "(KD, 128 steps), 128 calibration windows": (
+        f"{W4S50_ONESHOT},{BQPO_MODEL_TAIL.replace('samples=16', 'samples=128')},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd}",
+        128,
+    ),
+    "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps, "
+    "norms trained too), 128 calibration windows": (
+        f"{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd,norms=true}",
+        128,
+    ),
     "W4S50 rearranged (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, "
     "128 steps)": (
         f"rearrange{{group=16}},{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
