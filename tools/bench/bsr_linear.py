@@ -179,6 +179,24 @@ def methods(out: int, inp: int, seed: int, rotate: int = ROTATE_BYTES):
                 X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
             ),
         )
+    if k.has_avx512():  # the same W4S50 weights on the AVX2 kernels (every x86-64 CPU with AVX2)
+
+        def avx2_only(m, X):
+            k.use_avx512(False)
+            try:
+                return k.bsr_linear(
+                    X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
+                )
+            finally:
+                k.use_avx512(True)
+
+        nbytes = sum(make_bsr(out, inp, 0.5, 4, 16, seed).nbytes().values())
+        yield (
+            "effc BSR W4S50 g16, AVX2 kernels only",
+            nbytes,
+            copies(lambda i: make_bsr(out, inp, 0.5, 4, 16, seed + i), nbytes, rotate),
+            avx2_only,
+        )
     if k.has_a8():  # the opt-in int8-activation mode
         from effc.runtime.modules import bsr_matmul
 
