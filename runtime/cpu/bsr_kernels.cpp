@@ -228,7 +228,7 @@ void gemm_a8(const float* x, int64_t M, int64_t K, const int32_t* indptr, const 
   std::vector<int8_t> xq((size_t)K * Mp);
   std::vector<float> sx((size_t)C * Mp), sxq((size_t)C * Mp);
   quantize_x<G>(x, M, K, Mp, xq.data(), sx.data(), sxq.data());
-  const int64_t chunk = std::clamp<int64_t>(CHUNK_BYTES / (Mp * (G + 8)), 2, C);
+  const int64_t chunk = std::min<int64_t>(std::max<int64_t>(CHUNK_BYTES / (Mp * (G + 8)), 2), C);
   constexpr int64_t PANEL = 128;
 #pragma omp parallel
   {
@@ -459,7 +459,7 @@ void gemm_cols(const float* x, int64_t M, int64_t K, const int32_t* indptr, cons
     }
   // x's tiles for one chunk of columns stay in L2 (256 KB; all of K for small M, so rows are read
   // in long runs the prefetcher follows), and so do the panel's dequantized blocks of a chunk
-  const int64_t chunk = std::clamp<int64_t>(256 * 1024 / (G * Mp * 4), 4, C);
+  const int64_t chunk = std::min<int64_t>(std::max<int64_t>(256 * 1024 / (G * Mp * 4), 4), C);
   const double per_row = (double)(indptr[N] - indptr[0]) / std::max<int64_t>(N, 1) * chunk / C + 1;
   const int64_t PANEL = std::clamp<int64_t>((int64_t)(256 * 1024 / (per_row * G * 4)), 8, 256);
 #pragma omp parallel
@@ -533,7 +533,7 @@ template <int BITS, int G>
 void gemm_chunked(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices,
                   const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
   const int64_t cols = K / G;
-  const int64_t chunk = std::clamp<int64_t>((int64_t)(192 * 1024 / 4) / (M * G), 8, cols);
+  const int64_t chunk = std::min<int64_t>(std::max<int64_t>((int64_t)(192 * 1024 / 4) / (M * G), 8), cols);
   constexpr int64_t PANEL = 256;
 #pragma omp parallel
   {

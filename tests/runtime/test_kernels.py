@@ -108,6 +108,16 @@ def test_many_panels_chunks_and_tiles(fp32_kernels, group):
     assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
 
 
+@pytest.mark.parametrize("M", [9, 64])
+def test_fewer_column_blocks_than_a_chunk(fp32_kernels, M):
+    """K of two blocks: fewer column blocks than the GEMMs' smallest K chunk."""
+    m, _ = random_matrix(out=40, inp=32, group=16, bits=4, density=0.5, seed=M)
+    x = torch.randn(M, 32, generator=torch.Generator().manual_seed(M))
+    w = m.to_dense().double()
+    err = (_run(fp32_kernels, m, x).double() - x.double() @ w.T).abs()
+    assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
+
+
 def test_no_dense_weight_is_allocated(kernels):
     """Peak allocation during a call is the output, not a weight-sized buffer."""
     m, _ = random_matrix(out=1024, inp=2048, group=16, bits=4, density=0.5)
