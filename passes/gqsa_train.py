@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from effc.errors import InputError, PassOptionError, UnsupportedError
+from effc.ir.calibrate import block_output, capture_block_inputs
 from effc.pass_base import Pass, PassResult, register
 
 log = logging.getLogger(__name__)
@@ -133,37 +134,6 @@ def _swap(root: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     old = getattr(owner, leaf)
     setattr(owner, leaf, new)
     return old
-
-
-class _Stop(Exception):
-    pass
-
-
-def _capture_block_inputs(model, block: nn.Module, inputs: list[dict]) -> list[tuple]:
-    """(args, kwargs) the first block receives for each calibration input."""
-    captured = []
-
-    def hook(_mod, args, kwargs):
-        captured.append(
-            (tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs))
-        )
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for x in inputs:
-                try:
-                    model(**{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()})
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _progress(total: int, what: str):
@@ -340,7 +310,7 @@ class GQSATrain(Pass):
         if not blocks:
             raise UnsupportedError("bqpo needs repeated transformer blocks and none were found")
         module = model.module
-        inputs = _capture_block_inputs(module, module.get_submodule(blocks[0].fqn), data)
+        inputs = capture_block_inputs(module, module.get_submodule(blocks[0].fqn), data)
         reference = [a[0] for a, _ in inputs]  # the original model's hidden states (target=model)
         tail = (
             {
@@ -363,16 +333,19 @@ class GQSATrain(Pass):
                 with torch.no_grad():
                     if self.options.target == "model":
                         reference = [
-                            _hidden(teacher(h, *a[1:], **k)) for h, (a, k) in zip(reference, inputs)
+                            block_output(teacher(h, *a[1:], **k))
+                            for h, (a, k) in zip(reference, inputs)
                         ]
                         targets = reference
                     else:
-                        targets = [_hidden(teacher(*a, **k)) for a, k in inputs]
+                        targets = [block_output(teacher(*a, **k)) for a, k in inputs]
                 fakes = self._fakes(model, sites)
 
                 def block_loss(i, student=student, targets=targets, inputs=inputs):
                     args, kwargs = inputs[i]
-                    return nn.functional.mse_loss(_hidden(student(*args, **kwargs)), targets[i])
+                    return nn.functional.mse_loss(
+                        block_output(student(*args, **kwargs)), targets[i]
+                    )
 
                 first_loss += self._fit(
                     fakes, block_loss, len(inputs), lambda: progress.advance(task)
@@ -380,7 +353,7 @@ class GQSATrain(Pass):
                 for fqn, (fq, linear) in fakes.items():
                     self._finish(model, fqn, fq, linear)
                 with torch.no_grad():  # one forward gives the next block's inputs and the loss
-                    outputs = [_hidden(student(*a, **k)) for a, k in inputs]
+                    outputs = [block_output(student(*a, **k)) for a, k in inputs]
                     last_loss += sum(
                         float(nn.functional.mse_loss(o, t)) for o, t in zip(outputs, targets)
                     ) / len(inputs)

@@ -237,18 +237,28 @@ def compressible_sites(model, skip: list[str], stats: dict, divisor: int, what: 
     return sites
 
 
+class ColumnNorms:
+    """Accumulates each site's squared input column norms (``fn`` of ``collect_site_inputs``)."""
+
+    def __init__(self):
+        self.sq: dict[str, torch.Tensor] = {}
+
+    def __call__(self, site, x: torch.Tensor) -> None:
+        s = (x.double() ** 2).sum(0)
+        self.sq[site.fqn] = self.sq[site.fqn] + s if site.fqn in self.sq else s
+
+    def pop(self, fqn: str) -> torch.Tensor:
+        """The site's ||X[:, j]||_2, forgotten here."""
+        return self.sq.pop(fqn).sqrt().float()
+
+
 def activation_norms(model, sites, ctx) -> dict[str, torch.Tensor]:
     """Per-site ||X[:, j]||_2 over the calibration inputs."""
     from effc.ir.calibrate import collect_site_inputs
 
-    sq: dict[str, torch.Tensor] = {}
-
-    def accumulate(site, x):
-        s = (x.double() ** 2).sum(0)
-        sq[site.fqn] = sq[site.fqn] + s if site.fqn in sq else s
-
-    collect_site_inputs(model, sites, ctx.calibration, accumulate)
-    return {k: v.sqrt().float() for k, v in sq.items()}
+    acc = ColumnNorms()
+    collect_site_inputs(model, sites, ctx.calibration, acc)
+    return {s.fqn: acc.pop(s.fqn) for s in sites}
 
 
 @register
@@ -269,6 +279,7 @@ class GroupPrune(Pass):
         spread: float = 0.2
         sensitivity_samples: int = 1
         metric: Literal["mse", "kl"] = "mse"
+        sequential: bool = False
 
     def validate(self) -> None:
         o = self.options
@@ -278,6 +289,11 @@ class GroupPrune(Pass):
             )
         if o.group < 1:
             raise PassOptionError(f"pass 'group-prune': option 'group' must be >= 1, got {o.group}")
+        if o.sequential and (o.score == "magnitude" or o.scope == "global"):
+            raise PassOptionError(
+                "pass 'group-prune': sequential=true calibrates each block on the pruned blocks "
+                "before it; use it with score=wanda or score=obs and scope=row or scope=layer"
+            )
         if o.allocate == "sensitivity":
             if o.scope == "global":
                 raise PassOptionError(
@@ -294,46 +310,83 @@ class GroupPrune(Pass):
         o = self.options
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
-        norms = activation_norms(model, sites, ctx) if o.score == "wanda" else {}
         from effc.ir.sites import read_weight, write_weight
+        from effc.passes.quantize import HessianSum, hessians, inverse_hessian_factor
 
         weights = {s.fqn: read_weight(s).clone() for s in sites}
-        hess = {}
-        if o.score == "obs" or o.allocate == "sensitivity":
-            from effc.passes.quantize import hessians, inverse_hessian_factor
 
-            hess = hessians(model, sites, ctx)
-        if o.score == "obs":
-            factors = {k: inverse_hessian_factor(h) for k, h in hess.items()}
-            scores = {
-                k: obs_scores(w, factors[k][0], factors[k][1], o.group) for k, w in weights.items()
-            }
-        else:
-            scores = {k: group_scores(w, o.group, norms.get(k)) for k, w in weights.items()}
+        def statistic(acc, k: str):  # what a site's scores and pruning need from calibration
+            if o.score == "obs":
+                return inverse_hessian_factor(acc.pop(k))
+            return acc.pop(k) if o.score == "wanda" else None
 
-        def pruned_weight(k: str, mask: torch.Tensor) -> torch.Tensor:
+        def score(k: str, stat) -> torch.Tensor:
+            if o.score == "obs":
+                return obs_scores(weights[k], stat[0], stat[1], o.group)
+            return group_scores(weights[k], o.group, stat)
+
+        def prune(k: str, mask: torch.Tensor, stat) -> torch.Tensor:
             w = weights[k]
             if o.score == "obs":
-                return obs_prune(w, factors[k], mask, o.group)
+                return obs_prune(w, stat, mask, o.group)
             out, inp = w.shape
             return (w.view(out, inp // o.group, o.group) * mask[:, :, None]).view(out, inp)
 
+        def reducer():
+            return HessianSum() if o.score == "obs" else ColumnNorms()
+
+        def write(site, mask: torch.Tensor, w: torch.Tensor) -> None:  # w: dropped groups zero
+            notes = model.annotations.setdefault(site.fqn, {})
+            notes.setdefault("original", weights[site.fqn].clone())
+            write_weight(site, w)
+            notes.update(mask=mask, group=o.group)
+
         sparsity: float | dict[str, int] = o.sparsity
-        if o.allocate == "sensitivity":
-            sparsity = self._allocate(model, ctx, sites, scores, pruned_weight, hess, stats)
-        masks = masks_for(scores, sparsity, o.scope)
-        for k in weights:
-            weights[k] = pruned_weight(k, masks[k])
+        if not o.sequential or o.allocate == "sensitivity":  # statistics of the whole model
+            needs_h = o.score == "obs" or o.allocate == "sensitivity"
+            hess = hessians(model, sites, ctx) if needs_h else {}
+            if o.score == "wanda":
+                stat = activation_norms(model, sites, ctx)
+            elif o.score == "obs":
+                stat = {k: inverse_hessian_factor(h) for k, h in hess.items()}
+            else:
+                stat = dict.fromkeys(weights)
+            scores = {k: score(k, stat[k]) for k in weights}
+            if o.allocate == "sensitivity":
+                sparsity = self._allocate(
+                    model, ctx, sites, scores, lambda k, m: prune(k, m, stat[k]), hess, stats
+                )
+        if o.sequential:  # each block's scores and compensation on the already pruned blocks
+            from effc.ir.calibrate import calibrate_sequentially
+            from effc.passes.gqsa_train import _progress
+
+            acc = reducer()
+
+            def compress(stage) -> None:
+                for site in stage:
+                    k = site.fqn
+                    st = statistic(acc, k)
+                    budget = {k: sparsity[k]} if isinstance(sparsity, dict) else sparsity
+                    mask = masks_for({k: score(k, st)}, budget, o.scope)[k]
+                    write(site, mask, prune(k, mask, st))
+
+            progress, task = _progress(len(sites), "group-prune: sequential")
+            with progress:
+                stats["stages"] = calibrate_sequentially(
+                    model,
+                    sites,
+                    ctx.calibration,
+                    acc,
+                    compress,
+                    lambda stage: progress.advance(task, len(stage)),
+                )
+        else:
+            masks = masks_for(scores, sparsity, o.scope)
+            for site in sites:
+                write(site, masks[site.fqn], prune(site.fqn, masks[site.fqn], stat[site.fqn]))
         pruned = total = 0
         for site in sites:
-            mask = masks[site.fqn]
-            w = weights[site.fqn]  # pruned_weight zeroed the dropped groups
-            model.annotations.setdefault(site.fqn, {}).setdefault(
-                "original", read_weight(site).clone()
-            )
-            write_weight(site, w)
-
-            model.annotations.setdefault(site.fqn, {}).update(mask=mask, group=o.group)
+            mask = model.annotations[site.fqn]["mask"]
             pruned += int((~mask).sum())
             total += mask.numel()
         stats.update(

@@ -12,6 +12,7 @@ import torch
 
 from effc.errors import PassOptionError
 from effc.pass_base import Pass, PassResult, register
+from effc.passes.group_prune import obs_prune, obs_scores
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -36,39 +37,65 @@ class NMPrune(Pass):
         m: int = 4
         score: Literal["magnitude", "wanda", "obs"] = "magnitude"
         skip: list[str] = field(default_factory=list)
+        sequential: bool = False  # wanda, obs: calibrate each block on the already pruned ones
 
     def validate(self) -> None:
         if not 0 < self.options.n < self.options.m:
             raise PassOptionError(
                 f"pass 'nm-prune': need 0 < n < m, got n={self.options.n}, m={self.options.m}"
             )
+        if self.options.sequential and self.options.score == "magnitude":
+            raise PassOptionError(
+                "pass 'nm-prune': sequential=true calibrates each block on the pruned blocks "
+                "before it; use it with score=wanda or score=obs"
+            )
 
     def run(self, model, ctx) -> PassResult:
         from effc.ir.sites import read_weight, write_weight
-        from effc.passes.group_prune import activation_norms, compressible_sites
+        from effc.passes.group_prune import ColumnNorms, activation_norms, compressible_sites
+        from effc.passes.quantize import HessianSum, hessians, inverse_hessian_factor
 
         o = self.options
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.m, f"m={o.m}")
-        norms = activation_norms(model, sites, ctx) if o.score == "wanda" else {}
-        if o.score == "obs":
-            from effc.passes.group_prune import obs_prune, obs_scores
-            from effc.passes.quantize import hessians, inverse_hessian_factor
 
-            hess = hessians(model, sites, ctx)
-        for site in sites:
+        def prune(site, stat) -> None:  # stat: the Hessian (obs), column norms (wanda) or None
             w = read_weight(site).clone()
             if o.score == "obs":
-                factor = inverse_hessian_factor(hess.pop(site.fqn))
+                factor = inverse_hessian_factor(stat)
                 keep = nm_mask(obs_scores(w, *factor, 1), o.n, o.m)
                 write_weight(site, obs_prune(w, factor, keep, 1))
             else:
-                scores = w.abs() * (norms[site.fqn][None, :] if site.fqn in norms else 1)
-                keep = nm_mask(scores, o.n, o.m)
+                keep = nm_mask(w.abs() * (stat[None, :] if stat is not None else 1), o.n, o.m)
                 write_weight(site, w * keep)
             # the element mask and the weight before pruning, for gqsa-train{stage=bqpo}
             model.annotations.setdefault(site.fqn, {}).setdefault("original", w)
             model.annotations[site.fqn]["element_mask"] = keep
 
+        if o.sequential:  # each block's scores and compensation on the already pruned blocks
+            from effc.ir.calibrate import calibrate_sequentially
+            from effc.passes.gqsa_train import _progress
+
+            acc = HessianSum() if o.score == "obs" else ColumnNorms()
+            progress, task = _progress(len(sites), "nm-prune: sequential")
+            with progress:
+                stats["stages"] = calibrate_sequentially(
+                    model,
+                    sites,
+                    ctx.calibration,
+                    acc,
+                    lambda stage: [prune(s, acc.pop(s.fqn)) for s in stage],
+                    lambda stage: progress.advance(task, len(stage)),
+                )
+        else:
+            stat = (
+                hessians(model, sites, ctx)
+                if o.score == "obs"
+                else activation_norms(model, sites, ctx)
+                if o.score == "wanda"
+                else {}
+            )
+            for site in sites:
+                prune(site, stat.pop(site.fqn, None))
         stats.update(layers=len(sites), sparsity=round(1 - o.n / o.m, 6))
         return PassResult(model, bool(sites), stats)

@@ -140,26 +140,38 @@ def dequantize(codes, scale, zero, mask=None) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+class HessianSum:
+    """Accumulates each site's H = 2 X^T X / rows over calibration activations (``fn`` of
+    ``collect_site_inputs``); sites that share one input (q/k/v, gate/up) share one product."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.last: list = [None, None]  # (input, its X^T X)
+
+    def __call__(self, site, x: torch.Tensor) -> None:
+        prev = self.last[0]
+        if prev is not None and prev.data_ptr() == x.data_ptr() and prev.shape == x.shape:
+            h = self.last[1]
+        else:
+            h = (x.T @ x).double()  # fp32 GEMM, accumulated in fp64 across samples
+            self.last[:] = [x, h]
+        k = site.fqn
+        self.sums[k] = self.sums[k] + h if k in self.sums else h.clone()
+        self.rows[k] = self.rows.get(k, 0) + x.shape[0]
+
+    def pop(self, fqn: str) -> torch.Tensor:
+        """The site's Hessian, forgotten here (and the shared product, so memory stays low)."""
+        self.last[:] = [None, None]
+        return (2 * self.sums.pop(fqn) / self.rows.pop(fqn)).float()
+
+
 def hessians(model, sites, ctx) -> dict[str, torch.Tensor]:
     from effc.ir.calibrate import collect_site_inputs
 
-    H: dict[str, torch.Tensor] = {}
-    count: dict[str, int] = {}
-    last: list = [None, None]  # (input, its X^T X): q/k/v (and gate/up) share one input
-
-    def accumulate(site, x):
-        prev = last[0]
-        if prev is not None and prev.data_ptr() == x.data_ptr() and prev.shape == x.shape:
-            h = last[1]
-        else:
-            h = (x.T @ x).double()  # fp32 GEMM, accumulated in fp64 across samples
-            last[:] = [x, h]
-        H[site.fqn] = H[site.fqn] + h if site.fqn in H else h.clone()
-
-        count[site.fqn] = count.get(site.fqn, 0) + x.shape[0]
-
-    collect_site_inputs(model, sites, ctx.calibration, accumulate)
-    return {k: (2 * v / count[k]).float() for k, v in H.items()}
+    acc = HessianSum()
+    collect_site_inputs(model, sites, ctx.calibration, acc)
+    return {s.fqn: acc.pop(s.fqn) for s in sites}
 
 
 @register
@@ -176,11 +188,16 @@ class Quantize(Pass):
         symmetric: bool = False
         method: Literal["rtn", "gptq"] = "rtn"
         skip: list[str] = field(default_factory=list)
+        sequential: bool = False  # gptq: calibrate each block on the already quantized ones
 
     def validate(self) -> None:
         if self.options.group < 2:
             raise PassOptionError(
                 f"pass 'quantize': option 'group' must be >= 2, got {self.options.group}"
+            )
+        if self.options.sequential and self.options.method != "gptq":
+            raise PassOptionError(
+                "pass 'quantize': sequential=true calibrates GPTQ's Hessians; use method=gptq"
             )
 
     def requires(self, model, ctx) -> None:
@@ -198,21 +215,20 @@ class Quantize(Pass):
         o = self.options
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
-        H = hessians(model, sites, ctx) if o.method == "gptq" else {}
-        err_sq = ref_sq = 0.0
-        for site in sites:
+        err = [0.0, 0.0]  # squared error, squared reference
+
+        def quantize_site(site, hessian: torch.Tensor | None) -> None:
             w = read_weight(site).float()
             mask = model.annotations.get(site.fqn, {}).get("mask")
-            if o.method == "gptq":
-                codes, scale, zero = gptq(w, H[site.fqn], o.bits, o.group, o.symmetric, mask)
+            if hessian is not None:
+                codes, scale, zero = gptq(w, hessian, o.bits, o.group, o.symmetric, mask)
             else:
                 codes, scale, zero = rtn(w, o.bits, o.group, o.symmetric)
             deq = dequantize(codes, scale, zero, mask)
-            err_sq += float(((deq - w) ** 2).sum())
-            ref_sq += float((w**2).sum())
+            err[0] += float(((deq - w) ** 2).sum())
+            err[1] += float((w**2).sum())
             model.annotations.setdefault(site.fqn, {}).setdefault("original", w.clone())
             write_weight(site, deq)
-
             model.annotations.setdefault(site.fqn, {}).update(
                 codes=codes.to(torch.uint8),
                 scale=scale,
@@ -220,6 +236,27 @@ class Quantize(Pass):
                 bits=o.bits,
                 group=o.group,
             )
+
+        if o.sequential:
+            from effc.ir.calibrate import calibrate_sequentially
+            from effc.passes.gqsa_train import _progress
+
+            acc = HessianSum()
+            progress, task = _progress(len(sites), "quantize: sequential GPTQ")
+            with progress:
+                stats["stages"] = calibrate_sequentially(
+                    model,
+                    sites,
+                    ctx.calibration,
+                    acc,
+                    lambda stage: [quantize_site(s, acc.pop(s.fqn)) for s in stage],
+                    lambda stage: progress.advance(task, len(stage)),
+                )
+        else:
+            H = hessians(model, sites, ctx) if o.method == "gptq" else {}
+            for site in sites:
+                quantize_site(site, H.pop(site.fqn, None))
+        err_sq, ref_sq = err
         stats.update(
             layers=len(sites),
             bits=o.bits,

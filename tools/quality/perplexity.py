@@ -36,6 +36,12 @@ W4S50_ONESHOT = (
     "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,method=gptq}"
 )
 BQPO_MODEL_TAIL = f"{BQPO[:-1]},target=model,tail=true}}"
+# The same with each block pruned and quantized on the outputs of the compressed blocks before it
+# (SparseGPT / GPTQ's sequential calibration).
+W4S50_SEQUENTIAL = (
+    "group-prune{sparsity=0.5,score=obs,allocate=sensitivity,sequential=true},"
+    "quantize{bits=4,group=16,method=gptq,sequential=true}"
+)
 
 ROWS = {
     "fp32": "",
@@ -103,6 +109,12 @@ ROWS = {
         f"rearrange{{group=16}},{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
     ),
+    "W4S50 (obs, sensitivity, sequential) + BQPO to the model's states with lm_head + E2E-OQP (KD, "
+    "128 steps), 128 calibration windows": (
+        f"{W4S50_SEQUENTIAL},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd}",
+        128,
+    ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
@@ -112,6 +124,11 @@ ROWS = {
         f"nm-prune{{n=2,m=4,score=obs}},{BQPO}",
         128,
     ),
+    "2:4 obs (SparseGPT, sequential) + BQPO, 128 calibration windows": (
+        f"nm-prune{{n=2,m=4,score=obs,sequential=true}},{BQPO}",
+        128,
+    ),
+    "S50 groups (obs/row, sequential)": "group-prune{sparsity=0.5,score=obs,sequential=true}",
 }
 
 
