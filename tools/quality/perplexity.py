@@ -109,6 +109,12 @@ ROWS = {
         f"rearrange{{group=16}},{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
     ),
+    "W4S50 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 208 steps), "
+    "208 calibration windows": (
+        f"{W4S50_ONESHOT},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=208,lr=0.0003,samples=208,loss=kd}",
+        208,
+    ),
     "W4S50 (obs, sensitivity, sequential) + BQPO to the model's states with lm_head + E2E-OQP (KD, "
     "128 steps), 128 calibration windows": (
         f"{W4S50_SEQUENTIAL},{BQPO_MODEL_TAIL},"
