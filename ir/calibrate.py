@@ -149,9 +149,9 @@ def calibrate_sequentially(
         cached = capture_block_inputs(module, module.get_submodule(stages[0][0]), inputs)
     count = 0
     for fqn, stage in stages:
+        block = module.get_submodule(fqn) if fast and fqn is not None else None
         if stage:
-            if fast and fqn is not None:
-                block = module.get_submodule(fqn)
+            if block is not None:
                 run = lambda block=block, cached=cached: [block(*a, **k) for a, k in cached]  # noqa: E731
                 _collect_fx_on(module, stage, run, fn)
             else:
@@ -159,8 +159,7 @@ def calibrate_sequentially(
             compress(stage)
             count += 1
             advance(stage)
-        if fast and fqn is not None:  # the next block's inputs, from this one compressed
-            block = module.get_submodule(fqn)
+        if block is not None:  # the next block's inputs, from this one compressed
             with torch.no_grad():
                 cached = [((block_output(block(*a, **k)), *a[1:]), k) for a, k in cached]
     return count

@@ -311,14 +311,14 @@ class GroupPrune(Pass):
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
         from effc.ir.sites import read_weight, write_weight
-        from effc.passes.quantize import HessianSum, hessians, inverse_hessian_factor
+        from effc.passes.quantize import (
+            HessianSum,
+            compress_sequentially,
+            hessians,
+            inverse_hessian_factor,
+        )
 
         weights = {s.fqn: read_weight(s).clone() for s in sites}
-
-        def statistic(acc, k: str):  # what a site's scores and pruning need from calibration
-            if o.score == "obs":
-                return inverse_hessian_factor(acc.pop(k))
-            return acc.pop(k) if o.score == "wanda" else None
 
         def score(k: str, stat) -> torch.Tensor:
             if o.score == "obs":
@@ -331,9 +331,6 @@ class GroupPrune(Pass):
                 return obs_prune(w, stat, mask, o.group)
             out, inp = w.shape
             return (w.view(out, inp // o.group, o.group) * mask[:, :, None]).view(out, inp)
-
-        def reducer():
-            return HessianSum() if o.score == "obs" else ColumnNorms()
 
         def write(site, mask: torch.Tensor, w: torch.Tensor) -> None:  # w: dropped groups zero
             notes = model.annotations.setdefault(site.fqn, {})
@@ -357,29 +354,16 @@ class GroupPrune(Pass):
                     model, ctx, sites, scores, lambda k, m: prune(k, m, stat[k]), hess, stats
                 )
         if o.sequential:  # each block's scores and compensation on the already pruned blocks
-            from effc.ir.calibrate import calibrate_sequentially
-            from effc.passes.gqsa_train import _progress
 
-            acc = reducer()
+            def compress(site, calibrated: torch.Tensor) -> None:  # a Hessian or column norms
+                k = site.fqn
+                st = inverse_hessian_factor(calibrated) if o.score == "obs" else calibrated
+                budget = {k: sparsity[k]} if isinstance(sparsity, dict) else sparsity
+                mask = masks_for({k: score(k, st)}, budget, o.scope)[k]
+                write(site, mask, prune(k, mask, st))
 
-            def compress(stage) -> None:
-                for site in stage:
-                    k = site.fqn
-                    st = statistic(acc, k)
-                    budget = {k: sparsity[k]} if isinstance(sparsity, dict) else sparsity
-                    mask = masks_for({k: score(k, st)}, budget, o.scope)[k]
-                    write(site, mask, prune(k, mask, st))
-
-            progress, task = _progress(len(sites), "group-prune: sequential")
-            with progress:
-                stats["stages"] = calibrate_sequentially(
-                    model,
-                    sites,
-                    ctx.calibration,
-                    acc,
-                    compress,
-                    lambda stage: progress.advance(task, len(stage)),
-                )
+            acc = HessianSum() if o.score == "obs" else ColumnNorms()
+            stats["stages"] = compress_sequentially(model, sites, ctx, acc, compress, "group-prune")
         else:
             masks = masks_for(scores, sparsity, o.scope)
             for site in sites:

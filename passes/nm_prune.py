@@ -53,7 +53,12 @@ class NMPrune(Pass):
     def run(self, model, ctx) -> PassResult:
         from effc.ir.sites import read_weight, write_weight
         from effc.passes.group_prune import ColumnNorms, activation_norms, compressible_sites
-        from effc.passes.quantize import HessianSum, hessians, inverse_hessian_factor
+        from effc.passes.quantize import (
+            HessianSum,
+            compress_sequentially,
+            hessians,
+            inverse_hessian_factor,
+        )
 
         o = self.options
         stats: dict = {}
@@ -73,20 +78,8 @@ class NMPrune(Pass):
             model.annotations[site.fqn]["element_mask"] = keep
 
         if o.sequential:  # each block's scores and compensation on the already pruned blocks
-            from effc.ir.calibrate import calibrate_sequentially
-            from effc.passes.gqsa_train import _progress
-
             acc = HessianSum() if o.score == "obs" else ColumnNorms()
-            progress, task = _progress(len(sites), "nm-prune: sequential")
-            with progress:
-                stats["stages"] = calibrate_sequentially(
-                    model,
-                    sites,
-                    ctx.calibration,
-                    acc,
-                    lambda stage: [prune(s, acc.pop(s.fqn)) for s in stage],
-                    lambda stage: progress.advance(task, len(stage)),
-                )
+            stats["stages"] = compress_sequentially(model, sites, ctx, acc, prune, "nm-prune")
         else:
             stat = (
                 hessians(model, sites, ctx)

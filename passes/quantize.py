@@ -174,6 +174,26 @@ def hessians(model, sites, ctx) -> dict[str, torch.Tensor]:
     return {s.fqn: acc.pop(s.fqn) for s in sites}
 
 
+def compress_sequentially(model, sites, ctx, acc, compress_site, what: str) -> int:
+    """``compress_site(site, acc.pop(site.fqn))`` for every site, block by block, each block
+    calibrated on the already compressed ones (``effc.ir.calibrate.calibrate_sequentially``),
+    with a progress bar; ``acc``: the calibration reducer (``HessianSum``, ``ColumnNorms``).
+    Returns the number of stages (the passes' ``sequential=true``)."""
+    from effc.ir.calibrate import calibrate_sequentially
+    from effc.passes.gqsa_train import _progress
+
+    progress, task = _progress(len(sites), f"{what}: sequential")
+    with progress:
+        return calibrate_sequentially(
+            model,
+            sites,
+            ctx.calibration,
+            acc,
+            lambda stage: [compress_site(site, acc.pop(site.fqn)) for site in stage],
+            lambda stage: progress.advance(task, len(stage)),
+        )
+
+
 @register
 class Quantize(Pass):
     """Weight-only group quantization (int2/3/4/8, per-group scale and zero; RTN or GPTQ)."""
@@ -238,20 +258,9 @@ class Quantize(Pass):
             )
 
         if o.sequential:
-            from effc.ir.calibrate import calibrate_sequentially
-            from effc.passes.gqsa_train import _progress
-
-            acc = HessianSum()
-            progress, task = _progress(len(sites), "quantize: sequential GPTQ")
-            with progress:
-                stats["stages"] = calibrate_sequentially(
-                    model,
-                    sites,
-                    ctx.calibration,
-                    acc,
-                    lambda stage: [quantize_site(s, acc.pop(s.fqn)) for s in stage],
-                    lambda stage: progress.advance(task, len(stage)),
-                )
+            stats["stages"] = compress_sequentially(
+                model, sites, ctx, HessianSum(), quantize_site, "quantize (GPTQ)"
+            )
         else:
             H = hessians(model, sites, ctx) if o.method == "gptq" else {}
             for site in sites:
