@@ -8,7 +8,7 @@ runs that int4 layer with int8 activations); the fp32 weight initializer goes aw
 against a dense MatMul at ``batch`` rows; where dense wins (``decide=true``), the layer stays a
 dense MatMul of its fake-quantized weights. Exact with respect to the fake-quantized model (the
 kernels compute the same products in fp32); ``activations=int8`` is the opt-in lossy mode
-(x quantized to int8 per block of the group, VNNI dot products; see runtime/modules.py).
+(x quantized to int8 per block of the group, integer dot products; see runtime/modules.py).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class BSRPack(Pass):
     class Options:
         batch: int = 1
         decide: bool = True
-        activations: Literal["fp32", "int8"] = "fp32"  # int8: opt-in lossy VNNI mode (int4)
+        activations: Literal["fp32", "int8"] = "fp32"  # int8: opt-in lossy int8-x mode (int4)
 
     def __init__(self, **options):
         super().__init__(**options)

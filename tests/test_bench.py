@@ -11,8 +11,8 @@ def test_bench_runs_every_method_and_prints_floors():
 
     k = kernels()
     assert (
-        # the AVX2-only row needs AVX-512 (else it is the main row), the int8 one AVX512-VNNI
-        len(methods) == 10 + k.has_avx512() + k.has_a8()
+        # the AVX2-only rows need AVX-512 (else they are the main rows)
+        len(methods) == 11 + 2 * k.has_avx512()
         and "effc BSR W4S50 g16" in methods
         and any("MatMulNBits" in m for m in methods)
     )

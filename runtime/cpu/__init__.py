@@ -5,6 +5,7 @@ from there afterwards."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from effc.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("bsr_kernels.cpp")
+INCLUDES = (Path(__file__).with_name("bsr_a8.inc"),)  # #included by SOURCE
 
 
 @functools.cache
@@ -25,11 +27,21 @@ def kernels():
     build = cache_dir() / "torch_extensions" / "bsr_cpu"
     build.mkdir(parents=True, exist_ok=True)
     log.info("building/loading the BSR CPU kernels in %s", build)
+    # torch rebuilds when the sources or the flags change; the included files go in as a flag
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in INCLUDES)).hexdigest()[:16]
     try:
         return cpp_extension.load(
             name="effc_bsr_cpu",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"],
+            extra_cflags=[
+                "-O3",
+                "-mavx2",
+                "-mfma",
+                "-mf16c",
+                "-fopenmp",
+                "-std=c++17",
+                f"-DEFFC_INC={digest}",
+            ],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=os.environ.get("EFFC_VERBOSE_BUILD") == "1",

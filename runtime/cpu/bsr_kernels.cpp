@@ -110,152 +110,25 @@ inline std::pair<int64_t, int64_t> thread_rows(const int32_t* indptr, int64_t N)
 // ---------------------------------------------------------------------------------------------
 // int8-activation mode (opt-in, lossy in x like MatMulNBits accuracy_level 4 and llama.cpp's
 // Q4 x Q8): x is quantized per (row m, column block of g) to int8 with its own fp32 scale, and
-// each 1 x g int4 block becomes g/4 AVX512-VNNI dot products (vpdpbusd: 4 u8 x s8 products per
-// int32 lane). Lanes run over rows of x (8 per ymm tile, up to 8 tiles in registers), so every
+// each 1 x g int4 block becomes integer dot products of 4 u8 x s8 products per int32 lane
+// (vpdpbusd on AVX512-VNNI; vpmaddubsw + vpmaddwd on AVX2, exact as well: |code * q| pairs stay
+// within int16). Lanes run over rows of x (8 per ymm tile, up to 8 tiles in registers), so every
 // instruction serves 8 rows and a block's codes are unpacked once per output row, in registers:
 //   y[m, r] = sum_b s_b * (sx[m, c_b] * sum_k q[m, k] code_bk  -  z_b * sx[m, c_b] * sum_k q[m, k])
 // with q = round(x / sx) in [-127, 127]. The codes are the unsigned operand, q the signed one; the
 // zero point's term uses the per-(row, column block) sum of q computed once with q.
 // x layout: xq[((c * g/4 + k/4) * Mp + m) * 4 + k % 4], so one 32-byte load feeds 8 rows.
+// The kernels' body is bsr_a8.inc, compiled twice: namespace a8 (VNNI, plus a 512-bit GEMV) and
+// namespace a8_avx2 (every AVX2 CPU).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")
 namespace a8 {
 
-constexpr int TILE = 8;   // rows of x per ymm accumulator
-constexpr int TILES = 8;  // accumulators kept in registers (64 rows of x)
-constexpr int64_t CHUNK_BYTES = 24 * 1024;  // quantized x, sx and sxq of one K chunk (all rows): L1
-
-// x (M, K) fp32 -> xq (layout above), sx[c * Mp + m] and sxq[c * Mp + m] = sx * sum_k q;
-// rows M..Mp-1 are zero.
-template <int G>
-void quantize_x(const float* x, int64_t M, int64_t K, int64_t Mp, int8_t* xq, float* sx, float* sxq) {
-  constexpr int Q = G / 4;
-  const int64_t C = K / G;
-#pragma omp parallel for schedule(static) if (Mp > 1)  // M = 1: no thread start-up for one row
-  for (int64_t m = 0; m < Mp; ++m) {  // rows of x in order: x is read sequentially
-    for (int64_t c = 0; c < C; ++c) {
-      if (m >= M) {
-        for (int q = 0; q < Q; ++q) std::memset(xq + ((c * Q + q) * Mp + m) * 4, 0, 4);
-        sx[c * Mp + m] = sxq[c * Mp + m] = 0.0f;
-        continue;
-      }
-      const float* xp = x + m * K + c * G;
-      __m512 amax = _mm512_setzero_ps();
-      __mmask16 nan = 0;
-      for (int v = 0; v < G / 16; ++v) {
-        const __m512 xv = _mm512_loadu_ps(xp + 16 * v);
-        nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(xv));
-      }
-      // a NaN in x makes this block's scale NaN, so it reaches y as in the fp32 path
-      const float mx = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(amax);
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-      __m512i total = _mm512_setzero_si512();
-      for (int v = 0; v < G / 16; ++v) {
-        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp + 16 * v), _mm512_set1_ps(inv)));
-        q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
-        total = _mm512_add_epi32(total, q);
-        alignas(16) uint32_t quads[4];
-        _mm_store_si128(reinterpret_cast<__m128i*>(quads), _mm512_cvtepi32_epi8(q));
-        for (int j = 0; j < 4; ++j) std::memcpy(xq + ((c * Q + 4 * v + j) * Mp + m) * 4, quads + j, 4);
-      }
-      sx[c * Mp + m] = mx / 127.0f;
-      sxq[c * Mp + m] = mx / 127.0f * (float)_mm512_reduce_add_epi32(total);
-    }
-  }
+inline __m256i dot2(__m256i acc, __m256i a1, __m256i b1, __m256i a2, __m256i b2) {
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, a1, b1), a2, b2);
 }
 
-// NT tiles of TILE rows of x, starting at tile t0, over blocks [begin, end) of one output row;
-// adds into out[(t0 + t) * TILE ...].
-template <int G, int NT>
-inline void row_tiles(const int8_t* xq, const float* sx, const float* sxq, int64_t Mp, int64_t t0, const uint16_t* indices,
-                      const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end,
-                      float* out) {
-  constexpr int Q = G / 4;
-  __m256 yacc[NT];
-  for (int t = 0; t < NT; ++t) yacc[t] = _mm256_loadu_ps(out + (t0 + t) * TILE);
-  for (int32_t b = begin; b < end; ++b) {
-    const int64_t c = indices[b];
-    const int8_t* xb = xq + (c * Q * Mp + t0 * TILE) * 4;
-    const uint8_t* block = values + (int64_t)b * (G / 2);
-    __m256i acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_si256();
-    for (int v = 0; v < G / 16; ++v) {  // 16 codes: bytes 0..7 hold elements 0..7 (low) and 8..15 (high)
-      const __m256i codes = _mm256_broadcastsi128_si256(nibbles16(block + 8 * v));
-      const __m256i w[4] = {_mm256_shuffle_epi32(codes, 0x00), _mm256_shuffle_epi32(codes, 0x55),
-                            _mm256_shuffle_epi32(codes, 0xAA), _mm256_shuffle_epi32(codes, 0xFF)};
-      for (int j = 0; j < 4; ++j) {
-        const int8_t* xp = xb + (int64_t)(4 * v + j) * Mp * 4;
-        for (int t = 0; t < NT; ++t)
-          acc[t] = _mm256_dpbusd_epi32(acc[t], w[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32 * t)));
-      }
-    }
-    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(scales[b])), zv = _mm256_set1_ps((float)zeros[b]);
-    const float* sxp = sx + c * Mp + t0 * TILE;
-    const float* sqp = sxq + c * Mp + t0 * TILE;
-    for (int t = 0; t < NT; ++t) {
-      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_loadu_ps(sxp + 8 * t));
-      yacc[t] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zv, _mm256_loadu_ps(sqp + 8 * t), dot), sv, yacc[t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + (t0 + t) * TILE, yacc[t]);
-}
-
-template <int G>
-inline void row_all_tiles(const int8_t* xq, const float* sx, const float* sxq, int64_t Mp, const uint16_t* indices,
-                          const uint8_t* values, const uint16_t* scales, const uint8_t* zeros, int32_t begin, int32_t end,
-                          float* out) {
-  const int64_t tiles = Mp / TILE;
-  int64_t t0 = 0;
-  for (; t0 + TILES <= tiles; t0 += TILES)
-    row_tiles<G, TILES>(xq, sx, sxq, Mp, t0, indices, values, scales, zeros, begin, end, out);
-  switch (tiles - t0) {
-#define EFFC_TAIL(n) case n: row_tiles<G, n>(xq, sx, sxq, Mp, t0, indices, values, scales, zeros, begin, end, out); break;
-    EFFC_TAIL(1) EFFC_TAIL(2) EFFC_TAIL(3) EFFC_TAIL(4) EFFC_TAIL(5) EFFC_TAIL(6) EFFC_TAIL(7)
-#undef EFFC_TAIL
-    default: break;
-  }
-}
-
-// Rows in panels; within a panel K is cut into chunks whose quantized x, sx and sxq (all rows of
-// x) stay in L1, and each row's partial sums live in a panel buffer (as in gemm_chunked).
-// The panel walk is written out as in gemm_chunked on purpose: one shared helper taking the
-// per-row work as a lambda measured 3-10% slower at M = 64.
-template <int G>
-void gemm_a8(const float* x, int64_t M, int64_t K, const int32_t* indptr, const uint16_t* indices, const uint8_t* values,
-             const uint16_t* scales, const uint8_t* zeros, float* y, int64_t N) {
-  const int64_t C = K / G, Mp = (M + TILE - 1) / TILE * TILE;
-  std::vector<int8_t> xq((size_t)K * Mp);
-  std::vector<float> sx((size_t)C * Mp), sxq((size_t)C * Mp);
-  quantize_x<G>(x, M, K, Mp, xq.data(), sx.data(), sxq.data());
-  const int64_t chunk = std::min<int64_t>(std::max<int64_t>(CHUNK_BYTES / (Mp * (G + 8)), 2), C);
-  constexpr int64_t PANEL = 128;
-#pragma omp parallel
-  {
-    const auto [first, last] = thread_rows(indptr, N);
-    std::vector<int32_t> cursor(PANEL);
-    std::vector<float> part((size_t)PANEL * Mp);
-    for (int64_t p0 = first; p0 < last; p0 += PANEL) {
-      const int64_t p1 = std::min(p0 + PANEL, last);
-      std::copy(indptr + p0, indptr + p1, cursor.begin());
-      std::fill(part.begin(), part.end(), 0.0f);
-      for (int64_t c0 = 0; c0 < C; c0 += chunk) {
-        const int64_t c1 = std::min(c0 + chunk, C);
-        for (int64_t r = p0; r < p1; ++r) {
-          const int32_t b0 = cursor[r - p0], row_end = indptr[r + 1];
-          int32_t b1 = b0;
-          while (b1 < row_end && indices[b1] < c1) ++b1;
-          cursor[r - p0] = b1;
-          if (b0 == b1) continue;
-          row_all_tiles<G>(xq.data(), sx.data(), sxq.data(), Mp, indices, values, scales, zeros, b0, b1,
-                           part.data() + (r - p0) * Mp);
-        }
-      }
-      for (int64_t m = 0; m < M; ++m)  // along rows of y (contiguous stores)
-        for (int64_t r = p0; r < p1; ++r) y[m * N + r] = part[(r - p0) * Mp + m];
-    }
-  }
-}
+#include "bsr_a8.inc"
 
 // M = 1: lanes run over K instead. x is quantized as above (for one row the layout is plain
 // order), and the weights go 16 codes ("units") at a time, four units per 512-bit vpdpbusd: the
@@ -274,11 +147,7 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
   std::vector<int8_t> xq((size_t)K);
   std::vector<float> sx((size_t)C), sxq((size_t)C);
   quantize_x<G>(x, 1, K, 1, xq.data(), sx.data(), sxq.data());
-  std::vector<double> pairs((size_t)C);  // (sx, sxq) of each block side by side, loaded as one 8-byte value
-  for (int64_t c = 0; c < C; ++c) {
-    const float two[2] = {sx[c], sxq[c]};
-    std::memcpy(&pairs[c], two, 8);
-  }
+  const std::vector<double> pairs = scale_pairs(sx.data(), sxq.data(), C);
   const double* pair = pairs.data();
   alignas(16) static const int8_t nothing[16] = {};
 #pragma omp parallel
@@ -351,6 +220,18 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
 
 }  // namespace a8
 #pragma GCC pop_options
+
+namespace a8_avx2 {
+
+// two vpmaddubsw products (each pair sum at most 2 * 15 * 127) add exactly in int16 lanes
+inline __m256i dot2(__m256i acc, __m256i a1, __m256i b1, __m256i a2, __m256i b2) {
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a1, b1), _mm256_maddubs_epi16(a2, b2));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+#include "bsr_a8.inc"
+
+}  // namespace a8_avx2
 
 // ---------------------------------------------------------------------------------------------
 // fp32 x with more than one row, on AVX-512 CPUs (kernel() dispatches here; AVX2 otherwise).
@@ -682,27 +563,29 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   return y;
 }
 
-bool has_a8() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"); }
+bool has_vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 
-// The int8-activation mode (see namespace a8): int4 weights only (code - zero must fit int8).
+// The int8-activation mode (see namespace a8): int4 weights only (code - zero must fit a byte).
+// AVX512-VNNI CPUs take namespace a8 (unless use_avx512(false)), every other one a8_avx2.
 torch::Tensor bsr_linear_a8(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                             torch::Tensor scales, torch::Tensor zeros, int64_t out_features, int64_t group) {
-  TORCH_CHECK(has_a8(), "the int8-activation BSR kernel needs a CPU with AVX512-VNNI");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(x.size(1) % group == 0, "group must divide K");
   TORCH_CHECK(indptr.size(0) == out_features + 1, "indptr must have out_features + 1 entries");
+  TORCH_CHECK(group == 16 || group == 32 || group == 64 || group == 128, "group must be 16, 32, 64 or 128");
   auto y = torch::empty({x.size(0), out_features}, x.options());
   const auto* idx = reinterpret_cast<const uint16_t*>(indices.data_ptr());
   const auto* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   auto args = std::make_tuple(x.data_ptr<float>(), x.size(0), x.size(1), indptr.data_ptr<int32_t>(), idx,
                               values.data_ptr<uint8_t>(), sc, zeros.data_ptr<uint8_t>(), y.data_ptr<float>(), out_features);
-  const bool one = x.size(0) == 1;
-  if (group == 16) std::apply(one ? a8::gemv_a8<16> : a8::gemm_a8<16>, args);
-  else if (group == 32) std::apply(one ? a8::gemv_a8<32> : a8::gemm_a8<32>, args);
-  else if (group == 64) std::apply(one ? a8::gemv_a8<64> : a8::gemm_a8<64>, args);
-  else if (group == 128) std::apply(one ? a8::gemv_a8<128> : a8::gemm_a8<128>, args);
-  else TORCH_CHECK(false, "group must be 16, 32, 64 or 128");
+  const bool one = x.size(0) == 1, vnni = wide_enabled && has_vnni();
+#define EFFC_A8(G)                                                                   \
+  if (group == G) {                                                                  \
+    if (vnni) std::apply(one ? a8::gemv_a8<G> : a8::gemm_a8<G>, args);               \
+    else std::apply(one ? a8_avx2::gemv_a8y<G> : a8_avx2::gemm_a8<G>, args);         \
+  }
+  EFFC_A8(16) EFFC_A8(32) EFFC_A8(64) EFFC_A8(128)
+#undef EFFC_A8
   return y;
 }
 
@@ -727,9 +610,9 @@ double read_bytes(torch::Tensor buffer) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_bytes", &read_bytes, "sum of all bytes (bandwidth probe)");
   m.def("bsr_linear", &bsr_linear, "BSR (1 x g blocks, int4/int8) times dense x");
-  m.def("bsr_linear_a8", &bsr_linear_a8, "BSR int4 times x quantized to int8 per (row, block) (AVX512-VNNI)");
+  m.def("bsr_linear_a8", &bsr_linear_a8, "BSR int4 times x quantized to int8 per (row, block) (VNNI or AVX2)");
   m.def("use_avx512", [](bool on) { const bool was = wide_enabled && has_avx512(); wide_enabled = on; return was; },
-        "turn the AVX-512 fp32-x kernels for M > 1 on or off (returns whether they were in use)");
+        "turn the AVX-512 kernels (fp32 x with M > 1, and VNNI for int8 x) on or off (returns whether they were in use)");
   m.def("has_avx512", &has_avx512, "whether this CPU runs the AVX-512 fp32-x kernels");
-  m.def("has_a8", &has_a8, "whether this CPU runs the int8-activation kernel");
+  m.def("has_vnni", &has_vnni, "whether this CPU runs the AVX512-VNNI int8-activation kernels");
 }

@@ -24,6 +24,17 @@ def fp32_kernels(request, kernels):
     kernels.use_avx512(True)
 
 
+@pytest.fixture(scope="module", params=["vnni", "avx2"])
+def a8_kernels(request, kernels):
+    """The int8-activation kernels both ways: AVX512-VNNI CPUs take the VNNI ones, every other
+    CPU the AVX2 ones (also tested on VNNI machines by turning the AVX-512 kernels off)."""
+    if request.param == "vnni" and not kernels.has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    kernels.use_avx512(request.param == "vnni")
+    yield kernels
+    kernels.use_avx512(True)
+
+
 def _run(k, m, x):
     return k.bsr_linear(
         x, m.indptr, m.indices, m.values, m.scales, m.zeros, m.shape[0], m.group, m.bits
@@ -182,9 +193,8 @@ def _quantized_x(x, group):
 
 @pytest.mark.parametrize("group", [16, 32, 64, 128])
 @pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 17, 64, 70])
-def test_int8_activations_match_their_quantized_reference(kernels, group, M):
-    if not kernels.has_a8():
-        pytest.skip("this CPU has no AVX512-VNNI")
+def test_int8_activations_match_their_quantized_reference(a8_kernels, group, M):
+    kernels = a8_kernels
     m, _ = random_matrix(out=37, inp=group * 5, group=group, bits=4, density=0.5, seed=M + group)
     x = torch.randn(M, m.shape[1], generator=torch.Generator().manual_seed(M)) * 3
     x[0, :group] = 0.0  # an all-zero block of x (scale 0)
@@ -202,10 +212,9 @@ def test_int8_activations_match_their_quantized_reference(kernels, group, M):
     assert (y - exact).abs().max() > 0  # it is lossy: the test would notice an fp32 fallback
 
 
-def test_int8_activations_ragged_rows_and_long_k(kernels):
+def test_int8_activations_ragged_rows_and_long_k(a8_kernels):
     """Empty, full and ragged rows with K = 10240 and 1 to 3 threads."""
-    if not kernels.has_a8():
-        pytest.skip("this CPU has no AVX512-VNNI")
+    kernels = a8_kernels
     from effc.runtime.format import from_quantized
 
     gen = torch.Generator().manual_seed(3)
@@ -234,7 +243,7 @@ def test_activation_mode_errors_and_int8_weights():
 
     with pytest.raises(UnsupportedError, match="activations must be one of fp32, int8"):
         check_activations("int4", 4)
-    # int8 weights cannot take the VNNI path (code - zero does not fit a byte): they stay exact
+    # int8 weights cannot take the int8-x path (code - zero does not fit a byte): they stay exact
     m, _ = random_matrix(out=8, inp=32, group=16, bits=8, density=0.5, seed=1)
     layer = BSRLinear(m, activations="int8")
     assert not layer.a8
@@ -244,10 +253,9 @@ def test_activation_mode_errors_and_int8_weights():
     )
 
 
-def test_int8_activations_propagate_nan_and_inf(kernels):
+def test_int8_activations_propagate_nan_and_inf(a8_kernels):
     """A NaN or inf in x reaches y (as in the fp32 kernel) instead of becoming finite garbage."""
-    if not kernels.has_a8():
-        pytest.skip("this CPU has no AVX512-VNNI")
+    kernels = a8_kernels
     m, _ = random_matrix(out=16, inp=64, group=16, bits=4, density=1.0, seed=2)
     x = torch.randn(4, 64)
     x[1, 5] = float("nan")

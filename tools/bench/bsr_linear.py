@@ -16,6 +16,7 @@ import functools
 import os
 import platform
 import time
+from pathlib import Path
 
 THREADS = int(os.environ.get("EFFC_THREADS", "2"))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
@@ -179,40 +180,38 @@ def methods(out: int, inp: int, seed: int, rotate: int = ROTATE_BYTES):
                 X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
             ),
         )
-    if k.has_avx512():  # the same W4S50 weights on the AVX2 kernels (every x86-64 CPU with AVX2)
+    from effc.runtime.modules import bsr_matmul
 
-        def avx2_only(m, X):
+    def fp32_x(m, X):
+        return k.bsr_linear(
+            X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
+        )
+
+    def int8_x(m, X):  # the opt-in int8-activation mode (VNNI where the CPU has it, else AVX2)
+        arrays = (m.indptr, m.indices, m.values, m.scales, m.zeros)
+        return bsr_matmul(X["x"], arrays, out, m.group, m.bits, True)
+
+    def avx2_only(kernel):  # on AVX-512 CPUs: the same call on the AVX2 kernels
+        def call(m, X):
             k.use_avx512(False)
             try:
-                return k.bsr_linear(
-                    X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
-                )
+                return kernel(m, X)
             finally:
                 k.use_avx512(True)
 
-        nbytes = sum(make_bsr(out, inp, 0.5, 4, 16, seed).nbytes().values())
-        yield (
-            "effc BSR W4S50 g16, AVX2 kernels only",
-            nbytes,
-            copies(lambda i: make_bsr(out, inp, 0.5, 4, 16, seed + i), nbytes, rotate),
-            avx2_only,
-        )
-    if k.has_a8():  # the opt-in int8-activation mode
-        from effc.runtime.modules import bsr_matmul
+        return call
 
-        nbytes = sum(make_bsr(out, inp, 0.5, 4, 16, seed).nbytes().values())
+    variants = [("int8 x", int8_x)]
+    if k.has_avx512():  # the AVX2 kernels (every x86-64 CPU with AVX2) on the same weights
+        variants = [("AVX2 kernels only", avx2_only(fp32_x)), *variants]
+        variants.append(("int8 x, AVX2 kernels only", avx2_only(int8_x)))
+    nbytes = sum(make_bsr(out, inp, 0.5, 4, 16, seed).nbytes().values())
+    for label, call in variants:
         yield (
-            "effc BSR W4S50 g16, int8 x (VNNI)",
+            f"effc BSR W4S50 g16, {label}",
             nbytes,
             copies(lambda i: make_bsr(out, inp, 0.5, 4, 16, seed + i), nbytes, rotate),
-            lambda m, X: bsr_matmul(
-                X["x"],
-                (m.indptr, m.indices, m.values, m.scales, m.zeros),
-                out,
-                m.group,
-                m.bits,
-                True,
-            ),
+            call,
         )
 
 
@@ -249,6 +248,21 @@ def matmul_nbits_session(out: int, inp: int, group: int, seed: int):
     )
 
 
+def cpu_description(kernels) -> str:
+    """The CPU's model name (Linux) and which of effc's kernel sets it runs."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    isa = "AVX2" + (", AVX-512" if kernels.has_avx512() else "")
+    isa += ", AVX512-VNNI" if kernels.has_vnni() else ""
+    return f"{name} ({os.cpu_count()} CPUs; effc kernels: {isa})"
+
+
 def run(shapes, batches, seed: int = 0, rotate: int = ROTATE_BYTES) -> dict:
     from effc.runtime.cpu import kernels
 
@@ -279,7 +293,7 @@ def run(shapes, batches, seed: int = 0, rotate: int = ROTATE_BYTES) -> dict:
     return {
         "threads": THREADS,
         "bandwidth_GBps": bw / 1e9,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_description(kernels()),
         "torch": torch.__version__,
         "rows": rows,
     }
@@ -291,11 +305,12 @@ def to_markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Threads: {result['threads']} (torch, onnxruntime intra-op, OpenMP); measured read bandwidth "
-        f"{result['bandwidth_GBps']:.1f} GB/s (read-only reduction over 512 MiB, same threads); torch {result['torch']}.",
+        f"{result['bandwidth_GBps']:.1f} GB/s (read-only reduction over 512 MiB, same threads); torch {result['torch']}.  ",
+        f"CPU: {result['machine']}.",
         "Weights rotate through copies totalling >= 4x the 32 MiB L3. floor = weight bytes / bandwidth.",
         "Activations: fp32 except torch bf16 / int4 (bf16 x), MatMulNBits accuracy level 4 (int8 x), "
-        "quantize_dynamic (int8 x) and effc's opt-in `int8 x (VNNI)` row (x quantized to int8 per "
-        "block of 16).",
+        "quantize_dynamic (int8 x) and effc's opt-in `int8 x` rows (x quantized to int8 per "
+        "block of 16; AVX512-VNNI dot products where the CPU has them, else AVX2 ones).",
         "",
     ]
     by_case: dict = {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 
@@ -79,7 +78,7 @@ def main() -> None:
     from effc.runtime.cpu import kernels
     from effc.runtime.decode import StaticDecoder
     from effc.runtime.modules import swap_linears
-    from tools.bench.bsr_linear import bandwidth
+    from tools.bench.bsr_linear import bandwidth, cpu_description
     from tools.quality.data import split, windows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,10 +130,9 @@ def main() -> None:
         }
         configs[f"{label} dequantized dense (fp32 math)"] = compressed
         configs[f"{label} BSR (effc kernels)"] = bsr
-        if kernels().has_a8():  # the opt-in int8-activation mode (lossy in x)
-            bsr8 = copy.deepcopy(compressed)
-            swap_linears(bsr8, result.model.annotations, batch=1, activations="int8")
-            configs[f"{label} BSR int8 x (effc kernels)"] = bsr8
+        bsr8 = copy.deepcopy(compressed)  # the opt-in int8-activation mode (lossy in x)
+        swap_linears(bsr8, result.model.annotations, batch=1, activations="int8")
+        configs[f"{label} BSR int8 x (effc kernels)"] = bsr8
 
     max_len = args.prompt_tokens + args.new_tokens
     hf_names = [n for n in configs if n == "fp32 (dense)" or n.endswith("BSR (effc kernels)")]
@@ -206,7 +204,7 @@ def main() -> None:
         "rounds": args.rounds,
         "threads": THREADS,
         "bandwidth_GBps": bw / 1e9,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(kernels()),
         "torch": torch.__version__,
         "text": {
             name: tokenizer.decode(tokens[name]) for name in configs if "dequantized" not in name
@@ -224,7 +222,8 @@ def to_markdown(meta: dict, checks: dict, rows: list[dict]) -> str:
         f"Prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, median of "
         f"{meta['rounds']} alternating rounds; threads {meta['threads']}; read bandwidth "
         f"{meta['bandwidth_GBps']:.1f} GB/s (same run); floor = linear-layer bytes per token / "
-        "bandwidth (attention and the Python loop are not in it).",
+        "bandwidth (attention and the Python loop are not in it).  ",
+        f"CPU: {meta.get('cpu', 'not recorded')}.",
         "",
     ]
     for label, info in meta["compressed"].items():

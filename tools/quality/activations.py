@@ -7,7 +7,7 @@ close to fp32, so the activation error is not hidden under the weight error), ev
 linear (lm_head included) is swapped for ``BSRLinear``, and perplexity is measured three ways on
 the same evaluation windows: the fake-quantized fp32 model (the reference), the BSR kernels with
 fp32 activations (must equal it to fp32 tolerance) and with int8 activations (x quantized to
-int8 per block of the group, VNNI dot products). Every window is one forward of ``--seqlen``
+int8 per block of the group, integer dot products). Every window is one forward of ``--seqlen``
 tokens, so each linear runs at M = seqlen: the prefill regime where int8 activations are used.
 """
 
