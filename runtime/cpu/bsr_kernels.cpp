@@ -173,26 +173,11 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
       auto step = [&](int64_t u, auto full_tag) {
         constexpr bool FULL = decltype(full_tag)::value;
         const int64_t j0 = u / UPB;  // first block of these four units
-        // the blocks' floats, one lane each, built in registers; lanes past the row's end are zero
         const int nv = FULL ? NB : (int)std::min<int64_t>(NB, n - j0);
-        auto pair_of = [&](int i) { return FULL || i < nv ? pair[idx[j0 + i]] : 0.0; };  // (sx, sxq)
-        const __m128 p01 = _mm_castpd_ps(_mm_setr_pd(pair_of(0), NB > 1 ? pair_of(1) : 0.0));
-        const __m128 p23 = NB > 2 ? _mm_castpd_ps(_mm_setr_pd(pair_of(2), pair_of(3))) : _mm_setzero_ps();
-        const __m128 sxv = _mm_shuffle_ps(p01, p23, 0x88), sqv = _mm_shuffle_ps(p01, p23, 0xDD);
-        __m128 s4, z4;
-        if constexpr (FULL && NB == 4) {
-          s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + begin + j0)));
-          int32_t zb;
-          std::memcpy(&zb, zeros + begin + j0, 4);
-          z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(zb)));
-        } else {
-          const __mmask8 kb = (__mmask8)((1u << nv) - 1);
-          s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(kb, scales + begin + j0));
-          z4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_maskz_loadu_epi8(kb, zeros + begin + j0)));
-        }
-        const __m512 cs = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_mul_ps(s4, sxv)));
-        if (UPB < 4 || u % UPB == 0)  // a block of 8 units (g = 128) spans two passes: count it once
-          zacc = _mm_fmadd_ps(_mm_mul_ps(z4, s4), sqv, zacc);
+        // a block of 8 units (g = 128) spans two passes: its zero point's term counts once
+        const __m128 cs4 = block_factors<NB>(pair, idx + j0, scales + begin + j0, zeros + begin + j0, nv,
+                                             UPB < 4 || u % UPB == 0, zacc);
+        const __m512 cs = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(cs4));
         // the codes of four units, one unit per 128-bit lane, in element order
         const __m256i c32 = FULL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + u * 8))
                                  : _mm256_maskz_loadu_epi8((__mmask32)((1ull << (8 * (units - u))) - 1), codes + u * 8);
