@@ -14,7 +14,7 @@ from effc.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("bsr_kernels.cpp")
-INCLUDES = (Path(__file__).with_name("bsr_a8.inc"),)  # #included by SOURCE
+INCLUDES = tuple(Path(__file__).with_name(n) for n in ("bsr_a8.inc", "bsr_cols.inc"))  # in SOURCE
 
 
 @functools.cache

@@ -43,7 +43,7 @@ def _run(k, m, x):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [16, 32, 64, 128])
-@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 17, 64])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 12, 17, 64])
 def test_matches_dense_reference(fp32_kernels, bits, group, M):
     kernels = fp32_kernels
     m, _ = random_matrix(
