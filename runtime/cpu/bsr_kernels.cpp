@@ -142,7 +142,8 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
   std::vector<int8_t> xq((size_t)K);
   std::vector<float> sx((size_t)C), sxq((size_t)C);
   quantize_x<G>(x, 1, K, 1, xq.data(), sx.data(), sxq.data());
-  const std::vector<double> pairs = scale_pairs(sx.data(), sxq.data(), C);
+  std::vector<double> pairs((size_t)C);
+  scale_pairs(sx.data(), sxq.data(), C, pairs.data());
   const double* pair = pairs.data();
   alignas(16) static const int8_t nothing[16] = {};
 #pragma omp parallel

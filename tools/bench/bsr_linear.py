@@ -160,6 +160,12 @@ def methods(out: int, inp: int, seed: int, rotate: int = ROTATE_BYTES):
         copies(torch_bsr, bsr16_bytes, rotate),
         lambda w, X: torch.addmm(X["zeros"], w, X["x"].T),
     )
+
+    def fp32_x(m, X):
+        return k.bsr_linear(
+            X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
+        )
+
     for label, sparsity, bits in (
         ("effc BSR W4S50 g16", 0.5, 4),
         ("effc BSR W4 dense g16", 0.0, 4),
@@ -176,16 +182,9 @@ def methods(out: int, inp: int, seed: int, rotate: int = ROTATE_BYTES):
                 nbytes,
                 rotate,
             ),
-            lambda m, X: k.bsr_linear(
-                X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
-            ),
+            fp32_x,
         )
     from effc.runtime.modules import bsr_matmul
-
-    def fp32_x(m, X):
-        return k.bsr_linear(
-            X["x"], m.indptr, m.indices, m.values, m.scales, m.zeros, out, m.group, m.bits
-        )
 
     def int8_x(m, X):  # the opt-in int8-activation mode (VNNI where the CPU has it, else AVX2)
         arrays = (m.indptr, m.indices, m.values, m.scales, m.zeros)
