@@ -1,23 +1,41 @@
 """effc's own greedy decode loop for LLaMA-style models, with a static KV cache.
 
-It reuses the model's own modules (embedding, norms, and each linear layer, whichever it is:
+It reuses the model's own weights (embedding, norms, and each linear layer, whichever it is:
 ``nn.Linear`` or a swapped-in ``BSRLinear``) and owns only what HF's ``generate()`` adds on top:
 the cache (preallocated once, written in place), rotary tables (computed once), and attention on
-the cache. So the time per token is the linear layers' time plus a thin, fixed overhead, and two
-models that differ only in their linear layers compare fairly.
+the cache. Two models that differ only in their linear layers compare fairly: the loop around the
+linear layers is the same code for both.
+
+At a decode step of a small model most of torch's time is per-op overhead (about 60 op calls a
+layer for norms, rotary, attention and the MLP's glue), not arithmetic. So by default (``fused``)
+the loop runs eight calls a layer:
+- q/k/v and gate/up each run as one linear layer over stacked weights (stacked BSR rows where all
+  are ``BSRLinear`` of one kind, a stacked fp32 weight where all are ``nn.Linear``, else separate
+  calls concatenated),
+- RMSNorm with the residual add fused in, SiLU(gate) * up, and single-query attention (rotary,
+  cache write, scores, softmax, values) are compiled ops (``effc/runtime/cpu/decode_ops.cpp``).
+A prompt of several tokens (prefill) runs its attention in torch ops. ``fused=False`` runs every
+step in torch ops with the model's own modules: the reference the fused loop is tested against.
+The decoder reads the model's weights when it is built (stacked copies): build it after the weights
+are final.
 
 Works on HF ``LlamaForCausalLM`` (and its module names in ``effc.models.llama``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from effc.errors import UnsupportedError
+
+log = logging.getLogger(__name__)
+Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _rope_theta(config) -> float:
@@ -34,6 +52,117 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
+def _rms_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of an RMSNorm module (HF's or effc's), None for anything else."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if (
+        "RMSNorm" not in type(module).__name__
+        or eps is None
+        or not isinstance(weight, torch.Tensor)
+    ):
+        return None
+    return weight.detach().float().contiguous(), float(eps)
+
+
+def linear_fn(module: nn.Module) -> Linear:
+    """y = module(x) for contiguous float32 x (T, K), without ``nn.Module.__call__``'s overhead."""
+    from effc.runtime.modules import BSRLinear
+
+    if isinstance(module, BSRLinear):
+        from effc.runtime.cpu import kernels
+
+        arrays = (module.indptr, module.indices, module.values, module.scales, module.zeros)
+        if module.a8:
+            kernel, tail = kernels().bsr_linear_a8, (module.out_features, module.group)
+        else:
+            kernel, tail = kernels().bsr_linear, (module.out_features, module.group, module.bits)
+        bias = module.bias
+        if bias is None:
+            return lambda x: kernel(x, *arrays, *tail)
+        return lambda x: kernel(x, *arrays, *tail).add_(bias)
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: torch.nn.functional.linear(x, weight, bias)
+    return module
+
+
+def stacked_linear(modules: list[nn.Module]) -> Linear:
+    """One callable for ``cat([m(x) for m in modules], -1)``: a single ``BSRLinear`` over the stacked
+    rows where all are ``BSRLinear`` of one group, bits and activation mode, a single fp32 weight
+    where all are plain ``nn.Linear``, else the separate layers' outputs concatenated."""
+    from effc.runtime.format import concat_rows
+    from effc.runtime.modules import BSRLinear
+
+    def biases(size):
+        if all(m.bias is None for m in modules):
+            return None
+        return torch.cat(
+            [m.bias.detach() if m.bias is not None else torch.zeros(size(m)) for m in modules]
+        )
+
+    kinds = {
+        (type(m), getattr(m, "group", 0), getattr(m, "bits", 0), getattr(m, "a8", 0))
+        for m in modules
+    }
+    if len(kinds) == 1 and isinstance(modules[0], BSRLinear):
+        matrix = concat_rows([m.matrix for m in modules])
+        bias = biases(lambda m: m.out_features)
+        return linear_fn(BSRLinear(matrix, bias, modules[0].activations))
+    if (
+        len(kinds) == 1
+        and type(modules[0]) is nn.Linear
+        and modules[0].weight.dtype == torch.float32
+    ):
+        stacked = nn.Linear(modules[0].in_features, 1, bias=False)
+        stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]), False)
+        bias = biases(lambda m: m.out_features)
+        stacked.bias = None if bias is None else nn.Parameter(bias, False)
+        return linear_fn(stacked)
+    parts = [linear_fn(m) for m in modules]
+    return lambda x: torch.cat([f(x) for f in parts], -1)
+
+
+@dataclass
+class _Layer:
+    """One decoder layer as the fused loop runs it."""
+
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    act: nn.Module | None  # None: SiLU, by the compiled silu_mul
+    input_norm: tuple[torch.Tensor, float]
+    post_norm: tuple[torch.Tensor, float]
+
+
+def _fused_layer(layer: nn.Module) -> _Layer:
+    """The fused plan of one layer, or UnsupportedError naming what it lacks."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if attn is None or not all(hasattr(attn, n) for n in names):
+        raise UnsupportedError("fused decoding needs self_attn with q_proj, k_proj, v_proj, o_proj")
+    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        raise UnsupportedError("fused decoding needs a gated MLP (gate_proj, up_proj, down_proj)")
+    norms = [
+        _rms_params(getattr(layer, n, None))
+        for n in ("input_layernorm", "post_attention_layernorm")
+    ]
+    if None in norms:
+        raise UnsupportedError("fused decoding needs RMSNorm input and post-attention norms")
+    act = getattr(mlp, "act_fn", None)
+    if act is None or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        act = None  # effc's own MLP calls silu directly
+    return _Layer(
+        stacked_linear([attn.q_proj, attn.k_proj, attn.v_proj]),
+        linear_fn(attn.o_proj),
+        stacked_linear([mlp.gate_proj, mlp.up_proj]),
+        linear_fn(mlp.down_proj),
+        act,
+        *norms,
+    )
+
+
 @dataclass
 class DecodeResult:
     tokens: list[int]
@@ -47,9 +176,12 @@ class DecodeResult:
 
 
 class StaticDecoder:
-    """Greedy decoding with a preallocated (layers, kv heads, max_len, head dim) cache."""
+    """Greedy decoding with a preallocated (layers, kv heads, max_len, head dim) cache.
 
-    def __init__(self, model: nn.Module, max_len: int = 512):
+    ``fused``: True runs the fused loop (an error where the model or this machine cannot), False the
+    torch-op reference loop, None (default) the fused loop where it can run, else the reference."""
+
+    def __init__(self, model: nn.Module, max_len: int = 512, fused: bool | None = None):
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise UnsupportedError("decode loop needs a LLaMA-style model (model.layers, lm_head)")
@@ -69,6 +201,34 @@ class StaticDecoder:
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
         self.scale = self.head_dim**-0.5
+        self.ops, self.layers = None, []
+        if fused is not False:
+            try:
+                self._build_fused()
+            except UnsupportedError as e:
+                if fused:
+                    raise
+                log.info("decoding with torch ops (%s)", e)
+                self.ops, self.layers = None, []
+
+    @property
+    def fused(self) -> bool:
+        return self.ops is not None
+
+    def _build_fused(self) -> None:
+        from effc.runtime.cpu import kernels
+
+        if self.head_dim % 8:
+            raise UnsupportedError(
+                f"fused decoding needs a head dim that is a multiple of 8, not {self.head_dim}"
+            )
+        final = _rms_params(self.inner.norm)
+        if final is None:
+            raise UnsupportedError("fused decoding needs an RMSNorm final norm")
+        self.layers = [_fused_layer(layer) for layer in self.inner.layers]
+        self.final_norm = final
+        self.lm_head = linear_fn(self.model.lm_head)
+        self.ops = kernels()
 
     def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm in five ops (HF's takes eight, with dtype round trips that are no-ops in fp32;
@@ -85,12 +245,14 @@ class StaticDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _attention(self, i: int, attn, x: torch.Tensor, pos: int) -> torch.Tensor:
-        t = x.shape[0]
+    def _attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int):
+        """Attention of ``t`` queries at pos .. pos+t-1 in torch ops; q, k, v (t, heads * head dim)
+        as the projections give them. Writes this layer's cache; returns (t, heads * head dim)."""
+        t = q.shape[0]
         cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
-        q = attn.q_proj(x).view(t, self.n_heads, self.head_dim).transpose(0, 1)
-        k = attn.k_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
-        v = attn.v_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
+        q = q.view(t, self.n_heads, self.head_dim).transpose(0, 1)
+        k = k.view(t, self.n_kv, self.head_dim).transpose(0, 1)
+        v = v.view(t, self.n_kv, self.head_dim).transpose(0, 1)
         q = self._rotate(q, cos, sin)
         self.k_cache[i, :, pos : pos + t] = self._rotate(k, cos, sin)
         self.v_cache[i, :, pos : pos + t] = v
@@ -102,8 +264,7 @@ class StaticDecoder:
         q = q.reshape(self.n_kv, rep * t, self.head_dim)
         scores = torch.baddbmm(self._bias(t, pos, rep), q, keys.transpose(1, 2), alpha=self.scale)
         out = torch.bmm(scores.softmax(-1), values)
-        out = out.view(self.n_heads, t, self.head_dim).transpose(0, 1).reshape(t, -1)
-        return attn.o_proj(out)
+        return out.view(self.n_heads, t, self.head_dim).transpose(0, 1).reshape(t, -1)
 
     def _bias(self, t: int, pos: int, rep: int) -> torch.Tensor:
         """Additive causal mask for ``t`` queries (repeated ``rep`` times) at ``pos``."""
@@ -116,11 +277,50 @@ class StaticDecoder:
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits of the last of ``ids`` (1-D), which sit at positions pos .. pos+len-1."""
+        if self.ops is not None:
+            return self._forward_fused(ids, pos)
         x = self.inner.embed_tokens(ids)
         for i, layer in enumerate(self.inner.layers):
-            x = x + self._attention(i, layer.self_attn, self._norm(layer.input_layernorm, x), pos)
+            attn, h = layer.self_attn, self._norm(layer.input_layernorm, x)
+            out = self._attention(i, attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), pos)
+            x = x + attn.o_proj(out)
             x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
         return self.model.lm_head(self._norm(self.inner.norm, x[-1:]))[0]
+
+    def _forward_fused(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        ops, t = self.ops, ids.shape[0]
+        x = (
+            self.inner.embed_tokens(ids).float().contiguous()
+        )  # the residual stream, updated in place
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        h = ops.rms_norm(x, *self.layers[0].input_norm)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(h)
+            if t == 1:
+                out = ops.attend(
+                    qkv,
+                    self.cos[pos],
+                    self.sin[pos],
+                    self.k_cache[i],
+                    self.v_cache[i],
+                    pos,
+                    self.n_heads,
+                    self.scale,
+                )
+            else:
+                out = self._attention(i, *qkv.split([q_width, kv_width, kv_width], -1), pos)
+            h = ops.add_rms_norm(x, layer.o(out), *layer.post_norm)
+            gate_up = layer.gate_up(h)
+            if layer.act is None:
+                act = ops.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, -1)
+                act = (layer.act(gate) * up).contiguous()
+            following = (
+                self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            )
+            h = ops.add_rms_norm(x, layer.down(act), *following)
+        return self.lm_head(h[-1:])[0]
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> DecodeResult:

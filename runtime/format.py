@@ -198,3 +198,30 @@ def load(path: str | Path) -> dict[str, BSRMatrix]:
     except (KeyError, ValueError) as e:
         raise InputError(f"{path}: inconsistent BSR file ({e})") from e
     return out
+
+
+def concat_rows(matrices: list[BSRMatrix]) -> BSRMatrix:
+    """One matrix whose rows are those of ``matrices`` in order (one input width, group and bits):
+    y = x Wᵀ of the result is the concatenation of each matrix's y, so projections that read one
+    input (q/k/v, gate/up) run as one kernel call."""
+    first = matrices[0]
+    for m in matrices[1:]:
+        if (m.shape[1], m.group, m.bits) != (first.shape[1], first.group, first.bits):
+            raise InputError(
+                f"cannot stack BSR matrices of input width/group/bits {m.shape[1]}/{m.group}/"
+                f"{m.bits} and {first.shape[1]}/{first.group}/{first.bits}"
+            )
+    pointers, offset = [first.indptr[:1]], 0
+    for m in matrices:
+        pointers.append(m.indptr[1:] + offset)
+        offset += m.nnzb
+    return BSRMatrix(
+        (sum(m.shape[0] for m in matrices), first.shape[1]),
+        first.group,
+        first.bits,
+        torch.cat(pointers).to(torch.int32),
+        *(
+            torch.cat([getattr(m, k) for m in matrices])
+            for k in ("indices", "values", "scales", "zeros")
+        ),
+    )

@@ -13,8 +13,8 @@ from pathlib import Path
 from effc.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("bsr_kernels.cpp")
-INCLUDES = tuple(Path(__file__).with_name(n) for n in ("bsr_a8.inc", "bsr_cols.inc"))  # in SOURCE
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("bsr_kernels.cpp", "decode_ops.cpp"))
+INCLUDES = tuple(Path(__file__).with_name(n) for n in ("bsr_a8.inc", "bsr_cols.inc"))  # in SOURCES[0]
 
 
 @functools.cache
@@ -32,7 +32,7 @@ def kernels():
     try:
         return cpp_extension.load(
             name="effc_bsr_cpu",
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=[
                 "-O3",
                 "-mavx2",

@@ -567,7 +567,10 @@ double read_bytes(torch::Tensor buffer) {
   return (double)total;
 }
 
+void register_decode_ops(pybind11::module_& m);  // decode_ops.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decode_ops(m);
   m.def("read_bytes", &read_bytes, "sum of all bytes (bandwidth probe)");
   m.def("bsr_linear", &bsr_linear, "BSR (1 x g blocks, int4/int8) times dense x");
   m.def("bsr_linear_a8", &bsr_linear_a8, "BSR int4 times x quantized to int8 per (row, block) (VNNI or AVX2)");

@@ -30,28 +30,33 @@ def _greedy_by_full_forward(model, prompt: torch.Tensor, n: int) -> list[int]:
     return out
 
 
-def test_static_cache_decoding_equals_full_forward_greedy():
+@pytest.mark.parametrize("fused", [True, False])
+def test_static_cache_decoding_equals_full_forward_greedy(fused):
     model = _model()
     prompt = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(1))
-    result = StaticDecoder(model, max_len=64).generate(prompt, 20)
+    decoder = StaticDecoder(model, max_len=64, fused=fused)
+    assert decoder.fused == fused
+    result = decoder.generate(prompt, 20)
     expected = _greedy_by_full_forward(model, prompt, 20)
     assert result.tokens == expected
     assert len(set(expected)) > 3  # the check is not vacuous
     assert len(result.step_s) == 19 and result.tokens_per_s > 0
 
 
-def test_chunked_prefill_and_single_steps_give_the_full_forward_logits():
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_prefill_and_single_steps_give_the_full_forward_logits(fused):
     model = _model(2)
     ids = torch.randint(0, 256, (15,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids[None])[0]
-    decoder = StaticDecoder(model, max_len=32)
+    decoder = StaticDecoder(model, max_len=32, fused=fused)
     for start, stop in ((0, 10), (10, 11), (11, 15)):  # a prefill, one step, a chunk at pos > 0
         logits = decoder.forward(ids[start:stop], start)
         torch.testing.assert_close(logits, full[stop - 1], rtol=1e-4, atol=1e-5)
 
 
-def test_matches_hf_generate_on_an_hf_llama():
+@pytest.mark.parametrize("fused", [True, False])
+def test_matches_hf_generate_on_an_hf_llama(fused):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=300,
@@ -72,8 +77,9 @@ def test_matches_hf_generate_on_an_hf_llama():
     prompt = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         hf = model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)
-    ours = StaticDecoder(model, max_len=64).generate(prompt, 16)
-    assert ours.tokens == hf[0, 9:].tolist()
+    decoder = StaticDecoder(model, max_len=64, fused=fused)
+    assert decoder.fused == fused  # HF's SiLUActivation, LlamaRMSNorm and head dim 16 all fuse
+    assert decoder.generate(prompt, 16).tokens == hf[0, 9:].tolist()
 
 
 def test_bsr_model_decodes_the_same_tokens_as_its_dequantized_weights():
@@ -96,3 +102,113 @@ def test_clear_errors():
         StaticDecoder(torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedError, match="exceed the cache"):
         StaticDecoder(_model(), max_len=8).generate(torch.arange(5), 4)
+
+
+# the compiled decode ops against the torch expressions they replace
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from effc.runtime.cpu import kernels
+
+    return kernels()
+
+
+def test_norm_and_silu_ops_match_torch(ops):
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(3, 576, generator=g) * 4, torch.randn(3, 576, generator=g)
+    w = torch.randn(576, generator=g)
+
+    def ref(v):
+        return v * torch.rsqrt(v.square().mean(-1, keepdim=True) + 1e-5) * w
+
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), ref(x), rtol=1e-5, atol=1e-6)
+    stream = x.clone()
+    h = ops.add_rms_norm(stream, delta, w, 1e-5)
+    assert torch.equal(stream, x + delta)  # the residual add happens in place
+    torch.testing.assert_close(h, ref(x + delta), rtol=1e-5, atol=1e-6)
+    gu = torch.randn(2, 2 * 1536, generator=g) * 6
+    expected = torch.nn.functional.silu(gu[:, :1536]) * gu[:, 1536:]
+    torch.testing.assert_close(ops.silu_mul(gu), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.rms_norm(x, torch.ones(575), 1e-5)
+    with pytest.raises(RuntimeError, match="2F"):
+        ops.silu_mul(torch.ones(2, 7))
+
+
+@pytest.mark.parametrize(
+    "heads,kv,head_dim,pos", [(9, 3, 64, 0), (9, 3, 64, 37), (4, 4, 16, 63), (8, 2, 32, 300)]
+)
+def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos):
+    """One query at ``pos`` over a cache filled before it: the compiled op (rotary, cache write,
+    softmax over 0..pos) against the decoder's torch-op attention on a copy of the caches."""
+    import types
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        num_hidden_layers=1,
+        vocab_size=8,
+    )
+    model = types.SimpleNamespace(model=types.SimpleNamespace(layers=[0]), lm_head=0, config=cfg)
+    ref = StaticDecoder(model, max_len=pos + 2, fused=False)
+    g = torch.Generator().manual_seed(pos)
+    ref.k_cache.normal_(generator=g)
+    ref.v_cache.normal_(generator=g)
+    k_cache, v_cache = ref.k_cache[0].clone(), ref.v_cache[0].clone()
+    qkv = torch.randn(1, (heads + 2 * kv) * head_dim, generator=g) * 3
+    q, k, v = qkv.split([heads * head_dim, kv * head_dim, kv * head_dim], -1)
+    expected = ref._attention(0, q, k, v, pos)
+    got = ops.attend(qkv, ref.cos[pos], ref.sin[pos], k_cache, v_cache, pos, heads, ref.scale)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_cache, ref.k_cache[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, ref.v_cache[0])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.attend(qkv, ref.cos[0], ref.sin[0], k_cache, v_cache, pos + 2, heads, ref.scale)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        ops.attend(qkv, ref.cos[0], ref.sin[0], k_cache, v_cache, 0, heads + 1, ref.scale)
+
+
+def _compressed(seed: int = 7, **swap):
+    model = _model(seed)
+    rng = np.random.default_rng(0)
+    calib = [{"input_ids": rng.integers(0, 256, (1, 16)).astype(np.int64)} for _ in range(2)]
+    result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
+        model, effc.PassContext(calibration=calib)
+    )
+    swap_linears(model, result.model.annotations, decide=False, **swap)
+    return model
+
+
+@pytest.mark.parametrize("case", ["bsr", "bsr int8 x", "mixed"])
+def test_fused_loop_gives_the_reference_logits_on_bsr_models(case):
+    """Stacked BSR q/k/v and gate/up (and a layer where one projection stayed dense, which runs
+    its projections separately) against the torch-op loop's logits at every step."""
+    model = _compressed(**({"activations": "int8"} if case == "bsr int8 x" else {}))
+    if case == "mixed":
+        attn = model.model.layers[1].self_attn
+        attn.k_proj = torch.nn.Linear(attn.k_proj.in_features, attn.k_proj.out_features, bias=False)
+        attn.k_proj.weight.data.normal_(0, 0.3)
+    fused, ref = StaticDecoder(model, 40, fused=True), StaticDecoder(model, 40, fused=False)
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(5))
+    for start, stop in ((0, 6),) + tuple((i, i + 1) for i in range(6, 12)):
+        torch.testing.assert_close(
+            fused.forward(ids[start:stop], start),
+            ref.forward(ids[start:stop], start),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_fused_loop_falls_back_or_names_what_it_lacks():
+    model = _model(3)
+    model.model.norm = torch.nn.LayerNorm(model.model.norm.weight.numel())
+    with pytest.raises(UnsupportedError, match="RMSNorm final norm"):
+        StaticDecoder(model, 32, fused=True)
+    decoder = StaticDecoder(model, 32)  # default: the torch-op loop where fusing cannot run
+    assert not decoder.fused
+    prompt = torch.arange(4)
+    assert decoder.generate(prompt, 6).tokens == _greedy_by_full_forward(model, prompt, 6)

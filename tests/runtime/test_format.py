@@ -75,3 +75,22 @@ def test_save_load_round_trip_and_corrupt_files(tmp_path):
     bsr.save({"layer.0": m}, tmp_path / "inconsistent.safetensors")
     with pytest.raises(InputError, match="indptr"):
         bsr.load(tmp_path / "inconsistent.safetensors")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_concat_rows_stacks_the_dense_weights(bits):
+    parts = [
+        random_matrix(out, 64, 16, bits, density, seed)[0]
+        for out, density, seed in ((5, 0.5, 1), (3, 0.0, 2), (7, 1.0, 3))
+    ]  # an empty and a full matrix among them
+    stacked = bsr.concat_rows(parts)
+    stacked.validate()
+    assert stacked.shape == (15, 64) and stacked.nnzb == sum(p.nnzb for p in parts)
+    assert torch.equal(stacked.to_dense(), torch.cat([p.to_dense() for p in parts]))
+
+
+def test_concat_rows_rejects_mismatched_matrices():
+    with pytest.raises(InputError, match="cannot stack"):
+        bsr.concat_rows([random_matrix(4, 64, 16)[0], random_matrix(4, 64, 32)[0]])
+    with pytest.raises(InputError, match="cannot stack"):
+        bsr.concat_rows([random_matrix(4, 64, 16)[0], random_matrix(4, 32, 16)[0]])

@@ -6,9 +6,12 @@
 
 One process, 2 threads (torch and OpenMP). The same prompt (the start of the evaluation text) is
 decoded greedily by:
-- effc's own decode loop (``effc.runtime.decode``: static KV cache) on the fp32 model and, for
-  each compressed setting (W4S50 and plain W4 g16 by default), on its dequantized dense weights
-  and on the same model with every quantized linear swapped for ``BSRLinear`` (lm_head included);
+- effc's own decode loop (``effc.runtime.decode``: static KV cache, fused q/k/v and gate/up,
+  compiled norm/attention/SiLU ops) on the fp32 model and, for each compressed setting (W4S50 and
+  plain W4 g16 by default), on its dequantized dense weights and on the same model with every
+  quantized linear swapped for ``BSRLinear`` (lm_head included);
+- the same loop in torch ops (``fused=False``) on the fp32 model and the BSR models, to show what
+  the fused loop gains on each;
 - HF ``generate()`` (its default dynamic cache) on the fp32 model and on the BSR models.
 Configurations alternate for ``--rounds`` rounds; each figure is the median round. The floor of a
 token is the bytes its linear layers read divided by the read bandwidth measured in the same run.
@@ -136,8 +139,11 @@ def main() -> None:
 
     max_len = args.prompt_tokens + args.new_tokens
     hf_names = [n for n in configs if n == "fp32 (dense)" or n.endswith("BSR (effc kernels)")]
+    unfused = [n for n in configs if n == "fp32 (dense)" or n.endswith("BSR (effc kernels)")]
     rounds: dict[str, list] = {name: [] for name in configs}
     tokens: dict[str, list[int]] = {}
+    torch_rounds: dict[str, list] = {name: [] for name in unfused}
+    torch_tokens: dict[str, list[int]] = {}
     hf_rounds: dict[str, list] = {name: [] for name in hf_names}
     hf_tokens: dict[str, list[int]] = {}
     for _ in range(args.rounds):
@@ -145,6 +151,12 @@ def main() -> None:
             res = StaticDecoder(model, max_len).generate(prompt, args.new_tokens)
             rounds[name].append(res.tokens_per_s)
             tokens[name] = res.tokens
+        for name in unfused:
+            res = StaticDecoder(configs[name], max_len, fused=False).generate(
+                prompt, args.new_tokens
+            )
+            torch_rounds[name].append(res.tokens_per_s)
+            torch_tokens[name] = res.tokens
         if not args.no_hf:
             for name in hf_names:
                 toks, rate = hf_generate(configs[name], prompt, args.new_tokens)
@@ -167,6 +179,11 @@ def main() -> None:
 
     base = statistics.median(rounds["fp32 (dense)"])
     rows = [row("effc static cache", n, statistics.median(r), base) for n, r in rounds.items()]
+    torch_base = statistics.median(torch_rounds["fp32 (dense)"])
+    rows += [
+        row("effc static cache, torch ops", n, statistics.median(r), torch_base)
+        for n, r in torch_rounds.items()
+    ]
     if not args.no_hf:
         hf_base = statistics.median(hf_rounds["fp32 (dense)"])
         rows += [
@@ -189,6 +206,10 @@ def main() -> None:
             checks[f"{label}: HF generate() tokens == effc loop tokens"] = (
                 hf_tokens[f"{label} BSR (effc kernels)"] == got
             )
+    for name in unfused:
+        checks[f"{name}: torch-op loop tokens == fused loop tokens"] = (
+            torch_tokens[name] == tokens[name]
+        )
     if not args.no_hf:
         checks["fp32: HF generate() tokens == effc loop tokens"] = (
             hf_tokens["fp32 (dense)"] == tokens["fp32 (dense)"]
@@ -222,7 +243,8 @@ def to_markdown(meta: dict, checks: dict, rows: list[dict]) -> str:
         f"Prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, median of "
         f"{meta['rounds']} alternating rounds; threads {meta['threads']}; read bandwidth "
         f"{meta['bandwidth_GBps']:.1f} GB/s (same run); floor = linear-layer bytes per token / "
-        "bandwidth (attention and the Python loop are not in it).  ",
+        "bandwidth (attention and the Python loop are not in it). Speedups are against fp32 in the "
+        "same loop.  ",
         f"CPU: {meta.get('cpu', 'not recorded')}.",
         "",
     ]
