@@ -217,7 +217,8 @@ def main() -> None:
     meta = {
         "command": "python -m tools.bench.decode"
         + (f" --pipeline '{args.pipeline}'" if args.pipeline else "")
-        + (" --no-hf" if args.no_hf else ""),
+        + (" --no-hf" if args.no_hf else "")
+        + (f" --out {args.out}" if args.out != parser.get_default("out") else ""),
         "model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF)",
         "compressed": compress_info,
         "prompt_tokens": args.prompt_tokens,
