@@ -50,24 +50,11 @@ torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor delta, torch::Tensor w
   return h;
 }
 
-// SiLU(gate) * up for gu = [gate | up] (T, 2F), the fused gate/up projection's output.
-torch::Tensor silu_mul(torch::Tensor gu) {
-  TORCH_CHECK(gu.dtype() == torch::kFloat32 && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0,
-              "silu_mul: input must be contiguous float32 (T, 2F)");
-  const int64_t f = gu.size(1) / 2;
-  auto out = torch::empty({gu.size(0), f}, gu.options());
-  for (int64_t t = 0; t < gu.size(0); ++t) {
-    const float* g = gu.data_ptr<float>() + t * 2 * f;
-    float* o = out.data_ptr<float>() + t * f;
-    for (int64_t i = 0; i < f; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * g[f + i];
-  }
-  return out;
-}
-
 // e^x for 8 lanes (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial; about
-// 1 ulp). -inf gives 0, as softmax needs for masked scores.
+// 1 ulp). -inf gives 0, as softmax needs for masked scores; NaN stays NaN (min/max return their
+// second operand when either is NaN).
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x));
   // floor(x log2 e + 1/2), not round-to-even: at the clamp -127.5 must give -127 (a zero exponent field)
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -81,6 +68,28 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// SiLU(gate) * up for gu = [gate | up] (T, 2F), the fused gate/up projection's output:
+// gate / (1 + e^-gate) * up, as torch computes SiLU.
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.dtype() == torch::kFloat32 && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0,
+              "silu_mul: input must be contiguous float32 (T, 2F)");
+  const int64_t f = gu.size(1) / 2;
+  auto out = torch::empty({gu.size(0), f}, gu.options());
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (int64_t t = 0; t < gu.size(0); ++t) {
+    const float* g = gu.data_ptr<float>() + t * 2 * f;
+    float* o = out.data_ptr<float>() + t * f;
+    int64_t i = 0;
+    for (; i + 8 <= f; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 e = exp8(_mm256_sub_ps(zero, gv));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(g + f + i)));
+    }
+    for (; i < f; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * g[f + i];
+  }
+  return out;
 }
 
 inline float hsum8(__m256 v) {
@@ -127,7 +136,7 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
   const int64_t rep = n_heads / g_heads, n = pos + 1, padded = (n + 7) / 8 * 8;
   float* o = out.data_ptr<float>();
   // heads on threads once there is enough work per head to pay for the fork
-#pragma omp parallel if (n * dh >= 16384)
+#pragma omp parallel if (n * dh >= 2048)
   {
     std::vector<float> qr(dh), p(padded);
 #pragma omp for schedule(static)

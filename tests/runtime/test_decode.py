@@ -130,6 +130,9 @@ def test_norm_and_silu_ops_match_torch(ops):
     gu = torch.randn(2, 2 * 1536, generator=g) * 6
     expected = torch.nn.functional.silu(gu[:, :1536]) * gu[:, 1536:]
     torch.testing.assert_close(ops.silu_mul(gu), expected, rtol=1e-5, atol=1e-6)
+    gu[0, 3], gu[1, 1536 + 5] = float("nan"), float("inf")  # NaN and inf propagate as in torch
+    expected = torch.nn.functional.silu(gu[:, :1536]) * gu[:, 1536:]
+    torch.testing.assert_close(ops.silu_mul(gu), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.rms_norm(x, torch.ones(575), 1e-5)
     with pytest.raises(RuntimeError, match="2F"):
@@ -166,6 +169,11 @@ def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(k_cache, ref.k_cache[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, ref.v_cache[0])
+    poison = qkv.clone()
+    poison[0, heads * head_dim] = float("nan")  # a NaN key poisons its kv group's heads, as in torch
+    got = ops.attend(poison, ref.cos[pos], ref.sin[pos], k_cache, v_cache, pos, heads, ref.scale)
+    poisoned = got.view(heads, head_dim).isnan().all(-1)
+    assert poisoned.tolist() == [h < heads // kv for h in range(heads)]
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops.attend(qkv, ref.cos[0], ref.sin[0], k_cache, v_cache, pos + 2, heads, ref.scale)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
