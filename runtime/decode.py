@@ -83,6 +83,8 @@ def linear_fn(module: nn.Module) -> Linear:
         return lambda x: kernel(x, *arrays, *tail).add_(bias)
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
+        if weight.dtype != torch.float32:
+            raise UnsupportedError(f"fused decoding runs float32 weights, not {weight.dtype}")
         return lambda x: torch.nn.functional.linear(x, weight, bias)
     return module
 

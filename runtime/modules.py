@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from effc.errors import UnsupportedError
+from effc.runtime.cpu import kernels
 from effc.runtime.format import BSRMatrix, from_quantized
 
 ACTIVATIONS = ("fp32", "int8")
@@ -29,8 +30,6 @@ def bsr_matmul(x2: torch.Tensor, matrix_arrays, out_features: int, group: int, b
     weights, int8-activation mode), rows of x are quantized to int8 per block of ``group`` and
     multiplied with integer dot products (AVX512-VNNI where the CPU has it, else AVX2; at M = 1
     too: its GEMV runs lanes over K)."""
-    from effc.runtime.cpu import kernels
-
     if a8:
         return kernels().bsr_linear_a8(x2, *matrix_arrays, out_features, group)
     return kernels().bsr_linear(x2, *matrix_arrays, out_features, group, bits)
@@ -69,16 +68,20 @@ class BSRLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32).contiguous()
-        arrays = (self.indptr, self.indices, self.values, self.scales, self.zeros)
+        # written for per-call overhead (HF generate() calls 211 of these a token): buffers come
+        # from the buffer dict, not nn.Module.__getattr__, and a contiguous fp32 x is only viewed
+        b = self._buffers
+        if x.dtype == torch.float32 and x.is_contiguous():
+            x2 = x.view(-1, self.in_features)
+        else:
+            x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        arrays = (b["indptr"], b["indices"], b["values"], b["scales"], b["zeros"])
         y = bsr_matmul(x2, arrays, self.out_features, self.group, self.bits, self.a8)
-        if self.bias is not None:
-            y = y + self.bias
+        bias = self._parameters.get("bias")
+        if bias is not None:
+            y += bias
         if x.dim() != 2:
-            y = y.reshape(*shape[:-1], self.out_features)
+            y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:

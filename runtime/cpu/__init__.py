@@ -14,7 +14,9 @@ from effc.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("bsr_kernels.cpp", "decode_ops.cpp"))
-INCLUDES = tuple(Path(__file__).with_name(n) for n in ("bsr_a8.inc", "bsr_cols.inc"))  # in SOURCES[0]
+INCLUDES = tuple(
+    Path(__file__).with_name(n) for n in ("bsr_a8.inc", "bsr_cols.inc")
+)  # in SOURCES[0]
 
 
 @functools.cache

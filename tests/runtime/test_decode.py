@@ -170,7 +170,9 @@ def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos):
     torch.testing.assert_close(k_cache, ref.k_cache[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, ref.v_cache[0])
     poison = qkv.clone()
-    poison[0, heads * head_dim] = float("nan")  # a NaN key poisons its kv group's heads, as in torch
+    poison[0, heads * head_dim] = float(
+        "nan"
+    )  # a NaN key poisons its kv group's heads, as in torch
     got = ops.attend(poison, ref.cos[pos], ref.sin[pos], k_cache, v_cache, pos, heads, ref.scale)
     poisoned = got.view(heads, head_dim).isnan().all(-1)
     assert poisoned.tolist() == [h < heads // kv for h in range(heads)]
@@ -220,3 +222,8 @@ def test_fused_loop_falls_back_or_names_what_it_lacks():
     assert not decoder.fused
     prompt = torch.arange(4)
     assert decoder.generate(prompt, 6).tokens == _greedy_by_full_forward(model, prompt, 6)
+    model = _model(3)
+    model.model.layers[1].mlp.down_proj.to(torch.bfloat16)
+    with pytest.raises(UnsupportedError, match="float32 weights, not torch.bfloat16"):
+        StaticDecoder(model, 32, fused=True)
+    assert not StaticDecoder(model, 32).fused
