@@ -8,16 +8,19 @@ linear layers is the same code for both.
 
 At a decode step of a small model most of torch's time is per-op overhead (about 60 op calls a
 layer for norms, rotary, attention and the MLP's glue), not arithmetic. So by default (``fused``)
-the loop runs eight calls a layer:
-- q/k/v and gate/up each run as one linear layer over stacked weights (stacked BSR rows where all
-  are ``BSRLinear`` of one kind, a stacked fp32 weight where all are ``nn.Linear``, else separate
-  calls concatenated),
-- RMSNorm with the residual add fused in, SiLU(gate) * up, and single-query attention (rotary,
-  cache write, scores, softmax, values) are compiled ops (``effc/runtime/cpu/decode_ops.cpp``).
-A prompt of several tokens (prefill) runs its attention in torch ops. ``fused=False`` runs every
-step in torch ops with the model's own modules: the reference the fused loop is tested against.
-The decoder reads the model's weights when it is built (stacked copies): build it after the weights
-are final.
+a compiled plan (``Plan`` in ``effc/runtime/cpu/decode_ops.cpp``) runs the whole forward in one
+call from Python, eight operators a layer:
+- q/k/v and gate/up each as one linear layer over stacked weights (stacked BSR rows where all are
+  ``BSRLinear`` of one kind, a stacked fp32 weight where all are ``nn.Linear``, else separate
+  layers with their outputs concatenated), o and down, each calling effc's BSR kernels (or
+  ATen's ``linear`` for dense weights) directly;
+- RMSNorm with the residual add fused in, SiLU(gate) * up, and attention on the cache (rotary,
+  cache write, causal scores, softmax, values).
+``fused=False`` runs the same loop in torch ops with the model's own modules: the reference the
+plan is tested against, and the fallback (``fused=None``) for models the plan cannot run
+(non-RMSNorm norms, a non-SiLU MLP, linear layers other than fp32 ``nn.Linear`` / ``BSRLinear``).
+The plan reads the model's weights when the decoder is built (stacked copies): build it after
+the weights are final.
 
 Works on HF ``LlamaForCausalLM`` (and its module names in ``effc.models.llama``).
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +37,6 @@ from torch import nn
 from effc.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
-Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _rope_theta(config) -> float:
@@ -65,42 +66,44 @@ def _rms_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
     return weight.detach().float().contiguous(), float(eps)
 
 
-def linear_fn(module: nn.Module) -> Linear:
-    """y = module(x) for contiguous float32 x (T, K), without ``nn.Module.__call__``'s overhead."""
+def linear_spec(module: nn.Module):
+    """The compiled plan's form of one linear layer (``kernels().Linear``): a ``BSRLinear`` (fp32
+    or int8 activations) or an fp32 ``nn.Linear``; UnsupportedError for anything else."""
+    from effc.runtime.cpu import kernels
     from effc.runtime.modules import BSRLinear
 
+    linear = kernels().Linear
+    bias = None if module.bias is None else module.bias.detach().float().contiguous()
     if isinstance(module, BSRLinear):
-        from effc.runtime.cpu import kernels
-
-        arrays = (module.indptr, module.indices, module.values, module.scales, module.zeros)
-        if module.a8:
-            kernel, tail = kernels().bsr_linear_a8, (module.out_features, module.group)
-        else:
-            kernel, tail = kernels().bsr_linear, (module.out_features, module.group, module.bits)
-        bias = module.bias
-        if bias is None:
-            return lambda x: kernel(x, *arrays, *tail)
-        return lambda x: kernel(x, *arrays, *tail).add_(bias)
+        arrays = [module.indptr, module.indices, module.values, module.scales, module.zeros]
+        kind = "bsr_a8" if module.a8 else "bsr"
+        return linear(kind, arrays, bias, module.out_features, module.group, module.bits)
     if type(module) is nn.Linear:
-        weight, bias = module.weight, module.bias
-        if weight.dtype != torch.float32:
-            raise UnsupportedError(f"fused decoding runs float32 weights, not {weight.dtype}")
-        return lambda x: torch.nn.functional.linear(x, weight, bias)
-    return module
+        if module.weight.dtype != torch.float32:
+            raise UnsupportedError(
+                f"fused decoding runs float32 weights, not {module.weight.dtype}"
+            )
+        return linear("dense", [module.weight.detach()], bias, module.out_features, 0, 0)
+    raise UnsupportedError(
+        f"fused decoding runs nn.Linear and BSRLinear, not {type(module).__name__}"
+    )
 
 
-def stacked_linear(modules: list[nn.Module]) -> Linear:
-    """One callable for ``cat([m(x) for m in modules], -1)``: a single ``BSRLinear`` over the stacked
-    rows where all are ``BSRLinear`` of one group, bits and activation mode, a single fp32 weight
-    where all are plain ``nn.Linear``, else the separate layers' outputs concatenated."""
+def stacked_specs(modules: list[nn.Module]) -> list:
+    """Plan parts for ``cat([m(x) for m in modules], -1)``: one ``BSRLinear`` over the stacked rows
+    where all are ``BSRLinear`` of one group, bits and activation mode, one stacked fp32 weight
+    where all are plain ``nn.Linear``, else each layer on its own (outputs concatenated)."""
     from effc.runtime.format import concat_rows
     from effc.runtime.modules import BSRLinear
 
-    def biases(size):
+    def stacked_bias():
         if all(m.bias is None for m in modules):
             return None
         return torch.cat(
-            [m.bias.detach() if m.bias is not None else torch.zeros(size(m)) for m in modules]
+            [
+                m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
+                for m in modules
+            ]
         )
 
     kinds = {
@@ -109,59 +112,49 @@ def stacked_linear(modules: list[nn.Module]) -> Linear:
     }
     if len(kinds) == 1 and isinstance(modules[0], BSRLinear):
         matrix = concat_rows([m.matrix for m in modules])
-        bias = biases(lambda m: m.out_features)
-        return linear_fn(BSRLinear(matrix, bias, modules[0].activations))
-    if (
-        len(kinds) == 1
-        and type(modules[0]) is nn.Linear
-        and modules[0].weight.dtype == torch.float32
-    ):
+        return [linear_spec(BSRLinear(matrix, stacked_bias(), modules[0].activations))]
+    if len(kinds) == 1 and type(modules[0]) is nn.Linear:
         stacked = nn.Linear(modules[0].in_features, 1, bias=False)
         stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]), False)
-        bias = biases(lambda m: m.out_features)
+        bias = stacked_bias()
         stacked.bias = None if bias is None else nn.Parameter(bias, False)
-        return linear_fn(stacked)
-    parts = [linear_fn(m) for m in modules]
-    return lambda x: torch.cat([f(x) for f in parts], -1)
+        stacked.out_features = stacked.weight.shape[0]
+        return [linear_spec(stacked)]
+    return [linear_spec(m) for m in modules]
 
 
-@dataclass
-class _Layer:
-    """One decoder layer as the fused loop runs it."""
+def _is_silu_mlp(mlp: nn.Module) -> bool:
+    from effc.models.llama import MLP
 
-    qkv: Linear
-    o: Linear
-    gate_up: Linear
-    down: Linear
-    act: nn.Module | None  # None: SiLU, by the compiled silu_mul
-    input_norm: tuple[torch.Tensor, float]
-    post_norm: tuple[torch.Tensor, float]
+    act = getattr(mlp, "act_fn", None)
+    if act is None:
+        return isinstance(mlp, MLP)  # effc's own MLP calls silu directly
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _fused_layer(layer: nn.Module) -> _Layer:
-    """The fused plan of one layer, or UnsupportedError naming what it lacks."""
+def _add_layer(plan, layer: nn.Module) -> None:
+    """Add one decoder layer to the compiled plan, or raise UnsupportedError naming what it lacks."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     if attn is None or not all(hasattr(attn, n) for n in names):
         raise UnsupportedError("fused decoding needs self_attn with q_proj, k_proj, v_proj, o_proj")
     if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
         raise UnsupportedError("fused decoding needs a gated MLP (gate_proj, up_proj, down_proj)")
+    if not _is_silu_mlp(mlp):
+        raise UnsupportedError("fused decoding needs a SiLU-gated MLP")
     norms = [
         _rms_params(getattr(layer, n, None))
         for n in ("input_layernorm", "post_attention_layernorm")
     ]
     if None in norms:
         raise UnsupportedError("fused decoding needs RMSNorm input and post-attention norms")
-    act = getattr(mlp, "act_fn", None)
-    if act is None or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
-        act = None  # effc's own MLP calls silu directly
-    return _Layer(
-        stacked_linear([attn.q_proj, attn.k_proj, attn.v_proj]),
-        linear_fn(attn.o_proj),
-        stacked_linear([mlp.gate_proj, mlp.up_proj]),
-        linear_fn(mlp.down_proj),
-        act,
-        *norms,
+    plan.add_layer(
+        stacked_specs([attn.q_proj, attn.k_proj, attn.v_proj]),
+        [linear_spec(attn.o_proj)],
+        stacked_specs([mlp.gate_proj, mlp.up_proj]),
+        [linear_spec(mlp.down_proj)],
+        *norms[0],
+        *norms[1],
     )
 
 
@@ -203,7 +196,7 @@ class StaticDecoder:
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
         self.scale = self.head_dim**-0.5
-        self.ops, self.layers = None, []
+        self.plan = None
         if fused is not False:
             try:
                 self._build_fused()
@@ -211,11 +204,11 @@ class StaticDecoder:
                 if fused:
                     raise
                 log.info("decoding with torch ops (%s)", e)
-                self.ops, self.layers = None, []
+                self.plan = None
 
     @property
     def fused(self) -> bool:
-        return self.ops is not None
+        return self.plan is not None
 
     def _build_fused(self) -> None:
         from effc.runtime.cpu import kernels
@@ -227,10 +220,19 @@ class StaticDecoder:
         final = _rms_params(self.inner.norm)
         if final is None:
             raise UnsupportedError("fused decoding needs an RMSNorm final norm")
-        self.layers = [_fused_layer(layer) for layer in self.inner.layers]
-        self.final_norm = final
-        self.lm_head = linear_fn(self.model.lm_head)
-        self.ops = kernels()
+        plan = kernels().Plan(
+            self.k_cache,
+            self.v_cache,
+            self.cos,
+            self.sin,
+            self.n_heads,
+            self.scale,
+            *final,
+            [linear_spec(self.model.lm_head)],
+        )
+        for layer in self.inner.layers:
+            _add_layer(plan, layer)
+        self.plan = plan
 
     def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm in five ops (HF's takes eight, with dtype round trips that are no-ops in fp32;
@@ -279,8 +281,13 @@ class StaticDecoder:
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits of the last of ``ids`` (1-D), which sit at positions pos .. pos+len-1."""
-        if self.ops is not None:
-            return self._forward_fused(ids, pos)
+        if self.plan is not None:
+            if pos < 0 or pos + ids.numel() > self.max_len:
+                raise UnsupportedError(
+                    f"positions {pos}..{pos + ids.numel() - 1} exceed the cache ({self.max_len})"
+                )
+            x = self.inner.embed_tokens(ids).float().contiguous()
+            return self.plan.forward(x, pos)[0]
         x = self.inner.embed_tokens(ids)
         for i, layer in enumerate(self.inner.layers):
             attn, h = layer.self_attn, self._norm(layer.input_layernorm, x)
@@ -288,41 +295,6 @@ class StaticDecoder:
             x = x + attn.o_proj(out)
             x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
         return self.model.lm_head(self._norm(self.inner.norm, x[-1:]))[0]
-
-    def _forward_fused(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        ops, t = self.ops, ids.shape[0]
-        x = (
-            self.inner.embed_tokens(ids).float().contiguous()
-        )  # the residual stream, updated in place
-        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        h = ops.rms_norm(x, *self.layers[0].input_norm)
-        for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(h)
-            if t == 1:
-                out = ops.attend(
-                    qkv,
-                    self.cos[pos],
-                    self.sin[pos],
-                    self.k_cache[i],
-                    self.v_cache[i],
-                    pos,
-                    self.n_heads,
-                    self.scale,
-                )
-            else:
-                out = self._attention(i, *qkv.split([q_width, kv_width, kv_width], -1), pos)
-            h = ops.add_rms_norm(x, layer.o(out), *layer.post_norm)
-            gate_up = layer.gate_up(h)
-            if layer.act is None:
-                act = ops.silu_mul(gate_up)
-            else:
-                gate, up = gate_up.chunk(2, -1)
-                act = (layer.act(gate) * up).contiguous()
-            following = (
-                self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            )
-            h = ops.add_rms_norm(x, layer.down(act), *following)
-        return self.lm_head(h[-1:])[0]
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> DecodeResult:

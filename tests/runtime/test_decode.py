@@ -140,11 +140,19 @@ def test_norm_and_silu_ops_match_torch(ops):
 
 
 @pytest.mark.parametrize(
-    "heads,kv,head_dim,pos", [(9, 3, 64, 0), (9, 3, 64, 37), (4, 4, 16, 63), (8, 2, 32, 300)]
+    "heads,kv,head_dim,pos,tokens",
+    [
+        (9, 3, 64, 0, 1),
+        (9, 3, 64, 37, 1),
+        (4, 4, 16, 63, 1),
+        (8, 2, 32, 300, 1),
+        (9, 3, 64, 0, 7),  # a prefill
+        (4, 2, 16, 10, 5),  # a chunk after earlier tokens
+    ],
 )
-def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos):
-    """One query at ``pos`` over a cache filled before it: the compiled op (rotary, cache write,
-    softmax over 0..pos) against the decoder's torch-op attention on a copy of the caches."""
+def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos, tokens):
+    """Tokens at pos.. over a cache filled before them: the compiled op (rotary, cache write,
+    causal softmax) against the decoder's torch-op attention on a copy of the caches."""
     import types
 
     from transformers import LlamaConfig
@@ -157,29 +165,29 @@ def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos):
         vocab_size=8,
     )
     model = types.SimpleNamespace(model=types.SimpleNamespace(layers=[0]), lm_head=0, config=cfg)
-    ref = StaticDecoder(model, max_len=pos + 2, fused=False)
+    ref = StaticDecoder(model, max_len=pos + tokens + 1, fused=False)
     g = torch.Generator().manual_seed(pos)
     ref.k_cache.normal_(generator=g)
     ref.v_cache.normal_(generator=g)
     k_cache, v_cache = ref.k_cache[0].clone(), ref.v_cache[0].clone()
-    qkv = torch.randn(1, (heads + 2 * kv) * head_dim, generator=g) * 3
+    qkv = torch.randn(tokens, (heads + 2 * kv) * head_dim, generator=g) * 3
     q, k, v = qkv.split([heads * head_dim, kv * head_dim, kv * head_dim], -1)
     expected = ref._attention(0, q, k, v, pos)
-    got = ops.attend(qkv, ref.cos[pos], ref.sin[pos], k_cache, v_cache, pos, heads, ref.scale)
+    got = ops.attend(qkv, ref.cos, ref.sin, k_cache, v_cache, pos, heads, ref.scale)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(k_cache, ref.k_cache[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, ref.v_cache[0])
     poison = qkv.clone()
-    poison[0, heads * head_dim] = float(
-        "nan"
-    )  # a NaN key poisons its kv group's heads, as in torch
-    got = ops.attend(poison, ref.cos[pos], ref.sin[pos], k_cache, v_cache, pos, heads, ref.scale)
-    poisoned = got.view(heads, head_dim).isnan().all(-1)
+    poison[-1, heads * head_dim] = float("nan")  # a NaN key poisons its kv group's heads
+    got = ops.attend(poison, ref.cos, ref.sin, k_cache, v_cache, pos, heads, ref.scale)
+    poisoned = got[-1].view(heads, head_dim).isnan().all(-1)
     assert poisoned.tolist() == [h < heads // kv for h in range(heads)]
+    if tokens > 1:  # earlier tokens do not see the last one's key (causal)
+        assert not got[:-1].isnan().any()
     with pytest.raises(RuntimeError, match="outside the cache"):
-        ops.attend(qkv, ref.cos[0], ref.sin[0], k_cache, v_cache, pos + 2, heads, ref.scale)
+        ops.attend(qkv, ref.cos, ref.sin, k_cache, v_cache, pos + 2, heads, ref.scale)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
-        ops.attend(qkv, ref.cos[0], ref.sin[0], k_cache, v_cache, 0, heads + 1, ref.scale)
+        ops.attend(qkv, ref.cos, ref.sin, k_cache, v_cache, 0, heads + 1, ref.scale)
 
 
 def _compressed(seed: int = 7, **swap):
