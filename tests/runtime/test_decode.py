@@ -235,3 +235,50 @@ def test_fused_loop_falls_back_or_names_what_it_lacks():
     with pytest.raises(UnsupportedError, match="float32 weights, not torch.bfloat16"):
         StaticDecoder(model, 32, fused=True)
     assert not StaticDecoder(model, 32).fused
+
+
+@pytest.mark.parametrize("kind", ["dense", "bsr"])
+def test_plan_carries_biases(kind):
+    """An HF LLaMA with q/k/v/o and MLP biases: the stacked biases (dense and BSR) against the
+    torch-op loop."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    if kind == "bsr":
+        from effc.runtime.format import from_quantized
+
+        for name, linear in list(model.named_modules()):
+            if isinstance(linear, torch.nn.Linear) and "layers" in name:
+                out, inp = linear.weight.shape
+                g = torch.Generator().manual_seed(out + inp)
+                matrix = from_quantized(
+                    torch.randint(0, 16, (out, inp // 16, 16), dtype=torch.uint8, generator=g),
+                    torch.rand(out, inp // 16, generator=g) * 0.05,
+                    torch.randint(0, 16, (out, inp // 16), dtype=torch.uint8, generator=g),
+                    torch.rand(out, inp // 16, generator=g) < 0.5,
+                    4,
+                )
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, BSRLinear(matrix, linear.bias))
+    fused, ref = StaticDecoder(model, 24, fused=True), StaticDecoder(model, 24, fused=False)
+    ids = torch.randint(0, 200, (9,), generator=torch.Generator().manual_seed(2))
+    for start, stop in ((0, 5), (5, 6), (6, 9)):
+        torch.testing.assert_close(
+            fused.forward(ids[start:stop], start),
+            ref.forward(ids[start:stop], start),
+            rtol=1e-4,
+            atol=1e-4,
+        )
