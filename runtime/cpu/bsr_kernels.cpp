@@ -172,7 +172,7 @@ void gemv_a8(const float* x, int64_t /* M = 1 */, int64_t K, const int32_t* indp
         const int nv = FULL ? NB : (int)std::min<int64_t>(NB, n - j0);
         // a block of 8 units (g = 128) spans two passes: its zero point's term counts once
         const __m128 cs4 = block_factors<NB>(pair, idx + j0, scales + begin + j0, zeros + begin + j0, nv,
-                                             UPB < 4 || u % UPB == 0, zacc);
+                                             UPB < 4 || u % UPB == 0, zacc, nv);
         const __m512 cs = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(cs4));
         // the codes of four units, one unit per 128-bit lane, in element order
         const __m256i c32 = FULL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + u * 8))
