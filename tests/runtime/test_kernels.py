@@ -179,6 +179,34 @@ def test_long_rows(fp32_kernels, bits, M):
     assert (err <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [16, 32])
+def test_gemv_row_pairs(fp32_kernels, bits, group):
+    """M = 1 takes short rows two at a time where neighbours hold the same number of blocks (per-row
+    budgets): pairs of empty, one-block, odd, 32-block (the last paired size) and 33-block rows,
+    pairs broken by an unequal neighbour, and a last row without a partner, on 1-3 threads."""
+    from effc.runtime.format import from_quantized
+
+    counts = [0, 0, 1, 1, 5, 5, 18, 18, 3, 18, 18, 32, 32, 33, 33, 7, 7, 7]
+    out, ng = len(counts), 40
+    gen = torch.Generator().manual_seed(bits + group)
+    mask = torch.zeros(out, ng, dtype=torch.bool)
+    for r, n in enumerate(counts):
+        mask[r, torch.randperm(ng, generator=gen)[:n]] = True
+    codes = torch.randint(0, 2**bits, (out, ng, group), dtype=torch.uint8, generator=gen)
+    zeros = torch.randint(0, 2**bits, (out, ng), dtype=torch.uint8, generator=gen)
+    m = from_quantized(codes, torch.rand(out, ng, generator=gen) + 0.01, zeros, mask, bits)
+    x = torch.randn(1, ng * group, generator=gen)
+    w = m.to_dense().double()
+    exact, bound = x.double() @ w.T, 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        y = _run(fp32_kernels, m, x).double()
+        assert (y[0, :2] == 0).all()
+        assert ((y - exact).abs() <= bound).all()
+    torch.set_num_threads(2)
+
+
 def _quantized_x(x, group):
     """The int8-activation mode's x as the kernel sees it: per (row, block) symmetric int8,
     q = round(x * (127 / max|x|)) with the same fp32 arithmetic."""
