@@ -155,14 +155,12 @@ def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos, token
     causal softmax) against the decoder's torch-op attention on a copy of the caches."""
     import types
 
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
+    cfg = types.SimpleNamespace(
         hidden_size=heads * head_dim,
         num_attention_heads=heads,
         num_key_value_heads=kv,
-        num_hidden_layers=1,
-        vocab_size=8,
+        head_dim=head_dim,
+        rope_theta=10000.0,
     )
     model = types.SimpleNamespace(model=types.SimpleNamespace(layers=[0]), lm_head=0, config=cfg)
     ref = StaticDecoder(model, max_len=pos + tokens + 1, fused=False)
