@@ -286,11 +286,12 @@ void register_decode_ops(pybind11::module_& m) {
   pybind11::class_<Linear>(m, "Linear")
       .def(pybind11::init<const std::string&, std::vector<torch::Tensor>, c10::optional<torch::Tensor>, int64_t, int64_t,
                           int64_t>())
-      .def("__call__", &Linear::operator())
+      .def("__call__", &Linear::operator(), pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_readonly("out_features", &Linear::out);
   pybind11::class_<Plan>(m, "Plan")
       .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, double, torch::Tensor, double,
                           std::vector<Linear>>())
       .def("add_layer", &Plan::add_layer)
-      .def("forward", &Plan::forward);
+      .def("forward", &Plan::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "logits of the last of x's tokens; releases the GIL (no Python runs inside)");
 }
