@@ -281,6 +281,8 @@ class StaticDecoder:
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits of the last of ``ids`` (1-D), which sit at positions pos .. pos+len-1."""
+        if ids.numel() == 0:
+            raise UnsupportedError("no tokens to decode from (empty prompt)")
         if self.plan is not None:
             if pos < 0 or pos + ids.numel() > self.max_len:
                 raise UnsupportedError(

@@ -102,6 +102,11 @@ def test_clear_errors():
         StaticDecoder(torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedError, match="exceed the cache"):
         StaticDecoder(_model(), max_len=8).generate(torch.arange(5), 4)
+    for fused in (True, False):
+        with pytest.raises(UnsupportedError, match="empty prompt"):
+            StaticDecoder(_model(), max_len=8, fused=fused).generate(torch.arange(0), 2)
+    with pytest.raises(UnsupportedError, match="exceed the cache"):
+        StaticDecoder(_model(), max_len=8, fused=True).forward(torch.arange(3), 6)
 
 
 # the compiled decode ops against the torch expressions they replace
