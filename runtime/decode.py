@@ -53,8 +53,9 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
-def _rms_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """(weight, eps) of an RMSNorm module (HF's or effc's), None for anything else."""
+def _rms_attrs(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of an RMSNorm module (HF's or effc's) as it holds them, None for anything
+    else."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     weight = getattr(module, "weight", None)
     if (
@@ -63,7 +64,28 @@ def _rms_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
         or not isinstance(weight, torch.Tensor)
     ):
         return None
-    return weight.detach().float().contiguous(), float(eps)
+    return weight, eps
+
+
+def _rms_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of an RMSNorm module in the plan's form (contiguous fp32, float eps)."""
+    attrs = _rms_attrs(module)
+    if attrs is None:
+        return None
+    return attrs[0].detach().float().contiguous(), float(attrs[1])
+
+
+def _dense_spec(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The plan's form of a dense weight (out, in), which must be fp32."""
+    from effc.runtime.cpu import kernels
+
+    if weight.dtype != torch.float32:
+        raise UnsupportedError(f"fused decoding runs float32 weights, not {weight.dtype}")
+    return kernels().Linear("dense", [weight.detach()], bias, weight.shape[0], 0, 0)
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach().float().contiguous()
 
 
 def linear_spec(module: nn.Module):
@@ -72,18 +94,14 @@ def linear_spec(module: nn.Module):
     from effc.runtime.cpu import kernels
     from effc.runtime.modules import BSRLinear
 
-    linear = kernels().Linear
-    bias = None if module.bias is None else module.bias.detach().float().contiguous()
     if isinstance(module, BSRLinear):
         arrays = [module.indptr, module.indices, module.values, module.scales, module.zeros]
         kind = "bsr_a8" if module.a8 else "bsr"
-        return linear(kind, arrays, bias, module.out_features, module.group, module.bits)
+        return kernels().Linear(
+            kind, arrays, _bias(module), module.out_features, module.group, module.bits
+        )
     if type(module) is nn.Linear:
-        if module.weight.dtype != torch.float32:
-            raise UnsupportedError(
-                f"fused decoding runs float32 weights, not {module.weight.dtype}"
-            )
-        return linear("dense", [module.weight.detach()], bias, module.out_features, 0, 0)
+        return _dense_spec(module.weight, _bias(module))
     raise UnsupportedError(
         f"fused decoding runs nn.Linear and BSRLinear, not {type(module).__name__}"
     )
@@ -100,10 +118,7 @@ def stacked_specs(modules: list[nn.Module]) -> list:
         if all(m.bias is None for m in modules):
             return None
         return torch.cat(
-            [
-                m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
-                for m in modules
-            ]
+            [_bias(m) if m.bias is not None else torch.zeros(m.out_features) for m in modules]
         )
 
     kinds = {
@@ -114,12 +129,7 @@ def stacked_specs(modules: list[nn.Module]) -> list:
         matrix = concat_rows([m.matrix for m in modules])
         return [linear_spec(BSRLinear(matrix, stacked_bias(), modules[0].activations))]
     if len(kinds) == 1 and type(modules[0]) is nn.Linear:
-        stacked = nn.Linear(modules[0].in_features, 1, bias=False)
-        stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]), False)
-        bias = stacked_bias()
-        stacked.bias = None if bias is None else nn.Parameter(bias, False)
-        stacked.out_features = stacked.weight.shape[0]
-        return [linear_spec(stacked)]
+        return [_dense_spec(torch.cat([m.weight.detach() for m in modules]), stacked_bias())]
     return [linear_spec(m) for m in modules]
 
 
@@ -204,7 +214,6 @@ class StaticDecoder:
                 if fused:
                     raise
                 log.info("decoding with torch ops (%s)", e)
-                self.plan = None
 
     @property
     def fused(self) -> bool:
@@ -237,10 +246,10 @@ class StaticDecoder:
     def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm in five ops (HF's takes eight, with dtype round trips that are no-ops in fp32;
         ``F.rms_norm`` is not fused on CPU and costs more still)."""
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        weight = getattr(module, "weight", None)
-        if "RMSNorm" not in type(module).__name__ or eps is None or weight is None:
+        attrs = _rms_attrs(module)
+        if attrs is None:
             return module(x)
+        weight, eps = attrs
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps)) * weight
 
     @staticmethod

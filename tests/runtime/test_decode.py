@@ -55,25 +55,30 @@ def test_chunked_prefill_and_single_steps_give_the_full_forward_logits(fused):
         torch.testing.assert_close(logits, full[stop - 1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_matches_hf_generate_on_an_hf_llama(fused):
+def _hf_llama(**config):
+    """A small HF LlamaForCausalLM (2 layers, 4 heads over 2 kv heads, head dim 16) with weights
+    drawn larger than its init, so greedy tokens vary; ``config`` adds or overrides settings."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=300,
+    settings = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=5000.0,
-        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings, **config)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_matches_hf_generate_on_an_hf_llama(fused):
+    model = _hf_llama(
+        vocab_size=300, max_position_embeddings=128, rope_theta=5000.0, tie_word_embeddings=True
+    )
     prompt = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         hf = model.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)
@@ -82,13 +87,19 @@ def test_matches_hf_generate_on_an_hf_llama(fused):
     assert decoder.generate(prompt, 16).tokens == hf[0, 9:].tolist()
 
 
-def test_bsr_model_decodes_the_same_tokens_as_its_dequantized_weights():
-    model = _model(7)
+def _w4s50(seed: int = 7):
+    """The tiny LLaMA at W4S50 (fake-quantized weights) and the pipeline's result."""
+    model = _model(seed)
     rng = np.random.default_rng(0)
     calib = [{"input_ids": rng.integers(0, 256, (1, 16)).astype(np.int64)} for _ in range(2)]
     result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
         model, effc.PassContext(calibration=calib)
     )
+    return model, result
+
+
+def test_bsr_model_decodes_the_same_tokens_as_its_dequantized_weights():
+    model, result = _w4s50()
     prompt = torch.arange(5)
     dense = StaticDecoder(model, 40).generate(prompt, 24).tokens
     swap_linears(model, result.model.annotations, decide=False)
@@ -194,12 +205,7 @@ def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos, token
 
 
 def _compressed(seed: int = 7, **swap):
-    model = _model(seed)
-    rng = np.random.default_rng(0)
-    calib = [{"input_ids": rng.integers(0, 256, (1, 16)).astype(np.int64)} for _ in range(2)]
-    result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
-        model, effc.PassContext(calibration=calib)
-    )
+    model, result = _w4s50(seed)
     swap_linears(model, result.model.annotations, decide=False, **swap)
     return model
 
@@ -244,22 +250,7 @@ def test_fused_loop_falls_back_or_names_what_it_lacks():
 def test_plan_carries_biases(kind):
     """An HF LLaMA with q/k/v/o and MLP biases: the stacked biases (dense and BSR) against the
     torch-op loop."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+    model = _hf_llama(vocab_size=200, attention_bias=True, mlp_bias=True)
     if kind == "bsr":
         from effc.runtime.format import from_quantized
 
