@@ -12,7 +12,10 @@ original block on the same inputs (each block mimics its original), with ``targe
 original model's own hidden state after that block (each block also undoes the drift of the
 compressed blocks before it). Compressed sites outside the blocks (lm_head) are trained last,
 when ``tail=true``: their inputs from the compressed model, their targets the original layer on
-the original model's inputs.
+the original model's inputs, matched in squared error (``tail_loss=mse``) or, their outputs read
+as logits, in the KL divergence of the next-token distributions (``tail_loss=kd``: a logit error
+then costs in proportion to its token's probability, as in perplexity; the right loss for an
+lm_head whose rows were pruned by that weight, group-prune's ``logit_weight``).
 
 stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales are trained end to
 end on the calibration tokens, with ``loss=lm`` on the next-token loss (the paper's), with
@@ -171,6 +174,7 @@ class GQSATrain(Pass):
         scale_lr: float = 0.0  # bqpo: the scales' learning rate (0: the same as lr)
         target: Literal["local", "model"] = "local"  # bqpo: see the module docstring
         tail: bool = False  # bqpo: also train compressed sites after the last block (lm_head)
+        tail_loss: Literal["mse", "kd"] = "mse"  # bqpo with tail=true: see the module docstring
         loss: Literal["lm", "kd"] = "lm"  # e2e: next-token loss, or KL to the original model
         norms: bool = False  # e2e: also train the norm layers' weights (not in the paper)
 
@@ -179,6 +183,10 @@ class GQSATrain(Pass):
         if o.steps < 1 or o.samples < 1 or o.lr <= 0 or o.scale_lr < 0:
             raise PassOptionError(
                 "pass 'gqsa-train': steps and samples must be >= 1, lr > 0 and scale_lr >= 0"
+            )
+        if o.tail_loss != "mse" and not (o.stage == "bqpo" and o.tail):
+            raise PassOptionError(
+                "pass 'gqsa-train': tail_loss is an option of bqpo with tail=true"
             )
         if o.stage == "e2e" and (o.target != "local" or o.tail):
             raise PassOptionError(
@@ -221,6 +229,7 @@ class GQSATrain(Pass):
                     "scale_lr": self.options.scale_lr,
                     "target": self.options.target,
                     "tail": self.options.tail,
+                    **({"tail_loss": "kd"} if self.options.tail_loss == "kd" else {}),
                 }
                 if self.options.stage == "bqpo"
                 else {"loss": self.options.loss, "norms": self.options.norms}
@@ -427,8 +436,19 @@ class GQSATrain(Pass):
             with torch.no_grad():
                 return nn.functional.linear(xs[i], weight, bias)
 
+        def distance(out, ref):
+            if self.options.tail_loss == "mse":
+                return nn.functional.mse_loss(out, ref)
+            out, ref = (t.reshape(-1, t.shape[-1]) for t in (out, ref))
+            return nn.functional.kl_div(
+                nn.functional.log_softmax(out, -1),
+                nn.functional.log_softmax(ref, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
+
         def tail_loss(i, layer=lambda f: fakes[f][0]):
-            return sum(nn.functional.mse_loss(layer(f)(inputs[f][i]), target(f, i)) for f in names)
+            return sum(distance(layer(f)(inputs[f][i]), target(f, i)) for f in names)
 
         def mean_loss(layer) -> float:
             with torch.no_grad():
@@ -439,7 +459,8 @@ class GQSATrain(Pass):
         for fqn, (fq, linear) in fakes.items():
             self._finish(model, fqn, fq, linear)
         after = mean_loss(model.module.get_submodule)  # the trained layers, swapped back in
-        return {"tail_sites": names, "tail_mse_before": before, "tail_mse_after": after}
+        what = self.options.tail_loss
+        return {"tail_sites": names, f"tail_{what}_before": before, f"tail_{what}_after": after}
 
     def _e2e(self, model, data) -> dict:
         module = model.module

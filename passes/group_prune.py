@@ -23,6 +23,14 @@ what perplexity feels, where a squared logit error weighs every vocabulary entry
 the deviations add up, a greedy walk over the lower convex hull of every curve spends the pruning
 budget where it costs the least output deviation per pruned weight (the Lagrangian optimum). The
 sparsity chosen per layer is reported.
+``logit_weight=a`` (a > 0) treats the layer that computes the model's output logits (lm_head)
+apart: an error in token t's logit costs about p_t times its square in next-token KL (the softmax
+Fisher diag(p) - p p^T, its diagonal), so row t's scores are multiplied by pbar_t^a, pbar the
+original model's mean predicted probability of t over the calibration positions, and that layer's
+rows keep different counts (layer scope): rows of tokens the model rarely predicts give up groups
+to the frequent ones. a = 1 is the Fisher weighting; a = 0.5 hedges it for tokens rarer in
+calibration than in use (SmolLM2-135M, lm_head alone at 50%: 120.6 perplexity with rows alike,
+76.5 with a = 1, 72.2 with a = 0.5; at 70%: 565, 200, 171). The weights are reported.
 Pruned groups are written as zeros and the keep-mask is recorded in the model's annotations
 (``annotations[fqn]["mask"]``, shape (out, in/g)) for quantization and the BSR packer, with the
 uncompressed weight (``"original"``) that training passes use as their teacher. A tied
@@ -39,7 +47,7 @@ import numpy as np
 import torch
 from torch.nn import functional as nn_f
 
-from effc.errors import PassOptionError, UnsupportedError
+from effc.errors import InputError, PassOptionError, UnsupportedError
 from effc.pass_base import Pass, PassResult, register
 
 
@@ -159,10 +167,14 @@ def keep_counts(
 
 
 def masks_for(
-    scores: dict[str, torch.Tensor], sparsity: float | dict[str, int], scope: str
+    scores: dict[str, torch.Tensor],
+    sparsity: float | dict[str, int],
+    scope: str,
+    scopes: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks for every layer's group scores under the chosen budget (``sparsity``: one
-    model-wide target, or kept-group counts per layer for the row and layer scopes)."""
+    model-wide target, or kept-group counts per layer for the row and layer scopes); ``scopes``
+    overrides the row / layer scope of single layers."""
     if scope == "global":
         normed = {k: s / s.mean().clamp_min(1e-12) for k, s in scores.items()}
         flat = torch.cat([s.reshape(-1) for s in normed.values()])
@@ -176,7 +188,9 @@ def masks_for(
     result = {}
     for k, s in scores.items():
         keep = sparsity[k] if isinstance(sparsity, dict) else round((1 - sparsity) * s.numel())
-        result[k] = row_mask(s, keep) if scope == "row" else _keep_top(s, keep)
+        result[k] = (
+            row_mask(s, keep) if (scopes or {}).get(k, scope) == "row" else _keep_top(s, keep)
+        )
     return result
 
 
@@ -280,6 +294,7 @@ class GroupPrune(Pass):
         sensitivity_samples: int = 1
         metric: Literal["mse", "kl"] = "mse"
         sequential: bool = False
+        logit_weight: float = 0.0
 
     def validate(self) -> None:
         o = self.options
@@ -293,6 +308,11 @@ class GroupPrune(Pass):
             raise PassOptionError(
                 "pass 'group-prune': sequential=true calibrates each block on the pruned blocks "
                 "before it; use it with score=wanda or score=obs and scope=row or scope=layer"
+            )
+        if o.logit_weight < 0 or (o.logit_weight > 0 and o.scope == "global"):
+            raise PassOptionError(
+                "pass 'group-prune': option 'logit_weight' must be >= 0, and it weighs the logits "
+                "layer's rows under scope=row or scope=layer, not scope=global"
             )
         if o.allocate == "sensitivity":
             if o.scope == "global":
@@ -320,10 +340,15 @@ class GroupPrune(Pass):
 
         weights = {s.fqn: read_weight(s).clone() for s in sites}
 
+        row_weight = self._logit_weights(model, ctx, sites, stats) if o.logit_weight else {}
+        scopes = {k: "layer" for k in row_weight}
+
         def score(k: str, stat) -> torch.Tensor:
             if o.score == "obs":
-                return obs_scores(weights[k], stat[0], stat[1], o.group)
-            return group_scores(weights[k], o.group, stat)
+                s = obs_scores(weights[k], stat[0], stat[1], o.group)
+            else:
+                s = group_scores(weights[k], o.group, stat)
+            return s * row_weight[k][:, None] if k in row_weight else s
 
         def prune(k: str, mask: torch.Tensor, stat) -> torch.Tensor:
             w = weights[k]
@@ -351,7 +376,14 @@ class GroupPrune(Pass):
             scores = {k: score(k, stat[k]) for k in weights}
             if o.allocate == "sensitivity":
                 sparsity = self._allocate(
-                    model, ctx, sites, scores, lambda k, m: prune(k, m, stat[k]), hess, stats
+                    model,
+                    ctx,
+                    sites,
+                    scores,
+                    lambda k, m: prune(k, m, stat[k]),
+                    hess,
+                    stats,
+                    scopes,
                 )
         if o.sequential:  # each block's scores and compensation on the already pruned blocks
 
@@ -359,13 +391,13 @@ class GroupPrune(Pass):
                 k = site.fqn
                 st = inverse_hessian_factor(calibrated) if o.score == "obs" else calibrated
                 budget = {k: sparsity[k]} if isinstance(sparsity, dict) else sparsity
-                mask = masks_for({k: score(k, st)}, budget, o.scope)[k]
+                mask = masks_for({k: score(k, st)}, budget, o.scope, scopes)[k]
                 write(site, mask, prune(k, mask, st))
 
             acc = HessianSum() if o.score == "obs" else ColumnNorms()
             stats["stages"] = compress_sequentially(model, sites, ctx, acc, compress, "group-prune")
         else:
-            masks = masks_for(scores, sparsity, o.scope)
+            masks = masks_for(scores, sparsity, o.scope, scopes)
             for site in sites:
                 write(site, masks[site.fqn], prune(site.fqn, masks[site.fqn], stat[site.fqn]))
         pruned = total = 0
@@ -381,7 +413,45 @@ class GroupPrune(Pass):
         )
         return PassResult(model, pruned > 0, stats)
 
-    def _allocate(self, model, ctx, sites, scores, pruned_weight, hess, stats) -> dict[str, int]:
+    def _logit_weights(self, model, ctx, sites, stats) -> dict[str, torch.Tensor]:
+        """{fqn of the logits layer: pbar^a per row} (logit_weight=a): pbar from the model's
+        outputs on the calibration inputs."""
+        if not ctx.calibration:
+            raise InputError(
+                "pass 'group-prune': logit_weight needs calibration inputs (--calib) and none "
+                "were given"
+            )
+        pbar, count = None, 0
+        for x in ctx.calibration:
+            logits = next(
+                (y for y in model.run(x) if np.issubdtype(np.asarray(y).dtype, np.floating)), None
+            )
+            if logits is None or np.ndim(logits) < 2:
+                break
+            flat = torch.from_numpy(np.asarray(logits)).reshape(-1, np.shape(logits)[-1])
+            p = flat.double().softmax(-1).sum(0)
+            pbar, count = (p if pbar is None else pbar + p), count + flat.shape[0]
+        heads = [s for s in sites if pbar is not None and s.out_features == pbar.numel()]
+        if len(heads) != 1:
+            raise UnsupportedError(
+                "pass 'group-prune': logit_weight needs the one compressible layer that computes "
+                f"the model's output logits; {len(heads)} of the layers have as many outputs as "
+                "the model's first float output has entries on its last axis"
+            )
+        pbar = pbar / count
+        weight = (pbar.clamp_min(1e-30) ** self.options.logit_weight).float()
+        top = pbar.sort(descending=True).values
+        stats["logit_weight"] = {
+            "layer": heads[0].fqn,
+            "exponent": self.options.logit_weight,
+            "positions": count,
+            "mass_of_top_1pct_tokens": round(float(top[: max(1, top.numel() // 100)].sum()), 4),
+        }
+        return {heads[0].fqn: weight}
+
+    def _allocate(
+        self, model, ctx, sites, scores, pruned_weight, hess, stats, scopes
+    ) -> dict[str, int]:
         """Kept groups per layer from each layer's sensitivity (allocate=sensitivity)."""
         from effc.ir.sites import read_weight, write_weight
         from effc.passes.gqsa_train import _progress
@@ -400,7 +470,7 @@ class GroupPrune(Pass):
                 original = read_weight(site).clone()
                 local = {}
                 for sp in grid:
-                    w = pruned_weight(k, masks_for({k: s}, sp, o.scope)[k])
+                    w = pruned_weight(k, masks_for({k: s}, sp, o.scope, scopes)[k])
                     local[sp] = layer_error(original, w, hess[k])
                     if sp == target:
                         write_weight(site, w)

@@ -207,3 +207,84 @@ def test_output_deviation_metrics():
     assert output_deviation(Fixed(), [{}], [[out.numpy(), ids]], "kl") == pytest.approx(
         0, abs=1e-12
     )
+
+
+def _pbar(model, calibration) -> torch.Tensor:
+    """The mean next-token probability of each vocabulary entry, from torch directly."""
+    with torch.no_grad():
+        probs = [
+            model(input_ids=torch.from_numpy(x["input_ids"])).double().softmax(-1)
+            for x in calibration
+        ]
+    flat = torch.cat([p.reshape(-1, p.shape[-1]) for p in probs])
+    return flat.mean(0)
+
+
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_logit_weight_ranks_the_logit_rows_by_predicted_probability(exponent):
+    """The lm_head's mask is the top of its OBS scores times pbar^a over the whole layer (rows
+    keep different counts, the layer's budget exact); the other layers keep rows alike."""
+    from effc.models import BUILTINS
+    from effc.passes.group_prune import _keep_top
+    from effc.passes.quantize import hessians
+
+    calibration = token_calibration()
+    model = BUILTINS["tiny-llama"][0]()
+    pbar = _pbar(model, calibration)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    W = model.lm_head.weight.detach().clone()
+    fxm = effc.ir.FxModel(model, model.example_inputs())
+    head = next(s for s in weight_sites(fxm) if s.fqn == "lm_head")
+    U, dead = inverse_hessian_factor(
+        hessians(fxm, [head], effc.PassContext(calibration=calibration))["lm_head"]
+    )
+    scores = obs_scores(W, U, dead, 16) * (pbar**exponent).float()[:, None]
+    expected = _keep_top(scores, round(0.5 * scores.numel()))
+
+    result = effc.Pipeline.from_text(
+        f"group-prune{{sparsity=0.5,score=obs,logit_weight={exponent}}}"
+    ).run(fxm, effc.PassContext(calibration=calibration))
+    stats = result.report.records[0].stats
+    assert stats["logit_weight"]["layer"] == "lm_head"
+    assert stats["logit_weight"]["positions"] == sum(x["input_ids"].size for x in calibration)
+    mask = result.model.annotations["lm_head"]["mask"]
+    assert torch.equal(mask, expected)
+    kept = mask.sum(1)
+    assert int(kept.max()) > int(kept.min()) + 1  # rows differ
+    order = pbar.argsort(descending=True)
+    assert kept[order[:32]].float().mean() > kept[order[-32:]].float().mean()
+    for name, notes in result.model.annotations.items():
+        if name != "lm_head":  # row scope elsewhere: every row keeps half its groups
+            assert set(notes["mask"].sum(1).tolist()) == {notes["mask"].shape[1] // 2}, name
+
+
+def test_logit_weight_goes_through_the_sensitivity_allocation_and_onnx(llama_onnx):
+    from effc.models import BUILTINS
+
+    text = "group-prune{sparsity=0.5,score=obs,allocate=sensitivity,metric=kl,logit_weight=0.5}"
+    ctx = lambda: effc.PassContext(calibration=token_calibration())  # noqa: E731
+    fx = effc.Pipeline.from_text(text).run(BUILTINS["tiny-llama"][0](), ctx())
+    onnx = effc.Pipeline.from_text(text).run(str(llama_onnx["dynamo"]), ctx())
+    stats = fx.report.records[0].stats
+    assert stats["groups_pruned"] == round(0.5 * stats["groups_total"])
+    w = read_weight(next(s for s in weight_sites(fx.model) if s.fqn == "lm_head"))
+    zero = (w.view(w.shape[0], -1, 16) == 0).all(-1)
+    assert float(zero.float().mean()) == pytest.approx(
+        stats["allocation"]["layer_sparsity"]["lm_head"], abs=1e-3
+    )
+    assert len(set((~zero).sum(1).tolist())) > 2
+    onnx_w = {s.fqn: read_weight(s) for s in weight_sites(onnx.model)}
+    assert torch.equal(onnx_w["lm_head"] == 0, w == 0)
+
+
+def test_logit_weight_errors(tiny_llama):
+    with pytest.raises(PassOptionError, match="'logit_weight' must be >= 0"):
+        effc.Pipeline.from_text("group-prune{logit_weight=-1}")
+    with pytest.raises(PassOptionError, match="not scope=global"):
+        effc.Pipeline.from_text("group-prune{logit_weight=1,scope=global}")
+    with pytest.raises(effc.EffcError, match="needs calibration inputs"):
+        effc.Pipeline.from_text("group-prune{score=magnitude,logit_weight=1}").run(tiny_llama)
+    with pytest.raises(UnsupportedError, match="computes the model's output logits; 0 of"):
+        effc.Pipeline.from_text("group-prune{score=magnitude,logit_weight=1,skip=[lm_head]}").run(
+            tiny_llama, effc.PassContext(calibration=token_calibration())
+        )
