@@ -66,3 +66,43 @@ def test_ditn_ort_bench_builds_equal_models_and_renders():
         "bandwidth_GBps": 1.0,
     }
     assert "| DITN (unfold per layer), legacy, opset 14 | on |" in to_markdown(meta, rows)
+
+
+def test_perplexity_table_shows_the_calibration_gap_where_measured():
+    """Stage rows with a perplexity on the calibration windows print it; older rows print '-'."""
+    from types import SimpleNamespace
+
+    from tools.quality.perplexity import to_markdown
+
+    meta = {"model": "m", "eval": "e", "calibration": "c", "split": "s", "threads": 2}
+    nobytes = {"values": 4e6, "indices": 0, "scales": 0}
+    rows = [
+        {
+            "setting": "fp32",
+            "pipeline": "",
+            "perplexity": 20.0,
+            "calib_perplexity": 19.5,
+            "bytes": nobytes,
+        },
+        {
+            "setting": "new",
+            "pipeline": "p",
+            "perplexity": 400.0,
+            "bytes": nobytes,
+            "stages": [
+                {"after": "a", "perplexity": 500.0, "calib_perplexity": 21.25, "seconds": 3}
+            ],
+        },
+        {
+            "setting": "old",
+            "pipeline": "q",
+            "perplexity": 300.0,
+            "bytes": nobytes,
+            "stages": [{"after": "b", "perplexity": 310.0, "seconds": 4}],
+        },
+    ]
+    args = SimpleNamespace(windows=16, seqlen=512, calib_samples=16, rows=None)
+    table = to_markdown(meta, rows, args)
+    assert "(fp32: 19.50)" in table
+    assert "| new | `a` | 500.00 | 21.25 | 3 |" in table
+    assert "| old | `b` | 310.00 | - | 4 |" in table

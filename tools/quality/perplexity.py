@@ -36,6 +36,13 @@ W4S50_ONESHOT = (
     "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,method=gptq}"
 )
 BQPO_MODEL_TAIL = f"{BQPO[:-1]},target=model,tail=true}}"
+# One-shot with the lm_head's rows weighted by the tokens' predicted probability; BQPO's lm_head
+# stage then trains on KL as well.
+W4S50_LOGIT = (
+    "group-prune{sparsity=0.5,score=obs,allocate=sensitivity,logit_weight=0.5},"
+    "quantize{bits=4,group=16,method=gptq}"
+)
+BQPO_MODEL_TAIL_KD = f"{BQPO_MODEL_TAIL[:-1]},tail_loss=kd}}"
 # The same with each block pruned and quantized on the outputs of the compressed blocks before it
 # (SparseGPT / GPTQ's sequential calibration).
 W4S50_SEQUENTIAL = (
@@ -121,6 +128,28 @@ ROWS = {
         "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=128,loss=kd}",
         128,
     ),
+    "S50 groups (obs/row, KL sensitivity allocation, logit-weighted lm_head)": (
+        "group-prune{sparsity=0.5,score=obs,allocate=sensitivity,metric=kl,logit_weight=0.5}"
+    ),
+    "S50 groups (obs/row, sensitivity allocation, logit-weighted lm_head)": (
+        "group-prune{sparsity=0.5,score=obs,allocate=sensitivity,logit_weight=0.5}"
+    ),
+    "W4S50 (obs, sensitivity, logit-weighted lm_head) + BQPO to the model's states with lm_head "
+    "on KL + E2E-OQP (KD, 128 steps)": (
+        f"{W4S50_LOGIT},{BQPO_MODEL_TAIL_KD},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
+    ),
+    "W4S50 (obs, sensitivity, logit-weighted lm_head) + BQPO at lr 1e-3 to the model's states with "
+    "lm_head on KL + E2E-OQP (KD, 128 steps)": (
+        f"{W4S50_LOGIT},{BQPO_MODEL_TAIL_KD.replace('lr=0.003', 'lr=0.001')},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
+    ),
+    "W4S50 (obs, sensitivity, logit-weighted lm_head) + BQPO to the model's states with lm_head "
+    "on KL + E2E-OQP (KD, 208 steps), 208 calibration windows": (
+        f"{W4S50_LOGIT},{BQPO_MODEL_TAIL_KD},"
+        "gqsa-train{stage=e2e,steps=208,lr=0.0003,samples=208,loss=kd}",
+        208,
+    ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
@@ -150,8 +179,8 @@ class StagePerplexity:
 
     wants_error = False
 
-    def __init__(self, model, windows: torch.Tensor):
-        self.model, self.windows, self.rows = model, windows, []
+    def __init__(self, model, windows: torch.Tensor, seen: torch.Tensor | None = None):
+        self.model, self.windows, self.seen, self.rows = model, windows, seen, []
 
     def before_pass(self, text, ctx) -> None:
         pass
@@ -163,6 +192,11 @@ class StagePerplexity:
                     "after": record.text,
                     "perplexity": perplexity(self.model, self.windows),
                     "seconds": round(record.seconds, 1),
+                    **(
+                        {"calib_perplexity": perplexity(self.model, self.seen)}
+                        if self.seen is not None
+                        else {}
+                    ),
                 }
             )
 
@@ -275,13 +309,16 @@ def main() -> None:
             ctx = effc.PassContext(calibration=calibration[:count], error_samples=2)
             fx_inputs = {"input_ids": calib_windows[:1, :64]}
             fxm = FxModel(model, fx_inputs)
-            stages = StagePerplexity(model, eval_windows)
+            # the same on the first calibration windows, the ones every trained row trains on
+            # (samples=16): the gap to the evaluation windows is what training overfits
+            stages = StagePerplexity(model, eval_windows, calib_windows[: min(count, 16)])
             pipeline = effc.Pipeline.from_text(text)
             pipeline.instruments.append(stages)
             result = pipeline.run(fxm, ctx)
             annotations = result.model.annotations
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, eval_windows)
+        seen_ppl = perplexity(model, calib_windows[:16]) if not text else None
         row = {
             "setting": name,
             "pipeline": text,
@@ -291,6 +328,8 @@ def main() -> None:
         }
         if count != args.calib_samples:
             row["calib_windows"] = count
+        if seen_ppl is not None:
+            row["calib_perplexity"] = seen_ppl
         allocation = [
             r.stats["allocation"]["layer_sparsity"]
             for r in (result.report.records if stages else [])
@@ -351,15 +390,21 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
             "## Each stage's gain",
             "",
             "Perplexity after every lossy pass of a row (same evaluation windows), and the seconds "
-            "that pass took (2 threads; the compression budget).",
+            "that pass took (2 threads; the compression budget). Rows run since 2026-11-29 also "
+            "give the perplexity on the first 16 calibration windows, the text the training "
+            "stages fit (fp32: "
+            + (f"{seen:.2f}" if (seen := base.get("calib_perplexity")) else "-")
+            + "): its gap to the evaluation windows is overfitting.",
             "",
-            "| setting | after pass | perplexity | pass seconds |",
-            "|---|---|---:|---:|",
+            "| setting | after pass | perplexity | on calibration windows | pass seconds |",
+            "|---|---|---:|---:|---:|",
         ]
         for r in staged:
             for st in r["stages"]:
+                seen = st.get("calib_perplexity")
                 lines.append(
-                    f"| {r['setting']} | `{st['after']}` | {st['perplexity']:.2f} | {st['seconds']:.0f} |"
+                    f"| {r['setting']} | `{st['after']}` | {st['perplexity']:.2f} | "
+                    f"{f'{seen:.2f}' if seen else '-'} | {st['seconds']:.0f} |"
                 )
         lines.append("")
         for r in rows:
