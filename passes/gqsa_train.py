@@ -439,13 +439,7 @@ class GQSATrain(Pass):
         def distance(out, ref):
             if self.options.tail_loss == "mse":
                 return nn.functional.mse_loss(out, ref)
-            out, ref = (t.reshape(-1, t.shape[-1]) for t in (out, ref))
-            return nn.functional.kl_div(
-                nn.functional.log_softmax(out, -1),
-                nn.functional.log_softmax(ref, -1),
-                log_target=True,
-                reduction="batchmean",
-            )
+            return _next_token_kl(out, ref)
 
         def tail_loss(i, layer=lambda f: fakes[f][0]):
             return sum(distance(layer(f)(inputs[f][i]), target(f, i)) for f in names)
@@ -497,12 +491,7 @@ class GQSATrain(Pass):
                     else:  # KL(original || compressed) over the vocabulary, per token
                         with torch.no_grad():
                             target = _logits(teacher(**x))[:, :-1].reshape(flat.shape)
-                        loss = nn.functional.kl_div(
-                            nn.functional.log_softmax(flat, -1),
-                            nn.functional.log_softmax(target, -1),
-                            log_target=True,
-                            reduction="batchmean",
-                        )
+                        loss = _next_token_kl(flat, target)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -548,6 +537,18 @@ def _original_copy(root: nn.Module, sites: dict[str, dict], prefix: str = "") ->
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def _next_token_kl(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(softmax(teacher) || softmax(logits)), the last axis the
+    vocabulary (e2e's loss=kd and bqpo's tail_loss=kd)."""
+    logits, teacher = (t.reshape(-1, t.shape[-1]) for t in (logits, teacher))
+    return nn.functional.kl_div(
+        nn.functional.log_softmax(logits, -1),
+        nn.functional.log_softmax(teacher, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def _logits(out) -> torch.Tensor:

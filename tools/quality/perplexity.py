@@ -32,6 +32,9 @@ from tools.results import save  # noqa: E402
 BQPO = "gqsa-train{stage=bqpo,steps=128,lr=0.003,samples=16}"
 # The trained W4S50 rows' shared parts: one-shot OBS pruning with the sensitivity allocation plus
 # GPTQ, and BQPO towards the original model's hidden states with lm_head trained last.
+# Calibration windows whose perplexity each stage also reports: the ones the trained rows fit
+# (samples=16); their gap to the evaluation windows is overfitting.
+SEEN_WINDOWS = 16
 W4S50_ONESHOT = (
     "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,method=gptq}"
 )
@@ -309,16 +312,14 @@ def main() -> None:
             ctx = effc.PassContext(calibration=calibration[:count], error_samples=2)
             fx_inputs = {"input_ids": calib_windows[:1, :64]}
             fxm = FxModel(model, fx_inputs)
-            # the same on the first calibration windows, the ones every trained row trains on
-            # (samples=16): the gap to the evaluation windows is what training overfits
-            stages = StagePerplexity(model, eval_windows, calib_windows[: min(count, 16)])
+            stages = StagePerplexity(model, eval_windows, calib_windows[: min(count, SEEN_WINDOWS)])
             pipeline = effc.Pipeline.from_text(text)
             pipeline.instruments.append(stages)
             result = pipeline.run(fxm, ctx)
             annotations = result.model.annotations
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, eval_windows)
-        seen_ppl = perplexity(model, calib_windows[:16]) if not text else None
+        seen_ppl = perplexity(model, calib_windows[:SEEN_WINDOWS]) if not text else None
         row = {
             "setting": name,
             "pipeline": text,
@@ -391,7 +392,7 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
             "",
             "Perplexity after every lossy pass of a row (same evaluation windows), and the seconds "
             "that pass took (2 threads; the compression budget). Rows run since 2026-11-29 also "
-            "give the perplexity on the first 16 calibration windows, the text the training "
+            f"give the perplexity on the first {SEEN_WINDOWS} calibration windows, the text the training "
             "stages fit (fp32: "
             + (f"{seen:.2f}" if (seen := base.get("calib_perplexity")) else "-")
             + "): its gap to the evaluation windows is overfitting.",
