@@ -106,3 +106,33 @@ def test_perplexity_table_shows_the_calibration_gap_where_measured():
     assert "(fp32: 19.50)" in table
     assert "| new | `a` | 500.00 | 21.25 | 3 |" in table
     assert "| old | `b` | 310.00 | - | 4 |" in table
+
+
+def test_quality_windows_first_and_shuffled():
+    import pytest
+    import torch
+
+    from tools.quality.data import windows
+
+    class Tok:  # token ids 0 .. n-1: a window's ids tell where in the text it lies
+        def __call__(self, text, return_tensors, add_special_tokens):
+            assert return_tensors == "pt" and not add_special_tokens
+            return type("Enc", (), {"input_ids": torch.arange(len(text))[None]})()
+
+    text = "x" * 1000  # 62 whole windows of 16 (the 8 tokens left over are never used)
+    first = windows(Tok(), text, 4, 16)
+    assert torch.equal(first, torch.arange(64).view(4, 16))
+    shuffled = windows(Tok(), text, 10, 16, order="shuffled")
+    starts = shuffled[:, 0]
+    # whole aligned windows, none twice, spread over the text, the same on every call
+    assert torch.equal(shuffled, starts[:, None] + torch.arange(16))
+    assert bool((starts % 16 == 0).all()) and len(set(starts.tolist())) == 10
+    assert int(starts.max()) >= 16 * 30 and int(starts.max()) + 16 <= 992
+    assert torch.equal(shuffled, windows(Tok(), text, 10, 16, order="shuffled"))
+    # nested: a smaller count takes the first windows of a larger one
+    assert torch.equal(windows(Tok(), text, 3, 16, order="shuffled"), shuffled[:3])
+    assert not torch.equal(windows(Tok(), text, 10, 16, order="shuffled", seed=1), shuffled)
+    with pytest.raises(ValueError, match="window order 'random'"):
+        windows(Tok(), text, 3, 16, order="random")
+    with pytest.raises(ValueError, match="fewer than 63 x 16"):
+        windows(Tok(), text, 63, 16, order="shuffled")

@@ -38,9 +38,26 @@ def split() -> tuple[str, str]:
     return calib, evaluation
 
 
-def windows(tokenizer, text: str, count: int, length: int) -> torch.Tensor:
-    """The first ``count`` non-overlapping windows of ``length`` tokens: (count, length) int64."""
+ORDERS = ("first", "shuffled")
+
+
+def windows(
+    tokenizer, text: str, count: int, length: int, order: str = "first", seed: int = 0
+) -> torch.Tensor:
+    """``count`` non-overlapping windows of ``length`` tokens: (count, length) int64.
+
+    ``order="first"``: the text's first windows, so a small count covers one or two articles.
+    ``order="shuffled"``: the text is cut into all its whole windows and ``count`` of them are
+    taken in a seeded random order, so they spread over the articles; the first k windows of a
+    larger count are the windows of count k (nested, like ``"first"``).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"window order {order!r}: expected one of {', '.join(ORDERS)}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() < count * length:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than {count} x {length}")
-    return ids[: count * length].view(count, length)
+    every = ids[: ids.numel() // length * length].view(-1, length)
+    if order == "first":
+        return every[:count].clone()
+    pick = torch.randperm(every.shape[0], generator=torch.Generator().manual_seed(seed))
+    return every[pick[:count]].clone()

@@ -6,6 +6,10 @@ Evaluation: the first ``--windows`` windows of ``--seqlen`` tokens of the evalua
 (tools/quality/data.py: even/odd article split, never overlapping with calibration); the same
 windows for every row. Calibration: ``--calib-samples`` windows of the calibration articles, or a
 row's own count where ROWS gives one as ``(pipeline, windows)`` (the first windows are the same).
+``--calib-order first`` (the default, every committed row) takes the calibration text's first
+windows: 16 windows of 512 tokens all lie in its first article (Anarchism), as the first 16
+evaluation windows lie in one article (Autism). ``--calib-order shuffled`` draws them in a seeded
+random order from the whole calibration text (tools/quality/data.py ``windows``).
 Bytes count the compressible linear layers only (the fp32 embedding is the same in every row):
 BSR rows split values / indices / scales; dense quantized rows count codes + fp16 scale + uint8 zero.
 """
@@ -251,12 +255,19 @@ def main() -> None:
     import effc
     from effc.ir import FxModel
     from effc.models.real import smollm2_folder
-    from tools.quality.data import SPLIT, split, windows
+    from tools.quality.data import ORDERS, SPLIT, split, windows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument(
+        "--calib-order",
+        choices=ORDERS,
+        default="first",
+        help="first: the calibration text's first windows (one or two articles); shuffled: "
+        "windows drawn in a seeded random order from the whole calibration text",
+    )
     parser.add_argument("--rows", help="row names separated by ';' (default: all)")
     parser.add_argument("--out", default="tools/quality/results/smollm2_perplexity")
     args = parser.parse_args()
@@ -274,12 +285,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; rows: {'; '.join(ROWS)}")
     most = max(row_spec(n, args.calib_samples)[1] for n in names)
-    calib_windows = windows(tokenizer, calib_text, most, args.seqlen)
+    calib_windows = windows(tokenizer, calib_text, most, args.seqlen, order=args.calib_order)
     calibration = [{"input_ids": w[None].numpy()} for w in calib_windows]
     meta = {
         "model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF, fp32)",
         "eval": f"first {args.windows} windows of {args.seqlen} tokens of the evaluation articles",
-        "calibration": f"{args.calib_samples} windows of {args.seqlen} tokens of the calibration articles",
+        "calibration": f"{args.calib_samples} windows of {args.seqlen} tokens of the calibration articles"
+        + (
+            ""
+            if args.calib_order == "first"
+            else ", drawn in a seeded random order (torch.randperm, seed 0) from all the calibration text's windows"
+        ),
         "split": SPLIT,
         "threads": THREADS,
     }
@@ -361,7 +377,13 @@ def main() -> None:
 def to_markdown(meta: dict, rows: list[dict], args) -> str:
     command = (
         f"python -m tools.quality.perplexity --windows {args.windows} --seqlen {args.seqlen} "
-        f"--calib-samples {args.calib_samples}" + (" --rows 'NAME;...'" if args.rows else "")
+        f"--calib-samples {args.calib_samples}"
+        + (
+            f" --calib-order {args.calib_order}"
+            if getattr(args, "calib_order", "first") != "first"
+            else ""
+        )
+        + (" --rows 'NAME;...'" if args.rows else "")
     )
     base = next((r for r in rows if r["setting"] == "fp32"), rows[0])
     lines = [
