@@ -101,7 +101,7 @@ def test_perplexity_table_shows_the_calibration_gap_where_measured():
             "stages": [{"after": "b", "perplexity": 310.0, "seconds": 4}],
         },
     ]
-    args = SimpleNamespace(windows=16, seqlen=512, calib_samples=16, rows=None)
+    args = SimpleNamespace(windows=16, seqlen=512, calib_samples=16, calib_order="first", rows=None)
     table = to_markdown(meta, rows, args)
     assert "(fp32: 19.50)" in table
     assert "| new | `a` | 500.00 | 21.25 | 3 |" in table

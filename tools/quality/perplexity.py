@@ -378,11 +378,7 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
     command = (
         f"python -m tools.quality.perplexity --windows {args.windows} --seqlen {args.seqlen} "
         f"--calib-samples {args.calib_samples}"
-        + (
-            f" --calib-order {args.calib_order}"
-            if getattr(args, "calib_order", "first") != "first"
-            else ""
-        )
+        + (f" --calib-order {args.calib_order}" if args.calib_order != "first" else "")
         + (" --rows 'NAME;...'" if args.rows else "")
     )
     base = next((r for r in rows if r["setting"] == "fp32"), rows[0])
