@@ -31,6 +31,12 @@ rows keep different counts (layer scope): rows of tokens the model rarely predic
 to the frequent ones. a = 1 is the Fisher weighting; a = 0.5 hedges it for tokens rarer in
 calibration than in use (SmolLM2-135M, lm_head alone at 50%: 120.6 perplexity with rows alike,
 76.5 with a = 1, 72.2 with a = 0.5; at 70%: 565, 200, 171). The weights are reported.
+``pin=[NAME:SPARSITY, ...]`` fixes the sparsity of the layers whose FQN contains NAME (the first
+matching entry wins); the other layers share what the pinned ones leave of the model-wide budget,
+evenly under allocate=uniform and by sensitivity under allocate=sensitivity (where the pinned
+layers' sensitivity is not measured). The sensitivity allocation judges a layer by its own output
+deviation, so it can push a layer that later training cannot recover far (SmolLM2-135M's lm_head
+goes to target + spread, 0.7); ``pin=[lm_head:0.5]`` holds it at the target.
 Pruned groups are written as zeros and the keep-mask is recorded in the model's annotations
 (``annotations[fqn]["mask"]``, shape (out, in/g)) for quantization and the BSR packer, with the
 uncompressed weight (``"original"``) that training passes use as their teacher. A tied
@@ -154,15 +160,20 @@ def allocate(
 
 
 def keep_counts(
-    scores: dict[str, torch.Tensor], sparsities: dict[str, float], target: float
+    sizes: dict[str, int],
+    sparsities: dict[str, float],
+    target: float,
+    fixed: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
-    """Kept groups per layer for per-layer sparsities, corrected so the model-wide count equals
-    round((1 - target) * groups) exactly (the residual goes to the largest layer)."""
-    keep = {k: round((1 - sparsities[k]) * s.numel()) for k, s in scores.items()}
-    residual = round((1 - target) * sum(s.numel() for s in scores.values())) - sum(keep.values())
+    """Kept groups per layer (``sizes``: groups per layer) for per-layer sparsities, corrected so
+    the model-wide count equals round((1 - target) * groups) exactly (the residual goes to the
+    largest layer not in ``fixed``)."""
+    keep = {k: round((1 - sparsities[k]) * n) for k, n in sizes.items()}
+    residual = round((1 - target) * sum(sizes.values())) - sum(keep.values())
+    free = [k for k in sizes if k not in fixed] or list(sizes)
     if residual:
-        big = max(scores, key=lambda k: scores[k].numel())
-        keep[big] = min(max(keep[big] + residual, 0), scores[big].numel())
+        big = max(free, key=lambda k: sizes[k])
+        keep[big] = min(max(keep[big] + residual, 0), sizes[big])
     return keep
 
 
@@ -192,6 +203,59 @@ def masks_for(
             row_mask(s, keep) if (scopes or {}).get(k, scope) == "row" else _keep_top(s, keep)
         )
     return result
+
+
+def parse_pins(pins: list[str], scope: str) -> list[tuple[str, float]]:
+    """``pin`` entries "FQN_SUBSTRING:SPARSITY" as (substring, sparsity) pairs."""
+    out = []
+    for entry in pins:
+        pattern, _, value = entry.rpartition(":")
+        try:
+            sp = float(value)
+        except ValueError:
+            sp = -1.0
+        if not pattern or not 0.0 <= sp < 1.0:
+            raise PassOptionError(
+                f"pass 'group-prune': option 'pin' takes entries NAME:SPARSITY with sparsity in "
+                f"[0, 1), e.g. [lm_head:0.5]; got {entry!r}"
+            )
+        out.append((pattern, sp))
+    if out and scope == "global":
+        raise PassOptionError(
+            "pass 'group-prune': option 'pin' sets single layers' sparsity; use it with "
+            "scope=row or scope=layer, not scope=global"
+        )
+    return out
+
+
+def pinned_sparsities(
+    pins: list[tuple[str, float]], sizes: dict[str, int], target: float
+) -> tuple[dict[str, float], float]:
+    """({fqn: pinned sparsity}, the sparsity the other layers then share so the model-wide
+    target still holds). The first matching entry wins; every entry must match a layer."""
+    pinned: dict[str, float] = {}
+    for pattern, sp in pins:
+        hits = [k for k in sizes if pattern in k]
+        if not hits:
+            raise PassOptionError(
+                f"pass 'group-prune': pin '{pattern}' matches no compressible layer "
+                f"(layers: {', '.join(list(sizes)[:4])}, ...)"
+            )
+        for k in hits:
+            pinned.setdefault(k, sp)
+    free = sum(n for k, n in sizes.items() if k not in pinned)
+    if not free:
+        raise PassOptionError(
+            "pass 'group-prune': option 'pin' matches every compressible layer; leave some to "
+            f"reach sparsity={target}"
+        )
+    rest = (target * sum(sizes.values()) - sum(sizes[k] * sp for k, sp in pinned.items())) / free
+    if not 0.0 <= rest < 1.0:
+        raise PassOptionError(
+            f"pass 'group-prune': the pinned layers' sparsity leaves the others {rest:.3f} to "
+            f"reach sparsity={target}, outside [0, 1)"
+        )
+    return pinned, rest
 
 
 def layer_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -295,9 +359,11 @@ class GroupPrune(Pass):
         metric: Literal["mse", "kl"] = "mse"
         sequential: bool = False
         logit_weight: float = 0.0
+        pin: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         o = self.options
+        parse_pins(o.pin, o.scope)
         if not 0.0 <= o.sparsity < 1.0:
             raise PassOptionError(
                 f"pass 'group-prune': option 'sparsity' must be in [0, 1), got {o.sparsity}"
@@ -364,6 +430,13 @@ class GroupPrune(Pass):
             notes.update(mask=mask, group=o.group)
 
         sparsity: float | dict[str, int] = o.sparsity
+        pins = parse_pins(o.pin, o.scope)
+        groups = {k: w.numel() // o.group for k, w in weights.items()}
+        if pins and o.allocate == "uniform":  # the other layers share what the pinned ones leave
+            pinned, rest = pinned_sparsities(pins, groups, o.sparsity)
+            each = {k: pinned.get(k, rest) for k in groups}
+            sparsity = keep_counts(groups, each, o.sparsity, frozenset(pinned))
+            stats["pin"] = {"layers": pinned, "others": round(rest, 4)}
         if not o.sequential or o.allocate == "sensitivity":  # statistics of the whole model
             needs_h = o.score == "obs" or o.allocate == "sensitivity"
             hess = hessians(model, sites, ctx) if needs_h else {}
@@ -384,6 +457,7 @@ class GroupPrune(Pass):
                     hess,
                     stats,
                     scopes,
+                    pins,
                 )
         if o.sequential:  # each block's scores and compensation on the already pruned blocks
 
@@ -450,9 +524,10 @@ class GroupPrune(Pass):
         return {heads[0].fqn: weight}
 
     def _allocate(
-        self, model, ctx, sites, scores, pruned_weight, hess, stats, scopes
+        self, model, ctx, sites, scores, pruned_weight, hess, stats, scopes, pins
     ) -> dict[str, int]:
-        """Kept groups per layer from each layer's sensitivity (allocate=sensitivity)."""
+        """Kept groups per layer from each layer's sensitivity (allocate=sensitivity); pinned
+        layers keep their sparsity and the others share the rest of the budget."""
         from effc.ir.sites import read_weight, write_weight
         from effc.passes.gqsa_train import _progress
 
@@ -460,12 +535,15 @@ class GroupPrune(Pass):
         samples = ctx.calibration[: o.sensitivity_samples]
         target = min(o.sparsity, 0.99)  # the grid's middle point, clipped like the others
         grid = sorted({min(max(target + d, 0.0), 0.99) for d in (-o.spread, 0.0, o.spread)})
+        sizes = {k: s.numel() for k, s in scores.items()}
+        pinned = pinned_sparsities(pins, sizes, o.sparsity)[0] if pins else {}
         reference = [model.run(x) for x in samples]
-        curves: dict[str, list[tuple[float, float]]] = {}
+        curves: dict[str, list[tuple[float, float]]] = {k: [(sp, 0.0)] for k, sp in pinned.items()}
         measured: dict[str, float] = {}
-        progress, task = _progress(len(sites), "group-prune: layer sensitivity")
+        free = [site for site in sites if site.fqn not in pinned]
+        progress, task = _progress(len(free), "group-prune: layer sensitivity")
         with progress:
-            for site in sites:
+            for site in free:
                 k, s = site.fqn, scores[site.fqn]
                 original = read_weight(site).clone()
                 local = {}
@@ -479,13 +557,21 @@ class GroupPrune(Pass):
                 scale = measured[k] / max(local[target], 1e-30)
                 curves[k] = [(sp, scale * e) for sp, e in local.items()]
                 progress.advance(task)
-        sizes = {k: s.numel() for k, s in scores.items()}
-        keep = keep_counts(scores, allocate(curves, sizes, o.sparsity), o.sparsity)
+        chosen = allocate(curves, sizes, o.sparsity)
+        reached = sum(sizes[k] * sp for k, sp in chosen.items()) / sum(sizes.values())
+        if pinned and abs(reached - o.sparsity) > 1e-3:
+            raise PassOptionError(
+                f"pass 'group-prune': with the pinned layers ({', '.join(pinned)}) the others "
+                f"reach at most sparsity {reached:.3f} of {o.sparsity} within spread={o.spread}; "
+                "pin them lower or widen the spread"
+            )
+        keep = keep_counts(sizes, chosen, o.sparsity, frozenset(pinned))
         stats["allocation"] = {
             "grid": grid,
             "samples": len(samples),
             "metric": o.metric,
             "layer_sparsity": {k: round(1 - keep[k] / sizes[k], 4) for k in scores},
+            "pinned": pinned,
             "output_deviation_at_target": {k: float(f"{v:.4g}") for k, v in measured.items()},
         }
         return keep

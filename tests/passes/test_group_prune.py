@@ -155,9 +155,69 @@ def test_allocation_spends_the_budget_exactly_where_it_is_cheapest():
     assert sum(sizes[k] * s for k, s in chosen.items()) == pytest.approx(0.5 * 500)
     assert chosen["cheap"] == pytest.approx(0.7) and chosen["dear"] == pytest.approx(0.3)
     assert chosen["big"] == pytest.approx(0.5)
-    scores = {k: torch.rand(n // 10, 10) for k, n in sizes.items()}
-    keep = keep_counts(scores, {"cheap": 0.701, "dear": 0.3, "big": 0.5}, 0.5)
-    assert sum(keep.values()) == 250
+    rounded = {"cheap": 0.706, "dear": 0.3, "big": 0.5}  # keeps 29 + 70 + 150: one short
+    keep = keep_counts(sizes, rounded, 0.5)
+    assert sum(keep.values()) == 250 and keep["big"] == 151  # the residual goes to the largest
+    keep = keep_counts(sizes, rounded, 0.5, frozenset({"big"}))
+    assert sum(keep.values()) == 250 and keep["big"] == 150 and keep["cheap"] == 30
+    # a pinned layer's curve is one point: it stays there and the others take the budget
+    curves["big"] = [(0.42, 0.0)]
+    chosen = allocate(curves, sizes, 0.5)
+    assert chosen["big"] == pytest.approx(0.42) and chosen["cheap"] == pytest.approx(0.7)
+    assert sum(sizes[k] * s for k, s in chosen.items()) == pytest.approx(0.5 * 500)
+
+
+def _zero_fraction(model) -> dict[str, float]:
+    out = {}
+    for s in weight_sites(model):
+        if s.op == "linear":
+            w = read_weight(s)
+            out[s.fqn] = float((w.view(w.shape[0], -1, 16) == 0).all(-1).float().mean())
+    return out
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
+def test_pin_fixes_a_layers_sparsity_and_the_others_keep_the_budget(allocation):
+    from effc.models import BUILTINS
+
+    text = f"group-prune{{sparsity=0.5,score=obs,allocate={allocation},pin=[lm_head:0.25]}}"
+    result = effc.Pipeline.from_text(text).run(
+        BUILTINS["tiny-llama"][0](), effc.PassContext(calibration=token_calibration())
+    )
+    stats = result.report.records[0].stats
+    assert stats["groups_pruned"] == round(0.5 * stats["groups_total"])
+    zero = _zero_fraction(result.model)
+    assert zero["lm_head"] == pytest.approx(0.25, abs=1e-3)
+    others = [v for k, v in zero.items() if k != "lm_head"]
+    assert sum(others) / len(others) > 0.5  # they carry what lm_head does not prune
+    if allocation == "uniform":
+        assert stats["pin"]["layers"] == {"lm_head": 0.25}
+        assert all(v == pytest.approx(stats["pin"]["others"], abs=0.01) for v in others)
+    else:
+        assert stats["allocation"]["pinned"] == {"lm_head": 0.25}
+        assert "lm_head" not in stats["allocation"]["output_deviation_at_target"]
+
+
+def test_pin_errors(tiny_llama):
+    ctx = lambda: effc.PassContext(calibration=token_calibration())  # noqa: E731
+    with pytest.raises(PassOptionError, match="entries NAME:SPARSITY"):
+        effc.Pipeline.from_text("group-prune{pin=[lm_head]}")
+    with pytest.raises(PassOptionError, match="entries NAME:SPARSITY"):
+        effc.Pipeline.from_text("group-prune{pin=[lm_head:1.5]}")
+    with pytest.raises(PassOptionError, match="not scope=global"):
+        effc.Pipeline.from_text("group-prune{pin=[lm_head:0.5],scope=global}")
+    with pytest.raises(PassOptionError, match="pin 'nothing' matches no compressible layer"):
+        effc.Pipeline.from_text("group-prune{score=magnitude,pin=[nothing:0.5]}").run(tiny_llama)
+    with pytest.raises(PassOptionError, match="matches every compressible layer"):
+        effc.Pipeline.from_text("group-prune{score=magnitude,pin=[.:0.1,lm_head:0.1]}").run(
+            tiny_llama
+        )
+    with pytest.raises(PassOptionError, match="leaves the others .* outside"):
+        effc.Pipeline.from_text("group-prune{score=magnitude,pin=[layers:0.0]}").run(tiny_llama)
+    with pytest.raises(PassOptionError, match="within spread=0.05"):
+        effc.Pipeline.from_text(
+            "group-prune{score=obs,allocate=sensitivity,spread=0.05,pin=[lm_head:0.0]}"
+        ).run(tiny_llama, ctx())
 
 
 @pytest.mark.parametrize("metric", ["mse", "kl"])
