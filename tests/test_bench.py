@@ -108,6 +108,31 @@ def test_perplexity_table_shows_the_calibration_gap_where_measured():
     assert "| old | `b` | 310.00 | - | 4 |" in table
 
 
+def test_perplexity_tool_keeps_its_rows_and_refuses_a_table_of_other_settings(tmp_path):
+    import json
+
+    import pytest
+
+    from tools.quality.perplexity import ROWS, kept_rows, row_spec
+
+    meta = {"model": "m", "eval": "e", "calibration": "c", "split": "s", "threads": 2}
+    current = {"setting": "W4 g16 RTN", "pipeline": row_spec("W4 g16 RTN", 16)[0]}
+    stale = {"setting": "W4 g32 RTN", "pipeline": "quantize{bits=4,group=999}"}
+    gone = {"setting": "a row no longer in ROWS", "pipeline": "x"}
+    assert gone["setting"] not in ROWS
+    table = tmp_path / "t.json"
+    assert kept_rows(table, meta, 16, False) == []  # no table yet
+    table.write_text(json.dumps({"meta": meta, "rows": [current, stale, gone]}))
+    assert kept_rows(table, meta, 16, False) == [current]
+    other = dict(meta, calibration="c, shuffled")
+    with pytest.raises(
+        ValueError, match=r"holds 3 rows run with other settings \(calibration differ"
+    ):
+        kept_rows(table, other, 16, False)
+    assert kept_rows(table, other, 16, True) == []
+    assert json.loads(table.read_text())["rows"] == [current, stale, gone]  # nothing written
+
+
 def test_quality_windows_first_and_shuffled():
     import pytest
     import torch

@@ -270,6 +270,11 @@ def main() -> None:
     )
     parser.add_argument("--rows", help="row names separated by ';' (default: all)")
     parser.add_argument("--out", default="tools/quality/results/smollm2_perplexity")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="start --out anew when it holds rows run with other settings (refused otherwise)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -305,19 +310,10 @@ def main() -> None:
     def save_all() -> None:  # after every row, so a long run loses nothing
         save(out, {"meta": meta, "rows": results}, to_markdown(meta, results, args), echo=False)
 
-    # rows of an earlier run with the same settings are kept; a row run again replaces its own
-    previous = out.with_suffix(".json")
-    results = []
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        if old.get("meta") == meta:  # rows whose pipeline changed or went away are dropped
-            results = [
-                r
-                for r in old["rows"]
-                if r["setting"] in ROWS
-                and row_spec(r["setting"], args.calib_samples)
-                == (r["pipeline"], r.get("calib_windows", args.calib_samples))
-            ]
+    try:
+        results = kept_rows(out.with_suffix(".json"), meta, args.calib_samples, args.replace)
+    except ValueError as e:
+        parser.error(str(e))
     for name in names:
         model = load_model(folder)
         t0 = time.perf_counter()
@@ -372,6 +368,36 @@ def main() -> None:
         save_all()
         print(f"{name:<40} ppl {ppl:10.2f}  ({seconds:.0f} s)", flush=True)
     print(to_markdown(meta, results, args))
+
+
+def kept_rows(previous: Path, meta: dict, calib_samples: int, replace: bool) -> list[dict]:
+    """The rows of an earlier run into the same table that this run keeps: all whose pipeline
+    (and calibration count) is still the one ROWS gives (a row run again then replaces its own).
+    A table run with other settings is refused (ValueError) unless ``replace``, so a run with,
+    say, another --calib-order cannot silently drop committed rows."""
+    if not previous.is_file():
+        return []
+    old = json.loads(previous.read_text())
+    if old.get("meta") != meta:
+        if replace:
+            return []
+        differ = sorted(
+            k
+            for k in set(meta) | set(old.get("meta", {}))
+            if old.get("meta", {}).get(k) != meta.get(k)
+        )
+        raise ValueError(
+            f"{previous} holds {len(old.get('rows', []))} rows run with other settings "
+            f"({', '.join(differ)} differ); pass --out to write another table, or --replace to "
+            "start this one anew"
+        )
+    return [
+        r
+        for r in old["rows"]
+        if r["setting"] in ROWS
+        and row_spec(r["setting"], calib_samples)
+        == (r["pipeline"], r.get("calib_windows", calib_samples))
+    ]
 
 
 def to_markdown(meta: dict, rows: list[dict], args) -> str:
