@@ -23,7 +23,9 @@ end on the calibration tokens, with ``loss=lm`` on the next-token loss (the pape
 copy of the model with the original weights back in; every token then carries a whole
 distribution, not one label, which matters when calibration data is small). ``norms=true`` also
 trains the norm layers' weights (RMSNorm / LayerNorm gains: a few thousand fp32 numbers the
-compressed model keeps as they are), beyond the paper's E2E-OQP.
+compressed model keeps as they are), beyond the paper's E2E-OQP. ``weight_lr > 0`` also trains
+the kept weights end to end at that learning rate (straight-through rounding as in bqpo, so codes
+may change; masks stay fixed): quantization-aware sparse fine-tuning, beyond the paper too.
 
 Both write the final codes and fp16 scales back into the annotations (so the BSR packer stores
 exactly what was trained) and the dequantized weights into the model, and report the budget
@@ -177,12 +179,16 @@ class GQSATrain(Pass):
         tail_loss: Literal["mse", "kd"] = "mse"  # bqpo with tail=true: see the module docstring
         loss: Literal["lm", "kd"] = "lm"  # e2e: next-token loss, or KL to the original model
         norms: bool = False  # e2e: also train the norm layers' weights (not in the paper)
+        weight_lr: float = (
+            0.0  # e2e: > 0 also trains the kept weights at this lr (not in the paper)
+        )
 
     def validate(self) -> None:
         o = self.options
-        if o.steps < 1 or o.samples < 1 or o.lr <= 0 or o.scale_lr < 0:
+        if o.steps < 1 or o.samples < 1 or o.lr <= 0 or o.scale_lr < 0 or o.weight_lr < 0:
             raise PassOptionError(
-                "pass 'gqsa-train': steps and samples must be >= 1, lr > 0 and scale_lr >= 0"
+                "pass 'gqsa-train': steps and samples must be >= 1, lr > 0, scale_lr >= 0 and "
+                "weight_lr >= 0"
             )
         if o.tail_loss != "mse" and not (o.stage == "bqpo" and o.tail):
             raise PassOptionError(
@@ -193,10 +199,10 @@ class GQSATrain(Pass):
                 "pass 'gqsa-train': target and tail are bqpo options (stage=e2e trains scales "
                 "end to end)"
             )
-        if o.stage == "bqpo" and (o.loss != "lm" or o.norms):
+        if o.stage == "bqpo" and (o.loss != "lm" or o.norms or o.weight_lr):
             raise PassOptionError(
-                "pass 'gqsa-train': loss and norms are e2e options (bqpo matches each block's "
-                "output)"
+                "pass 'gqsa-train': loss, norms and weight_lr are e2e options (bqpo matches each "
+                "block's output and always trains the kept weights, at lr)"
             )
 
     def requires(self, model, ctx) -> None:
@@ -232,7 +238,11 @@ class GQSATrain(Pass):
                     **({"tail_loss": "kd"} if self.options.tail_loss == "kd" else {}),
                 }
                 if self.options.stage == "bqpo"
-                else {"loss": self.options.loss, "norms": self.options.norms}
+                else {
+                    "loss": self.options.loss,
+                    "norms": self.options.norms,
+                    "weight_lr": self.options.weight_lr,
+                }
             ),
             "tokens": int(sum(np.asarray(next(iter(x.values()))).size for x in data)),
         }
@@ -464,13 +474,18 @@ class GQSATrain(Pass):
             if "codes" not in notes:
                 continue  # no scales to train on a pruned-only site
             linear = module.get_submodule(fqn)
-            fakes[fqn] = (FakeQuantLinear(linear, notes, train_weight=False), linear)
-            _swap(module, fqn, fakes[fqn][0])
+            fq = FakeQuantLinear(linear, notes, train_weight=self.options.weight_lr > 0)
+            fakes[fqn] = (fq, linear)
+            _swap(module, fqn, fq)
         norms = _norm_weights(module) if self.options.norms else []
         was = [p.requires_grad for p in norms]
         for p in norms:
             p.requires_grad_(True)
-        opt = torch.optim.Adam([fq.scale for fq, _ in fakes.values()] + norms, lr=self.options.lr)
+        groups = [{"params": [fq.scale for fq, _ in fakes.values()] + norms}]
+        if self.options.weight_lr:  # the kept weights too: codes re-round (straight-through)
+            weights = [fq.weight for fq, _ in fakes.values()]
+            groups.append({"params": weights, "lr": self.options.weight_lr})
+        opt = torch.optim.Adam(groups, lr=self.options.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
         losses, lm = [], []
         progress, task = _progress(self.options.steps, "e2e-oqp")

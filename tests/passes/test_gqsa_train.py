@@ -51,6 +51,38 @@ def test_e2e_trains_only_scales():
     assert stats["norm_weights_trained"] == 0
 
 
+def test_e2e_weight_lr_trains_the_kept_weights_under_the_fixed_masks():
+    """weight_lr > 0: codes re-round as the weights move, pruned groups stay zero and what is
+    stored is exactly what was trained; the same run without it keeps every code."""
+    import copy
+
+    from effc.models import BUILTINS
+
+    ctx = effc.PassContext(calibration=_calib())
+    original = BUILTINS["tiny-llama"][0]()
+    changed = {}
+    for weight_lr in (0.0, 0.01):
+        model = copy.deepcopy(original)
+        result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
+            model, ctx
+        )
+        codes = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
+        trained = effc.Pipeline.from_text(
+            f"gqsa-train{{stage=e2e,steps=8,lr=0.001,weight_lr={weight_lr}}}"
+        ).run(result.model, ctx)
+        assert trained.report.records[0].stats["weight_lr"] == weight_lr
+        changed[weight_lr] = 0
+        for name, notes in trained.model.annotations.items():
+            changed[weight_lr] += int((notes["codes"] != codes[name]).sum())
+            weight = model.get_submodule(name).weight.detach()
+            expected = dequantize(
+                notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
+            )
+            torch.testing.assert_close(weight, expected, rtol=0, atol=0)
+            assert torch.all(weight.view(weight.shape[0], -1, 16)[~notes["mask"]] == 0)
+    assert changed[0.0] == 0 and changed[0.01] > 100
+
+
 def test_e2e_norms_option_trains_the_norm_weights_too():
     """norms=true: the RMSNorm gains move (and only they, besides the scales), codes stay, and the
     parameters' requires_grad flags are as before; norms=false leaves the gains alone. (Whether it
@@ -144,13 +176,20 @@ def test_bqpo_starts_from_the_compensated_weights():
 
 
 @pytest.mark.parametrize(
-    "text", ["gqsa-train{steps=0}", "gqsa-train{lr=0}", "gqsa-train{scale_lr=-1.0}"]
+    "text",
+    [
+        "gqsa-train{steps=0}",
+        "gqsa-train{lr=0}",
+        "gqsa-train{scale_lr=-1.0}",
+        "gqsa-train{stage=e2e,weight_lr=-1.0}",
+    ],
 )
 def test_bad_training_options_are_clear_errors(text):
     from effc.errors import PassOptionError
 
     with pytest.raises(
-        PassOptionError, match="steps and samples must be >= 1, lr > 0 and scale_lr >= 0"
+        PassOptionError,
+        match="steps and samples must be >= 1, lr > 0, scale_lr >= 0 and weight_lr >= 0",
     ):
         effc.Pipeline.from_text(text)
 
@@ -279,7 +318,9 @@ def test_e2e_kd_moves_scales_towards_the_original_model():
 def test_kd_loss_is_an_e2e_option():
     from effc.errors import PassOptionError
 
-    with pytest.raises(PassOptionError, match="loss and norms are e2e options"):
+    with pytest.raises(PassOptionError, match="loss, norms and weight_lr are e2e options"):
         effc.Pipeline.from_text("gqsa-train{stage=bqpo,loss=kd}")
-    with pytest.raises(PassOptionError, match="loss and norms are e2e options"):
+    with pytest.raises(PassOptionError, match="loss, norms and weight_lr are e2e options"):
         effc.Pipeline.from_text("gqsa-train{stage=bqpo,norms=true}")
+    with pytest.raises(PassOptionError, match="loss, norms and weight_lr are e2e options"):
+        effc.Pipeline.from_text("gqsa-train{stage=bqpo,weight_lr=0.001}")
