@@ -536,7 +536,14 @@ class GroupPrune(Pass):
         target = min(o.sparsity, 0.99)  # the grid's middle point, clipped like the others
         grid = sorted({min(max(target + d, 0.0), 0.99) for d in (-o.spread, 0.0, o.spread)})
         sizes = {k: s.numel() for k, s in scores.items()}
-        pinned = pinned_sparsities(pins, sizes, o.sparsity)[0] if pins else {}
+        pinned, rest = pinned_sparsities(pins, sizes, o.sparsity) if pins else ({}, target)
+        if not grid[0] - 1e-9 <= rest <= grid[-1] + 1e-9:  # before any measurement
+            raise PassOptionError(
+                f"pass 'group-prune': the pinned layers ({', '.join(pinned)}) leave the others "
+                f"{rest:.3f} sparsity on average, outside the allocation's range "
+                f"{grid[0]:.2f}-{grid[-1]:.2f} (target +- spread={o.spread}); pin them closer to "
+                "the target or widen the spread"
+            )
         reference = [model.run(x) for x in samples]
         curves: dict[str, list[tuple[float, float]]] = {k: [(sp, 0.0)] for k, sp in pinned.items()}
         measured: dict[str, float] = {}
@@ -557,15 +564,9 @@ class GroupPrune(Pass):
                 scale = measured[k] / max(local[target], 1e-30)
                 curves[k] = [(sp, scale * e) for sp, e in local.items()]
                 progress.advance(task)
-        chosen = allocate(curves, sizes, o.sparsity)
-        reached = sum(sizes[k] * sp for k, sp in chosen.items()) / sum(sizes.values())
-        if pinned and abs(reached - o.sparsity) > 1e-3:
-            raise PassOptionError(
-                f"pass 'group-prune': with the pinned layers ({', '.join(pinned)}) the others "
-                f"reach at most sparsity {reached:.3f} of {o.sparsity} within spread={o.spread}; "
-                "pin them lower or widen the spread"
-            )
-        keep = keep_counts(sizes, chosen, o.sparsity, frozenset(pinned))
+        keep = keep_counts(
+            sizes, allocate(curves, sizes, o.sparsity), o.sparsity, frozenset(pinned)
+        )
         stats["allocation"] = {
             "grid": grid,
             "samples": len(samples),

@@ -214,9 +214,13 @@ def test_pin_errors(tiny_llama):
         )
     with pytest.raises(PassOptionError, match="leaves the others .* outside"):
         effc.Pipeline.from_text("group-prune{score=magnitude,pin=[layers:0.0]}").run(tiny_llama)
-    with pytest.raises(PassOptionError, match="within spread=0.05"):
+    with pytest.raises(PassOptionError, match=r"leave the others 0.595 .* range 0.45-0.55"):
         effc.Pipeline.from_text(
             "group-prune{score=obs,allocate=sensitivity,spread=0.05,pin=[lm_head:0.0]}"
+        ).run(tiny_llama, ctx())
+    with pytest.raises(PassOptionError, match=r"leave the others 0.407 .* range 0.45-0.55"):
+        effc.Pipeline.from_text(
+            "group-prune{score=obs,allocate=sensitivity,spread=0.05,pin=[lm_head:0.99]}"
         ).run(tiny_llama, ctx())
 
 
