@@ -166,8 +166,10 @@ ROWS = {
         208,
     ),
     "W4S50 (obs, sensitivity, lm_head pinned at 50%) + BQPO to the model's states with lm_head "
-    "+ E2E-OQP (KD, 128 steps)": (
-        f"{W4S50_PINNED},{BQPO_MODEL_TAIL},gqsa-train{{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}}"
+    "+ E2E-OQP (KD, 208 steps), 208 calibration windows": (
+        f"{W4S50_PINNED},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=208,lr=0.0003,samples=208,loss=kd}",
+        208,
     ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
