@@ -72,7 +72,7 @@ def test_perplexity_table_shows_the_calibration_gap_where_measured():
     """Stage rows with a perplexity on the calibration windows print it; older rows print '-'."""
     from types import SimpleNamespace
 
-    from tools.quality.perplexity import to_markdown
+    from tools.quality.perplexity import DEFAULT_OUT, to_markdown
 
     meta = {"model": "m", "eval": "e", "calibration": "c", "split": "s", "threads": 2}
     nobytes = {"values": 4e6, "indices": 0, "scales": 0}
@@ -101,8 +101,13 @@ def test_perplexity_table_shows_the_calibration_gap_where_measured():
             "stages": [{"after": "b", "perplexity": 310.0, "seconds": 4}],
         },
     ]
-    args = SimpleNamespace(windows=16, seqlen=512, calib_samples=16, calib_order="first", rows=None)
+    args = SimpleNamespace(
+        windows=16, seqlen=512, calib_samples=16, calib_order="first", rows=None, out=DEFAULT_OUT
+    )
     table = to_markdown(meta, rows, args)
+    assert "--out" not in table
+    args.out, args.calib_order = "elsewhere/t", "shuffled"
+    assert "--calib-order shuffled --out elsewhere/t`" in to_markdown(meta, rows, args)
     assert "(fp32: 19.50)" in table
     assert "| new | `a` | 500.00 | 21.25 | 3 |" in table
     assert "| old | `b` | 310.00 | - | 4 |" in table

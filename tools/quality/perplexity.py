@@ -42,6 +42,7 @@ BQPO = "gqsa-train{stage=bqpo,steps=128,lr=0.003,samples=16}"
 # Calibration windows whose perplexity each stage also reports: the ones the trained rows fit
 # (samples=16); their gap to the evaluation windows is overfitting.
 SEEN_WINDOWS = 16
+DEFAULT_OUT = "tools/quality/results/smollm2_perplexity"
 W4S50_ONESHOT = (
     "group-prune{sparsity=0.5,score=obs,allocate=sensitivity},quantize{bits=4,group=16,method=gptq}"
 )
@@ -283,7 +284,7 @@ def main() -> None:
         "windows drawn in a seeded random order from the whole calibration text",
     )
     parser.add_argument("--rows", help="row names separated by ';' (default: all)")
-    parser.add_argument("--out", default="tools/quality/results/smollm2_perplexity")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument(
         "--replace",
         action="store_true",
@@ -419,6 +420,7 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
         f"python -m tools.quality.perplexity --windows {args.windows} --seqlen {args.seqlen} "
         f"--calib-samples {args.calib_samples}"
         + (f" --calib-order {args.calib_order}" if args.calib_order != "first" else "")
+        + (f" --out {args.out}" if args.out != DEFAULT_OUT else "")
         + (" --rows 'NAME;...'" if args.rows else "")
     )
     base = next((r for r in rows if r["setting"] == "fp32"), rows[0])
