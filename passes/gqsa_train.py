@@ -179,9 +179,8 @@ class GQSATrain(Pass):
         tail_loss: Literal["mse", "kd"] = "mse"  # bqpo with tail=true: see the module docstring
         loss: Literal["lm", "kd"] = "lm"  # e2e: next-token loss, or KL to the original model
         norms: bool = False  # e2e: also train the norm layers' weights (not in the paper)
-        weight_lr: float = (
-            0.0  # e2e: > 0 also trains the kept weights at this lr (not in the paper)
-        )
+        # e2e: > 0 also trains the kept weights at this lr (not in the paper)
+        weight_lr: float = 0.0
 
     def validate(self) -> None:
         o = self.options
