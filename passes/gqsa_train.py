@@ -81,12 +81,18 @@ class FakeQuantLinear(nn.Module):
         start = start.reshape(out, inp).float().clone()
         self.weight = nn.Parameter(start, requires_grad=train_weight)
         if not train_weight:  # E2E-OQP: codes are fixed; only the scales move
-            self.register_buffer("codes", notes["codes"].float())
+            self.register_buffer("codes", notes["codes"].to(torch.uint8))
+            # (code - zero) * mask, once: each step then dequantizes with one multiply (the same
+            # numbers as the three-step form: the mask's 0/1 and integer differences are exact)
+            self.register_buffer(
+                "centered",
+                (self.codes.float() - self.zero[..., None]) * self.mask[..., None],
+            )
         self.bias = linear.bias
 
     def codes_now(self) -> torch.Tensor:
         if hasattr(self, "codes"):
-            return self.codes
+            return self.codes.float()
         out, inp = self.weight.shape
         w = self.weight.view(out, inp // self.group, self.group)
         return torch.clamp(
@@ -94,6 +100,8 @@ class FakeQuantLinear(nn.Module):
         )
 
     def dequantized(self) -> torch.Tensor:
+        if hasattr(self, "centered"):
+            return (self.scale[..., None] * self.centered).reshape(self.weight.shape)
         w = self.scale[..., None] * (self.codes_now() - self.zero[..., None]) * self.mask[..., None]
         return w.reshape(self.weight.shape)
 

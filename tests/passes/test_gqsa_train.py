@@ -47,7 +47,15 @@ def test_e2e_trains_only_scales():
     stats = after.report.records[0].stats
     assert stats["layers"] == 15 and np.isfinite(stats["lm_loss_last_step"])
     for name, codes in before.items():
-        assert torch.equal(after.model.annotations[name]["codes"], codes), name
+        notes = after.model.annotations[name]
+        assert torch.equal(notes["codes"], codes), name
+        # the model carries exactly the stored codes and trained scales
+        expected = dequantize(
+            notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
+        )
+        torch.testing.assert_close(
+            model.get_submodule(name).weight.detach(), expected, rtol=0, atol=0
+        )
     assert stats["norm_weights_trained"] == 0
 
 
