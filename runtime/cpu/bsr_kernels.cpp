@@ -505,6 +505,9 @@ void kernel(const float* x, int64_t M, int64_t K, const int32_t* indptr, const u
         Block<BITS, G> blk[4];
         int32_t b = begin;
         for (; b + 4 <= end; b += 4) {
+          // codes 256 bytes ahead (prefetches never fault past the end): on Zen 4 0.91-0.93x the
+          // time at K = 11008, where x (44 kB) outgrows L1, and 0.95-0.97x at K = 4096
+          _mm_prefetch(reinterpret_cast<const char*>(values + (int64_t)b * Block<BITS, G>::bytes + 256), _MM_HINT_T0);
           for (int u = 0; u < 4; ++u) {
             blk[u].load(values, b + u, sz[b + u], s[b + u]);
             acc[u] = blk[u].fma_into(x + (int64_t)indices[b + u] * G, acc[u]);
