@@ -222,12 +222,15 @@ def test_fused_loop_gives_the_reference_logits_on_bsr_models(case):
     fused, ref = StaticDecoder(model, 40, fused=True), StaticDecoder(model, 40, fused=False)
     ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(5))
     for start, stop in ((0, 6),) + tuple((i, i + 1) for i in range(6, 12)):
-        torch.testing.assert_close(
-            fused.forward(ids[start:stop], start),
-            ref.forward(ids[start:stop], start),
-            rtol=1e-4,
-            atol=1e-4,
-        )
+        got, want = fused.forward(ids[start:stop], start), ref.forward(ids[start:stop], start)
+        if case == "bsr int8 x":
+            # int8 x rounds every activation to a grid: where the fused ops' last-ulp differences
+            # put one on the other side of a rounding boundary, the logits move by about 2e-3
+            # relative (seen on Zen 4 with VNNI, one step of seven); a wrongly stacked or routed
+            # projection moves them by order 1
+            assert float((got - want).norm() / want.norm()) < 1e-2, (start, stop)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_loop_falls_back_or_names_what_it_lacks():
