@@ -25,7 +25,8 @@ distribution, not one label, which matters when calibration data is small). ``no
 trains the norm layers' weights (RMSNorm / LayerNorm gains: a few thousand fp32 numbers the
 compressed model keeps as they are), beyond the paper's E2E-OQP. ``weight_lr > 0`` also trains
 the kept weights end to end at that learning rate (straight-through rounding as in bqpo, so codes
-may change; masks stay fixed): quantization-aware sparse fine-tuning, beyond the paper too.
+may change; masks stay fixed; codes round on the starting scales, which the trained scales then
+multiply): quantization-aware sparse fine-tuning, beyond the paper too.
 
 Both write the final codes and fp16 scales back into the annotations (so the BSR packer stores
 exactly what was trained) and the dequantized weights into the model, and report the budget
@@ -60,7 +61,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 class FakeQuantLinear(nn.Module):
     """A linear layer whose weight is fake-quantized from trainable ``weight`` and ``scale``."""
 
-    def __init__(self, linear: nn.Linear, notes: dict, train_weight: bool):
+    def __init__(self, linear: nn.Linear, notes: dict, train_weight: bool, grid: bool = False):
         super().__init__()
         self.group, self.bits = notes["group"], notes["bits"]
         out, inp = linear.weight.shape
@@ -80,6 +81,10 @@ class FakeQuantLinear(nn.Module):
         )
         start = start.reshape(out, inp).float().clone()
         self.weight = nn.Parameter(start, requires_grad=train_weight)
+        if grid:  # e2e with weight_lr: codes round on the starting scales (a fixed grid), and
+            # the trained scales only multiply them; rounding on the moving scales flipped codes
+            # wholesale as they moved (SmolLM2, weight_lr 1e-5: perplexity 421 -> 83,335)
+            self.register_buffer("grid", notes["scale"].float().clone())
         if not train_weight:  # E2E-OQP: codes are fixed; only the scales move
             self.register_buffer("codes", notes["codes"].to(torch.uint8))
             # (code - zero) * mask, once: each step then dequantizes with one multiply (the same
@@ -95,8 +100,9 @@ class FakeQuantLinear(nn.Module):
             return self.codes.float()
         out, inp = self.weight.shape
         w = self.weight.view(out, inp // self.group, self.group)
+        step = self.grid if hasattr(self, "grid") else self.scale
         return torch.clamp(
-            round_ste(w / self.scale[..., None]) + self.zero[..., None], 0, 2**self.bits - 1
+            round_ste(w / step[..., None]) + self.zero[..., None], 0, 2**self.bits - 1
         )
 
     def dequantized(self) -> torch.Tensor:
@@ -481,7 +487,7 @@ class GQSATrain(Pass):
             if "codes" not in notes:
                 continue  # no scales to train on a pruned-only site
             linear = module.get_submodule(fqn)
-            fq = FakeQuantLinear(linear, notes, train_weight=self.options.weight_lr > 0)
+            fq = FakeQuantLinear(linear, notes, train_weight=self.options.weight_lr > 0, grid=True)
             fakes[fqn] = (fq, linear)
             _swap(module, fqn, fq)
         norms = _norm_weights(module) if self.options.norms else []

@@ -61,7 +61,9 @@ def test_e2e_trains_only_scales():
 
 def test_e2e_weight_lr_trains_the_kept_weights_under_the_fixed_masks():
     """weight_lr > 0: codes re-round as the weights move, pruned groups stay zero and what is
-    stored is exactly what was trained; the same run without it keeps every code."""
+    stored is exactly what was trained; the same run without it keeps every code, and so does a
+    weight_lr too small to move a weight across a rounding step while the scales move at lr=0.1
+    (codes round on the starting scales: rounding on the moving ones flipped them wholesale)."""
     import copy
 
     from effc.models import BUILTINS
@@ -69,14 +71,15 @@ def test_e2e_weight_lr_trains_the_kept_weights_under_the_fixed_masks():
     ctx = effc.PassContext(calibration=_calib())
     original = BUILTINS["tiny-llama"][0]()
     changed = {}
-    for weight_lr in (0.0, 0.01):
+    for weight_lr in (0.0, 0.01, 1e-9):
         model = copy.deepcopy(original)
         result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
             model, ctx
         )
         codes = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
         trained = effc.Pipeline.from_text(
-            f"gqsa-train{{stage=e2e,steps=8,lr=0.001,weight_lr={weight_lr}}}"
+            f"gqsa-train{{stage=e2e,steps=8,lr={0.1 if weight_lr == 1e-9 else 0.001},"
+            f"weight_lr={weight_lr}}}"
         ).run(result.model, ctx)
         assert trained.report.records[0].stats["weight_lr"] == weight_lr
         changed[weight_lr] = 0
@@ -88,7 +91,7 @@ def test_e2e_weight_lr_trains_the_kept_weights_under_the_fixed_masks():
             )
             torch.testing.assert_close(weight, expected, rtol=0, atol=0)
             assert torch.all(weight.view(weight.shape[0], -1, 16)[~notes["mask"]] == 0)
-    assert changed[0.0] == 0 and changed[0.01] > 100
+    assert changed[0.0] == 0 and changed[0.01] > 100 and changed[1e-9] == 0
 
 
 def test_e2e_norms_option_trains_the_norm_weights_too():
