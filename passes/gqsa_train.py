@@ -74,18 +74,19 @@ class FakeQuantLinear(nn.Module):
         )
         self.register_buffer("zero", notes["zero"].float())
         self.scale = nn.Parameter(notes["scale"].float().clone())
-        # Training starts from the weights the model carries (their rounding gives back the codes),
-        # so what error-compensating passes (GPTQ, OBS pruning) achieved is kept.
-        start = notes["scale"][..., None] * (
-            notes["codes"].float() - notes["zero"].float()[..., None]
-        )
-        start = start.reshape(out, inp).float().clone()
-        self.weight = nn.Parameter(start, requires_grad=train_weight)
-        if grid:  # e2e with weight_lr: codes round on the starting scales (a fixed grid), and
-            # the trained scales only multiply them; rounding on the moving scales flipped codes
-            # wholesale as they moved (SmolLM2, weight_lr 1e-5: perplexity 421 -> 83,335)
-            self.register_buffer("grid", notes["scale"].float().clone())
-        if not train_weight:  # E2E-OQP: codes are fixed; only the scales move
+        self.shape, self.train_weight = (out, inp), train_weight
+        if train_weight:
+            # Training starts from the weights the model carries (their rounding gives back the
+            # codes), so what error-compensating passes (GPTQ, OBS pruning) achieved is kept.
+            start = notes["scale"][..., None] * (
+                notes["codes"].float() - notes["zero"].float()[..., None]
+            )
+            self.weight = nn.Parameter(start.reshape(out, inp).float().clone())
+            if grid:  # e2e with weight_lr: codes round on the starting scales (a fixed grid),
+                # and the trained scales only multiply them; rounding on the moving scales flipped
+                # codes wholesale as they moved (SmolLM2, weight_lr 1e-5: perplexity 421 -> 83,335)
+                self.register_buffer("grid", notes["scale"].float().clone())
+        else:  # E2E-OQP: codes are fixed; only the scales move (no weight copy is kept)
             self.register_buffer("codes", notes["codes"].to(torch.uint8))
             # (code - zero) * mask, once: each step then dequantizes with one multiply (the same
             # numbers as the three-step form: the mask's 0/1 and integer differences are exact)
@@ -96,9 +97,9 @@ class FakeQuantLinear(nn.Module):
         self.bias = linear.bias
 
     def codes_now(self) -> torch.Tensor:
-        if hasattr(self, "codes"):
+        if not self.train_weight:
             return self.codes.float()
-        out, inp = self.weight.shape
+        out, inp = self.shape
         w = self.weight.view(out, inp // self.group, self.group)
         step = self.grid if hasattr(self, "grid") else self.scale
         return torch.clamp(
@@ -106,10 +107,10 @@ class FakeQuantLinear(nn.Module):
         )
 
     def dequantized(self) -> torch.Tensor:
-        if hasattr(self, "centered"):
-            return (self.scale[..., None] * self.centered).reshape(self.weight.shape)
+        if not self.train_weight:
+            return (self.scale[..., None] * self.centered).reshape(self.shape)
         w = self.scale[..., None] * (self.codes_now() - self.zero[..., None]) * self.mask[..., None]
-        return w.reshape(self.weight.shape)
+        return w.reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized(), self.bias)
