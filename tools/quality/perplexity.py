@@ -172,9 +172,16 @@ ROWS = {
         "gqsa-train{stage=e2e,steps=208,lr=0.0003,samples=208,loss=kd}",
         208,
     ),
+    "W4S50 (obs, sensitivity, lm_head pinned at 50%) + BQPO on 128 windows to the model's states "
+    "with lm_head + E2E-OQP (KD, 208 steps), 208 calibration windows": (
+        f"{W4S50_PINNED},{BQPO_MODEL_TAIL.replace('samples=16', 'samples=128')},"
+        "gqsa-train{stage=e2e,steps=208,lr=0.0003,samples=208,loss=kd}",
+        208,
+    ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
     "2:4 wanda": "nm-prune{n=2,m=4,score=wanda}",
+    "2:4 magnitude + BQPO": f"nm-prune{{n=2,m=4,score=magnitude}},{BQPO}",
     "2:4 wanda + BQPO": f"nm-prune{{n=2,m=4,score=wanda}},{BQPO}",
     "2:4 obs (SparseGPT) + BQPO": f"nm-prune{{n=2,m=4,score=obs}},{BQPO}",
     "2:4 obs (SparseGPT) + BQPO, 128 calibration windows": (
