@@ -26,6 +26,17 @@ def test_bench_runs_every_method_and_prints_floors():
     assert "## 64x256, M = 3" in table and "x floor" in table
 
 
+def test_l3_size_is_read_from_sysfs(tmp_path):
+    from tools.bench.bsr_linear import l3_bytes
+
+    for i, (level, size) in enumerate([("1", "48K"), ("2", "2048K"), ("3", "491520K")]):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    assert l3_bytes(root=str(tmp_path)) == 480 * 2**20
+    assert l3_bytes(default=7, root=str(tmp_path / "missing")) == 7
+
+
 def test_ditn_ort_bench_builds_equal_models_and_renders():
     import numpy as np
 

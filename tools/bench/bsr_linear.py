@@ -3,10 +3,10 @@
     python -m tools.bench.bsr_linear [--quick] [--out tools/bench/results/bsr_linear]
 
 One process, one run, the same thread count (default 2) for torch, onnxruntime and OpenMP. Every
-method rotates through enough weight copies to exceed 4x the 32 MiB L3, so each call streams its
-weights from memory. Each row prints the time, the weight bytes a call reads, and the floor
-(bytes / bandwidth, with bandwidth measured in the same run by a read-only reduction over 512 MiB
-with the same threads). Ratios, not absolute times, are what compare across machines.
+method rotates through enough weight copies to exceed 4x the L3 (read from sysfs; 32 MiB where it
+cannot be read), so each call streams its weights from memory. Each row prints the time, the weight
+bytes a call reads, and the floor (bytes / bandwidth, with bandwidth measured in the same run by a
+read-only reduction over the larger of 512 MiB and 4x the L3, with the same threads). Ratios, not absolute times, are what compare across machines.
 """
 
 from __future__ import annotations
@@ -26,13 +26,34 @@ import torch  # noqa: E402
 
 from tools.results import save  # noqa: E402
 
-L3_BYTES = 32 * 2**20
+
+def l3_bytes(default: int = 32 * 2**20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest level-3 cache cpu0 reports in sysfs (a VM may report a whole socket's), or
+    ``default`` where sysfs has none. Benchmarks stream more than 4x this so they measure memory."""
+    sizes = []
+    for index in Path(root).glob("index*"):
+        try:
+            if (index / "level").read_text().strip() != "3":
+                continue
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes) if sizes else default
+
+
+L3_BYTES = l3_bytes()
 ROTATE_BYTES = 4 * L3_BYTES
+PROBE_BYTES = max(512 * 2**20, ROTATE_BYTES)
 
 
-def bandwidth(kernels) -> float:
-    """Bytes per second of a read-only reduction over 512 MiB, best of 5."""
-    buf = torch.randint(0, 255, (512 * 2**20,), dtype=torch.uint8)
+def bandwidth(kernels, nbytes: int = PROBE_BYTES) -> float:
+    """Bytes per second of a read-only reduction over ``nbytes`` (default: the larger of 512 MiB
+    and 4x the L3), best of 5."""
+    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
     kernels.read_bytes(buf)
     best = float("inf")
     for _ in range(5):
@@ -266,7 +287,8 @@ def run(shapes, batches, seed: int = 0, rotate: int = ROTATE_BYTES) -> dict:
     from effc.runtime.cpu import kernels
 
     torch.set_num_threads(THREADS)
-    bw = bandwidth(kernels())
+    probe = max(512 * 2**20, rotate)
+    bw = bandwidth(kernels(), probe)
     rows = []
     for out, inp in shapes:
         for name, nbytes, weights, call in methods(out, inp, seed, rotate):
@@ -292,6 +314,9 @@ def run(shapes, batches, seed: int = 0, rotate: int = ROTATE_BYTES) -> dict:
     return {
         "threads": THREADS,
         "bandwidth_GBps": bw / 1e9,
+        "l3_MiB": L3_BYTES / 2**20,
+        "rotate_MiB": rotate / 2**20,
+        "probe_MiB": probe / 2**20,
         "machine": cpu_description(kernels()),
         "torch": torch.__version__,
         "rows": rows,
@@ -304,9 +329,11 @@ def to_markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Threads: {result['threads']} (torch, onnxruntime intra-op, OpenMP); measured read bandwidth "
-        f"{result['bandwidth_GBps']:.1f} GB/s (read-only reduction over 512 MiB, same threads); torch {result['torch']}.  ",
+        f"{result['bandwidth_GBps']:.1f} GB/s (read-only reduction over "
+        f"{result.get('probe_MiB', 512):.0f} MiB, same threads); torch {result['torch']}.  ",
         f"CPU: {result['machine']}.",
-        "Weights rotate through copies totalling >= 4x the 32 MiB L3. floor = weight bytes / bandwidth.",
+        f"Weights rotate through copies totalling >= {result.get('rotate_MiB', 128):.0f} MiB "
+        f"(4x the {result.get('l3_MiB', 32):.0f} MiB L3). floor = weight bytes / bandwidth.",
         "Activations: fp32 except torch bf16 / int4 (bf16 x), MatMulNBits accuracy level 4 (int8 x), "
         "quantize_dynamic (int8 x) and effc's opt-in `int8 x` rows (x quantized to int8 per "
         "block of 16; AVX512-VNNI dot products where the CPU has them, else AVX2 ones).",
