@@ -6,7 +6,8 @@ One process, one run, the same thread count (default 2) for torch, onnxruntime a
 method rotates through enough weight copies to exceed 4x the L3 (read from sysfs; 32 MiB where it
 cannot be read), so each call streams its weights from memory. Each row prints the time, the weight
 bytes a call reads, and the floor (bytes / bandwidth, with bandwidth measured in the same run by a
-read-only reduction over the larger of 512 MiB and 4x the L3, with the same threads). Ratios, not absolute times, are what compare across machines.
+read-only reduction over the larger of 512 MiB and 4x the L3, with the same threads). Ratios, not
+absolute times, are what compare across machines.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def l3_bytes(default: int = 32 * 2**20, root: str = "/sys/devices/system/cpu/cpu
 
 L3_BYTES = l3_bytes()
 ROTATE_BYTES = 4 * L3_BYTES
-PROBE_BYTES = max(512 * 2**20, ROTATE_BYTES)
 
 
-def bandwidth(kernels, nbytes: int = PROBE_BYTES) -> float:
-    """Bytes per second of a read-only reduction over ``nbytes`` (default: the larger of 512 MiB
-    and 4x the L3), best of 5."""
-    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+def probe_bytes(rotate: int = ROTATE_BYTES) -> int:
+    """Size of the bandwidth probe: at least 512 MiB, and no less than the weight rotation."""
+    return max(512 * 2**20, rotate)
+
+
+def bandwidth(kernels, nbytes: int | None = None) -> float:
+    """Bytes per second of a read-only reduction over ``nbytes`` (default ``probe_bytes()``),
+    best of 5."""
+    buf = torch.randint(0, 255, (nbytes or probe_bytes(),), dtype=torch.uint8)
     kernels.read_bytes(buf)
     best = float("inf")
     for _ in range(5):
@@ -287,7 +292,7 @@ def run(shapes, batches, seed: int = 0, rotate: int = ROTATE_BYTES) -> dict:
     from effc.runtime.cpu import kernels
 
     torch.set_num_threads(THREADS)
-    probe = max(512 * 2**20, rotate)
+    probe = probe_bytes(rotate)
     bw = bandwidth(kernels(), probe)
     rows = []
     for out, inp in shapes:
@@ -330,10 +335,10 @@ def to_markdown(result: dict, command: str) -> str:
         f"Command: `{command}`  ",
         f"Threads: {result['threads']} (torch, onnxruntime intra-op, OpenMP); measured read bandwidth "
         f"{result['bandwidth_GBps']:.1f} GB/s (read-only reduction over "
-        f"{result.get('probe_MiB', 512):.0f} MiB, same threads); torch {result['torch']}.  ",
+        f"{result['probe_MiB']:.0f} MiB, same threads); torch {result['torch']}.  ",
         f"CPU: {result['machine']}.",
-        f"Weights rotate through copies totalling >= {result.get('rotate_MiB', 128):.0f} MiB "
-        f"(4x the {result.get('l3_MiB', 32):.0f} MiB L3). floor = weight bytes / bandwidth.",
+        f"Weights rotate through copies totalling >= {result['rotate_MiB']:.0f} MiB "
+        f"(the L3 is {result['l3_MiB']:.0f} MiB). floor = weight bytes / bandwidth.",
         "Activations: fp32 except torch bf16 / int4 (bf16 x), MatMulNBits accuracy level 4 (int8 x), "
         "quantize_dynamic (int8 x) and effc's opt-in `int8 x` rows (x quantized to int8 per "
         "block of 16; AVX512-VNNI dot products where the CPU has them, else AVX2 ones).",
