@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from effc.backends import bsr, onnxruntime, tensorrt
 from effc.errors import UnsupportedError, did_you_mean
+
+BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (onnxruntime, bsr, tensorrt)}
 
 
 def get_backend(name: str) -> ModuleType:
-    from effc.backends import bsr, onnxruntime, tensorrt
-
-    backends = {onnxruntime.NAME: onnxruntime, bsr.NAME: bsr, tensorrt.NAME: tensorrt}
-
-    if name not in backends:
+    if name not in BACKENDS:
         raise UnsupportedError(
-            f"unknown target {name!r}{did_you_mean(name, backends)}; available: {', '.join(backends)}"
+            f"unknown target {name!r}{did_you_mean(name, BACKENDS)}; available: {', '.join(BACKENDS)}"
         )
-    return backends[name]
+    return BACKENDS[name]

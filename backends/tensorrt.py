@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from effc.backends import onnxruntime as ort_backend
+import effc.backends.onnxruntime as ort_backend
 from effc.errors import UnsupportedError
 
 NAME = "tensorrt"

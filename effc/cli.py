@@ -9,40 +9,53 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from effc import __version__, calibration
+from effc.artifact import prepare_output, read_manifest
+from effc.backends import get_backend
+from effc.check import check_models
+from effc.compile import compile_model
+from effc.context import PassContext
 from effc.errors import EffcError
+from effc.inputs import check_inputs, load_npz, parse_shapes, random_inputs
+from effc.inspect import inspect_model, print_inspection
+from effc.ir.model import InputSpec
+from effc.ir.onnx_io import save_onnx
+from effc.ir.torch_io import export_onnx, load_model, resolve_torch
+from effc.passes.fuse.rules import RULES
+from effc.pipeline import DumpInstrument, Pipeline, ProgressInstrument, registry
+from effc.pipeline_text import print_value
+from effc.progress import make_console
+from effc.testing import GoldenMismatch, assert_golden
 
 log = logging.getLogger("effc")
 
 
 def _console():
-    from effc.report import make_console
-
     return make_console()
 
 
 def _stdout_console():
-    from rich.console import Console
-
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _load(args, ref: str):
-    from effc.inputs import parse_shapes
-    from effc.ir.torch_io import load_model
 
     return load_model(ref, parse_shapes(args.shape) or None, getattr(args, "task", None))
 
 
 def _context(args, model=None):
-    from effc import calibration
-    from effc.context import PassContext
-    from effc.inputs import parse_shapes
 
     ctx = PassContext(seed=args.seed, threads=args.threads, shapes=parse_shapes(args.shape))
     if args.calib:
@@ -60,11 +73,6 @@ def _context(args, model=None):
 
 
 def cmd_compile(args) -> int:
-    import torch
-
-    from effc.artifact import prepare_output
-    from effc.compile import compile_model
-    from effc.pipeline import DumpInstrument, Pipeline, ProgressInstrument
 
     torch.set_num_threads(args.threads)
     pipeline = Pipeline.from_text(args.passes)
@@ -96,9 +104,6 @@ def cmd_compile(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from effc.inputs import parse_shapes
-    from effc.ir.onnx_io import save_onnx
-    from effc.ir.torch_io import export_onnx, resolve_torch
 
     out = Path(args.output)
     if out.is_dir():
@@ -114,7 +119,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from effc.inspect import inspect_model, print_inspection
 
     info = inspect_model(_load(args, args.model))
     if args.json:
@@ -125,11 +129,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_list_passes(args) -> int:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from effc.pass_base import print_value, registry
-    from effc.passes.fuse.rules import RULES
 
     passes = [cls.describe() for cls in registry().values()]
     if args.json:
@@ -159,12 +158,9 @@ def cmd_list_passes(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from effc.check import check_models
 
     model = _load(args, args.model)
     if args.golden:
-        from effc.testing import GoldenMismatch, assert_golden
-
         try:
             assert_golden(model, args.golden, args.rtol, args.atol, update=args.update)
         except GoldenMismatch as e:
@@ -174,7 +170,6 @@ def cmd_check(args) -> int:
         return 0
     if not args.other:
         raise EffcError("effc check needs a second model to compare with, or --golden FILE")
-    from effc.inputs import parse_shapes
 
     result = check_models(
         model, _load(args, args.other), args.rtol, args.atol, args.seeds, parse_shapes(args.shape)
@@ -193,12 +188,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from rich.table import Table
-
-    from effc.artifact import read_manifest
-    from effc.backends import get_backend
-    from effc.inputs import check_inputs, load_npz, parse_shapes, random_inputs
-    from effc.ir.model import InputSpec
 
     folder = Path(args.artifact)
     manifest = read_manifest(folder)
@@ -227,9 +216,6 @@ def cmd_run(args) -> int:
         table.add_row(name, str(list(a.shape)), a.dtype.name, *stats)
     _stdout_console().print(table)
     if args.out:
-        import os
-        import tempfile
-
         out = Path(args.out)
         fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out.parent if str(out.parent) else ".")
         os.close(fd)
@@ -243,7 +229,6 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from effc import __version__
 
     parser = argparse.ArgumentParser(
         prog="effc", description="Make neural networks smaller and faster, with proof."

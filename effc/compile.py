@@ -9,7 +9,7 @@ from effc import __version__
 from effc.artifact import prepare_output, write_artifact
 from effc.backends import get_backend
 from effc.context import PassContext
-from effc.pipeline import Pipeline, PipelineResult, ensure_onnx
+from effc.pipeline import Pipeline, PipelineResult, VerifyInstrument, ensure_onnx
 
 
 def compile_model(
@@ -24,8 +24,6 @@ def compile_model(
 ) -> PipelineResult:
     """Compile ``model`` (any form ``Pipeline.run`` accepts) into the artifact folder ``out``;
     ``backend_options`` go to the backend's ``lower`` (e.g. ``engine="fp16"`` for tensorrt)."""
-    from effc.pipeline import VerifyInstrument
-
     out = Path(out)
     prepare_output(out, force)
     backend = get_backend(target)

@@ -27,16 +27,3 @@ class PassContext:
     def __post_init__(self) -> None:
         os.environ.setdefault("EFFC_THREADS", str(self.threads))
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
-
-    def eval_inputs(self, model) -> list[dict[str, np.ndarray]]:
-        """Calibration inputs when given, else ``eval_seeds`` random input sets."""
-        if self.calibration:
-            return self.calibration[: self.error_samples]
-
-        from effc.inputs import random_inputs
-
-        specs = model.input_specs()
-        vocab = model.vocab_hint()
-        return [
-            random_inputs(specs, self.seed + i, self.shapes, vocab) for i in range(self.eval_seeds)
-        ]

@@ -2,7 +2,8 @@
 
 A pass has a stable kebab-case ``name``, a typed ``Options`` dataclass, the IR ``kinds`` it
 accepts, and ``run(model, ctx) -> PassResult``. ``requires`` / ``ensures`` run around it.
-Passes register themselves with ``@register``; ``effc list-passes`` reads the same table.
+Passes register themselves with ``effc.registry.register``; ``effc list-passes`` reads the
+same table.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from typing import Any, ClassVar, Literal
 
 from effc.errors import PassOptionError, UnsupportedError, did_you_mean
 from effc.pipeline_text import Spec, print_value
-
-PASSES: dict[str, type[Pass]] = {}
 
 
 @dataclass
@@ -137,35 +136,3 @@ class Pass:
                 for f in dataclasses.fields(cls.Options)
             ],
         }
-
-
-def register(cls: type[Pass]) -> type[Pass]:
-    if cls.name in PASSES:
-        raise ValueError(f"pass name {cls.name!r} registered twice")
-    PASSES[cls.name] = cls
-    return cls
-
-
-def registry() -> dict[str, type[Pass]]:
-    import effc.passes  # noqa: F401  (registers the built-in passes)
-
-    return PASSES
-
-
-def create_pass(spec: Spec) -> Pass:
-    """Build a pass (or a group) from a parsed spec; unknown names suggest the closest one."""
-    from effc.pipeline import GROUPS, Pipeline
-
-    if spec.items is not None:
-        if spec.name not in GROUPS:
-            raise PassOptionError(
-                f"unknown group '{spec.name}'{did_you_mean(spec.name, GROUPS)}; groups: {', '.join(GROUPS)}"
-            )
-        return Pipeline.from_spec(spec)
-    passes = registry()
-    if spec.name not in passes:
-        hint = did_you_mean(spec.name, passes)
-        raise PassOptionError(
-            f"unknown pass '{spec.name}'{hint}; run `effc list-passes` to see them"
-        )
-    return passes[spec.name](**spec.options)

@@ -9,11 +9,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx_ir as ir
+from torch import nn
+
+import effc.passes  # noqa: F401  (registers the built-in passes)
 from effc.context import PassContext
-from effc.errors import EffcError, PassFailedError, VerificationError
+from effc.errors import EffcError, PassFailedError, PassOptionError, did_you_mean
+from effc.inputs import random_inputs
+from effc.instruments import (
+    DumpInstrument,
+    Instrument,
+    ProgressInstrument,
+    VerifyInstrument,
+)
+from effc.ir.model import FxModel, OnnxModel
+from effc.ir.torch_io import example_inputs_for, export_onnx, load_model
 from effc.numerics import compare_outputs, merge_comparisons
-from effc.pass_base import Pass, PassResult, create_pass
+from effc.pass_base import Pass, PassResult
 from effc.pipeline_text import Spec, parse_pipeline, print_pipeline
+from effc.registry import PASSES
 from effc.report import PassRecord, Report
 
 log = logging.getLogger(__name__)
@@ -24,107 +38,63 @@ GROUPS = {
 }
 
 
+__all__ = [
+    "DumpInstrument",
+    "Instrument",
+    "Pipeline",
+    "PipelineResult",
+    "ProgressInstrument",
+    "VerifyInstrument",
+    "as_model",
+    "create_pass",
+    "ensure_onnx",
+    "registry",
+]
+
+
 @dataclass
 class PipelineResult(PassResult):
     report: Report | None = None
 
 
-class Instrument:
-    """Hooks around every pass; instruments observe, they never change the model."""
-
-    wants_error = False
-
-    def before_pass(self, text: str, ctx: PassContext) -> None:
-        pass
-
-    def after_pass(self, record: PassRecord, model, ctx: PassContext, index: int) -> None:
-        pass
+def registry() -> dict[str, type[Pass]]:
+    """Every registered pass by name (the built-in ones and any a user registered)."""
+    return PASSES
 
 
-class VerifyInstrument(Instrument):
-    """Measure every pass's output change; fail when a lossless pass exceeds the tolerance."""
-
-    wants_error = True
-
-    def __init__(self, rtol: float = 1e-4, atol: float = 1e-5):
-        self.rtol, self.atol = rtol, atol
-
-    def after_pass(self, record, model, ctx, index):
-        err = record.error or {}
-        if not record.lossy and not err.get("ok", True):
-            raise VerificationError(
-                f"pass '{record.text}' is lossless but changed the outputs: max abs error "
-                f"{err.get('max_abs', float('nan')):.3e} (rtol {self.rtol}, atol {self.atol})"
-                + (f"; {err['reason']}" if "reason" in err else "")
+def create_pass(spec: Spec) -> Pass:
+    """Build a pass (or a group) from a parsed spec; unknown names suggest the closest one."""
+    if spec.items is not None:
+        if spec.name not in GROUPS:
+            raise PassOptionError(
+                f"unknown group '{spec.name}'{did_you_mean(spec.name, GROUPS)}; groups: {', '.join(GROUPS)}"
             )
-
-
-class ProgressInstrument(Instrument):
-    """A live line on the terminal: which pass runs, how many ran, elapsed time."""
-
-    def __init__(self, console=None):
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        from effc.report import make_console
-
-        console = console or make_console()
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
+        return Pipeline.from_spec(spec)
+    if spec.name not in PASSES:
+        hint = did_you_mean(spec.name, PASSES)
+        raise PassOptionError(
+            f"unknown pass '{spec.name}'{hint}; run `effc list-passes` to see them"
         )
-        self.task = None
-        self.done = 0
-
-    def before_pass(self, text, ctx):
-        if self.task is None:
-            self.progress.start()
-            self.task = self.progress.add_task("")
-        self.progress.update(self.task, description=f"[{self.done} done] running {text}")
-
-    def after_pass(self, record, model, ctx, index):
-        self.done += 1
-
-    def close(self) -> None:
-        self.progress.stop()
+    return PASSES[spec.name](**spec.options)
 
 
-class DumpInstrument(Instrument):
-    """Write the IR after each pass into a folder (ONNX text or FX code)."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-
-    def after_pass(self, record, model, ctx, index):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        stem = f"{index:02d}-{record.name}"
-        if model.kind == "onnx":
-            import onnx
-            import onnx_ir as ir
-
-            text = onnx.printer.to_text(ir.serde.serialize_model(model.model).graph)
-            (self.folder / f"{stem}.onnx.txt").write_text(text)
-        else:
-            (self.folder / f"{stem}.fx.py").write_text(model.graph_module.code)
+def eval_inputs(ctx: PassContext, model) -> list[dict]:
+    """The inputs a pass's output change is measured on: calibration inputs when given (at most
+    ``ctx.error_samples``), else ``ctx.eval_seeds`` random input sets."""
+    if ctx.calibration:
+        return ctx.calibration[: ctx.error_samples]
+    specs, vocab = model.input_specs(), model.vocab_hint()
+    return [random_inputs(specs, ctx.seed + i, ctx.shapes, vocab) for i in range(ctx.eval_seeds)]
 
 
 def as_model(model, shapes: dict | None = None):
     """Accept FxModel/OnnxModel, nn.Module, onnx_ir.Model or a model reference string."""
-    import onnx_ir as ir
-    from torch import nn
-
-    from effc.ir.model import FxModel, OnnxModel
-    from effc.ir.torch_io import _example_inputs, load_model
-
     if isinstance(model, (FxModel, OnnxModel)):
         return model
     if isinstance(model, ir.Model):
         return OnnxModel(model)
     if isinstance(model, nn.Module):
-        return FxModel(model.eval(), _example_inputs(model, shapes, type(model).__name__))
+        return FxModel(model.eval(), example_inputs_for(model, shapes, type(model).__name__))
     if isinstance(model, (str, Path)):
         return load_model(str(model), shapes)
     raise TypeError(f"cannot make a model of {type(model).__name__}")
@@ -133,9 +103,6 @@ def as_model(model, shapes: dict | None = None):
 def lower_to_onnx(model):
     """FX -> ONNX with the dynamo exporter. The source module keeps its module names in the
     ONNX metadata, so it is exported unless a structural FX pass rewrote the graph."""
-    from effc.ir.model import OnnxModel
-    from effc.ir.torch_io import export_onnx
-
     source = model.graph_module if model.graph_modified else model.module
     return OnnxModel(export_onnx(source, model.example_inputs), annotations=model.annotations)
 
@@ -205,8 +172,6 @@ class Pipeline(Pass):
         opts = dict(spec.options)
         max_iter = opts.pop("max_iter", 10)
         if opts or not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-            from effc.errors import PassOptionError
-
             raise PassOptionError(
                 f"group '{spec.name}' takes only max_iter (a positive integer), got {spec.options}"
             )
@@ -260,7 +225,7 @@ class _RunState:
 
     def _outputs(self, model, ctx):
         if self.inputs is None:
-            self.inputs = ctx.eval_inputs(model)
+            self.inputs = eval_inputs(ctx, model)
         return [model.run(x) for x in self.inputs]
 
     def _boundary(self, p: Pass, model, ctx):

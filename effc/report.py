@@ -10,6 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from effc import __version__
+from effc.progress import make_console
+
 REPORT_VERSION = 1
 
 
@@ -47,8 +50,6 @@ class Report:
     target: str | None = None
 
     def to_dict(self) -> dict:
-        from effc import __version__
-
         data = {
             "report_version": REPORT_VERSION,
             "effc_version": __version__,
@@ -114,14 +115,6 @@ class Report:
         console.print(self.table())
         for note in self.notes:
             console.print(escape(f"note: {note}"))
-
-
-def make_console() -> Console:
-    """A stderr console; wide enough for the tables when stderr is not a terminal."""
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        console = Console(stderr=True, width=160)
-    return console
 
 
 def _human(n: int) -> str:

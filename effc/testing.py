@@ -27,6 +27,7 @@ import numpy as np
 from effc.inputs import random_inputs
 from effc.inspect import inspect_model
 from effc.numerics import compare_outputs
+from effc.pipeline import as_model
 
 GOLDEN_FORMAT = "effc-golden"
 GOLDEN_VERSION = 1
@@ -156,8 +157,6 @@ def assert_golden(
 
     With ``update`` (default: whether EFFC_UPDATE_GOLDEN=1) the golden file is (re)written
     instead. A missing golden file is an error, never created silently."""
-    from effc.pipeline import as_model
-
     model = as_model(model, shapes)
     path = Path(path)
     if update is None:

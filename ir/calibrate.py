@@ -1,10 +1,12 @@
 """Calibration activations at weight sites, on both IRs.
 
 ``collect_site_inputs(model, sites, inputs, fn)`` runs the model on each calibration input and
-calls ``fn(site, x)`` with the site's input activations as a float tensor (rows, in). FX registers
-forward hooks on the sites' modules; ONNX exposes the sites' input values as extra graph outputs
-for one onnxruntime session. Passes reduce ``x`` on the fly (column norms, Hessians), so no
-activation is kept.
+calls ``fn(site, x)`` with the activations the site's weight multiplies, as a float tensor: (rows,
+in) for a linear site, and for a convolution (NCHW or NCL) its unfolded input patches per conv
+group, (groups, rows, in/groups * kh * kw), ordered like the weight's (in/groups, kh, kw), so
+``x @ W_g^T`` is the conv's output for group g. FX registers forward hooks on the sites' modules;
+ONNX exposes the sites' input values as extra graph outputs for one onnxruntime session. Reducers
+(``effc.ir.reducers``) fold ``x`` on the fly (column norms, Hessians), so no activation is kept.
 """
 
 from __future__ import annotations
@@ -13,9 +15,80 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-from effc.errors import InputError
+from effc.errors import InputError, UnsupportedError
+from effc.ir.blocks import find_blocks
+from effc.ir.ort import session_for
 from effc.ir.sites import WeightSite
+from effc.progress import bar
+
+
+def _need(inputs) -> None:
+    if not inputs:
+        raise InputError("this pass needs calibration inputs (--calib) and none were given")
+
+
+def conv_patches(
+    x: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    pads: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """A conv input (N, C, H, W) or (N, C, L) as patches (groups, N * positions, C/groups * k).
+
+    ``pads`` in ONNX order (begin dims..., end dims...); 1-D convs run as 2-D with height 1."""
+    if x.dim() == 3:
+        x, kernel, stride, dilation = x[:, :, None], (1, *kernel), (1, *stride), (1, *dilation)
+        pads = (0, pads[0], 0, pads[1])
+    if x.dim() != 4:
+        raise UnsupportedError(f"calibration unfolds 1-D and 2-D convolutions, not {x.dim() - 2}-D")
+    top, left, bottom, right = pads
+    x = F.pad(x.float(), (left, right, top, bottom))
+    cols = F.unfold(x, tuple(kernel), dilation=tuple(dilation), stride=tuple(stride))
+    n, ck, positions = cols.shape
+    cols = cols.view(n, groups, ck // groups, positions).permute(1, 0, 3, 2)
+    return cols.reshape(groups, n * positions, ck // groups)
+
+
+def _module_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise UnsupportedError(
+                f"calibration of {type(module).__name__} with padding {module.padding!r} "
+                f"({module.padding_mode}) is not supported"
+            )
+        pads = tuple(module.padding) * 2
+        return conv_patches(
+            x, module.kernel_size, module.stride, pads, module.dilation, module.groups
+        )
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def _node_rows(site: WeightSite, x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    if site.op != "conv":
+        return t.reshape(-1, t.shape[-1])
+    node = site.node
+    spatial = len(site.shape) - 2
+
+    def ints(name, default):
+        return tuple(node.attributes[name].as_ints()) if name in node.attributes else default
+
+    auto = node.attributes["auto_pad"].as_string() if "auto_pad" in node.attributes else "NOTSET"
+    if auto not in ("NOTSET", "VALID"):
+        raise UnsupportedError(f"calibration of Conv {node.name!r} with auto_pad={auto}")
+    return conv_patches(
+        t,
+        tuple(site.shape[2:]),
+        ints("strides", (1,) * spatial),
+        ints("pads", (0,) * 2 * spatial),
+        ints("dilations", (1,) * spatial),
+        site.groups,
+    )
 
 
 def collect_site_inputs(
@@ -24,8 +97,7 @@ def collect_site_inputs(
     inputs: list[dict[str, np.ndarray]],
     fn: Callable[[WeightSite, torch.Tensor], None],
 ) -> None:
-    if not inputs:
-        raise InputError("this pass needs calibration inputs (--calib) and none were given")
+    _need(inputs)
     if model.kind == "fx":
         _collect_fx(model, sites, inputs, fn)
     else:
@@ -46,8 +118,7 @@ def _collect_onnx(model, sites, inputs, fn) -> None:
 
     def each(outs: dict[str, np.ndarray]) -> None:
         for site in sites:
-            act = outs[acts[site.fqn].name]
-            fn(site, torch.from_numpy(np.asarray(act, dtype=np.float32)).reshape(-1, act.shape[-1]))
+            fn(site, _node_rows(site, outs[acts[site.fqn].name]))
 
     collect_values(model, values, inputs, each)
 
@@ -55,10 +126,7 @@ def _collect_onnx(model, sites, inputs, fn) -> None:
 def collect_values(model, values: list, inputs: list[dict[str, np.ndarray]], fn) -> None:
     """Run an ONNX model on each calibration input with ``values`` (onnx_ir values) exposed as
     extra graph outputs; ``fn({name: array})`` sees them, one input at a time."""
-    from effc.backends.onnxruntime import session_for
-
-    if not inputs:
-        raise InputError("this pass needs calibration inputs (--calib) and none were given")
+    _need(inputs)
     graph = model.model.graph
     extra = [v for v in dict.fromkeys(values) if v not in graph.outputs]
     graph.outputs.extend(extra)
@@ -108,9 +176,6 @@ def block_output(out) -> torch.Tensor:
 def _stages(model, sites: list[WeightSite]) -> list[tuple[str | None, list[WeightSite]]]:
     """(block FQN, its sites) for every repeated block in order, then (None, the sites outside
     every block: lm_head). Raises when the model has no blocks."""
-    from effc.errors import UnsupportedError
-    from effc.ir.blocks import find_blocks
-
     blocks = find_blocks(model)
     if not blocks:
         raise UnsupportedError(
@@ -140,8 +205,7 @@ def calibrate_sequentially(
     outputs (one block forward to calibrate, one to move on); the sites after the blocks see one
     run of the whole model. ONNX (and FX graphs a structural pass rewrote): one run of the whole
     model per stage, the same activations at a higher cost."""
-    if not inputs:
-        raise InputError("this pass needs calibration inputs (--calib) and none were given")
+    _need(inputs)
     stages = _stages(model, sites)
     fast = model.kind == "fx" and not model.graph_modified
     if fast:
@@ -165,15 +229,33 @@ def calibrate_sequentially(
     return count
 
 
+def compress_sequentially(model, sites, inputs, acc, compress_site, what: str) -> int:
+    """``compress_site(site, acc.pop(site.fqn))`` for every site, block by block, each block
+    calibrated on the already compressed ones (``calibrate_sequentially``), with a progress bar;
+    ``acc``: the calibration reducer (``effc.ir.reducers``). Returns the number of stages (the
+    passes' ``sequential=true``)."""
+    progress, task = bar(len(sites), f"{what}: sequential")
+    with progress:
+        return calibrate_sequentially(
+            model,
+            sites,
+            inputs,
+            acc,
+            lambda stage: [compress_site(site, acc.pop(site.fqn)) for site in stage],
+            lambda stage: progress.advance(task, len(stage)),
+        )
+
+
 def _collect_fx_on(module, sites, run, fn) -> None:
     """``fn(site, x)`` for every call of the sites' modules during ``run()``."""
     handles = []
     for site in sites:
+        sub = module.get_submodule(site.fqn)
 
-        def hook(_mod, args, _out, site=site):
-            fn(site, args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        def hook(mod, args, _out, site=site):
+            fn(site, _module_rows(mod, args[0].detach()))
 
-        handles.append(module.get_submodule(site.fqn).register_forward_hook(hook))
+        handles.append(sub.register_forward_hook(hook))
     try:
         with torch.no_grad():
             run()

@@ -17,6 +17,9 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from effc.ir.ort import session_for
+from effc.ir.trace import trace
+
 
 @dataclass
 class InputSpec:
@@ -49,8 +52,6 @@ class FxModel:
     @property
     def graph_module(self) -> torch.fx.GraphModule:
         if self._gm is None:
-            from effc.ir.torch_io import trace
-
             self._gm = trace(self.module, self.example_inputs)
         return self._gm
 
@@ -142,8 +143,6 @@ class OnnxModel:
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs under onnxruntime with its exact graph rewrites only (the reference)."""
-        from effc.backends.onnxruntime import session_for
-
         return session_for(self.model, optimize="basic").run(None, inputs)
 
     def vocab_hint(self) -> int | None:

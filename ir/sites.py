@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from effc.errors import UnsupportedError
 from effc.ir.model import attr_tensor
 
 aten = torch.ops.aten
@@ -56,7 +57,7 @@ class WeightSite:
 
 
 # ---------------------------------------------------------------- FX
-def _fx_fqn(node, weight_target: str) -> str:
+def fx_fqn(node, weight_target: str) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         return list(stack.values())[-1][0]
@@ -71,7 +72,7 @@ def _fx_sites(model) -> list[WeightSite]:
         if node.op != "call_function":
             continue
         if node.target == aten.embedding.default and node.args[0].op == "get_attr":
-            embeddings[node.args[0].target] = _fx_fqn(node, node.args[0].target)
+            embeddings[node.args[0].target] = fx_fqn(node, node.args[0].target)
         kind = _FX_OPS.get(node.target)
         if kind is None or getattr(node.args[1], "op", None) != "get_attr":
             continue
@@ -80,7 +81,7 @@ def _fx_sites(model) -> list[WeightSite]:
         if not isinstance(weight, torch.Tensor):
             continue
         groups = int(node.args[6]) if kind == "conv" and len(node.args) > 6 else 1
-        fqn = _fx_fqn(node, target)
+        fqn = fx_fqn(node, target)
         sites[target] = WeightSite(fqn, kind, tuple(weight.shape), groups, handle=weight)
     for target, emb in embeddings.items():
         if target in sites and emb != sites[target].fqn:
@@ -249,3 +250,25 @@ def untie(model, site: WeightSite) -> bool:
         user.replace_input_with(index, copy)
     site.tied_with = []
     return True
+
+
+def compressible_sites(model, skip: list[str], stats: dict, divisor: int, what: str) -> list:
+    """Linear weight sites not matched by ``skip`` (FQN substrings), tied ones untied first (and
+    listed in ``stats``); every input size must be a multiple of ``divisor`` (``what`` names it)."""
+
+    def linear_sites():
+        return [
+            s for s in weight_sites(model) if s.op == "linear" and not any(p in s.fqn for p in skip)
+        ]
+
+    sites = linear_sites()
+    untied = [s.fqn for s in sites if untie(model, s)]
+    if untied:
+        stats["untied"] = untied
+        sites = linear_sites()
+    bad = [s.fqn for s in sites if s.in_features % divisor]
+    if bad:
+        raise UnsupportedError(
+            f"{what} does not divide the input size of {bad[0]} ({len(bad)} layers)"
+        )
+    return sites

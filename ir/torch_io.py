@@ -19,31 +19,15 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from effc.errors import InputError, UnsupportedError
+from effc.errors import InputError, UnsupportedError, did_you_mean
 from effc.ir.model import FxModel, OnnxModel
 from effc.ir.onnx_io import load_onnx
+from effc.ir.trace import first_line
+from effc.models import BUILTINS
 
 log = logging.getLogger(__name__)
 # The dynamo exporter warns on every export that torchvision (which effc never uses) is missing.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def trace(module: nn.Module, example_inputs: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
-    """torch.export the module (static shapes) and return its FX GraphModule."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(module, (), kwargs=example_inputs, strict=False)
-    except Exception as e:  # torch raises many types here; all mean "cannot trace"
-        raise UnsupportedError(
-            f"torch.export could not trace {type(module).__name__}: {_first_line(e)}"
-        ) from e
-    return ep.module()
 
 
 class _PositionalAdapter(nn.Module):
@@ -95,7 +79,7 @@ def export_onnx(
     except Exception as e:
         kind = "legacy TorchScript" if legacy else "dynamo"
         raise UnsupportedError(
-            f"the {kind} ONNX exporter failed on {type(module).__name__}: {_first_line(e)}"
+            f"the {kind} ONNX exporter failed on {type(module).__name__}: {first_line(e)}"
         ) from e
 
 
@@ -111,7 +95,7 @@ def _inputs_from_shapes(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]
     return out
 
 
-def _example_inputs(module: nn.Module, shapes: dict[str, list[int]] | None, ref: str):
+def example_inputs_for(module: nn.Module, shapes: dict[str, list[int]] | None, ref: str):
     if shapes:
         return _inputs_from_shapes(shapes)
     fn = getattr(module, "example_inputs", None)
@@ -124,11 +108,7 @@ def _example_inputs(module: nn.Module, shapes: dict[str, list[int]] | None, ref:
 
 
 def _load_builtin(name: str) -> nn.Module:
-    from effc.models import BUILTINS
-
     if name not in BUILTINS:
-        from effc.errors import did_you_mean
-
         raise InputError(
             f"unknown builtin model {name!r}{did_you_mean(name, BUILTINS)}; "
             f"available: {', '.join(sorted(BUILTINS))}"
@@ -143,7 +123,7 @@ def _load_py(ref: str) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(parts[1]), parts[2])
     except (ImportError, AttributeError) as e:
-        raise InputError(f"{ref!r}: {_first_line(e)}") from e
+        raise InputError(f"{ref!r}: {first_line(e)}") from e
     module = factory()
     if not isinstance(module, nn.Module):
         raise InputError(f"{ref!r}: the factory returned {type(module).__name__}, not nn.Module")
@@ -190,7 +170,7 @@ def resolve_torch(ref: str, shapes: dict | None = None, task: str | None = None)
                 "(with config.json), builtin:NAME or py:MODULE:FACTORY"
             )
         return load_hf_folder(path, task)
-    return module.eval(), _example_inputs(module, shapes, ref)
+    return module.eval(), example_inputs_for(module, shapes, ref)
 
 
 def load_model(ref: str, shapes: dict | None = None, task: str | None = None):

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from effc.models.weights import WEIGHTS_DIR, load_weights
+
 
 @dataclass
 class DITNConfig:
@@ -212,8 +214,6 @@ def load_trained(**overrides) -> DITN:
     """The x2 model trained by ``tools/train/ditn.py`` (weights ship with effc). ``overrides``
     change structure-only settings that keep the same weights (``unfold``)."""
     import json
-
-    from effc.models.weights import WEIGHTS_DIR, load_weights
 
     path = WEIGHTS_DIR / TRAINED
     if not path.is_file():

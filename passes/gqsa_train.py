@@ -48,8 +48,12 @@ import torch
 from torch import nn
 
 from effc.errors import InputError, PassOptionError, UnsupportedError
+from effc.ir.blocks import find_blocks
 from effc.ir.calibrate import block_output, capture_block_inputs
-from effc.pass_base import Pass, PassResult, register
+from effc.pass_base import Pass, PassResult
+from effc.passes._train import train
+from effc.progress import bar
+from effc.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -154,24 +158,6 @@ def _swap(root: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     old = getattr(owner, leaf)
     setattr(owner, leaf, new)
     return old
-
-
-def _progress(total: int, what: str):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from effc.report import make_console
-
-    console = make_console()
-    progress = Progress(
-        TextColumn(what),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
-    return progress, progress.add_task(what, total=total)
 
 
 @register
@@ -311,34 +297,23 @@ class GQSATrain(Pass):
         """Adam with a cosine-annealed lr over ``steps``, cycling through ``count`` samples;
         ``loss_of(i)`` is sample i's loss. Returns the first step's loss."""
         scale_lr = self.options.scale_lr or self.options.lr
-        opt = torch.optim.Adam(
-            [
-                {"params": [fq.weight for fq, _ in fakes.values()]},
-                {
-                    "params": [
-                        fq.scale for fq, _ in fakes.values() if isinstance(fq, FakeQuantLinear)
-                    ],
-                    "lr": scale_lr,
-                },
-            ],
-            lr=self.options.lr,
+        groups = [
+            {"params": [fq.weight for fq, _ in fakes.values()]},
+            {
+                "params": [fq.scale for fq, _ in fakes.values() if isinstance(fq, FakeQuantLinear)],
+                "lr": scale_lr,
+            },
+        ]
+        log = train(
+            groups,
+            lambda step: loss_of(step % count),
+            self.options.steps,
+            self.options.lr,
+            advance=advance,
         )
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
-        first = 0.0
-        for step in range(self.options.steps):
-            loss = loss_of(step % count)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            if step == 0:
-                first = float(loss.detach())
-            advance()
-        return first
+        return log.losses[0]
 
     def _bqpo(self, model, data) -> dict:
-        from effc.ir.blocks import find_blocks
-
         blocks = find_blocks(model)
         if not blocks:
             raise UnsupportedError("bqpo needs repeated transformer blocks and none were found")
@@ -356,7 +331,7 @@ class GQSATrain(Pass):
         )
         if tail:  # their targets: the original layers on the original model's inputs
             tail_targets = self._tail_targets(model, tail, data)
-        progress, task = _progress((len(blocks) + bool(tail)) * self.options.steps, "bqpo")
+        progress, task = bar((len(blocks) + bool(tail)) * self.options.steps, "bqpo")
         first_loss = last_loss = 0.0
         with progress:
             for block in blocks:
@@ -499,35 +474,24 @@ class GQSATrain(Pass):
         if self.options.weight_lr:  # the kept weights too: codes re-round (straight-through)
             weights = [fq.weight for fq, _ in fakes.values()]
             groups.append({"params": weights, "lr": self.options.weight_lr})
-        opt = torch.optim.Adam(groups, lr=self.options.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.options.steps)
-        losses, lm = [], []
-        progress, task = _progress(self.options.steps, "e2e-oqp")
+        lm = []
+
+        def loss_of(step: int) -> torch.Tensor:
+            x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[step % len(data)].items()}
+            logits = _logits(module(**x))
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+            next_token = nn.functional.cross_entropy(flat, x["input_ids"][:, 1:].reshape(-1))
+            lm.append(float(next_token.detach()))
+            if teacher is None:
+                return next_token
+            with torch.no_grad():  # KL(original || compressed) over the vocabulary, per token
+                target = _logits(teacher(**x))[:, :-1].reshape(flat.shape)
+            return _next_token_kl(flat, target)
+
         try:
-            with progress:
-                for step in range(self.options.steps):
-                    x = {
-                        k: torch.from_numpy(np.asarray(v))
-                        for k, v in data[step % len(data)].items()
-                    }
-                    logits = _logits(module(**x))
-                    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-                    next_token = nn.functional.cross_entropy(
-                        flat, x["input_ids"][:, 1:].reshape(-1)
-                    )
-                    if teacher is None:
-                        loss = next_token
-                    else:  # KL(original || compressed) over the vocabulary, per token
-                        with torch.no_grad():
-                            target = _logits(teacher(**x))[:, :-1].reshape(flat.shape)
-                        loss = _next_token_kl(flat, target)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    schedule.step()
-                    losses.append(float(loss.detach()))
-                    lm.append(float(next_token.detach()))
-                    progress.advance(task)
+            losses = train(
+                groups, loss_of, self.options.steps, self.options.lr, label="e2e-oqp"
+            ).losses
         finally:
             for fqn, (fq, linear) in fakes.items():
                 self._finish(model, fqn, fq, linear)

@@ -54,7 +54,13 @@ import torch
 from torch.nn import functional as nn_f
 
 from effc.errors import InputError, PassOptionError, UnsupportedError
-from effc.pass_base import Pass, PassResult, register
+from effc.ir.calibrate import compress_sequentially
+from effc.ir.reducers import ColumnNorms, HessianSum, activation_norms, hessians
+from effc.ir.sites import compressible_sites, read_weight, write_weight
+from effc.pass_base import Pass, PassResult
+from effc.passes._obs import inverse_hessian_factor, layer_error, obs_prune, obs_scores
+from effc.progress import bar
+from effc.registry import register
 
 
 def group_scores(
@@ -66,30 +72,6 @@ def group_scores(
         w = w * act_norm.float()[None, :]
     out, inp = w.shape
     return w.view(out, inp // group, group).sum(-1)
-
-
-def obs_scores(
-    weight: torch.Tensor, U: torch.Tensor, dead: torch.Tensor, group: int
-) -> torch.Tensor:
-    """(out, in/g) OBS group saliencies sum_j W[r, j]^2 / U[j, j]^2 (inputs never seen count 0)."""
-    s = weight.float() ** 2 / torch.diag(U)[None, :] ** 2
-    s[:, dead] = 0
-    out, inp = s.shape
-    return s.view(out, inp // group, group).sum(-1)
-
-
-def obs_prune(
-    weight: torch.Tensor, U_dead: tuple, mask: torch.Tensor, group: int, block: int = 128
-) -> torch.Tensor:
-    """Zero the groups ``mask`` drops and compensate in the kept weights (OBS sweep)."""
-    from effc.passes.quantize import obs_sweep
-
-    U, dead = U_dead
-    keep = mask.repeat_interleave(group, dim=1)
-    w = weight.float().clone()
-    w[:, dead] = 0
-    out = obs_sweep(w, U, lambda col, W1, i: W1[:, i] * keep[:, col], block, group)
-    return (out * keep).to(weight.dtype)
 
 
 def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -258,15 +240,6 @@ def pinned_sparsities(
     return pinned, rest
 
 
-def layer_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Relative output error of a layer on its calibration inputs, from H = X^T X:
-    tr(dW H dW^T) / tr(W H W^T)."""
-    d = (pruned.float() - weight.float()).double()
-    w = weight.double()
-    H = hessian.double()
-    return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp_min(1e-30))
-
-
 def output_deviation(
     model, samples: list[dict], reference: list[list], metric: str = "mse"
 ) -> float:
@@ -290,53 +263,6 @@ def output_deviation(
                 num += float(((y - r) ** 2).sum())
                 den += float((r**2).sum())
     return num / max(den, 1e-30)
-
-
-def compressible_sites(model, skip: list[str], stats: dict, divisor: int, what: str) -> list:
-    """Linear weight sites not matched by ``skip`` (FQN substrings), tied ones untied first (and
-    listed in ``stats``); every input size must be a multiple of ``divisor`` (``what`` names it)."""
-    from effc.ir.sites import untie, weight_sites
-
-    def linear_sites():
-        return [
-            s for s in weight_sites(model) if s.op == "linear" and not any(p in s.fqn for p in skip)
-        ]
-
-    sites = linear_sites()
-    untied = [s.fqn for s in sites if untie(model, s)]
-    if untied:
-        stats["untied"] = untied
-        sites = linear_sites()
-    bad = [s.fqn for s in sites if s.in_features % divisor]
-    if bad:
-        raise UnsupportedError(
-            f"{what} does not divide the input size of {bad[0]} ({len(bad)} layers)"
-        )
-    return sites
-
-
-class ColumnNorms:
-    """Accumulates each site's squared input column norms (``fn`` of ``collect_site_inputs``)."""
-
-    def __init__(self):
-        self.sq: dict[str, torch.Tensor] = {}
-
-    def __call__(self, site, x: torch.Tensor) -> None:
-        s = (x.double() ** 2).sum(0)
-        self.sq[site.fqn] = self.sq[site.fqn] + s if site.fqn in self.sq else s
-
-    def pop(self, fqn: str) -> torch.Tensor:
-        """The site's ||X[:, j]||_2, forgotten here."""
-        return self.sq.pop(fqn).sqrt().float()
-
-
-def activation_norms(model, sites, ctx) -> dict[str, torch.Tensor]:
-    """Per-site ||X[:, j]||_2 over the calibration inputs."""
-    from effc.ir.calibrate import collect_site_inputs
-
-    acc = ColumnNorms()
-    collect_site_inputs(model, sites, ctx.calibration, acc)
-    return {s.fqn: acc.pop(s.fqn) for s in sites}
 
 
 @register
@@ -396,13 +322,6 @@ class GroupPrune(Pass):
         o = self.options
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
-        from effc.ir.sites import read_weight, write_weight
-        from effc.passes.quantize import (
-            HessianSum,
-            compress_sequentially,
-            hessians,
-            inverse_hessian_factor,
-        )
 
         weights = {s.fqn: read_weight(s).clone() for s in sites}
 
@@ -439,9 +358,9 @@ class GroupPrune(Pass):
             stats["pin"] = {"layers": pinned, "others": round(rest, 4)}
         if not o.sequential or o.allocate == "sensitivity":  # statistics of the whole model
             needs_h = o.score == "obs" or o.allocate == "sensitivity"
-            hess = hessians(model, sites, ctx) if needs_h else {}
+            hess = hessians(model, sites, ctx.calibration) if needs_h else {}
             if o.score == "wanda":
-                stat = activation_norms(model, sites, ctx)
+                stat = activation_norms(model, sites, ctx.calibration)
             elif o.score == "obs":
                 stat = {k: inverse_hessian_factor(h) for k, h in hess.items()}
             else:
@@ -469,7 +388,9 @@ class GroupPrune(Pass):
                 write(site, mask, prune(k, mask, st))
 
             acc = HessianSum() if o.score == "obs" else ColumnNorms()
-            stats["stages"] = compress_sequentially(model, sites, ctx, acc, compress, "group-prune")
+            stats["stages"] = compress_sequentially(
+                model, sites, ctx.calibration, acc, compress, "group-prune"
+            )
         else:
             masks = masks_for(scores, sparsity, o.scope, scopes)
             for site in sites:
@@ -528,9 +449,6 @@ class GroupPrune(Pass):
     ) -> dict[str, int]:
         """Kept groups per layer from each layer's sensitivity (allocate=sensitivity); pinned
         layers keep their sparsity and the others share the rest of the budget."""
-        from effc.ir.sites import read_weight, write_weight
-        from effc.passes.gqsa_train import _progress
-
         o = self.options
         samples = ctx.calibration[: o.sensitivity_samples]
         target = min(o.sparsity, 0.99)  # the grid's middle point, clipped like the others
@@ -548,7 +466,7 @@ class GroupPrune(Pass):
         curves: dict[str, list[tuple[float, float]]] = {k: [(sp, 0.0)] for k, sp in pinned.items()}
         measured: dict[str, float] = {}
         free = [site for site in sites if site.fqn not in pinned]
-        progress, task = _progress(len(free), "group-prune: layer sensitivity")
+        progress, task = bar(len(free), "group-prune: layer sensitivity")
         with progress:
             for site in free:
                 k, s = site.fqn, scores[site.fqn]

@@ -26,10 +26,23 @@ from typing import Literal
 
 import numpy as np
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from effc.errors import InputError
-from effc.pass_base import Pass, PassResult, register
+from effc.ir.calibrate import collect_values
+from effc.pass_base import Pass, PassResult
+from effc.passes._train import train
+from effc.passes.layernorm_onnx import (
+    CHANNEL_FORMS,
+    ensure_opset,
+    find_sites,
+    fuse_decomposed,
+    time_channel_forms,
+    write_affine,
+    write_rms,
+)
+from effc.registry import register
 
 
 class _Stats:
@@ -154,8 +167,6 @@ def _fx_stats(model, ctx, norms) -> dict[str, _Stats]:
 def _distill(
     student: nn.Module, teacher: nn.Module, params: list, ctx, steps: int, lr: float
 ) -> list[float]:
-    from tqdm import tqdm
-
     inputs = [{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()} for x in ctx.calibration]
 
     def outputs(model, x) -> list[torch.Tensor]:  # every float tensor of the output structure
@@ -168,23 +179,19 @@ def _distill(
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    losses = []
     g = torch.Generator().manual_seed(ctx.seed)
-    bar = tqdm(range(steps), desc="layernorm{mode=tanh} distillation", unit="step", leave=False)
-    for _ in bar:
+
+    def loss_of(_step: int) -> torch.Tensor:
         i = int(torch.randint(len(inputs), (1,), generator=g))
         pairs = zip(outputs(student, inputs[i]), targets[i])
-        loss = sum(nn.functional.mse_loss(s, t) for s, t in pairs)
+        return sum(nn.functional.mse_loss(s, t) for s, t in pairs)
 
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-        bar.set_postfix(mse=f"{losses[-1]:.3g}")
+    log = train(
+        [{"params": params}], loss_of, steps, lr, cosine=False, label="layernorm{mode=tanh}"
+    )
     for p in params:
         p.requires_grad_(False)
-    return losses
+    return log.losses
 
 
 @register
@@ -216,13 +223,6 @@ class LayerNorm(Pass):
         return self._run_onnx(model, ctx) if model.kind == "onnx" else self._run_fx(model, ctx)
 
     def _run_onnx(self, model, ctx) -> PassResult:
-        from effc.ir.calibrate import collect_values
-        from effc.passes.layernorm_onnx import (
-            ensure_opset,
-            find_sites,
-            fuse_decomposed,
-        )
-
         graph = model.model.graph
         stats: dict = {"decomposed_fused": fuse_decomposed(model.model)}
         sites = find_sites(model.model)
@@ -242,8 +242,6 @@ class LayerNorm(Pass):
 
             collect_values(model, [s.x for s in sites], ctx.calibration, each)
             stats.update(self._substitute_onnx(graph, sites, acc))
-        from onnx_ir.passes.common import RemoveUnusedNodesPass
-
         RemoveUnusedNodesPass()(model.model)
         changed = bool(stats["decomposed_fused"]) or any(
             stats.get(k) for k in ("channel_rewritten", "replaced")
@@ -253,8 +251,6 @@ class LayerNorm(Pass):
     def _channel_exact(self, graph, sites) -> dict:
         """Each channel site in the form ``form`` names, or (auto) the faster of the two under
         onnxruntime at the site's shape, timed here."""
-        from effc.passes.layernorm_onnx import CHANNEL_FORMS, time_channel_forms
-
         chosen = {}
         for site in sites:
             if not site.channel:
@@ -270,8 +266,6 @@ class LayerNorm(Pass):
         return {"channel_rewritten": len(chosen), "forms": chosen}
 
     def _substitute_onnx(self, graph, sites, acc) -> dict:
-        from effc.passes.layernorm_onnx import write_affine, write_rms
-
         replaced, ratios = 0, {}
         for site in sites:
             st = acc[id(site)]

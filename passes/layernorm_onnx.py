@@ -8,11 +8,15 @@ Reshape(B, C, HW) + Transpose and Transpose + Reshape(B, C, H, W) (Restormer's t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnxscript.version_converter import convert_version
 
+from effc.ir.ort import session_for
 from effc.passes.fuse._onnx import const, initializer, insert, only_user, replace, static_shape
 
 
@@ -131,7 +135,6 @@ def raise_opset(model: ir.Model, target: int) -> bool:
     raised."""
     if model.opset_imports.get("", 1) >= target:
         return False
-    from onnxscript.version_converter import convert_version
 
     convert_version(model, target)
 
@@ -170,8 +173,6 @@ def fuse_decomposed(model: ir.Model) -> int:
 
     fired = sum(_fuse_decomposed(graph, n) for n in candidates if n.graph is graph)
     if fired:
-        from onnx_ir.passes.common import RemoveUnusedNodesPass
-
         RemoveUnusedNodesPass()(model)
     return fired
 
@@ -320,10 +321,6 @@ def time_channel_forms(shape: tuple[int, ...], threads: int = 2) -> dict[str, fl
     key = (tuple(shape), threads)
     if key in _TIMINGS:
         return _TIMINGS[key]
-    import time
-
-    from effc.backends.onnxruntime import session_for
-
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     result = {}
     for form, write in CHANNEL_FORMS.items():

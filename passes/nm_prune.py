@@ -11,8 +11,12 @@ from typing import Literal
 import torch
 
 from effc.errors import PassOptionError
-from effc.pass_base import Pass, PassResult, register
-from effc.passes.group_prune import obs_prune, obs_scores
+from effc.ir.calibrate import compress_sequentially
+from effc.ir.reducers import ColumnNorms, HessianSum, activation_norms, hessians
+from effc.ir.sites import compressible_sites, read_weight, write_weight
+from effc.pass_base import Pass, PassResult
+from effc.passes._obs import inverse_hessian_factor, obs_prune, obs_scores
+from effc.registry import register
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -51,15 +55,6 @@ class NMPrune(Pass):
             )
 
     def run(self, model, ctx) -> PassResult:
-        from effc.ir.sites import read_weight, write_weight
-        from effc.passes.group_prune import ColumnNorms, activation_norms, compressible_sites
-        from effc.passes.quantize import (
-            HessianSum,
-            compress_sequentially,
-            hessians,
-            inverse_hessian_factor,
-        )
-
         o = self.options
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.m, f"m={o.m}")
@@ -79,12 +74,14 @@ class NMPrune(Pass):
 
         if o.sequential:  # each block's scores and compensation on the already pruned blocks
             acc = HessianSum() if o.score == "obs" else ColumnNorms()
-            stats["stages"] = compress_sequentially(model, sites, ctx, acc, prune, "nm-prune")
+            stats["stages"] = compress_sequentially(
+                model, sites, ctx.calibration, acc, prune, "nm-prune"
+            )
         else:
             stat = (
-                hessians(model, sites, ctx)
+                hessians(model, sites, ctx.calibration)
                 if o.score == "obs"
-                else activation_norms(model, sites, ctx)
+                else activation_norms(model, sites, ctx.calibration)
                 if o.score == "wanda"
                 else {}
             )

@@ -22,7 +22,12 @@ from typing import Literal
 import torch
 
 from effc.errors import PassOptionError, UnsupportedError
-from effc.pass_base import Pass, PassResult, register
+from effc.ir.calibrate import compress_sequentially
+from effc.ir.reducers import HessianSum, hessians
+from effc.ir.sites import compressible_sites, read_weight, write_weight
+from effc.pass_base import Pass, PassResult
+from effc.passes._obs import inverse_hessian_factor, obs_sweep
+from effc.registry import register
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,43 +60,6 @@ def rtn(weight: torch.Tensor, bits: int, group: int, symmetric: bool):
     w = weight.float().view(out, inp // group, group)
     scale, zero = group_params(w, bits, symmetric)
     return quantize_groups(w, scale, zero, bits), scale, zero
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01):
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, and the dead-input mask
-    (inputs never seen in calibration). U[j, j]^2 is the OBS denominator of input j when the
-    inputs are removed in order (GPTQ, SparseGPT)."""
-    H = hessian.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    return U.float(), dead
-
-
-def obs_sweep(
-    weight: torch.Tensor, U: torch.Tensor, target, block: int = 128, group: int = 1
-) -> torch.Tensor:
-    """Replace the columns of ``weight`` one by one, left to right, by ``target(col, W1, i)`` (the
-    new value of column ``col`` = ``W1[:, i]`` of the current block ``W1``, whose later columns
-    already carry the updates) and spread each column's error over the columns not yet visited,
-    weighted by the inverse Hessian factor ``U`` (optimal brain surgeon updates, lazily batched in
-    blocks as in GPTQ). Returns the updated weight."""
-    out, inp = weight.shape
-    W = weight.float().clone()
-    block = max(group, block - block % group)  # blocks never split a group
-    for i1 in range(0, inp, block):
-        i2 = min(i1 + block, inp)
-        W1, E1, H1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1), U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            new = target(i1 + i, W1, i)
-            err = (W1[:, i] - new) / H1[i, i]
-            W1[:, i:] -= err[:, None] * H1[i, i:][None, :]
-            W1[:, i] = new
-            E1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return W
 
 
 def gptq(
@@ -140,60 +108,6 @@ def dequantize(codes, scale, zero, mask=None) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-class HessianSum:
-    """Accumulates each site's H = 2 X^T X / rows over calibration activations (``fn`` of
-    ``collect_site_inputs``); sites that share one input (q/k/v, gate/up) share one product."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
-        self.last: list = [None, None]  # (input, its X^T X)
-
-    def __call__(self, site, x: torch.Tensor) -> None:
-        prev = self.last[0]
-        if prev is not None and prev.data_ptr() == x.data_ptr() and prev.shape == x.shape:
-            h = self.last[1]
-        else:
-            h = (x.T @ x).double()  # fp32 GEMM, accumulated in fp64 across samples
-            self.last[:] = [x, h]
-        k = site.fqn
-        self.sums[k] = self.sums[k] + h if k in self.sums else h.clone()
-        self.rows[k] = self.rows.get(k, 0) + x.shape[0]
-
-    def pop(self, fqn: str) -> torch.Tensor:
-        """The site's Hessian, forgotten here (and the shared product, so memory stays low)."""
-        self.last[:] = [None, None]
-        return (2 * self.sums.pop(fqn) / self.rows.pop(fqn)).float()
-
-
-def hessians(model, sites, ctx) -> dict[str, torch.Tensor]:
-    from effc.ir.calibrate import collect_site_inputs
-
-    acc = HessianSum()
-    collect_site_inputs(model, sites, ctx.calibration, acc)
-    return {s.fqn: acc.pop(s.fqn) for s in sites}
-
-
-def compress_sequentially(model, sites, ctx, acc, compress_site, what: str) -> int:
-    """``compress_site(site, acc.pop(site.fqn))`` for every site, block by block, each block
-    calibrated on the already compressed ones (``effc.ir.calibrate.calibrate_sequentially``),
-    with a progress bar; ``acc``: the calibration reducer (``HessianSum``, ``ColumnNorms``).
-    Returns the number of stages (the passes' ``sequential=true``)."""
-    from effc.ir.calibrate import calibrate_sequentially
-    from effc.passes.gqsa_train import _progress
-
-    progress, task = _progress(len(sites), f"{what}: sequential")
-    with progress:
-        return calibrate_sequentially(
-            model,
-            sites,
-            ctx.calibration,
-            acc,
-            lambda stage: [compress_site(site, acc.pop(site.fqn)) for site in stage],
-            lambda stage: progress.advance(task, len(stage)),
-        )
-
-
 @register
 class Quantize(Pass):
     """Weight-only group quantization (int2/3/4/8, per-group scale and zero; RTN or GPTQ)."""
@@ -229,9 +143,6 @@ class Quantize(Pass):
                 )
 
     def run(self, model, ctx) -> PassResult:
-        from effc.ir.sites import read_weight, write_weight
-        from effc.passes.group_prune import compressible_sites
-
         o = self.options
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
@@ -259,10 +170,10 @@ class Quantize(Pass):
 
         if o.sequential:
             stats["stages"] = compress_sequentially(
-                model, sites, ctx, HessianSum(), quantize_site, "quantize (GPTQ)"
+                model, sites, ctx.calibration, HessianSum(), quantize_site, "quantize (GPTQ)"
             )
         else:
-            H = hessians(model, sites, ctx) if o.method == "gptq" else {}
+            H = hessians(model, sites, ctx.calibration) if o.method == "gptq" else {}
             for site in sites:
                 quantize_site(site, H.pop(site.fqn, None))
         err_sq, ref_sq = err

@@ -19,8 +19,10 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import InputError
-from effc.pass_base import Pass, PassResult, register
+from effc.ir.calibrate import collect_values
+from effc.pass_base import Pass, PassResult
 from effc.passes.fuse._onnx import const, initializer, insert, like
+from effc.registry import register
 
 BINS = 2048
 
@@ -111,8 +113,6 @@ class QuantizeActivations(Pass):
         ops: list[str] = field(default_factory=lambda: ["Conv", "MatMul", "Gemm"])
 
     def run(self, model, ctx) -> PassResult:
-        from effc.ir.calibrate import collect_values
-
         if not ctx.calibration:
             raise InputError("quantize-activations needs calibration inputs (--calib)")
         graph = model.model.graph

@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 import torch
 
 from effc.errors import PassOptionError, UnsupportedError
-from effc.pass_base import Pass, PassResult, register
+from effc.ir.model import attr_tensor
+from effc.ir.reducers import hessians
+from effc.ir.sites import fx_fqn, weight_sites
+from effc.pass_base import Pass, PassResult
+from effc.passes._obs import inverse_hessian_factor, layer_error, obs_prune, obs_scores
+from effc.passes.group_prune import row_mask
+from effc.registry import register
 
 aten = torch.ops.aten
 _UNARY = {
@@ -90,8 +96,6 @@ def bisect_order(profiles: torch.Tensor, group: int) -> torch.Tensor:
 def probe_error(weight: torch.Tensor, hessian: torch.Tensor, group: int, sparsity: float) -> float:
     """Relative output error of the layer after OBS 1 x ``group`` pruning at ``sparsity`` (row
     budget), the cost a rearrangement is chosen by."""
-    from effc.passes.group_prune import layer_error, obs_prune, obs_scores, row_mask
-    from effc.passes.quantize import inverse_hessian_factor
 
     factor = inverse_hessian_factor(hessian)
     scores = obs_scores(weight, factor[0], factor[1], group)
@@ -130,8 +134,6 @@ class Region:
 
 def fx_regions(model) -> list[Region]:
     """Every rearrangeable region of an FX model (see the module docstring)."""
-    from effc.ir.model import attr_tensor
-    from effc.ir.sites import _fx_fqn
 
     gm = model.graph_module
     linears = {
@@ -187,9 +189,9 @@ def fx_regions(model) -> list[Region]:
         tensors = [attr_tensor(gm, p.target) for p in params]
         regions.append(
             Region(
-                _fx_fqn(consumer, consumer.args[1].target),
+                fx_fqn(consumer, consumer.args[1].target),
                 tensors[0],
-                [_fx_fqn(p, p.args[1].target) for p in producers],
+                [fx_fqn(p, p.args[1].target) for p in producers],
                 tensors[1:],
             )
         )
@@ -219,8 +221,6 @@ class Rearrange(Pass):
             )
 
     def run(self, model, ctx) -> PassResult:
-        from effc.ir.sites import weight_sites
-        from effc.passes.quantize import hessians
 
         o = self.options
         regions = [
@@ -241,7 +241,7 @@ class Rearrange(Pass):
             raise UnsupportedError("pass 'rearrange' needs calibration data (--calib)")
         consumers = {r.consumer for r in regions}
         sites = [s for s in weight_sites(model) if s.fqn in consumers]
-        hess = hessians(model, sites, ctx) if sites else {}
+        hess = hessians(model, sites, ctx.calibration) if sites else {}
         chosen: dict[str, dict] = {}
         for r in regions:
             w = r.weight.detach().float()

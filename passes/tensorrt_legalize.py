@@ -16,9 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from effc.pass_base import Pass, PassResult, register
+from effc.ir.sites import weight_sites
+from effc.pass_base import Pass, PassResult
 from effc.passes.fuse._onnx import initializer, insert, like
+from effc.passes.layernorm_onnx import ensure_opset, raise_opset
+from effc.registry import register
 
 # onnx-tensorrt's operator support list for TensorRT 10.x (docs/operators.md), default domain
 TRT_OPS = frozenset(
@@ -106,9 +110,6 @@ class TensorRTLegalize(Pass):
         weights: bool = True  # write quantized weights as codes + DequantizeLinear(block_size)
 
     def run(self, model, ctx) -> PassResult:
-        from effc.ir.sites import weight_sites
-        from effc.passes.layernorm_onnx import ensure_opset, raise_opset
-
         m = model.model
         stats: dict = {}
         changed = ensure_opset(m)
@@ -129,7 +130,5 @@ class TensorRTLegalize(Pass):
         ops = sorted({n.op_type for n in m.graph if n.domain != "" or n.op_type not in TRT_OPS})
         stats["warnings"] = [f"op {op} is not in the TensorRT 10 op table" for op in ops]
         if changed:
-            from onnx_ir.passes.common import RemoveUnusedNodesPass
-
             RemoveUnusedNodesPass()(m)
         return PassResult(model, changed, stats)

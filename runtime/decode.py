@@ -35,6 +35,10 @@ import torch
 from torch import nn
 
 from effc.errors import UnsupportedError
+from effc.models.llama import MLP
+from effc.runtime.cpu import kernels
+from effc.runtime.format import concat_rows
+from effc.runtime.modules import BSRLinear
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,6 @@ def _rms_params(module: nn.Module) -> tuple[torch.Tensor, float] | None:
 
 def _dense_spec(weight: torch.Tensor, bias: torch.Tensor | None):
     """The plan's form of a dense weight (out, in), which must be fp32."""
-    from effc.runtime.cpu import kernels
 
     if weight.dtype != torch.float32:
         raise UnsupportedError(f"fused decoding runs float32 weights, not {weight.dtype}")
@@ -91,8 +94,6 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 def linear_spec(module: nn.Module):
     """The compiled plan's form of one linear layer (``kernels().Linear``): a ``BSRLinear`` (fp32
     or int8 activations) or an fp32 ``nn.Linear``; UnsupportedError for anything else."""
-    from effc.runtime.cpu import kernels
-    from effc.runtime.modules import BSRLinear
 
     if isinstance(module, BSRLinear):
         arrays = [module.indptr, module.indices, module.values, module.scales, module.zeros]
@@ -111,8 +112,6 @@ def stacked_specs(modules: list[nn.Module]) -> list:
     """Plan parts for ``cat([m(x) for m in modules], -1)``: one ``BSRLinear`` over the stacked rows
     where all are ``BSRLinear`` of one group, bits and activation mode, one stacked fp32 weight
     where all are plain ``nn.Linear``, else each layer on its own (outputs concatenated)."""
-    from effc.runtime.format import concat_rows
-    from effc.runtime.modules import BSRLinear
 
     def stacked_bias():
         if all(m.bias is None for m in modules):
@@ -134,7 +133,6 @@ def stacked_specs(modules: list[nn.Module]) -> list:
 
 
 def _is_silu_mlp(mlp: nn.Module) -> bool:
-    from effc.models.llama import MLP
 
     act = getattr(mlp, "act_fn", None)
     if act is None:
@@ -220,7 +218,6 @@ class StaticDecoder:
         return self.plan is not None
 
     def _build_fused(self) -> None:
-        from effc.runtime.cpu import kernels
 
         if self.head_dim % 8:
             raise UnsupportedError(

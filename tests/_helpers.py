@@ -11,6 +11,7 @@ import torch
 import effc
 from effc.ir.model import OnnxModel
 from effc.numerics import compare_outputs
+from effc.pipeline import eval_inputs
 from effc.runtime.format import from_quantized
 
 
@@ -28,7 +29,7 @@ def op_types(model: OnnxModel) -> list[str]:
 
 def run_pass(text: str, model: OnnxModel, seeds: int = 3):
     """Run pipeline ``text``; return (new model, record, worst comparison over ``seeds`` inputs)."""
-    inputs = effc.PassContext(eval_seeds=seeds).eval_inputs(model)
+    inputs = eval_inputs(effc.PassContext(eval_seeds=seeds), model)
     before = [model.run(x) for x in inputs]
     result = effc.Pipeline.from_text(text).run(model)
     after = [result.model.run(x) for x in inputs]

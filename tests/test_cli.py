@@ -155,7 +155,8 @@ def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, cli):
 def test_fx_only_pass_on_onnx_model_is_exit_2(tmp_path, cli, llama_onnx, monkeypatch):
     from dataclasses import dataclass
 
-    from effc.pass_base import PASSES, Pass, PassResult
+    from effc.pass_base import Pass, PassResult
+    from effc.registry import PASSES
 
     class Train(Pass):
         name = "train-test"

@@ -2,7 +2,7 @@ import pytest
 
 import effc
 from effc.errors import PassOptionError
-from effc.pass_base import registry
+from effc.pipeline import registry
 
 
 def test_builtin_passes_are_registered_with_descriptions():

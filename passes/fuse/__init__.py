@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import onnx_ir.passes.common as common
 
-from effc.errors import PassOptionError
-from effc.pass_base import Pass, PassResult, register
+from effc.errors import PassOptionError, did_you_mean
+from effc.pass_base import Pass, PassResult
 from effc.passes.fuse.rules import RULES
+from effc.registry import register
 
 
 @register
@@ -27,8 +28,6 @@ class Fuse(Pass):
         rules: list[str] = field(default_factory=lambda: list(RULES))
 
     def validate(self) -> None:
-        from effc.errors import did_you_mean
-
         for rule in self.options.rules:
             if rule not in RULES:
                 raise PassOptionError(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 
 def const(value: ir.Value | None) -> np.ndarray | None:
@@ -90,8 +91,6 @@ class GraphRule:
             if node.graph is model.graph and self.fire(model.graph, node):
                 count += 1
         if count:
-            from onnx_ir.passes.common import RemoveUnusedNodesPass
-
             RemoveUnusedNodesPass()(model)
             model.graph.sort()  # a rule may read a value its node was inserted before
 

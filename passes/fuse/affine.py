@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from effc.ir.sites import COMPRESSED
 from effc.passes.fuse._onnx import (
     GraphRule,
     const,
@@ -41,7 +42,7 @@ def _split_const(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
     return None
 
 
-def _channel_vector(c: np.ndarray, rank: int, axis: int, channels: int) -> np.ndarray | None:
+def channel_vector(c: np.ndarray, rank: int, axis: int, channels: int) -> np.ndarray | None:
     """``c`` as a length-``channels`` vector if it broadcasts along ``axis`` of a rank-``rank``
     tensor only (or is a scalar), else None."""
     if c.size == 1:
@@ -55,16 +56,14 @@ def _channel_vector(c: np.ndarray, rank: int, axis: int, channels: int) -> np.nd
     return c.reshape(channels)
 
 
-class _Linear:
+class LinearOp:
     """A Conv, MatMul or Gemm with constant weights, seen as y = W x + b per channel."""
 
     def __init__(self, node: ir.Node, weight: np.ndarray, bias: np.ndarray | None, kind: str):
         self.node, self.weight, self.bias, self.kind = node, weight, bias, kind
 
     @classmethod
-    def of(cls, node: ir.Node | None) -> _Linear | None:
-        from effc.ir.sites import COMPRESSED
-
+    def of(cls, node: ir.Node | None) -> LinearOp | None:
         if node is None or node.domain != "" or len(node.inputs) < 2 or node.inputs[1] is None:
             return None
         if node.inputs[1].metadata_props.get(COMPRESSED):
@@ -195,12 +194,12 @@ def _fold_after(graph: ir.Graph, node: ir.Node) -> bool:
     if split is None:
         return False
     y, c = split
-    lin = _Linear.of(y.producer())
+    lin = LinearOp.of(y.producer())
     if lin is None or only_user(y) is not node or _rank(y) is None:
         return False
     if lin.kind == "matmul" and node.op_type == "Add":
         return False  # matmul-add's job (Gemm), or stays MatMul + Add
-    vec = _channel_vector(c, _rank(y), lin.channel_axis, lin.out_channels)
+    vec = channel_vector(c, _rank(y), lin.channel_axis, lin.out_channels)
     if vec is None:
         return False
     if node.op_type == "Mul":
@@ -213,7 +212,7 @@ def _fold_after(graph: ir.Graph, node: ir.Node) -> bool:
     return True
 
 
-def _padded(lin: _Linear) -> bool:
+def _padded(lin: LinearOp) -> bool:
     pads = lin.node.attributes.get("pads")
     auto_pad = lin.node.attributes.get("auto_pad")
     return lin.kind == "conv" and (
@@ -235,10 +234,10 @@ def _fold_before(graph: ir.Graph, node: ir.Node) -> bool:
     x, c = split
     if _rank(x) != _rank(out):
         return False  # the constant broadcasts x to a higher rank: not a per-channel op
-    linears = [_Linear.of(u.node) if u.idx == 0 else None for u in uses]
+    linears = [LinearOp.of(u.node) if u.idx == 0 else None for u in uses]
     if any(lin is None for lin in linears):
         return False
-    vecs = [_channel_vector(c, _rank(out), lin.channel_axis, lin.in_channels) for lin in linears]
+    vecs = [channel_vector(c, _rank(out), lin.channel_axis, lin.in_channels) for lin in linears]
     if any(v is None for v in vecs):
         return False
     if node.op_type == "Add" and any(_padded(lin) for lin in linears):
@@ -284,7 +283,7 @@ def affine_onnx() -> GraphRule:
     return GraphRule(_fire_affine)
 
 
-def _is_pointwise_conv(lin: _Linear) -> bool:
+def _is_pointwise_conv(lin: LinearOp) -> bool:
     attrs = {k: a.value for k, a in lin.node.attributes.items()}
     return (
         lin.weight.ndim == 4
@@ -297,16 +296,16 @@ def _is_pointwise_conv(lin: _Linear) -> bool:
 
 
 def _fire_chain(graph: ir.Graph, node: ir.Node) -> bool:
-    second = _Linear.of(node)
+    second = LinearOp.of(node)
     if second is None:
         return False
     mid = node.inputs[0]
-    first = _Linear.of(mid.producer() if mid is not None else None)
+    first = LinearOp.of(mid.producer() if mid is not None else None)
     reshape = None
     if first is None and second.kind != "conv":
         reshape = _last_dim_reshape(mid)
         if reshape is not None:
-            first = _Linear.of(reshape.inputs[0].producer())
+            first = LinearOp.of(reshape.inputs[0].producer())
             if first is not None and (
                 first.kind == "conv" or only_user(reshape.inputs[0]) is not reshape
             ):
@@ -415,7 +414,7 @@ def _fire_split(graph: ir.Graph, conv_node: ir.Node) -> bool:
     """A Conv whose output is only cut along channels (Split, or Slices) -> one Conv per part:
     a group-1 conv by output rows, a depthwise conv with the cut moved to its input. Exact: the
     same sums per channel, and no copy of the parts."""
-    conv = _Linear.of(conv_node)
+    conv = LinearOp.of(conv_node)
     if conv is None or conv.kind != "conv" or conv.weight.ndim != 4:
         return False
     parts = _channel_parts(conv_node.outputs[0], conv.out_channels)
@@ -426,7 +425,7 @@ def _fire_split(graph: ir.Graph, conv_node: ir.Node) -> bool:
         return False
     x = conv_node.inputs[0]
     for a, b, out in parts:
-        piece = _Linear(conv_node, conv.weight[a:b], None, "conv")
+        piece = LinearOp(conv_node, conv.weight[a:b], None, "conv")
         if conv.bias is not None:
             piece.bias = conv.bias.reshape(-1)[a:b]
         attrs = {k: v for k, v in conv_node.attributes.items() if k != "group"}

@@ -1,6 +1,6 @@
 """The ``affine`` and ``linear-chain`` rules on FX graphs (torch.export, aten ops).
 
-Same math as the ONNX forms in ``affine.py`` (the ``_Linear`` weight algebra is shared):
+Same math as the ONNX forms in ``affine.py`` (the ``LinearOp`` weight algebra is shared):
 ``aten.conv2d`` / ``aten.linear`` with constant (get_attr) weights; per-channel constants are
 get_attr tensors or Python scalars. Rewrites write new attributes on the graph module and leave
 the user's module untouched (like the batchnorm rule).
@@ -15,7 +15,7 @@ import torch
 
 from effc.ir.model import attr_tensor
 from effc.passes.fuse._fx import commit
-from effc.passes.fuse.affine import _channel_vector, _Linear
+from effc.passes.fuse.affine import LinearOp, channel_vector
 
 aten = torch.ops.aten
 _MUL = {aten.mul.Tensor, aten.mul.Scalar, operator.mul}
@@ -37,8 +37,8 @@ def _rank(node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-class _FxLinear(_Linear):
-    """``_Linear`` over an FX conv2d / linear call (weights as numpy, written back as attrs)."""
+class _FxLinear(LinearOp):
+    """``LinearOp`` over an FX conv2d / linear call (weights as numpy, written back as attrs)."""
 
     def __init__(self, gm, node):
         self.gm = gm
@@ -117,7 +117,7 @@ def affine_fx(model) -> int:
         is_mul = node.target in _MUL
         lin = _FxLinear.of(gm, x)
         if lin is not None and len(x.users) == 1:  # after the linear op
-            vec = _channel_vector(c, _rank(node), lin.channel_axis, lin.out_channels)
+            vec = channel_vector(c, _rank(node), lin.channel_axis, lin.out_channels)
             if vec is None or (is_mul and lin.bias is not None and lin.bias.size != vec.size):
                 continue
             if is_mul:
@@ -134,7 +134,7 @@ def affine_fx(model) -> int:
             continue  # before: every consumer a linear op reading it as its input
         if _rank(x) != _rank(node):
             continue
-        vecs = [_channel_vector(c, _rank(node), li.channel_axis, li.in_channels) for li in lins]
+        vecs = [channel_vector(c, _rank(node), li.channel_axis, li.in_channels) for li in lins]
         if any(v is None for v in vecs) or (not is_mul and any(li.padded for li in lins)):
             continue
         for lin, vec in zip(lins, vecs):

@@ -10,6 +10,9 @@ import logging
 import os
 from pathlib import Path
 
+from torch.utils import cpp_extension
+
+from effc.cache import cache_dir
 from effc.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -22,10 +25,6 @@ INCLUDES = tuple(
 @functools.cache
 def kernels():
     """Build (about 45 s the first time) or load the extension module."""
-    from torch.utils import cpp_extension
-
-    from effc.models.real import cache_dir
-
     build = cache_dir() / "torch_extensions" / "bsr_cpu"
     build.mkdir(parents=True, exist_ok=True)
     log.info("building/loading the BSR CPU kernels in %s", build)

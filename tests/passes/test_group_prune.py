@@ -7,19 +7,17 @@ from hypothesis import strategies as st
 
 import effc
 from effc.errors import PassOptionError, UnsupportedError
+from effc.ir.reducers import hessians
 from effc.ir.sites import read_weight, weight_sites
+from effc.passes._obs import inverse_hessian_factor, layer_error, obs_prune, obs_scores
 from effc.passes.group_prune import (
     allocate,
     group_scores,
     keep_counts,
-    layer_error,
     lower_hull,
     masks_for,
-    obs_prune,
-    obs_scores,
     row_mask,
 )
-from effc.passes.quantize import inverse_hessian_factor
 
 
 @settings(max_examples=50, deadline=None)
@@ -290,7 +288,6 @@ def test_logit_weight_ranks_the_logit_rows_by_predicted_probability(exponent):
     keep different counts, the layer's budget exact); the other layers keep rows alike."""
     from effc.models import BUILTINS
     from effc.passes.group_prune import _keep_top
-    from effc.passes.quantize import hessians
 
     calibration = token_calibration()
     model = BUILTINS["tiny-llama"][0]()
@@ -299,9 +296,7 @@ def test_logit_weight_ranks_the_logit_rows_by_predicted_probability(exponent):
     W = model.lm_head.weight.detach().clone()
     fxm = effc.ir.FxModel(model, model.example_inputs())
     head = next(s for s in weight_sites(fxm) if s.fqn == "lm_head")
-    U, dead = inverse_hessian_factor(
-        hessians(fxm, [head], effc.PassContext(calibration=calibration))["lm_head"]
-    )
+    U, dead = inverse_hessian_factor(hessians(fxm, [head], calibration)["lm_head"])
     scores = obs_scores(W, U, dead, 16) * (pbar**exponent).float()[:, None]
     expected = _keep_top(scores, round(0.5 * scores.numel()))
 

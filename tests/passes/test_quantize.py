@@ -97,8 +97,7 @@ def test_quantize_gives_the_same_weights_on_fx_and_onnx(llama_onnx):
 def test_nm_prune_obs_keeps_n_of_m_and_beats_wanda_on_the_layer_output():
     """SparseGPT-style 2:4 (the nm-prune{score=obs} sweep): exactly 2 of 4 kept, and a lower
     output error on the calibration inputs than Wanda's 2:4, as it compensates the pruned weights."""
-    from effc.passes.group_prune import obs_prune, obs_scores
-    from effc.passes.quantize import inverse_hessian_factor
+    from effc.passes._obs import inverse_hessian_factor, obs_prune, obs_scores
 
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(64, 64, generator=g) / 8 + torch.eye(64)

@@ -53,7 +53,7 @@ def traffic_bytes(model) -> int:
 
 
 def session(model, optimize: bool):
-    from effc.backends.onnxruntime import session_for
+    from effc.ir.ort import session_for
 
     return session_for(model, THREADS, optimize)
 

@@ -1,0 +1,70 @@
+"""One training loop for every pass that trains (gqsa-train's stages, layernorm's tanh
+distillation, and the block-gate and cure training of later passes): Adam over parameter groups,
+an optional cosine-annealed learning rate, a progress bar, and the budget it spent (steps, lr,
+seconds, first and last loss) for the report. Callers seed torch (``ctx.seed``) before."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from effc.progress import bar
+
+
+@dataclass
+class TrainLog:
+    losses: list[float]
+    lr: float
+    seconds: float
+
+    def budget(self) -> dict:
+        """What the report records of a training run."""
+        tail = self.losses[-10:]
+        return {
+            "steps": len(self.losses),
+            "lr": self.lr,
+            "seconds": round(self.seconds, 2),
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": sum(tail) / len(tail) if tail else None,
+        }
+
+
+def train(
+    groups: list[dict],
+    loss_of: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    cosine: bool = True,
+    advance: Callable[[], None] | None = None,
+    label: str = "training",
+) -> TrainLog:
+    """Minimise ``loss_of(step)`` for ``steps`` Adam steps over ``groups`` (torch parameter
+    groups, each may set its own ``lr``). ``advance`` ticks a caller's progress bar after each
+    step; without one the loop shows its own bar named ``label``."""
+    opt = torch.optim.Adam(groups, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    own = None
+    if advance is None:
+        own, task = bar(steps, label)
+        own.start()
+        advance = lambda: own.advance(task)  # noqa: E731
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = loss_of(step)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if schedule is not None:
+                    schedule.step()
+                losses.append(float(loss.detach()))
+                advance()
+    finally:
+        if own is not None:
+            own.stop()
+    return TrainLog(losses, lr, time.perf_counter() - t0)
