@@ -17,6 +17,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from effc.ir.compression import CompressionState
 from effc.ir.ort import session_for
 from effc.ir.trace import trace
 
@@ -45,8 +46,8 @@ class FxModel:
         self.example_inputs = dict(example_inputs)
         self._gm: torch.fx.GraphModule | None = None
         self.graph_modified = False  # a structural pass rewrote graph_module
-        # Per-weight-site facts later passes and backends need (masks, quantization), by FQN.
-        self.annotations: dict[str, dict] = {}
+        # what lossy passes decided (masks, quantization), for later passes and backends
+        self.compression = CompressionState()
         self.source = type(module).__name__
 
     @property
@@ -119,7 +120,7 @@ class OnnxModel:
     model: ir.Model
     path: Path | None = None
     kind: str = field(default="onnx", init=False)
-    annotations: dict[str, dict] = field(default_factory=dict)
+    compression: CompressionState = field(default_factory=CompressionState)
 
     @property
     def source(self) -> str:

@@ -23,7 +23,7 @@ import torch
 from effc.ir.sites import weight_sites
 from effc.pass_base import Pass, PassResult
 from effc.registry import register
-from effc.runtime.modules import check_activations, matrix_from_annotations, measure_choice
+from effc.runtime.modules import check_activations, matrix_from_state, measure_choice
 from effc.runtime.ort_op import DOMAIN, OP, OP_A8
 
 
@@ -32,10 +32,10 @@ def rewrite(model, batch: int = 1, decide: bool = True, activations: str = "fp32
     graph = model.model.graph
     records = []
     for site in weight_sites(model):
-        notes = model.annotations.get(site.fqn, {})
-        if "codes" not in notes or notes.get("bits") not in (4, 8) or site.node.op_type != "MatMul":
+        state = model.compression.get(site.fqn)
+        if state is None or state.bits not in (4, 8) or site.node.op_type != "MatMul":
             continue
-        matrix = matrix_from_annotations(notes)
+        matrix = matrix_from_state(state)
         out, inp = matrix.shape
         record = {
             "layer": site.fqn,

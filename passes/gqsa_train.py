@@ -28,7 +28,7 @@ the kept weights end to end at that learning rate (straight-through rounding as 
 may change; masks stay fixed; codes round on the starting scales, which the trained scales then
 multiply): quantization-aware sparse fine-tuning, beyond the paper too.
 
-Both write the final codes and fp16 scales back into the annotations (so the BSR packer stores
+Both write the final codes and fp16 scales back into the compression state (so the BSR packer stores
 exactly what was trained) and the dequantized weights into the model, and report the budget
 (samples, tokens, steps, learning rate) and the loss before and after.
 
@@ -50,6 +50,7 @@ from torch import nn
 from effc.errors import InputError, PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
 from effc.ir.calibrate import block_output, capture_block_inputs
+from effc.ir.compression import SiteState
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import train
 from effc.progress import bar
@@ -65,33 +66,25 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 class FakeQuantLinear(nn.Module):
     """A linear layer whose weight is fake-quantized from trainable ``weight`` and ``scale``."""
 
-    def __init__(self, linear: nn.Linear, notes: dict, train_weight: bool, grid: bool = False):
+    def __init__(self, linear: nn.Linear, state: SiteState, train_weight: bool, grid: bool = False):
         super().__init__()
-        self.group, self.bits = notes["group"], notes["bits"]
+        self.group, self.bits = state.group, state.bits
         out, inp = linear.weight.shape
-        mask = notes.get("mask")
-        self.register_buffer(
-            "mask",
-            (
-                mask if mask is not None else torch.ones(out, inp // self.group, dtype=torch.bool)
-            ).float(),
-        )
-        self.register_buffer("zero", notes["zero"].float())
-        self.scale = nn.Parameter(notes["scale"].float().clone())
+        self.register_buffer("mask", state.group_mask().float())
+        self.register_buffer("zero", state.zero.float())
+        self.scale = nn.Parameter(state.scale.float().clone())
         self.shape, self.train_weight = (out, inp), train_weight
         if train_weight:
             # Training starts from the weights the model carries (their rounding gives back the
             # codes), so what error-compensating passes (GPTQ, OBS pruning) achieved is kept.
-            start = notes["scale"][..., None] * (
-                notes["codes"].float() - notes["zero"].float()[..., None]
-            )
+            start = state.scale[..., None] * (state.codes.float() - state.zero.float()[..., None])
             self.weight = nn.Parameter(start.reshape(out, inp).float().clone())
             if grid:  # e2e with weight_lr: codes round on the starting scales (a fixed grid),
                 # and the trained scales only multiply them; rounding on the moving scales flipped
                 # codes wholesale as they moved (SmolLM2, weight_lr 1e-5: perplexity 421 -> 83,335)
-                self.register_buffer("grid", notes["scale"].float().clone())
+                self.register_buffer("grid", state.scale.float().clone())
         else:  # E2E-OQP: codes are fixed; only the scales move (no weight copy is kept)
-            self.register_buffer("codes", notes["codes"].to(torch.uint8))
+            self.register_buffer("codes", state.codes.to(torch.uint8))
             # (code - zero) * mask, once: each step then dequantizes with one multiply (the same
             # numbers as the three-step form: the mask's 0/1 and integer differences are exact)
             self.register_buffer(
@@ -132,9 +125,9 @@ class MaskedLinear(nn.Module):
     """A pruned, unquantized linear layer (N:M, or groups without quantize): trainable kept
     weights, the zeros held by a fixed element mask."""
 
-    def __init__(self, linear: nn.Linear, notes: dict):
+    def __init__(self, linear: nn.Linear, state: SiteState):
         super().__init__()
-        self.register_buffer("mask", element_mask(notes).float())
+        self.register_buffer("mask", state.keep_mask().float())
         self.weight = nn.Parameter(linear.weight.detach().clone() * self.mask)
         self.bias = linear.bias
 
@@ -143,13 +136,6 @@ class MaskedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized(), self.bias)
-
-
-def element_mask(notes: dict) -> torch.Tensor:
-    """(out, in) keep-mask of a pruned site: N:M element masks as they are, group masks expanded."""
-    if "element_mask" in notes:
-        return notes["element_mask"]
-    return notes["mask"].repeat_interleave(notes["group"], dim=1)
 
 
 def _swap(root: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
@@ -211,12 +197,12 @@ class GQSATrain(Pass):
                 "pass 'gqsa-train' needs calibration inputs (--calib) and none were given"
             )
         if self.options.stage == "e2e" and not any(
-            "codes" in n for n in model.annotations.values()
+            s.quantized for s in model.compression.sites.values()
         ):
             raise UnsupportedError(
                 "gqsa-train{stage=e2e} trains quantization scales: run quantize first"
             )
-        if not any(self._trainable(n) for n in model.annotations.values()):
+        if not any(self._trainable(s) for s in model.compression.sites.values()):
             raise UnsupportedError(
                 "pass 'gqsa-train' trains compressed weights: run quantize, group-prune or "
                 "nm-prune first"
@@ -254,40 +240,38 @@ class GQSATrain(Pass):
         return PassResult(model, True, stats)
 
     @staticmethod
-    def _trainable(notes: dict) -> bool:
+    def _trainable(state: SiteState) -> bool:
         """Quantized sites, and pruned sites with their original weights (masked training)."""
-        return "codes" in notes or (
-            "original" in notes and ("element_mask" in notes or "mask" in notes)
-        )
+        return state.quantized or (state.original is not None and state.pruned)
 
-    def _sites(self, model, prefix: str = "") -> dict[str, dict]:
+    def _sites(self, model, prefix: str = "") -> dict[str, SiteState]:
         return {
-            f: n
-            for f, n in model.annotations.items()
-            if self._trainable(n) and f.startswith(prefix)
+            f: s
+            for f, s in model.compression.sites.items()
+            if self._trainable(s) and f.startswith(prefix)
         }
 
     def _finish(self, model, fqn: str, fq: nn.Module, linear: nn.Linear) -> None:
-        notes = model.annotations[fqn]
+        state = model.compression.sites[fqn]
         if isinstance(fq, FakeQuantLinear):
             codes, scale, weight = fq.export()
             out, inp = weight.shape
-            notes.update(codes=codes.view(out, inp // fq.group, fq.group), scale=scale)
+            state.codes, state.scale = codes.view(out, inp // fq.group, fq.group), scale
         else:
             weight = fq.dequantized().detach()
         with torch.no_grad():
             linear.weight.copy_(weight)
         _swap(model.module, fqn, linear)
 
-    def _fakes(self, model, sites: dict[str, dict]) -> dict:
+    def _fakes(self, model, sites: dict[str, SiteState]) -> dict:
         """Swap each site's linear for its trainable stand-in; {fqn: (stand-in, linear)}."""
         fakes = {}
-        for fqn, notes in sites.items():
+        for fqn, state in sites.items():
             linear = model.module.get_submodule(fqn)
             fq = (
-                FakeQuantLinear(linear, notes, train_weight=True)
-                if "codes" in notes
-                else MaskedLinear(linear, notes)
+                FakeQuantLinear(linear, state, train_weight=True)
+                if state.quantized
+                else MaskedLinear(linear, state)
             )
             fakes[fqn] = (fq, linear)
             _swap(model.module, fqn, fq)
@@ -407,10 +391,10 @@ class GQSATrain(Pass):
         everything = self._sites(model)
         kept = {}
         with torch.no_grad():
-            for fqn, notes in everything.items():
+            for fqn, state in everything.items():
                 weight = model.module.get_submodule(fqn).weight
                 kept[fqn] = weight.detach().clone()
-                weight.copy_(notes["original"])
+                weight.copy_(state.original)
             try:
                 seen = self._site_inputs(model, list(tail), data)
             finally:
@@ -419,7 +403,7 @@ class GQSATrain(Pass):
         return {
             f: (
                 xs,
-                everything[f]["original"].detach().float(),
+                everything[f].original.detach().float(),
                 model.module.get_submodule(f).bias,
             )
             for f, xs in seen.items()
@@ -459,11 +443,11 @@ class GQSATrain(Pass):
         module = model.module
         teacher = _original_copy(module, self._sites(model)) if self.options.loss == "kd" else None
         fakes = {}
-        for fqn, notes in self._sites(model).items():
-            if "codes" not in notes:
+        for fqn, state in self._sites(model).items():
+            if not state.quantized:
                 continue  # no scales to train on a pruned-only site
             linear = module.get_submodule(fqn)
-            fq = FakeQuantLinear(linear, notes, train_weight=self.options.weight_lr > 0, grid=True)
+            fq = FakeQuantLinear(linear, state, train_weight=self.options.weight_lr > 0, grid=True)
             fakes[fqn] = (fq, linear)
             _swap(module, fqn, fq)
         norms = _norm_weights(module) if self.options.norms else []
@@ -520,13 +504,13 @@ def _norm_weights(module: nn.Module) -> list[nn.Parameter]:
     ]
 
 
-def _original_copy(root: nn.Module, sites: dict[str, dict], prefix: str = "") -> nn.Module:
+def _original_copy(root: nn.Module, sites: dict[str, SiteState], prefix: str = "") -> nn.Module:
     """A frozen copy of ``root`` (the model, or one block whose names start with ``prefix``) with
     every compressed site's original weight back in: the teacher of both training stages."""
     teacher = copy.deepcopy(root).eval()
     with torch.no_grad():
-        for fqn, notes in sites.items():
-            teacher.get_submodule(fqn[len(prefix) :]).weight.copy_(notes["original"])
+        for fqn, state in sites.items():
+            teacher.get_submodule(fqn[len(prefix) :]).weight.copy_(state.original)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

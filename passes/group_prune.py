@@ -37,8 +37,8 @@ evenly under allocate=uniform and by sensitivity under allocate=sensitivity (whe
 layers' sensitivity is not measured). The sensitivity allocation judges a layer by its own output
 deviation, so it can push a layer that later training cannot recover far (SmolLM2-135M's lm_head
 goes to target + spread, 0.7); ``pin=[lm_head:0.5]`` holds it at the target.
-Pruned groups are written as zeros and the keep-mask is recorded in the model's annotations
-(``annotations[fqn]["mask"]``, shape (out, in/g)) for quantization and the BSR packer, with the
+Pruned groups are written as zeros and the keep-mask is recorded in the model's compression state
+(``model.compression.site(fqn).mask``, (out, in/g)) for quantization and the BSR packer, with the
 uncompressed weight (``"original"``) that training passes use as their teacher. A tied
 
 lm_head is untied first, and the report says so.
@@ -343,10 +343,11 @@ class GroupPrune(Pass):
             return (w.view(out, inp // o.group, o.group) * mask[:, :, None]).view(out, inp)
 
         def write(site, mask: torch.Tensor, w: torch.Tensor) -> None:  # w: dropped groups zero
-            notes = model.annotations.setdefault(site.fqn, {})
-            notes.setdefault("original", weights[site.fqn].clone())
+            state = model.compression.site(site.fqn)
+            if state.original is None:
+                state.original = weights[site.fqn].clone()
             write_weight(site, w)
-            notes.update(mask=mask, group=o.group)
+            state.mask, state.group = mask, o.group
 
         sparsity: float | dict[str, int] = o.sparsity
         pins = parse_pins(o.pin, o.scope)
@@ -397,7 +398,7 @@ class GroupPrune(Pass):
                 write(site, masks[site.fqn], prune(site.fqn, masks[site.fqn], stat[site.fqn]))
         pruned = total = 0
         for site in sites:
-            mask = model.annotations[site.fqn]["mask"]
+            mask = model.compression.sites[site.fqn].mask
             pruned += int((~mask).sum())
             total += mask.numel()
         stats.update(

@@ -69,8 +69,10 @@ class NMPrune(Pass):
                 keep = nm_mask(w.abs() * (stat[None, :] if stat is not None else 1), o.n, o.m)
                 write_weight(site, w * keep)
             # the element mask and the weight before pruning, for gqsa-train{stage=bqpo}
-            model.annotations.setdefault(site.fqn, {}).setdefault("original", w)
-            model.annotations[site.fqn]["element_mask"] = keep
+            state = model.compression.site(site.fqn)
+            if state.original is None:
+                state.original = w
+            state.element_mask = keep
 
         if o.sequential:  # each block's scores and compensation on the already pruned blocks
             acc = HessianSum() if o.score == "obs" else ColumnNorms()

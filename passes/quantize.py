@@ -135,11 +135,11 @@ class Quantize(Pass):
             )
 
     def requires(self, model, ctx) -> None:
-        for fqn, notes in model.annotations.items():
-            if "mask" in notes and notes["group"] != self.options.group:
+        for fqn, state in model.compression.sites.items():
+            if state.mask is not None and state.group != self.options.group:
                 raise UnsupportedError(
                     f"pass 'quantize': group {self.options.group} does not coincide with the pruning group "
-                    f"{notes['group']} of {fqn}; use the same group for both"
+                    f"{state.group} of {fqn}; use the same group for both"
                 )
 
     def run(self, model, ctx) -> PassResult:
@@ -150,7 +150,8 @@ class Quantize(Pass):
 
         def quantize_site(site, hessian: torch.Tensor | None) -> None:
             w = read_weight(site).float()
-            mask = model.annotations.get(site.fqn, {}).get("mask")
+            state = model.compression.site(site.fqn)
+            mask = state.mask
             if hessian is not None:
                 codes, scale, zero = gptq(w, hessian, o.bits, o.group, o.symmetric, mask)
             else:
@@ -158,15 +159,15 @@ class Quantize(Pass):
             deq = dequantize(codes, scale, zero, mask)
             err[0] += float(((deq - w) ** 2).sum())
             err[1] += float((w**2).sum())
-            model.annotations.setdefault(site.fqn, {}).setdefault("original", w.clone())
+            if state.original is None:
+                state.original = w.clone()
             write_weight(site, deq)
-            model.annotations.setdefault(site.fqn, {}).update(
-                codes=codes.to(torch.uint8),
-                scale=scale,
-                zero=zero.to(torch.uint8),
-                bits=o.bits,
-                group=o.group,
+            state.codes, state.scale, state.zero = (
+                codes.to(torch.uint8),
+                scale,
+                zero.to(torch.uint8),
             )
+            state.bits, state.group = o.bits, o.group
 
         if o.sequential:
             stats["stages"] = compress_sequentially(

@@ -231,7 +231,7 @@ class Rearrange(Pass):
             and r.weight.shape[1] > o.group
         ]
         touched = [n for r in regions for n in [r.consumer, *r.producers]]
-        done = [n for n in touched if model.annotations.get(n)]
+        done = [n for n in touched if model.compression.is_compressed(n)]
         if done:
             raise UnsupportedError(
                 f"pass 'rearrange' must run before pruning and quantization ({done[0]} is "
@@ -253,6 +253,7 @@ class Rearrange(Pass):
             }
             if name == "identity":
                 continue
+            model.compression.site(r.consumer).permutation = perm
             with torch.no_grad():
                 r.weight.copy_(r.weight[:, perm])
                 for t in r.tensors:

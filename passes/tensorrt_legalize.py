@@ -2,7 +2,7 @@
 
 - opset raised to 18 (LayerNormalization, ReduceMean with axes as an input), or to 21 when
   weight-only int4/int8 groups are written as DequantizeLinear with ``block_size``;
-- weights that ``quantize`` compressed (annotations: codes, scale, zero) stored as their codes
+- weights that ``quantize`` compressed (their compression state: codes, scale, zero) stored as codes
   (UINT4 / UINT8) with per-block scale and zero point, so TensorRT reads 4-bit weights rather
   than the fake-quantized fp32 ones; pruned groups are zero codes at their zero point;
 - static shapes: the ``--shape`` values fix symbolic input dims, and the report lists any that
@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from effc.ir.compression import SiteState
 from effc.ir.sites import weight_sites
 from effc.pass_base import Pass, PassResult
 from effc.passes.fuse._onnx import initializer, insert, like
@@ -64,14 +65,14 @@ def _fix_shapes(model: ir.Model, shapes: dict[str, list[int]]) -> list[str]:
     return remaining
 
 
-def _block_dq(graph: ir.Graph, site, notes: dict) -> bool:
+def _block_dq(graph: ir.Graph, site, state: SiteState) -> bool:
     """Replace the site's fp32 weight by codes + DequantizeLinear(block_size) in its layout."""
     value, transposed = site.handle
-    codes = notes["codes"].numpy().reshape(site.shape[0], -1)  # (out, in) codes
-    scale = notes["scale"].numpy().astype(np.float32)  # (out, in / g)
-    zero = notes["zero"].numpy()
-    mask = notes.get("mask")
-    group, bits = notes["group"], notes["bits"]
+    codes = state.codes.numpy().reshape(site.shape[0], -1)  # (out, in) codes
+    scale = state.scale.numpy().astype(np.float32)  # (out, in / g)
+    zero = state.zero.numpy()
+    mask = state.mask
+    group, bits = state.group, state.bits
     if mask is not None:  # pruned groups: codes at the zero point dequantize to exactly 0
         m = np.repeat(mask.numpy(), group, axis=1)
         codes = np.where(m, codes, np.repeat(zero, group, axis=1))
@@ -116,12 +117,12 @@ class TensorRTLegalize(Pass):
         quantized = {
             s.fqn: s
             for s in weight_sites(model)
-            if s.op == "linear" and model.annotations.get(s.fqn, {}).get("bits") in (4, 8)
+            if s.op == "linear" and model.compression.is_quantized(s.fqn, (4, 8))
         }
         if self.options.weights and quantized:
             raise_opset(m, 21)
             for fqn, site in quantized.items():
-                _block_dq(m.graph, site, model.annotations[fqn])
+                _block_dq(m.graph, site, model.compression.sites[fqn])
             stats["block_quantized_weights"] = len(quantized)
             changed = True
         stats["opset"] = m.opset_imports.get("", 1)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from effc.errors import UnsupportedError
+from effc.ir.compression import CompressionState, SiteState
 from effc.runtime.cpu import kernels
 from effc.runtime.format import BSRMatrix, from_quantized
 
@@ -92,13 +93,9 @@ class BSRLinear(nn.Module):
         )
 
 
-def matrix_from_annotations(notes: dict) -> BSRMatrix:
+def matrix_from_state(state: SiteState) -> BSRMatrix:
     """Pack a site's quantization (and pruning mask, if any) into BSR."""
-    codes, scale, zero = notes["codes"], notes["scale"], notes["zero"]
-    mask = notes.get("mask")
-    if mask is None:
-        mask = torch.ones(scale.shape, dtype=torch.bool)
-    return from_quantized(codes, scale, zero, mask, notes["bits"])
+    return from_quantized(state.codes, state.scale, state.zero, state.group_mask(), state.bits)
 
 
 def _best_ms(calls, reps: int = 5, trials: int = 5) -> list[float]:
@@ -141,7 +138,7 @@ def measure_choice(matrix: BSRMatrix, batch: int, activations: str = "fp32") -> 
 @torch.no_grad()
 def swap_linears(
     module: nn.Module,
-    annotations: dict[str, dict],
+    compression: CompressionState,
     batch: int = 1,
     decide: bool = True,
     activations: str = "fp32",
@@ -151,13 +148,13 @@ def swap_linears(
     rows stays dense (its fake-quantized fp32 weight), and the record says so with both timings.
     ``activations`` picks the kernel's activation mode (``BSRLinear``)."""
     records = []
-    for fqn, notes in annotations.items():
-        if "codes" not in notes or notes.get("bits") not in (4, 8):
+    for fqn, state in compression.quantized().items():
+        if state.bits not in (4, 8):
             continue
         linear = module.get_submodule(fqn)
         if not isinstance(linear, nn.Linear):
             continue
-        bsr = BSRLinear(matrix_from_annotations(notes), linear.bias, activations)
+        bsr = BSRLinear(matrix_from_state(state), linear.bias, activations)
         record = {
             "layer": fqn,
             "shape": [bsr.out_features, bsr.in_features],

@@ -92,13 +92,12 @@ def test_w4s50_stages_each_lower_perplexity(smollm2):
     effc.Pipeline.from_text(rows["bqpo"]).run(result.model, ctx)
     ppl["bqpo"] = perplexity(model, evaluation)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    notes = copy.deepcopy(dict(result.model.annotations))
+    notes = copy.deepcopy(result.model.compression)
     effc.Pipeline.from_text(rows["e2e"]).run(result.model, ctx)
     ppl["e2e"] = perplexity(model, evaluation)
     # the same E2E budget with the KL to the original model as its loss, from the same start
     model.load_state_dict(state)
-    result.model.annotations.clear()
-    result.model.annotations.update(notes)
+    result.model.compression = notes
     effc.Pipeline.from_text(rows["e2e"][:-1] + ",loss=kd}").run(result.model, ctx)
     ppl["e2e_kd"] = perplexity(model, evaluation)
     assert ppl["bqpo"] < ppl["obs"] and max(ppl["e2e"], ppl["e2e_kd"]) < ppl["bqpo"], ppl
@@ -169,7 +168,7 @@ def test_w4s50_bsr_decoding_gives_the_dequantized_models_tokens(smollm2):
     model, result = _compress(folder, "group-prune{sparsity=0.5},quantize{bits=4,group=16}", calib)
     prompt = evaluation[0, :24]
     dense = StaticDecoder(model, 64).generate(prompt, 16).tokens
-    records = swap_linears(model, result.model.annotations, decide=False)
+    records = swap_linears(model, result.model.compression, decide=False)
     assert len(records) == 211
     assert StaticDecoder(model, 64).generate(prompt, 16).tokens == dense
     model.config.use_cache = True

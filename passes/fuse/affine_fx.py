@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from effc.ir.model import attr_tensor
-from effc.passes.fuse._fx import commit
+from effc.passes.fuse._fx import commit, frozen_params
 from effc.passes.fuse.affine import LinearOp, channel_vector
 
 aten = torch.ops.aten
@@ -65,11 +65,13 @@ class _FxLinear(LinearOp):
             self.ok = w is not None and w.ndim == 2 and (bias_arg is None or b is not None)
 
     @classmethod
-    def of(cls, gm, node):
+    def of(cls, gm, node, frozen: set[str]):
         if getattr(node, "op", None) != "call_function":
             return None
         if node.target not in (aten.conv2d.default, aten.linear.default):
             return None
+        if getattr(node.args[1], "target", None) in frozen:
+            return None  # folding would move a compressed weight off its grid
         lin = cls(gm, node)
         return lin if lin.ok else None
 
@@ -106,6 +108,7 @@ def _split(gm, node):
 
 def affine_fx(model) -> int:
     gm = model.graph_module
+    frozen = frozen_params(model)
     fired = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _MUL | _ADD:
@@ -115,7 +118,7 @@ def affine_fx(model) -> int:
             continue
         x, c = split
         is_mul = node.target in _MUL
-        lin = _FxLinear.of(gm, x)
+        lin = _FxLinear.of(gm, x, frozen)
         if lin is not None and len(x.users) == 1:  # after the linear op
             vec = channel_vector(c, _rank(node), lin.channel_axis, lin.out_channels)
             if vec is None or (is_mul and lin.bias is not None and lin.bias.size != vec.size):
@@ -129,7 +132,7 @@ def affine_fx(model) -> int:
             fired += 1
             continue
         users = list(node.users)
-        lins = [_FxLinear.of(gm, u) for u in users]
+        lins = [_FxLinear.of(gm, u, frozen) for u in users]
         if not users or any(li is None or li.node.args[0] is not node for li in lins):
             continue  # before: every consumer a linear op reading it as its input
         if _rank(x) != _rank(node):
@@ -149,10 +152,11 @@ def affine_fx(model) -> int:
 
 def linear_chain_fx(model) -> int:
     gm = model.graph_module
+    frozen = frozen_params(model)
     fired = 0
     for node in list(gm.graph.nodes):
-        second = _FxLinear.of(gm, node)
-        first = _FxLinear.of(gm, node.args[0]) if second is not None else None
+        second = _FxLinear.of(gm, node, frozen)
+        first = _FxLinear.of(gm, node.args[0], frozen) if second is not None else None
         if first is None or len(first.node.users) != 1 or first.kind != second.kind:
             continue
         if first.kind == "conv" and not (

@@ -19,7 +19,7 @@ from onnxscript.rewriter.rules.common import (
 from torch import nn
 
 from effc.ir.model import attr_tensor
-from effc.passes.fuse._fx import commit
+from effc.passes.fuse._fx import commit, frozen_params
 
 
 def fuse_batchnorm_onnx() -> RewriteRuleSet:
@@ -65,6 +65,7 @@ def _set(gm, target: str, value: torch.Tensor) -> None:
 def fuse_batchnorm_fx(model) -> int:
     """Fold every conv -> inference batch_norm pair in the FX graph; return how many."""
     gm = model.graph_module
+    frozen = frozen_params(model)
     fired = 0
     for bn in list(gm.graph.nodes):
         if bn.op != "call_function":
@@ -73,7 +74,7 @@ def fuse_batchnorm_fx(model) -> int:
         conv = bn.args[0] if params else None
         if conv is None or conv.op != "call_function" or conv.target not in _CONVS:
             continue
-        if len(conv.users) != 1:
+        if len(conv.users) != 1 or getattr(conv.args[1], "target", None) in frozen:
             continue
         out_node, w_n, b_n, mean_n, var_n, eps = params
         gamma, beta, mean, var = (_attr(gm, n) for n in (w_n, b_n, mean_n, var_n))

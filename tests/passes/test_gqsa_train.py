@@ -27,32 +27,28 @@ def test_bqpo_lowers_block_error_keeps_masks_and_stores_what_it_trained():
     assert stats["blocks"] == 2 and stats["tokens"] == 4 * 32 and stats["steps"] == 30
     assert stats["block_mse_after"] < stats["block_mse_first_step"]
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "lm_head"):
-        notes = result.model.annotations[name]
+        notes = result.model.compression.sites[name]
         weight = model.get_submodule(name).weight.detach()
-        expected = dequantize(
-            notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
-        )
+        expected = dequantize(notes.codes.float(), notes.scale, notes.zero.float(), notes.mask)
         torch.testing.assert_close(weight, expected, rtol=0, atol=0)
-        pruned = ~notes["mask"]
+        pruned = ~notes.mask
         assert torch.all(weight.view(weight.shape[0], -1, 16)[pruned] == 0)
-        assert torch.equal(notes["scale"], notes["scale"].half().float())
+        assert torch.equal(notes.scale, notes.scale.half().float())
     assert isinstance(model.lm_head, torch.nn.Linear)  # fake-quant modules are gone
 
 
 def test_e2e_trains_only_scales():
     model, result = _run("group-prune{sparsity=0.5},quantize{bits=4,group=16}")
-    before = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
+    before = {k: v.codes.clone() for k, v in result.model.compression.sites.items()}
     ctx = effc.PassContext(calibration=_calib())
     after = effc.Pipeline.from_text("gqsa-train{stage=e2e,steps=4,lr=0.001}").run(result.model, ctx)
     stats = after.report.records[0].stats
     assert stats["layers"] == 15 and np.isfinite(stats["lm_loss_last_step"])
     for name, codes in before.items():
-        notes = after.model.annotations[name]
-        assert torch.equal(notes["codes"], codes), name
+        notes = after.model.compression.sites[name]
+        assert torch.equal(notes.codes, codes), name
         # the model carries exactly the stored codes and trained scales
-        expected = dequantize(
-            notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
-        )
+        expected = dequantize(notes.codes.float(), notes.scale, notes.zero.float(), notes.mask)
         torch.testing.assert_close(
             model.get_submodule(name).weight.detach(), expected, rtol=0, atol=0
         )
@@ -76,21 +72,19 @@ def test_e2e_weight_lr_trains_the_kept_weights_under_the_fixed_masks():
         result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
             model, ctx
         )
-        codes = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
+        codes = {k: v.codes.clone() for k, v in result.model.compression.sites.items()}
         trained = effc.Pipeline.from_text(
             f"gqsa-train{{stage=e2e,steps=8,lr={0.1 if weight_lr == 1e-9 else 0.001},"
             f"weight_lr={weight_lr}}}"
         ).run(result.model, ctx)
         assert trained.report.records[0].stats["weight_lr"] == weight_lr
         changed[weight_lr] = 0
-        for name, notes in trained.model.annotations.items():
-            changed[weight_lr] += int((notes["codes"] != codes[name]).sum())
+        for name, notes in trained.model.compression.sites.items():
+            changed[weight_lr] += int((notes.codes != codes[name]).sum())
             weight = model.get_submodule(name).weight.detach()
-            expected = dequantize(
-                notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
-            )
+            expected = dequantize(notes.codes.float(), notes.scale, notes.zero.float(), notes.mask)
             torch.testing.assert_close(weight, expected, rtol=0, atol=0)
-            assert torch.all(weight.view(weight.shape[0], -1, 16)[~notes["mask"]] == 0)
+            assert torch.all(weight.view(weight.shape[0], -1, 16)[~notes.mask] == 0)
     assert changed[0.0] == 0 and changed[0.01] > 100 and changed[1e-9] == 0
 
 
@@ -109,7 +103,7 @@ def test_e2e_norms_option_trains_the_norm_weights_too():
         result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
             model, ctx
         )
-        codes = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
+        codes = {k: v.codes.clone() for k, v in result.model.compression.sites.items()}
         frozen = {
             n: p.detach().clone()
             for n, p in model.named_parameters()
@@ -130,7 +124,7 @@ def test_e2e_norms_option_trains_the_norm_weights_too():
         ]
         assert len(moved) == (5 if norms else 0)
         for name, c in codes.items():
-            assert torch.equal(trained.model.annotations[name]["codes"], c), name
+            assert torch.equal(trained.model.compression.sites[name].codes, c), name
         for n, p in model.named_parameters():
             if n in frozen:
                 assert torch.equal(p, frozen[n]), n
@@ -181,9 +175,9 @@ def test_bqpo_starts_from_the_compensated_weights():
     text = "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq}"
     result = effc.Pipeline.from_text(text).run(model, ctx)
     name = "model.layers.1.mlp.up_proj"
-    codes = result.model.annotations[name]["codes"].clone()
+    codes = result.model.compression.sites[name].codes.clone()
     effc.Pipeline.from_text("gqsa-train{steps=1,lr=1e-12}").run(result.model, ctx)
-    assert torch.equal(result.model.annotations[name]["codes"], codes)
+    assert torch.equal(result.model.compression.sites[name].codes, codes)
 
 
 @pytest.mark.parametrize(
@@ -254,10 +248,8 @@ def test_bqpo_model_target_and_tail_train_towards_the_original_model():
     assert stats["tail_sites"] == ["lm_head"]
     assert stats["tail_mse_after"] < stats["tail_mse_before"]
     assert not torch.equal(model.lm_head.weight, head)
-    notes = trained.model.annotations["lm_head"]
-    expected = dequantize(
-        notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]
-    )
+    notes = trained.model.compression.sites["lm_head"]
+    expected = dequantize(notes.codes.float(), notes.scale, notes.zero.float(), notes.mask)
     torch.testing.assert_close(model.lm_head.weight.detach(), expected, rtol=0, atol=0)
     assert _final_hidden_error(model, original, _calib()) < one_shot
 
@@ -315,14 +307,14 @@ def test_e2e_kd_moves_scales_towards_the_original_model():
         model, ctx
     )
     before = _kl_to(model, original, _calib())
-    codes = {k: v["codes"].clone() for k, v in result.model.annotations.items()}
+    codes = {k: v.codes.clone() for k, v in result.model.compression.sites.items()}
     trained = effc.Pipeline.from_text("gqsa-train{stage=e2e,loss=kd,steps=20,lr=0.003}").run(
         result.model, ctx
     )
     stats = trained.report.records[0].stats
     assert stats["loss"] == "kd" and stats["kd_loss_last_step"] < stats["kd_loss_first_step"]
     for name, c in codes.items():
-        assert torch.equal(trained.model.annotations[name]["codes"], c), name
+        assert torch.equal(trained.model.compression.sites[name].codes, c), name
     assert _kl_to(model, original, _calib()) < 0.9 * before
 
 

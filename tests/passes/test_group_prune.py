@@ -306,15 +306,15 @@ def test_logit_weight_ranks_the_logit_rows_by_predicted_probability(exponent):
     stats = result.report.records[0].stats
     assert stats["logit_weight"]["layer"] == "lm_head"
     assert stats["logit_weight"]["positions"] == sum(x["input_ids"].size for x in calibration)
-    mask = result.model.annotations["lm_head"]["mask"]
+    mask = result.model.compression.sites["lm_head"].mask
     assert torch.equal(mask, expected)
     kept = mask.sum(1)
     assert int(kept.max()) > int(kept.min()) + 1  # rows differ
     order = pbar.argsort(descending=True)
     assert kept[order[:32]].float().mean() > kept[order[-32:]].float().mean()
-    for name, notes in result.model.annotations.items():
+    for name, notes in result.model.compression.sites.items():
         if name != "lm_head":  # row scope elsewhere: every row keeps half its groups
-            assert set(notes["mask"].sum(1).tolist()) == {notes["mask"].shape[1] // 2}, name
+            assert set(notes.mask.sum(1).tolist()) == {notes.mask.shape[1] // 2}, name
 
 
 def test_logit_weight_goes_through_the_sensitivity_allocation_and_onnx(llama_onnx):

@@ -46,23 +46,19 @@ def test_gptq_keeps_pruned_groups_exactly_zero():
     assert torch.all(deq[~mask] == 0)
 
 
-def test_prune_then_quantize_records_annotations_and_requires_matching_groups(tiny_llama):
+def test_prune_then_quantize_records_compression_state_and_requires_matching_groups(tiny_llama):
     from effc.models import BUILTINS
 
     model = BUILTINS["tiny-llama"][0]()
     result = effc.Pipeline.from_text("group-prune{score=magnitude},quantize{bits=4,group=16}").run(
         model
     )
-    notes = result.model.annotations["model.layers.0.mlp.down_proj"]
-    assert (
-        notes["mask"].shape == (64, 10)
-        and notes["codes"].shape == (64, 10, 16)
-        and notes["bits"] == 4
-    )
+    notes = result.model.compression.sites["model.layers.0.mlp.down_proj"]
+    assert notes.mask.shape == (64, 10) and notes.codes.shape == (64, 10, 16) and notes.bits == 4
     site = next(s for s in weight_sites(result.model) if s.fqn == "model.layers.0.mlp.down_proj")
     torch.testing.assert_close(
         read_weight(site),
-        dequantize(notes["codes"].float(), notes["scale"], notes["zero"].float(), notes["mask"]),
+        dequantize(notes.codes.float(), notes.scale, notes.zero.float(), notes.mask),
     )
     with pytest.raises(UnsupportedError, match="does not coincide with the pruning group"):
         effc.Pipeline.from_text("group-prune{score=magnitude,group=16},quantize{group=32}").run(

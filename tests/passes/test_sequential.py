@@ -69,7 +69,7 @@ def test_sequential_prunes_exactly_the_budget_and_records_masks():
     for s in weight_sites(result.model):
         if s.op != "linear" or "embed" in s.fqn:
             continue
-        mask = result.model.annotations[s.fqn]["mask"]
+        mask = result.model.compression.sites[s.fqn].mask
         w = read_weight(s).view(mask.shape[0], mask.shape[1], 16)
         assert torch.all(w[~mask] == 0) and abs(float(mask.float().mean()) - 0.5) < 0.01, s.fqn
 

@@ -102,7 +102,7 @@ def test_bsr_model_decodes_the_same_tokens_as_its_dequantized_weights():
     model, result = _w4s50()
     prompt = torch.arange(5)
     dense = StaticDecoder(model, 40).generate(prompt, 24).tokens
-    swap_linears(model, result.model.annotations, decide=False)
+    swap_linears(model, result.model.compression, decide=False)
     assert isinstance(model.lm_head, BSRLinear)
     assert len(set(dense)) > 3
     assert StaticDecoder(model, 40).generate(prompt, 24).tokens == dense
@@ -206,7 +206,7 @@ def test_attend_matches_the_torch_attention(ops, heads, kv, head_dim, pos, token
 
 def _compressed(seed: int = 7, **swap):
     model, result = _w4s50(seed)
-    swap_linears(model, result.model.annotations, decide=False, **swap)
+    swap_linears(model, result.model.compression, decide=False, **swap)
     return model
 
 

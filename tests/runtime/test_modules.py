@@ -17,7 +17,7 @@ def test_swapped_model_matches_the_fake_quantized_model():
     x = model.example_inputs(batch=2)
     with torch.no_grad():
         reference = model(**x)
-        records = swap_linears(model, result.model.annotations, decide=False)
+        records = swap_linears(model, result.model.compression, decide=False)
         swapped = model(**x)
     assert len(records) == 15 and all(r["choice"] == "sparse" for r in records)
     assert isinstance(model.lm_head, BSRLinear) and isinstance(
@@ -34,7 +34,7 @@ def test_dense_fallback_is_chosen_by_measurement():
 
     model = BUILTINS["tiny-llama"][0]()
     result = effc.Pipeline.from_text("quantize{bits=8,group=16}").run(model)
-    records = swap_linears(model, result.model.annotations, batch=4)
+    records = swap_linears(model, result.model.compression, batch=4)
     for r in records:
         assert r["choice"] == ("sparse" if r["sparse_ms"] <= r["dense_ms"] else "dense")
         assert isinstance(model.get_submodule(r["layer"]), BSRLinear) == (r["choice"] == "sparse")

@@ -124,7 +124,7 @@ def main() -> None:
         )
         compressed.config.use_cache = True
         bsr = copy.deepcopy(compressed)
-        choices = swap_linears(bsr, result.model.annotations, batch=1)
+        choices = swap_linears(bsr, result.model.compression, batch=1)
         compress_info[label] = {
             "pipeline": text,
             "compress_s": time.perf_counter() - t0,
@@ -134,7 +134,7 @@ def main() -> None:
         configs[f"{label} dequantized dense (fp32 math)"] = compressed
         configs[f"{label} BSR (effc kernels)"] = bsr
         bsr8 = copy.deepcopy(compressed)  # the opt-in int8-activation mode (lossy in x)
-        swap_linears(bsr8, result.model.annotations, batch=1, activations="int8")
+        swap_linears(bsr8, result.model.compression, batch=1, activations="int8")
         configs[f"{label} BSR int8 x (effc kernels)"] = bsr8
 
     max_len = args.prompt_tokens + args.new_tokens

@@ -49,11 +49,11 @@ def measure(passes: str, n_windows: int, seqlen: int, calib_samples: int = 16) -
     model = load_model(folder)
     ctx = effc.PassContext(calibration=[{"input_ids": w[None].numpy()} for w in calib])
     result = effc.Pipeline.from_text(passes).run(FxModel(model, {"input_ids": calib[:1, :64]}), ctx)
-    annotations = result.model.annotations
+    compression = result.model.compression
     rows = {"fake-quantized fp32 (reference)": model}
     for mode in ("fp32", "int8"):
         bsr = copy.deepcopy(model)
-        swap_linears(bsr, annotations, decide=False, activations=mode)
+        swap_linears(bsr, compression, decide=False, activations=mode)
         rows[f"BSR kernels, {mode} activations"] = bsr
     out = {"passes": passes, "windows": n_windows, "seqlen": seqlen, "threads": THREADS, "rows": []}
     for name, m in rows.items():

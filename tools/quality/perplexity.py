@@ -248,25 +248,30 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
-def compressed_bytes(model, annotations: dict) -> dict:
+def compressed_bytes(model, compression) -> dict:
     """values / indices / scales bytes of the compressible linear layers."""
-    from effc.runtime.modules import matrix_from_annotations
+    from effc.runtime.modules import matrix_from_state
 
     totals = {"values": 0, "indices": 0, "scales": 0}
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        notes = annotations.get(name, {})
+        state = compression.get(name)
         out, inp = module.weight.shape
-        if "codes" in notes and notes["bits"] in (4, 8) and "mask" in notes:
-            for k, v in matrix_from_annotations(notes).nbytes().items():
+        if (
+            state is not None
+            and state.quantized
+            and state.bits in (4, 8)
+            and state.mask is not None
+        ):
+            for k, v in matrix_from_state(state).nbytes().items():
                 totals[k] += v
-        elif "codes" in notes:
-            totals["values"] += out * inp * notes["bits"] // 8
-            totals["scales"] += (out * inp // notes["group"]) * 3
-        elif "mask" in notes:  # pruned, not quantized: kept fp32 values + uint16 block indices
-            kept = int(notes["mask"].sum())
-            totals["values"] += kept * notes["group"] * 4
+        elif state is not None and state.quantized:
+            totals["values"] += out * inp * state.bits // 8
+            totals["scales"] += (out * inp // state.group) * 3
+        elif state is not None and state.mask is not None:  # pruned only: fp32 values + indices
+            kept = int(state.mask.sum())
+            totals["values"] += kept * state.group * 4
             totals["indices"] += kept * 2 + (out + 1) * 4
         else:
             totals["values"] += out * inp * 4
@@ -276,6 +281,7 @@ def compressed_bytes(model, annotations: dict) -> dict:
 def main() -> None:
     import effc
     from effc.ir import FxModel
+    from effc.ir.compression import CompressionState
     from effc.models.real import smollm2_folder
     from tools.quality.data import ORDERS, SPLIT, split, windows
 
@@ -339,7 +345,7 @@ def main() -> None:
     for name in names:
         model = load_model(folder)
         t0 = time.perf_counter()
-        annotations: dict = {}
+        compression = CompressionState()
         stages = None
         text, count = row_spec(name, args.calib_samples)
         if text:
@@ -350,7 +356,7 @@ def main() -> None:
             pipeline = effc.Pipeline.from_text(text)
             pipeline.instruments.append(stages)
             result = pipeline.run(fxm, ctx)
-            annotations = result.model.annotations
+            compression = result.model.compression
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, eval_windows)
         seen_ppl = perplexity(model, calib_windows[:SEEN_WINDOWS]) if not text else None
@@ -359,7 +365,7 @@ def main() -> None:
             "pipeline": text,
             "perplexity": ppl,
             "compress_s": seconds,
-            "bytes": compressed_bytes(model, annotations),
+            "bytes": compressed_bytes(model, compression),
         }
         if count != args.calib_samples:
             row["calib_windows"] = count
