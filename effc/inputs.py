@@ -1,8 +1,9 @@
 """Random and file inputs for checks and tests (DESIGN.md section 7).
 
-Symbolic dims come from ``--shape name=1x128``; integer inputs whose name says ids are drawn
-in ``[0, vocab)``; masks are all ones; everything else is standard normal. Seeds make them
-reproducible.
+Symbolic dims come from ``--shape name=1x128``, else from a documented default rule (batch 1,
+image spatial 64, other dims 16); integer inputs whose name says ids are drawn in ``[0, vocab)``;
+masks are all ones; float NCHW images are uniform in [0, 1]; everything else is standard normal.
+Seeds make them reproducible.
 """
 
 from __future__ import annotations
@@ -15,39 +16,102 @@ import numpy as np
 from effc.errors import InputError
 from effc.ir.model import InputSpec
 
+# The documented rule for dims a model leaves symbolic (``None``, a name, or -1) when no
+# ``--shape`` fixes them: the batch (first) dim 1; the spatial dims of an NCHW image 64 and its
+# channels 3; every other dim (sequence length, ...) 16.
+DEFAULT_BATCH, DEFAULT_SPATIAL, DEFAULT_CHANNELS, DEFAULT_OTHER = 1, 64, 3, 16
+
+
+def _dims(text: str) -> list[int]:
+    dims = []
+    for d in text.lower().split("x"):
+        dims.append(-1 if d in ("?", "-1") else int(d))
+        if dims[-1] == 0 or dims[-1] < -1:
+            raise ValueError
+    return dims
+
 
 def parse_shapes(items: list[str] | None) -> dict[str, list[int]]:
-    """``["input_ids=1x128"]`` -> ``{"input_ids": [1, 128]}``."""
+    """``["input_ids=1x128"]`` -> ``{"input_ids": [1, 128]}``; a dim written ``?`` or ``-1`` is
+    left to the default rule (``DEFAULT_*``)."""
     shapes = {}
     for item in items or []:
         name, sep, dims = item.partition("=")
         try:
             if not sep or not name:
                 raise ValueError
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-            if any(d <= 0 for d in shapes[name]):
-                raise ValueError
+            shapes[name] = _dims(dims)
         except ValueError:
-            raise InputError(f"--shape {item!r}: expected NAME=DIMS like input_ids=1x128") from None
+            raise InputError(
+                f"--shape {item!r}: expected NAME=DIMS like input_ids=1x128 (? or -1 for a dim "
+                "to leave to the default)"
+            ) from None
     return shapes
 
 
+def _static(d) -> bool:
+    return isinstance(d, int) and d > 0
+
+
+def is_image(spec: InputSpec) -> bool:
+    """A float NCHW input with 1, 3 or 4 channels (or unknown channels): values in [0, 1]."""
+    float_input = np.issubdtype(np.dtype(spec.dtype), np.floating)
+    return (
+        float_input
+        and len(spec.shape) == 4
+        and spec.shape[1] in (1, 3, 4)
+        or (float_input and len(spec.shape) == 4 and not _static(spec.shape[1]))
+    )
+
+
+def default_dim(spec: InputSpec, i: int) -> int:
+    if i == 0:
+        return DEFAULT_BATCH
+    if is_image(spec):
+        return DEFAULT_CHANNELS if i == 1 else DEFAULT_SPATIAL
+    return DEFAULT_OTHER
+
+
 def resolve_shape(spec: InputSpec, shapes: dict[str, list[int]]) -> list[int]:
-    if spec.name in shapes:
-        given = shapes[spec.name]
+    """Concrete dims for ``spec``: its static dims, then ``--shape``, then the default rule."""
+    given = shapes.get(spec.name)
+    if given is not None:
         if len(given) != len(spec.shape) or any(
-            isinstance(d, int) and d != g for d, g in zip(spec.shape, given)
+            _static(d) and g != -1 and d != g for d, g in zip(spec.shape, given)
         ):
             raise InputError(
                 f"--shape {spec.name}={'x'.join(map(str, given))} does not fit its shape {spec.shape}"
             )
-        return given
-    if all(isinstance(d, int) for d in spec.shape):
-        return list(spec.shape)
-    raise InputError(
-        f"input '{spec.name}' has symbolic dims {spec.shape}; pass --shape {spec.name}="
-        + "x".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
-    )
+    else:
+        given = [-1] * len(spec.shape)
+    return [
+        d if _static(d) else (g if g != -1 else default_dim(spec, i))
+        for i, (d, g) in enumerate(zip(spec.shape, given))
+    ]
+
+
+def describe(specs: list[InputSpec], shapes: dict | None = None) -> list[str]:
+    """One line per input: the concrete shape random inputs get, which dims the default rule
+    chose, and the value range (what the report says of its verification inputs)."""
+    lines = []
+    for spec in specs:
+        shape = resolve_shape(spec, shapes or {})
+        given = (shapes or {}).get(spec.name, [-1] * len(spec.shape))
+        chosen = [
+            i for i, (d, g) in enumerate(zip(spec.shape, given)) if not _static(d) and g == -1
+        ]
+        dtype = np.dtype(spec.dtype)
+        if "mask" in spec.name.lower() or dtype == np.bool_:
+            values = "all ones (mask)"
+        elif np.issubdtype(dtype, np.integer):
+            values = "token ids in range" if "ids" in spec.name.lower() else "integers in [0, 2)"
+        else:
+            values = "uniform in [0, 1] (image)" if is_image(spec) else "standard normal"
+        line = f"{spec.name}: {spec.dtype} {'x'.join(map(str, shape))}, {values}"
+        if chosen:
+            line += f"; dims {chosen} of {spec.shape} by the default rule (--shape to choose)"
+        lines.append(line)
+    return lines
 
 
 def random_inputs(
@@ -65,6 +129,8 @@ def random_inputs(
             out[spec.name] = rng.integers(0, high, size=shape).astype(dtype)
         elif dtype == np.bool_:
             out[spec.name] = np.ones(shape, dtype)
+        elif is_image(spec):
+            out[spec.name] = rng.random(shape).astype(dtype)
         else:
             out[spec.name] = rng.standard_normal(shape).astype(dtype)
     return out
@@ -92,7 +158,7 @@ def check_inputs(specs: list[InputSpec], inputs: dict[str, np.ndarray]) -> None:
     for name, arr in inputs.items():
         spec = expected[name]
         if arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)
+            _static(d) and d != a for d, a in zip(spec.shape, arr.shape)
         ):
             raise InputError(
                 f"input '{name}' has shape {list(arr.shape)}, the model wants {spec.shape}"

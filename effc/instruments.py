@@ -11,6 +11,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from effc.context import PassContext
 from effc.errors import VerificationError
+from effc.numerics import FLOOR_MULTIPLE
 from effc.progress import make_console
 from effc.report import PassRecord
 
@@ -28,21 +29,37 @@ class Instrument:
 
 
 class VerifyInstrument(Instrument):
-    """Measure every pass's output change; fail when a lossless pass exceeds the tolerance."""
+    """Measure every pass's output change; fail when a lossless pass changes the outputs beyond
+    ``rtol``/``atol`` and beyond ``floor_multiple`` times the model's own fp32 noise floor
+    (``effc.numerics``), or when a pass that only moves data changes a single bit."""
 
     wants_error = True
 
-    def __init__(self, rtol: float = 1e-4, atol: float = 1e-5):
-        self.rtol, self.atol = rtol, atol
+    def __init__(
+        self, rtol: float = 1e-4, atol: float = 1e-5, floor_multiple: float = FLOOR_MULTIPLE
+    ):
+        self.rtol, self.atol, self.floor_multiple = rtol, atol, floor_multiple
 
     def after_pass(self, record, model, ctx, index):
         err = record.error or {}
-        if not record.lossy and not err.get("ok", True):
+        if record.lossy or err.get("ok", True):
+            return
+        if err.get("rule") == "bitwise":
             raise VerificationError(
-                f"pass '{record.text}' is lossless but changed the outputs: max abs error "
-                f"{err.get('max_abs', float('nan')):.3e} (rtol {self.rtol}, atol {self.atol})"
-                + (f"; {err['reason']}" if "reason" in err else "")
+                f"pass '{record.text}' only moves data but changed the outputs (max abs error "
+                f"{err.get('max_abs', float('nan')):.3e}; it must be bit-identical)"
             )
+        floor = (
+            f", {err['floor_ratio']:.1f}x the model's fp32 noise floor {err['floor']:.2e} "
+            f"(allowed {self.floor_multiple:g}x)"
+            if "floor" in err
+            else ""
+        )
+        raise VerificationError(
+            f"pass '{record.text}' is lossless but changed the outputs: max abs error "
+            f"{err.get('max_abs', float('nan')):.3e} (rtol {self.rtol}, atol {self.atol}{floor})"
+            + (f"; {err['reason']}" if "reason" in err else "")
+        )
 
 
 class ProgressInstrument(Instrument):

@@ -15,7 +15,7 @@ from torch import nn
 import effc.passes  # noqa: F401  (registers the built-in passes)
 from effc.context import PassContext
 from effc.errors import EffcError, PassFailedError, PassOptionError, did_you_mean
-from effc.inputs import random_inputs
+from effc.inputs import describe, random_inputs
 from effc.instruments import (
     DumpInstrument,
     Instrument,
@@ -24,7 +24,7 @@ from effc.instruments import (
 )
 from effc.ir.model import FxModel, OnnxModel
 from effc.ir.torch_io import example_inputs_for, export_onnx, load_model
-from effc.numerics import compare_outputs, merge_comparisons
+from effc.numerics import FLOOR_MULTIPLE, compare_runs, noise_floor
 from effc.pass_base import Pass, PassResult
 from effc.pipeline_text import Spec, parse_pipeline, print_pipeline
 from effc.registry import PASSES
@@ -216,23 +216,89 @@ class Pipeline(Pass):
 
 
 @dataclass
+class _Baseline:
+    """What the verifier knows of the current model state: its outputs on the verification
+    inputs, and (computed when a lossless pass needs it) its fp32 noise floor; for a graph with
+    activation Q/DQ the same for its float semantics (Q/DQ stripped)."""
+
+    outputs: list
+    floors: list[float] | None = None
+    stripped: tuple | None = None  # (outputs, floors) of the Q/DQ-stripped model
+
+
+def _floors(model, inputs, outputs) -> list[float]:
+    return noise_floor(outputs, [model.run_nudged(inputs, seed) for seed in (0, 1)])
+
+
+@dataclass
 class _RunState:
     instruments: list[Instrument]
     report: Report
-    outputs: list | None = None  # current model's outputs on the eval inputs
+    baseline: _Baseline | None = None  # of the current model state, while it is unchanged
     inputs: list | None = None
     ran: list[str] = field(default_factory=list)
 
-    def _outputs(self, model, ctx):
+    def _verifier(self) -> VerifyInstrument | None:
+        return next((i for i in self.instruments if isinstance(i, VerifyInstrument)), None)
+
+    def _base(self, model, ctx) -> _Baseline:
         if self.inputs is None:
             self.inputs = eval_inputs(ctx, model)
-        return [model.run(x) for x in self.inputs]
+            if ctx.calibration:
+                self.report.notes.append(
+                    f"outputs compared on {len(self.inputs)} calibration samples"
+                )
+            else:
+                lines = describe(model.input_specs(), ctx.shapes)
+                self.report.notes.append(
+                    f"outputs compared on {len(self.inputs)} random input sets: " + "; ".join(lines)
+                )
+        if self.baseline is None:
+            self.baseline = _Baseline(model.run_all(self.inputs))
+        return self.baseline
 
     def _boundary(self, p: Pass, model, ctx):
         if model.kind == "fx" and "fx" not in p.kinds and "onnx" in p.kinds:
             model = ensure_onnx(model, self.report, f"pass '{p.name}'", self.instruments)
             self.ran.append("(FX -> ONNX)")
+            self.baseline = None
         return model
+
+    def _prepare(self, p: Pass, model, verifier) -> None:
+        """Before a lossless pass: the noise floor of the state it starts from (once per state)."""
+        base = self.baseline
+        if verifier is None or p.lossy or p.bitwise:
+            return
+        if model.kind == "onnx" and model.has_activation_qdq():
+            if base.stripped is None:
+                stripped = model.without_activation_qdq()
+                outs = stripped.run_all(self.inputs)
+                base.stripped = (outs, _floors(stripped, self.inputs, outs))
+        elif base.floors is None:
+            base.floors = _floors(model, self.inputs, base.outputs)
+
+    def _error(self, p: Pass, model, base: _Baseline, after: list, verifier) -> dict:
+        rtol, atol, k = (
+            (verifier.rtol, verifier.atol, verifier.floor_multiple)
+            if verifier
+            else (1e-4, 1e-5, FLOOR_MULTIPLE)
+        )
+        error = compare_runs(base.outputs, after, rtol, atol)
+        if verifier is None or p.lossy:
+            return error
+        if p.bitwise:
+            return dict(error, ok=error["identical"], rule="bitwise")
+        if base.stripped is not None:  # float semantics: one ulp may flip a quantization step
+            outs, floors = base.stripped
+            stripped = compare_runs(
+                outs, model.without_activation_qdq().run_all(self.inputs), rtol, atol, floors, k
+            )
+            return dict(stripped, rule="activation Q/DQ stripped", with_qdq=error)
+        fixed = error["ok"]
+        error = compare_runs(base.outputs, after, rtol, atol, base.floors, k)
+        if fixed or "floor" not in error:
+            return dict(error, rule="tolerance")
+        return dict(error, rule="noise floor")
 
     def run_pass(self, p: Pass, model, ctx, iteration: int):
         text = Pipeline([p]).text
@@ -243,11 +309,11 @@ class _RunState:
 
             for inst in self.instruments:
                 inst.before_pass(text, ctx)
-            measure = (p.lossy and bool(ctx.calibration)) or any(
-                i.wants_error for i in self.instruments
-            )
-            if measure and self.outputs is None:
-                self.outputs = self._outputs(model, ctx)
+            verifier = self._verifier()
+            measure = (p.lossy and bool(ctx.calibration)) or verifier is not None
+            if measure:
+                base = self._base(model, ctx)
+                self._prepare(p, model, verifier)
 
             def step(m):
                 result = p.run(m, ctx)
@@ -257,14 +323,13 @@ class _RunState:
             model, record = measured_step(p.name, text, model.kind, model, step)
             record.note = f"iteration {iteration + 1}" if iteration else ""
             record.lossy = p.lossy
-            if measure:
-                after = self._outputs(model, ctx)
-                record.error = merge_comparisons(
-                    [compare_outputs(a, b) for a, b in zip(self.outputs, after)]
-                )
-                self.outputs = after
-            elif record.modified and p.lossy:
-                self.outputs = None
+            if measure:  # also when the pass says it changed nothing: it may be wrong
+                after = model.run_all(self.inputs)
+                record.error = self._error(p, model, base, after, verifier)
+                if not record.error.get("identical"):
+                    self.baseline = _Baseline(after)
+            elif record.modified:
+                self.baseline = None
             self.report.records.append(record)
             for inst in self.instruments:
                 inst.after_pass(record, model, ctx, len(self.report.records))

@@ -89,7 +89,9 @@ class Report:
                 )
                 if r.lossy and not r.error.get("identical"):
                     err += f", rel {r.error['max_rel']:.2e}"
-                elif not r.error.get("ok", True):
+                elif "floor_ratio" in r.error and not r.error.get("identical"):
+                    err += f" ({r.error['floor_ratio']:.1f}x fp32 noise)"
+                if not r.lossy and not r.error.get("ok", True):
                     err += " (over tolerance)"
 
             changes = ", ".join(

@@ -15,11 +15,24 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from effc.ir.compression import CompressionState
 from effc.ir.ort import session_for
 from effc.ir.trace import trace
+
+
+def ulp_nudge(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``a`` with every finite float32 element moved one ulp up or down at random: one fp32
+    rounding of every value. Scalars (exponents, epsilons: hyperparameters, not data) and
+    mask-like constants of magnitude 1e30 and more stay."""
+    if a.dtype != np.float32 or a.size <= 1:
+        return a
+    away = np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+    with np.errstate(over="ignore"):
+        nudged = np.nextafter(a, away)
+    return np.where(np.isfinite(a) & (np.abs(a) < 1e30), nudged, a).astype(np.float32)
 
 
 @dataclass
@@ -72,14 +85,39 @@ class FxModel:
             for k, v in self.example_inputs.items()
         ]
 
+    @property
+    def _runner(self) -> nn.Module:
+        """The source module (any input shape) unless a structural pass rewrote the graph, then
+        the (static-shape) graph module."""
+        return self.graph_module if self.graph_modified else self.module
+
     @torch.no_grad()
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs on numpy inputs: the source module (any input shape) unless a structural
-        pass rewrote the graph, then the (static-shape) graph module."""
-        runner = self.graph_module if self.graph_modified else self.module
-        outputs = runner(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+        """Outputs on numpy inputs."""
+        outputs = self._runner(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
         flat, _ = torch.utils._pytree.tree_flatten(outputs)
         return [t.detach().numpy() for t in flat if isinstance(t, torch.Tensor)]
+
+    def run_all(self, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        return [self.run(x) for x in inputs]
+
+    @torch.no_grad()
+    def run_nudged(self, inputs: list[dict], seed: int) -> list[list[np.ndarray]]:
+        """Outputs with every float parameter, buffer and input one ulp off (``ulp_nudge``): the
+        model's own sensitivity to fp32 rounding. The weights are restored afterwards."""
+        rng = np.random.default_rng(seed)
+        tensors = [t for t in [*self._runner.parameters(), *self._runner.buffers()]]
+        tensors = [t for t in dict.fromkeys(tensors) if t.dtype == torch.float32]
+        saved = [t.detach().clone() for t in tensors]
+        try:
+            for t in tensors:
+                t.copy_(torch.from_numpy(ulp_nudge(t.detach().numpy(), rng)))
+            return [
+                self.run({k: ulp_nudge(np.asarray(v), rng) for k, v in x.items()}) for x in inputs
+            ]
+        finally:
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
 
     def vocab_hint(self) -> int | None:
         sizes = [m.num_embeddings for m in self.module.modules() if isinstance(m, nn.Embedding)]
@@ -132,7 +170,7 @@ class OnnxModel:
             if v.name in self.model.graph.initializers:
                 continue
             shape = [
-                d if isinstance(d, int) else (str(d) if d is not None else "?")
+                d if isinstance(d, int) else (getattr(d, "value", None) or "?")
                 for d in (v.shape or [])
             ]
             dtype = v.dtype.numpy().name if v.dtype is not None else "float32"
@@ -144,7 +182,65 @@ class OnnxModel:
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs under onnxruntime with its exact graph rewrites only (the reference)."""
-        return session_for(self.model, optimize="basic").run(None, inputs)
+        return self.run_all([inputs])[0]
+
+    def run_all(self, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        """Outputs on every input set, from one onnxruntime session."""
+        session = session_for(self.model, optimize="basic")
+        return [session.run(None, x) for x in inputs]
+
+    def run_nudged(self, inputs: list[dict], seed: int) -> list[list[np.ndarray]]:
+        """Outputs with every float initializer, Constant and input one ulp off (``ulp_nudge``):
+        the model's own sensitivity to fp32 rounding. The weights are restored afterwards."""
+        rng = np.random.default_rng(seed)
+        graph = self.model.graph
+        saved_inits, saved_attrs = {}, []
+        try:
+            for v in graph.initializers.values():
+                t = v.const_value
+                if t is not None and t.dtype == ir.DataType.FLOAT:
+                    saved_inits[v] = t
+                    v.const_value = ir.tensor(ulp_nudge(t.numpy(), rng), name=v.name)
+            for n in graph.all_nodes():
+                attr = n.attributes.get("value") if n.op_type == "Constant" else None
+                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    t = attr.as_tensor()
+                    if t.dtype == ir.DataType.FLOAT:
+                        saved_attrs.append((n, attr))
+                        n.attributes["value"] = ir.AttrTensor(
+                            "value", ir.tensor(ulp_nudge(t.numpy(), rng))
+                        )
+            session = session_for(self.model, optimize="basic")
+        finally:
+            for v, t in saved_inits.items():
+                v.const_value = t
+            for n, attr in saved_attrs:
+                n.attributes["value"] = attr
+        return [
+            session.run(None, {k: ulp_nudge(np.asarray(a), rng) for k, a in x.items()})
+            for x in inputs
+        ]
+
+    def has_activation_qdq(self) -> bool:
+        return any(_is_activation_q(n) for n in self.model.graph.all_nodes())
+
+    def without_activation_qdq(self) -> OnnxModel:
+        """A copy with every activation QuantizeLinear -> DequantizeLinear pair removed (weight
+        DequantizeLinear of constant codes stays): the float semantics a rewrite of a Q/DQ graph
+        must keep, without the rounding steps a one-ulp difference can flip."""
+        copy = ir.serde.deserialize_model(ir.serde.serialize_model(self.model))
+        graph = copy.graph
+        for q in [n for n in graph if _is_activation_q(n)]:
+            x = q.inputs[0]
+            for use in list(q.outputs[0].uses()):
+                dq = use.node
+                if dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx"):
+                    out = dq.outputs[0]
+                    if out.is_graph_output():
+                        continue
+                    out.replace_all_uses_with(x)
+        RemoveUnusedNodesPass()(copy)
+        return OnnxModel(copy, self.path)
 
     def vocab_hint(self) -> int | None:
         inputs = {v.name for v in self.model.graph.inputs}
@@ -182,6 +278,14 @@ class OnnxModel:
                 params += n
             nbytes += t.nbytes
         return params, nbytes
+
+
+def _is_activation_q(node: ir.Node) -> bool:
+    """A QuantizeLinear of a computed value (not of a constant weight)."""
+    if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return False
+    x = node.inputs[0]
+    return x is not None and not x.is_initializer() and x.const_value is None
 
 
 Model = FxModel | OnnxModel

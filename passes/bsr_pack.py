@@ -73,7 +73,9 @@ def rewrite(model, batch: int = 1, decide: bool = True, activations: str = "fp32
             },
             name=f"{site.fqn}.bsr",
         )
-        new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
+        # the kernel's output is float32 whatever the input file annotated (files from
+        # onnx.helper and other exporters carry no value_info for intermediate values)
+        new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, ir.DataType.FLOAT
         graph.insert_before(node, new)
         old = node.outputs[0]
         old.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)

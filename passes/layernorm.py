@@ -30,6 +30,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from effc.errors import InputError
+from effc.inputs import DEFAULT_BATCH, DEFAULT_SPATIAL
 from effc.ir.calibrate import collect_values
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import train
@@ -194,6 +195,16 @@ def _distill(
     return log.losses
 
 
+def _timing_shape(shape) -> tuple[int, ...] | None:
+    """A concrete NCHW shape to time a channel LayerNorm at: symbolic dims by effc's default rule
+    (batch 1, spatial 64; the channels are always static at a channel site)."""
+    if shape is None or len(shape) != 4:
+        return None
+    defaults = (DEFAULT_BATCH, None, DEFAULT_SPATIAL, DEFAULT_SPATIAL)
+    dims = tuple(d if isinstance(d, int) and d > 0 else defaults[i] for i, d in enumerate(shape))
+    return None if None in dims else dims
+
+
 @register
 class LayerNorm(Pass):
     """LayerNorm -> fused/transpose-free (exact), per-channel affine, RMSNorm, or tanh + 1x1."""
@@ -256,10 +267,16 @@ class LayerNorm(Pass):
             if not site.channel:
                 continue
             form = self.options.form
-            if form == "auto":
-                ms = time_channel_forms(tuple(site.x.shape))
+            shape = _timing_shape(site.x.shape)
+            if form == "auto" and shape is None:  # not even the rank is known: no timing
+                form = "reduce"
+                chosen[site.name] = {"form": form, "timed": "no (unknown shape)"}
+            elif form == "auto":
+                ms = time_channel_forms(shape)
                 form = min(ms, key=ms.get)
                 chosen[site.name] = {"form": form, **{k: round(v, 3) for k, v in ms.items()}}
+                if shape != tuple(site.x.shape):
+                    chosen[site.name]["timed_at"] = "x".join(map(str, shape))
             else:
                 chosen[site.name] = {"form": form}
             CHANNEL_FORMS[form](graph, site)

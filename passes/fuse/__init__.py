@@ -13,7 +13,7 @@ import onnx_ir.passes.common as common
 
 from effc.errors import PassOptionError, did_you_mean
 from effc.pass_base import Pass, PassResult
-from effc.passes.fuse.rules import RULES
+from effc.passes.fuse.rules import BITWISE_RULES, RULES
 from effc.registry import register
 
 
@@ -28,6 +28,7 @@ class Fuse(Pass):
         rules: list[str] = field(default_factory=lambda: list(RULES))
 
     def validate(self) -> None:
+        self.bitwise = set(self.options.rules) <= BITWISE_RULES
         for rule in self.options.rules:
             if rule not in RULES:
                 raise PassOptionError(

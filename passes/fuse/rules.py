@@ -68,3 +68,6 @@ RULES: dict[str, Rule] = {
         fx=linear_chain_fx,
     ),
 }
+
+# rules that only move data or regroup the same elementwise operations: outputs bit-identical
+BITWISE_RULES = frozenset({"layout-chains", "unfold-once", "expand-binary"})
