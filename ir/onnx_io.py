@@ -98,14 +98,18 @@ def initializer_bytes(model: ir.Model) -> int:
 def save_onnx(model: ir.Model, path: str | os.PathLike, external: bool | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically; return the files written.
 
-    ``external=None`` moves weights to ``<name>.data`` beside the model only when the model would
-    exceed protobuf's 2 GiB limit. External data always lands in the model's own folder. Files
-    are written into a temporary folder beside ``path`` and renamed into place.
+    ``external=None`` moves weights to ``<name>.data`` beside the model when the model would
+    exceed protobuf's 2 GiB limit or its weights came from external data (a user's external-data
+    file stays external, copied: never referenced from where it was). External data always lands
+    in the model's own folder. Files are written into a temporary folder beside ``path`` and
+    renamed into place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
-        external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
+            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        )
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".effc-", dir=path.parent) as tmp:
         tmp_model = Path(tmp) / path.name

@@ -64,6 +64,21 @@ def session_for(
     graph optimizations), ``"basic"`` (exact rewrites only: the reference semantics) or False
     (none)."""
     proto = ir.serde.serialize_model(model)
-    return open_session(
-        proto.SerializeToString(), session_options(threads, optimize), model.opset_imports
-    )
+    opts = session_options(threads, optimize)
+    folders = external_data_folders(model)
+    if len(folders) > 1:
+        raise InputError(f"the model's external data lies in several folders: {sorted(folders)}")
+    if folders:  # weights the serialized bytes reference: read them from the model's folder
+        opts.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", folders.pop()
+        )
+    return open_session(proto.SerializeToString(), opts, model.opset_imports)
+
+
+def external_data_folders(model: ir.Model) -> set[str]:
+    """The folders of the external-data files the model's initializers still live in."""
+    return {
+        str(v.const_value.base_dir)
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }

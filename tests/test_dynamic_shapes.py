@@ -123,3 +123,40 @@ def test_bsr_target_on_a_plain_onnx_file_without_value_info(tmp_path, cli):
     assert "layers_packed=2" in err
     code, out, err = cli("run", tmp_path / "o", "--shape", "x=3x64")
     assert code == 0, err
+
+
+def test_external_data_end_to_end_from_another_folder(tmp_path, cli, monkeypatch):
+    """Every weight in an external-data file beside the model; effc runs from another working
+    directory: verification, the artifact (its own copy of the data, hashed), run and check."""
+    import json
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    proto = onnx.load(str(_conv_file(tmp_path / "inline.onnx", ["batch", 3, "h", "w"])))
+    onnx.save_model(
+        proto,
+        str(folder / "m.onnx"),
+        save_as_external_data=True,
+        location="m.weights",
+        size_threshold=0,
+    )
+    assert (
+        not onnx.load(str(folder / "m.onnx"), load_external_data=False)
+        .graph.initializer[0]
+        .raw_data
+    )  # really external
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = cli(
+        "compile", folder / "m.onnx", "--passes", "fixpoint(cleanup,fuse)", "-o", tmp_path / "o"
+    )
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert "model.onnx.data" in manifest["files"]
+    (folder / "m.weights").rename(folder / "moved")  # the artifact does not read the source's
+    code, _, err = cli("run", tmp_path / "o", "--shape", "x=1x3x8x8")
+    assert code == 0, err
+    (folder / "moved").rename(folder / "m.weights")
+    code, out, err = cli("check", folder / "m.onnx", tmp_path / "o" / "model.onnx")
+    assert code == 0 and ("equal" in out or "identical" in out), (out, err)
