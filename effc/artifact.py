@@ -47,7 +47,10 @@ def write_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     backup = None
     try:
-        build(tmp)
+        try:
+            build(tmp)
+        except OSError as e:  # disk full, permissions: the output cannot be written
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = dict(manifest, manifest_version=MANIFEST_VERSION)
         manifest["files"] = {
@@ -55,6 +58,9 @@ def write_artifact(
             for p in files
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # a folder's usual permissions, not the temp folder's 0700
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, backup)

@@ -40,14 +40,22 @@ from effc.progress import make_console
 from effc.testing import GoldenMismatch, assert_golden
 
 log = logging.getLogger("effc")
+# exit codes: 0 success; 1 `effc check` found the models different; 2 a user error (argparse's
+# own code too); 3 a bug in effc; 141 the output pipe closed (128 + SIGPIPE, as other tools)
+EXIT_DIFFERENT, EXIT_USER, EXIT_INTERNAL, EXIT_PIPE = 1, 2, 3, 141
 
 
 def _console():
     return make_console()
 
 
+class _StdoutConsole(Console):
+    def on_broken_pipe(self) -> None:  # rich would exit 1 itself; main() stops quietly instead
+        raise BrokenPipeError
+
+
 def _stdout_console():
-    return Console(width=None if sys.stdout.isatty() else 160)
+    return _StdoutConsole(width=None if sys.stdout.isatty() else 160)
 
 
 def _load(args, ref: str):
@@ -158,14 +166,18 @@ def cmd_list_passes(args) -> int:
 
 
 def cmd_check(args) -> int:
-
     model = _load(args, args.model)
     if args.golden:
+        if not args.update and not Path(args.golden).is_file():
+            raise EffcError(
+                f"golden file {args.golden} does not exist; write it with "
+                f"effc check {args.model} --golden {args.golden} --update"
+            )
         try:
             assert_golden(model, args.golden, args.rtol, args.atol, update=args.update)
         except GoldenMismatch as e:
             print(str(e), file=sys.stderr)
-            return 1
+            return EXIT_DIFFERENT
         print(f"{'wrote' if args.update else 'matches'} {args.golden}")
         return 0
     if not args.other:
@@ -184,7 +196,7 @@ def cmd_check(args) -> int:
         f"(rtol {args.rtol}, atol {args.atol}, {args.seeds} seeds)"
         + (f"; {result['reason']}" if "reason" in result else "")
     )
-    return 0 if result["ok"] else 1
+    return 0 if result["ok"] else EXIT_DIFFERENT
 
 
 def cmd_run(args) -> int:
@@ -228,6 +240,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
@@ -241,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shape", action="append", metavar="NAME=DIMS", help="input shape, e.g. input_ids=1x128"
     )
     common.add_argument(
-        "--threads", type=int, default=2, help="threads for torch, onnxruntime and OpenMP"
+        "--threads",
+        type=_positive,
+        default=2,
+        help="threads for torch, onnxruntime and OpenMP",
     )
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--task", choices=["causal-lm", "base"], help="HF folder: force the task")
@@ -314,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (2), --help and --version (0): a code, not an exit
+        return int(e.code or 0)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
@@ -322,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_third_party()
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (effc inspect m.onnx | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except EffcError as e:
         if args.debug:
             raise
@@ -335,10 +366,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(
-            f"effc: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+            f"effc: internal error: {type(e).__name__}: {msg} (a bug in effc: rerun with --debug "
+            "for the traceback and report it)",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_INTERNAL
 
 
 def _quiet_third_party() -> None:

@@ -148,8 +148,9 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path} is not a readable .npz of arrays ({e})") from e
 
 
-def check_inputs(specs: list[InputSpec], inputs: dict[str, np.ndarray]) -> None:
-    """Names, ranks, static dims and dtypes of ``inputs`` must match the model's."""
+def check_inputs(specs: list[InputSpec], inputs: dict[str, np.ndarray], sizes: bool = True) -> None:
+    """Names, ranks, static dims (unless ``sizes`` is false: a torch module's example sizes are
+    not its only ones) and dtypes of ``inputs`` must match the model's."""
     expected = {s.name: s for s in specs}
     if set(inputs) != set(expected):
         raise InputError(
@@ -158,7 +159,7 @@ def check_inputs(specs: list[InputSpec], inputs: dict[str, np.ndarray]) -> None:
     for name, arr in inputs.items():
         spec = expected[name]
         if arr.ndim != len(spec.shape) or any(
-            _static(d) and d != a for d, a in zip(spec.shape, arr.shape)
+            sizes and _static(d) and d != a for d, a in zip(spec.shape, arr.shape)
         ):
             raise InputError(
                 f"input '{name}' has shape {list(arr.shape)}, the model wants {spec.shape}"

@@ -92,6 +92,11 @@ class Pass:
     def spec(self) -> Spec:
         return Spec(self.name, dict(self.given))
 
+    def needs_calibration(self) -> bool:
+        """Whether this pass, with its options, reads calibration inputs (checked before a
+        pipeline starts, so a missing --calib fails at once, not after minutes of work)."""
+        return False
+
     def requires(self, model, ctx) -> None:
         """Raise an EffcError when ``model`` is not fit for this pass."""
 

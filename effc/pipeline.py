@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from torch import nn
 
 import effc.passes  # noqa: F401  (registers the built-in passes)
 from effc.context import PassContext
-from effc.errors import EffcError, PassFailedError, PassOptionError, did_you_mean
-from effc.inputs import describe, random_inputs
+from effc.errors import EffcError, InputError, PassFailedError, PassOptionError, did_you_mean
+from effc.inputs import check_inputs, describe, random_inputs
 from effc.instruments import (
     DumpInstrument,
     Instrument,
@@ -191,6 +192,7 @@ class Pipeline(Pass):
         """Run on any model form (see ``as_model``); returns the model and its Report."""
         ctx = ctx or PassContext()
         model = as_model(model, ctx.shapes)
+        self._preflight(model, ctx)
         report = Report(source=model.source, pipeline=self.text, calibration=ctx.calibration_info)
         state = _RunState(self.instruments, report)
         model, modified = self._execute(model, ctx, state)
@@ -198,6 +200,38 @@ class Pipeline(Pass):
 
     def __call__(self, model, ctx) -> PassResult:
         return self.run(model, ctx)
+
+    def leaves(self) -> list[Pass]:
+        return [q for p in self.passes for q in (p.leaves() if isinstance(p, Pipeline) else [p])]
+
+    def _preflight(self, model, ctx: PassContext) -> None:
+        """What can be known wrong before any pass runs: calibration a pass needs but nobody
+        gave, calibration that does not fit the model, NaN or infinite weights and inputs."""
+        if model.kind == "onnx":  # an ONNX model never becomes a torch one again
+            for p in self.leaves():
+                p.check_kind(model)
+        needy = [p.name for p in self.leaves() if p.needs_calibration()]
+        if needy and not ctx.calibration:
+            raise InputError(
+                f"pass '{needy[0]}' needs calibration inputs (--calib FILE: .npz of the model's "
+                "inputs stacked as N x shape, or .txt for an HF language model) and none were given"
+            )
+        for i, sample in enumerate(ctx.calibration):
+            try:
+                check_inputs(model.input_specs(), sample, sizes=model.kind == "onnx")
+            except InputError as e:
+                raise InputError(f"calibration sample {i}: {e}") from e
+            for name, a in sample.items():
+                if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                    raise InputError(
+                        f"calibration sample {i}: input '{name}' has NaN or Inf values"
+                    )
+        bad = model.nonfinite_weights()
+        if bad:
+            raise InputError(
+                f"the model has NaN or Inf weights: {', '.join(bad[:3])}"
+                + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            )
 
     def _execute(self, model, ctx, state: _RunState):
         any_modified = False

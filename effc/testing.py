@@ -124,6 +124,12 @@ def compare_golden(model, golden: dict) -> list[str]:
             problems.append(f"weight {name}: missing")
         elif abs(got - expected) > 1e-9:
             problems.append(f"weight {name}: sparsity {got:.4f}, golden {expected:.4f}")
+    names = sorted(s.name for s in model.input_specs())
+    if names != sorted(golden["inputs"]):
+        return [
+            *problems,
+            f"inputs {names} differ from the golden file's {sorted(golden['inputs'])}",
+        ]
     inputs = {
         k: np.asarray(v["values"], dtype=v["dtype"]).reshape(v["shape"])
         for k, v in golden["inputs"].items()
@@ -166,7 +172,8 @@ def assert_golden(
         return
     if not path.is_file():
         raise GoldenMismatch(
-            f"golden file {path} does not exist; write it with EFFC_UPDATE_GOLDEN=1"
+            f"golden file {path} does not exist; write it with EFFC_UPDATE_GOLDEN=1 pytest, or "
+            f"effc check MODEL --golden {path} --update"
         )
     problems = compare_golden(model, json.loads(path.read_text()))
     if problems:

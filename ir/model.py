@@ -101,6 +101,11 @@ class FxModel:
     def run_all(self, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
         return [self.run(x) for x in inputs]
 
+    def nonfinite_weights(self) -> list[str]:
+        """Names of float parameters and buffers holding NaN or Inf."""
+        named = [*self.module.named_parameters(), *self.module.named_buffers()]
+        return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
     @torch.no_grad()
     def run_nudged(self, inputs: list[dict], seed: int) -> list[list[np.ndarray]]:
         """Outputs with every float parameter, buffer and input one ulp off (``ulp_nudge``): the
@@ -220,6 +225,19 @@ class OnnxModel:
             session.run(None, {k: ulp_nudge(np.asarray(a), rng) for k, a in x.items()})
             for x in inputs
         ]
+
+    def nonfinite_weights(self) -> list[str]:
+        """Names of float initializers holding NaN or Inf (masks of -inf are data, not weights:
+        only NaN, +Inf, and Inf of both signs in one tensor count)."""
+        bad = []
+        for v in self.model.graph.initializers.values():
+            t = v.const_value
+            if t is None or not t.dtype.is_floating_point():
+                continue
+            a = t.numpy()
+            if np.isnan(a).any() or (np.isposinf(a).any() and np.isneginf(a).any()):
+                bad.append(v.name)
+        return bad
 
     def has_activation_qdq(self) -> bool:
         return any(_is_activation_q(n) for n in self.model.graph.all_nodes())

@@ -11,6 +11,8 @@ import importlib
 import io
 import json
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -83,24 +85,39 @@ def export_onnx(
         ) from e
 
 
-def _inputs_from_shapes(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+def _inputs_from_shapes(shapes: dict[str, list[int]], dtype=None) -> dict[str, torch.Tensor]:
     out = {}
     for name, shape in shapes.items():
-        if "ids" in name:
-            out[name] = torch.zeros(shape, dtype=torch.long)
+        if "ids" in name or (dtype is not None and not dtype.is_floating_point):
+            out[name] = torch.zeros(shape, dtype=dtype or torch.long)
         elif "mask" in name:
             out[name] = torch.ones(shape, dtype=torch.long)
         else:
-            out[name] = torch.randn(shape)
+            out[name] = torch.randn(shape, dtype=dtype or torch.float32)
     return out
 
 
 def example_inputs_for(module: nn.Module, shapes: dict[str, list[int]] | None, ref: str):
-    if shapes:
-        return _inputs_from_shapes(shapes)
+    """The module's own ``example_inputs()`` (``--shape`` resizing the named ones), else inputs
+    made from ``--shape`` alone."""
     fn = getattr(module, "example_inputs", None)
     if callable(fn):
-        return dict(fn())
+        inputs = dict(fn())
+        unknown = sorted(set(shapes or {}) - set(inputs))
+        if unknown:
+            raise InputError(
+                f"{ref}: --shape names {', '.join(unknown)}, but the model's inputs are "
+                f"{', '.join(inputs)}"
+            )
+        for name, shape in (shapes or {}).items():
+            if -1 in shape or len(shape) != inputs[name].dim():
+                raise InputError(
+                    f"--shape {name}: give all {inputs[name].dim()} dims of {ref}'s input"
+                )
+            inputs[name] = _inputs_from_shapes({name: shape}, inputs[name].dtype)[name]
+        return inputs
+    if shapes and all(-1 not in s for s in shapes.values()):
+        return _inputs_from_shapes(shapes)
     raise InputError(
         f"{ref}: cannot tell the model's inputs; define example_inputs() on the module "
         "or pass --shape NAME=1x128 for each input"
@@ -120,6 +137,8 @@ def _load_py(ref: str) -> nn.Module:
     parts = ref.split(":")
     if len(parts) != 3 or not all(parts[1:]):
         raise InputError(f"{ref!r}: expected py:MODULE:FACTORY, e.g. py:mypkg.models:build")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the user's own module, here
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(parts[1]), parts[2])
     except (ImportError, AttributeError) as e:

@@ -169,6 +169,9 @@ class GQSATrain(Pass):
         # e2e: > 0 also trains the kept weights at this lr (not in the paper)
         weight_lr: float = 0.0
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def validate(self) -> None:
         o = self.options
         if o.steps < 1 or o.samples < 1 or o.lr <= 0 or o.scale_lr < 0 or o.weight_lr < 0:

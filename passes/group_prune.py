@@ -287,6 +287,10 @@ class GroupPrune(Pass):
         logit_weight: float = 0.0
         pin: list[str] = field(default_factory=list)
 
+    def needs_calibration(self) -> bool:
+        o = self.options
+        return o.score != "magnitude" or o.allocate == "sensitivity" or o.logit_weight > 0
+
     def validate(self) -> None:
         o = self.options
         parse_pins(o.pin, o.scope)

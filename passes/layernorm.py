@@ -221,6 +221,9 @@ class LayerNorm(Pass):
 
     lossy = True  # the calibrated and trained modes; ``exact`` is not (set per instance below)
 
+    def needs_calibration(self) -> bool:
+        return self.options.mode != "exact"
+
     def validate(self) -> None:
         mode = self.options.mode
         # exact rewrites ONNX graphs: an FX model is lowered first; tanh trains a torch model

@@ -43,6 +43,9 @@ class NMPrune(Pass):
         skip: list[str] = field(default_factory=list)
         sequential: bool = False  # wanda, obs: calibrate each block on the already pruned ones
 
+    def needs_calibration(self) -> bool:
+        return self.options.score != "magnitude"
+
     def validate(self) -> None:
         if not 0 < self.options.n < self.options.m:
             raise PassOptionError(

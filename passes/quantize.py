@@ -124,6 +124,9 @@ class Quantize(Pass):
         skip: list[str] = field(default_factory=list)
         sequential: bool = False  # gptq: calibrate each block on the already quantized ones
 
+    def needs_calibration(self) -> bool:
+        return self.options.method == "gptq"
+
     def validate(self) -> None:
         if self.options.group < 2:
             raise PassOptionError(

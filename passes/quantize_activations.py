@@ -112,6 +112,9 @@ class QuantizeActivations(Pass):
         percentile: float = 99.99
         ops: list[str] = field(default_factory=lambda: ["Conv", "MatMul", "Gemm"])
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def run(self, model, ctx) -> PassResult:
         if not ctx.calibration:
             raise InputError("quantize-activations needs calibration inputs (--calib)")

@@ -211,6 +211,9 @@ class Rearrange(Pass):
         sparsity: float = 0.5
         skip: list[str] = field(default_factory=list)
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def validate(self) -> None:
         o = self.options
         if o.group < 1:
@@ -237,8 +240,6 @@ class Rearrange(Pass):
                 f"pass 'rearrange' must run before pruning and quantization ({done[0]} is "
                 "already compressed)"
             )
-        if regions and not ctx.calibration:
-            raise UnsupportedError("pass 'rearrange' needs calibration data (--calib)")
         consumers = {r.consumer for r in regions}
         sites = [s for s in weight_sites(model) if s.fqn in consumers]
         hess = hessians(model, sites, ctx.calibration) if sites else {}

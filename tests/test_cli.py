@@ -96,7 +96,7 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, cli, monkeypat
 
     monkeypatch.setattr(backend, "lower", broken)
     code, _, err = cli("compile", "builtin:tiny-cnn", "--passes", "cleanup", "-o", tmp_path / "out")
-    assert code == 1 and "disk full" in err
+    assert code == 2 and "disk full" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -263,3 +263,63 @@ def test_compile_onnx_input_with_dump_ir(tmp_path, cli, llama_onnx):
     assert (tmp_path / "ir" / "01-cleanup.onnx.txt").is_file()
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["summary"]["nodes_after"] < report["summary"]["nodes_before"]
+
+
+def test_exit_codes_user_errors_are_2(tmp_path, cli, llama_onnx):
+    code, _, err = cli("inspect", "builtin:tiny-cnn", "--threads", "0")
+    assert code == 2 and "positive integer" in err
+    # --shape that names an input the model does not have
+    code, _, err = cli("check", "builtin:tiny-cnn", llama_onnx["dynamo"], "--shape", "x=1x3x32x32")
+    assert code == 2 and "--shape names x" in err
+    code, _, err = cli("check", "builtin:tiny-cnn", "--golden", tmp_path / "none.json")
+    assert code == 2 and "--update" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_golden_file_of_another_model_is_a_difference_not_a_crash(tmp_path, cli, llama_onnx):
+    golden = tmp_path / "g.json"
+    assert cli("check", "builtin:tiny-cnn", "--golden", golden, "--update")[0] == 0
+    code, _, err = cli("check", llama_onnx["dynamo"], "--golden", golden)
+    assert code == 1 and "differ from the golden file's" in err
+
+
+def test_internal_errors_have_their_own_exit_code(tmp_path, cli, monkeypatch):
+    import effc.cli
+
+    def bug(*a, **k):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(effc.cli, "inspect_model", bug)
+    code, _, err = cli("inspect", "builtin:tiny-cnn")
+    assert code == effc.cli.EXIT_INTERNAL == 3 and "--debug" in err
+
+
+def test_a_closed_pipe_stops_quietly_and_modules_here_are_found(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n\n\nclass M(torch.nn.Linear):\n"
+        "    def example_inputs(self):\n        return {'input': torch.randn(1, 4)}\n\n\n"
+        "def build():\n    return M(4, 2)\n"
+    )
+    run = subprocess.run(
+        f"{sys.executable} -m effc.cli inspect builtin:tiny-llama | head -1; "
+        f"echo rc=${{PIPESTATUS[0]}}; {sys.executable} -m effc.cli inspect py:mymodel:build",
+        shell=True,
+        executable="/bin/bash",
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert "rc=141" in run.stdout and "Traceback" not in run.stderr, run.stderr
+    assert "M: FX, 1 nodes, 10 parameters" in run.stdout, run.stderr
+
+
+def test_artifact_folders_get_the_usual_permissions(tmp_path, cli):
+    import os
+    import stat
+
+    assert cli("compile", "builtin:tiny-cnn", "--passes", "cleanup", "-o", tmp_path / "o")[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o777 & ~umask

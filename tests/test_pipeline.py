@@ -159,3 +159,32 @@ def test_lossy_pass_error_is_measured_on_calibration_inputs(tiny_cnn):
     ctx = effc.PassContext(calibration=[{"pixels": x}, {"pixels": np.flip(x, -1).copy()}])
     (record,) = effc.Pipeline([Lossy()]).run(model, ctx).report.records
     assert record.error is not None and record.error["max_abs"] > 1e-3
+
+
+def test_preflight_checks_run_before_any_pass(tiny_cnn, monkeypatch):
+    """A missing or misshapen calibration set and NaN weights stop the pipeline before any pass
+    (or the verifier) runs the model."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from effc.errors import InputError
+    from effc.ir.model import FxModel
+
+    runs = []
+    monkeypatch.setattr(FxModel, "run", lambda self, x: runs.append(x))
+    model = copy.deepcopy(tiny_cnn)
+    with pytest.raises(InputError, match="pass 'group-prune' needs calibration inputs"):
+        effc.Pipeline.from_text("cleanup,group-prune").run(model)
+    bad = [{"pixels": np.zeros((1, 3, 16), np.float32)}]
+    with pytest.raises(InputError, match="calibration sample 0: input 'pixels' has shape"):
+        effc.Pipeline.from_text("group-prune").run(model, effc.PassContext(calibration=bad))
+    nan = [{"pixels": np.full((1, 3, 32, 32), np.nan, np.float32)}]
+    with pytest.raises(InputError, match="NaN or Inf values"):
+        effc.Pipeline.from_text("group-prune").run(model, effc.PassContext(calibration=nan))
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN or Inf weights: classifier.weight"):
+        effc.Pipeline.from_text("cleanup").run(model)
+    assert runs == []

@@ -5,7 +5,7 @@ from _helpers import token_calibration
 from torch import nn
 
 import effc
-from effc.errors import PassOptionError, UnsupportedError
+from effc.errors import InputError, PassOptionError, UnsupportedError
 from effc.ir import FxModel
 from effc.models import BUILTINS
 from effc.passes.rearrange import bisect_order, choose_order, fx_regions, saliency_profiles
@@ -98,7 +98,7 @@ def test_biases_move_with_their_rows_and_leaked_values_block_the_region():
 def test_rearrange_errors():
     with pytest.raises(PassOptionError):
         effc.Pipeline.from_text("rearrange{sparsity=1.5}")
-    with pytest.raises(UnsupportedError, match="calibration"):
+    with pytest.raises(InputError, match="calibration"):
         effc.Pipeline.from_text("rearrange").run(interleaved_llama())
     model = BUILTINS["tiny-llama"][0]()
     ctx = effc.PassContext(calibration=token_calibration())
