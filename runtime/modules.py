@@ -3,8 +3,6 @@ HF model keeps ``generate()``. The forward pass reads only the packed bytes (no 
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
@@ -12,6 +10,7 @@ from effc.errors import UnsupportedError
 from effc.ir.compression import CompressionState, SiteState
 from effc.runtime.cpu import kernels
 from effc.runtime.format import BSRMatrix, from_quantized
+from effc.runtime.timing import DECISION_ROTATE_BYTES, copies_for, interleaved_medians
 
 ACTIVATIONS = ("fp32", "int8")
 
@@ -98,40 +97,44 @@ def matrix_from_state(state: SiteState) -> BSRMatrix:
     return from_quantized(state.codes, state.scale, state.zero, state.group_mask(), state.bits)
 
 
-def _best_ms(calls, reps: int = 5, trials: int = 5) -> list[float]:
-    """Each call's best time in ms over ``trials`` runs of ``reps``, the calls interleaved so that
-    machine noise hits them alike (one average of ten calls flipped small layers' choices)."""
-    for call in calls:
-        call()
-    best = [float("inf")] * len(calls)
-    for _ in range(trials):
-        for i, call in enumerate(calls):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                call()
-            best[i] = min(best[i], (time.perf_counter() - t0) / reps * 1e3)
-    return best
+# a layer stays dense only where dense is faster by more than 5% and by more than 2 us per call
+# (below that, call overhead and timer noise decide: a tie, which goes to the smaller form)
+MARGIN, TIE_MS = 0.05, 0.002
+
+
+def choose(sparse_ms: float, dense_ms: float, margin: float = MARGIN) -> str:
+    faster = dense_ms * (1 + margin) < sparse_ms and sparse_ms - dense_ms > TIE_MS
+    return "dense" if faster else "sparse"
 
 
 @torch.no_grad()
 def measure_choice(matrix: BSRMatrix, batch: int, activations: str = "fp32") -> dict:
-    """Time the BSR kernel against dense fp32 ``F.linear`` of the same shape at ``batch`` rows;
-    the layer goes sparse only where the kernel is not slower."""
+    """Time the BSR kernel against dense fp32 ``F.linear`` of the same shape at ``batch`` rows, as
+    the layer runs in a model: each call reads another copy of the weights, from a rotation of
+    twice the L3 (``effc.runtime.timing``); interleaved medians of 9 trials. The layer goes sparse
+    unless dense is faster by more than 5% (``choose``)."""
     out, inp = matrix.shape
     x = torch.randn(batch, inp)
     a8 = check_activations(activations, matrix.bits)
     arrays = (matrix.indptr, matrix.indices, matrix.values, matrix.scales, matrix.zeros)
-    weight = torch.randn(out, inp)
-    sparse, dense = _best_ms(
-        [
-            lambda: bsr_matmul(x, arrays, out, matrix.group, matrix.bits, a8),
-            lambda: torch.nn.functional.linear(x, weight),
-        ]
-    )
+    n = copies_for(out * inp * 4, DECISION_ROTATE_BYTES)
+    dense = [torch.randn(out, inp) for _ in range(n)]
+    sparse = [tuple(a.clone() for a in arrays) for _ in range(n)]
+
+    def run_sparse():
+        for a in sparse:
+            bsr_matmul(x, a, out, matrix.group, matrix.bits, a8)
+
+    def run_dense():
+        for w in dense:
+            torch.nn.functional.linear(x, w)
+
+    sparse_ms, dense_ms = (t / n for t in interleaved_medians([run_sparse, run_dense]))
     return {
-        "sparse_ms": sparse,
-        "dense_ms": dense,
-        "choice": "sparse" if sparse <= dense else "dense",
+        "sparse_ms": round(sparse_ms, 5),
+        "dense_ms": round(dense_ms, 5),
+        "rotation": n,
+        "choice": choose(sparse_ms, dense_ms),
     }
 
 

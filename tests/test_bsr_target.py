@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import effc
+from effc.runtime.modules import choose
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_cli_bsr_target_decides_per_layer(tmp_path, cli):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     pack = next(p for p in report["passes"] if p["name"] == "bsr-pack")
     for layer in pack["stats"]["layers"]:
-        assert layer["choice"] == ("sparse" if layer["sparse_ms"] <= layer["dense_ms"] else "dense")
+        assert layer["choice"] == choose(layer["sparse_ms"], layer["dense_ms"])
 
 
 def test_int8_activation_mode_is_lossy_measured_and_close(tmp_path, compiled):
@@ -108,3 +109,46 @@ def test_int8_activation_mode_is_lossy_measured_and_close(tmp_path, compiled):
     (fp32,) = bsr.run(fp32_out, x).values()
     assert not np.array_equal(a8, fp32)
     assert np.abs(a8 - fp32).max() <= 0.05 * np.abs(fp32).max()
+
+
+def test_decisions_can_be_pinned_from_a_file_or_an_earlier_report(tmp_path, cli):
+    import json
+
+    text = "group-prune{score=magnitude},quantize{bits=4,group=16}"
+    code, _, err = cli(
+        "compile", "builtin:tiny-llama", "--passes", text, "--target", "bsr", "-o", tmp_path / "a"
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    first = {r["layer"]: r["choice"] for r in report["passes"][-1]["stats"]["layers"]}
+    assert all("sparse_ms" in r for r in report["passes"][-1]["stats"]["layers"])
+    flipped = {k: "dense" if v == "sparse" else "sparse" for k, v in first.items()}
+    (tmp_path / "d.json").write_text(json.dumps(flipped))
+    for source, want in ((tmp_path / "d.json", flipped), (tmp_path / "a" / "report.json", first)):
+        out = tmp_path / f"o-{source.stem}"
+        code, _, err = cli(
+            "compile",
+            "builtin:tiny-llama",
+            "--passes",
+            f'{text},bsr-pack{{decisions="{source}"}}',
+            "--target",
+            "bsr",
+            "-o",
+            out,
+        )
+        assert code == 0, err
+        layers = json.loads((out / "report.json").read_text())["passes"][-1]["stats"]["layers"]
+        assert {r["layer"]: r["choice"] for r in layers} == want
+        assert all(r.get("pinned") for r in layers)
+    (tmp_path / "bad.json").write_text('{"lm_head": "maybe"}')
+    code, _, err = cli(
+        "compile",
+        "builtin:tiny-llama",
+        "--passes",
+        f'{text},bsr-pack{{decisions="{tmp_path / "bad.json"}"}}',
+        "--target",
+        "bsr",
+        "-o",
+        tmp_path / "bad",
+    )
+    assert code == 2 and "sparse" in err

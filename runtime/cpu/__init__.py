@@ -4,16 +4,21 @@ from there afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
+import platform
+import sys
 from pathlib import Path
 
+import torch
 from torch.utils import cpp_extension
 
 from effc.cache import cache_dir
 from effc.errors import UnsupportedError
+from effc.progress import spinner
 
 log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("bsr_kernels.cpp", "decode_ops.cpp"))
@@ -22,31 +27,59 @@ INCLUDES = tuple(
 )  # in SOURCES[0]
 
 
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]
+
+
+def cpu_features() -> str:
+    """The CPU's SIMD feature flags (what the kernels dispatch on), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "f16c"))))
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def build_key() -> str:
+    """One build per (sources, flags, torch and Python version, CPU features): environments with
+    other torch builds, and machines with other CPUs, never evict each other's build."""
+    h = hashlib.sha256()
+    for part in (
+        *[p.read_bytes() for p in (*SOURCES, *INCLUDES)],
+        " ".join(FLAGS).encode(),
+        torch.__version__.encode(),
+        sys.version.encode(),
+        cpu_features().encode(),
+    ):
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
 @functools.cache
 def kernels():
-    """Build (about 45 s the first time) or load the extension module."""
-    build = cache_dir() / "torch_extensions" / "bsr_cpu"
+    """Build (about a minute, the first time on a machine and environment; a spinner shows it)
+    or load the extension module."""
+    key = build_key()
+    build = cache_dir() / "torch_extensions" / f"bsr_cpu-{key}"
+    fresh = not any(build.glob("*.so"))
     build.mkdir(parents=True, exist_ok=True)
     log.info("building/loading the BSR CPU kernels in %s", build)
-    # torch rebuilds when the sources or the flags change; the included files go in as a flag
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in INCLUDES)).hexdigest()[:16]
     try:
-        return cpp_extension.load(
-            name="effc_bsr_cpu",
-            sources=[str(p) for p in SOURCES],
-            extra_cflags=[
-                "-O3",
-                "-mavx2",
-                "-mfma",
-                "-mf16c",
-                "-fopenmp",
-                "-std=c++17",
-                f"-DEFFC_INC={digest}",
-            ],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=os.environ.get("EFFC_VERBOSE_BUILD") == "1",
-        )
+        with (
+            spinner("building effc's BSR CPU kernels (once per machine and environment)")
+            if fresh
+            else contextlib.nullcontext()
+        ):
+            return cpp_extension.load(
+                name=f"effc_bsr_cpu_{key}",
+                sources=[str(p) for p in SOURCES],
+                extra_cflags=[*FLAGS, f"-DEFFC_INC={key}"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=os.environ.get("EFFC_VERBOSE_BUILD") == "1",
+            )
     except (RuntimeError, OSError) as e:
         raise UnsupportedError(
             f"could not build the BSR CPU kernels (needs g++ and ninja): {e}"

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 import effc
-from effc.runtime.modules import BSRLinear, swap_linears
+from effc.runtime.modules import BSRLinear, choose, swap_linears
 
 
 def test_swapped_model_matches_the_fake_quantized_model():
@@ -36,5 +36,12 @@ def test_dense_fallback_is_chosen_by_measurement():
     result = effc.Pipeline.from_text("quantize{bits=8,group=16}").run(model)
     records = swap_linears(model, result.model.compression, batch=4)
     for r in records:
-        assert r["choice"] == ("sparse" if r["sparse_ms"] <= r["dense_ms"] else "dense")
+        assert r["choice"] == choose(r["sparse_ms"], r["dense_ms"]) and r["rotation"] >= 2
         assert isinstance(model.get_submodule(r["layer"]), BSRLinear) == (r["choice"] == "sparse")
+
+
+def test_dense_only_when_faster_by_more_than_the_margin():
+    assert choose(1.00, 0.96) == "sparse"  # a tie within 5% goes to the smaller (packed) form
+    assert choose(1.00, 0.94) == "dense"
+    assert choose(0.50, 1.00) == "sparse"
+    assert choose(0.004, 0.0025) == "sparse"  # 1.5 us apart: below timer noise, a tie

@@ -25,26 +25,8 @@ os.environ["OMP_NUM_THREADS"] = str(THREADS)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from effc.runtime.timing import l3_bytes  # noqa: E402
 from tools.results import save  # noqa: E402
-
-
-def l3_bytes(default: int = 32 * 2**20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
-    """The largest level-3 cache cpu0 reports in sysfs (a VM may report a whole socket's), or
-    ``default`` where sysfs has none. Benchmarks stream more than 4x this so they measure memory."""
-    sizes = []
-    for index in Path(root).glob("index*"):
-        try:
-            if (index / "level").read_text().strip() != "3":
-                continue
-            text = (index / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            sizes.append(int(digits) * unit)
-    return max(sizes) if sizes else default
-
 
 L3_BYTES = l3_bytes()
 ROTATE_BYTES = 4 * L3_BYTES
