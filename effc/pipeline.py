@@ -105,7 +105,9 @@ def lower_to_onnx(model):
     """FX -> ONNX with the dynamo exporter. The source module keeps its module names in the
     ONNX metadata, so it is exported unless a structural FX pass rewrote the graph."""
     source = model.graph_module if model.graph_modified else model.module
-    return OnnxModel(export_onnx(source, model.example_inputs), compression=model.compression)
+    with model.plain_outputs():
+        exported = export_onnx(source, model.example_inputs)
+    return OnnxModel(exported, compression=model.compression)
 
 
 def snapshot(model) -> tuple[dict, int, int]:

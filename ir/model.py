@@ -9,6 +9,7 @@ passes edit ``FxModel.module`` (the user's nn.Module) in place; structural FX pa
 from __future__ import annotations
 
 import collections
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,8 @@ class FxModel:
     @property
     def graph_module(self) -> torch.fx.GraphModule:
         if self._gm is None:
-            self._gm = trace(self.module, self.example_inputs)
+            with self.plain_outputs():
+                self._gm = trace(self.module, self.example_inputs)
         return self._gm
 
     @graph_module.setter
@@ -85,6 +87,21 @@ class FxModel:
             for k, v in self.example_inputs.items()
         ]
 
+    @contextlib.contextmanager
+    def plain_outputs(self):
+        """While effc traces, exports or runs the model: an HF model returns plain tensors, no KV
+        cache objects (``config.use_cache`` off); the caller's setting comes back afterwards, so
+        the module stays ready for ``generate()``."""
+        config = getattr(self.module, "config", None)
+        if getattr(config, "use_cache", None) is None:
+            yield
+            return
+        old, config.use_cache = config.use_cache, False
+        try:
+            yield
+        finally:
+            config.use_cache = old
+
     @property
     def _runner(self) -> nn.Module:
         """The source module (any input shape) unless a structural pass rewrote the graph, then
@@ -94,7 +111,10 @@ class FxModel:
     @torch.no_grad()
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs on numpy inputs."""
-        outputs = self._runner(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+        with self.plain_outputs():
+            outputs = self._runner(
+                **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+            )
         flat, _ = torch.utils._pytree.tree_flatten(outputs)
         return [t.detach().numpy() for t in flat if isinstance(t, torch.Tensor)]
 

@@ -97,12 +97,29 @@ def _inputs_from_shapes(shapes: dict[str, list[int]], dtype=None) -> dict[str, t
     return out
 
 
+def hf_example_inputs(config, seq: int = 16) -> dict[str, torch.Tensor]:
+    """Token ids (in the vocabulary, seeded) and an all-ones attention mask for an HF model."""
+    vocab = int(getattr(config, "vocab_size", None) or 1000)
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, vocab, (1, seq), generator=g),
+        "attention_mask": torch.ones(1, seq, dtype=torch.long),
+    }
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """A transformers model (without importing transformers): a PreTrainedModel with a config."""
+    return hasattr(module, "config") and any(
+        c.__name__ == "PreTrainedModel" for c in type(module).__mro__
+    )
+
+
 def example_inputs_for(module: nn.Module, shapes: dict[str, list[int]] | None, ref: str):
-    """The module's own ``example_inputs()`` (``--shape`` resizing the named ones), else inputs
-    made from ``--shape`` alone."""
+    """The module's own ``example_inputs()`` (``--shape`` resizing the named ones), an HF model's
+    token ids and mask from its config, else inputs made from ``--shape`` alone."""
     fn = getattr(module, "example_inputs", None)
-    if callable(fn):
-        inputs = dict(fn())
+    if callable(fn) or is_hf_model(module):
+        inputs = dict(fn()) if callable(fn) else hf_example_inputs(module.config)
         unknown = sorted(set(shapes or {}) - set(inputs))
         if unknown:
             raise InputError(
@@ -163,14 +180,8 @@ def load_hf_folder(folder: Path, task: str | None = None, seq: int = 16) -> tupl
     # The HF model itself is traced (not a wrapper), so weight sites keep HF's module names.
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
-    model.config.use_cache = False  # plain tensors out: no KV cache objects in the trace
-    vocab = int(config.get("vocab_size", 1000))
-    g = torch.Generator().manual_seed(0)
-    inputs = {
-        "input_ids": torch.randint(0, vocab, (1, seq), generator=g),
-        "attention_mask": torch.ones(1, seq, dtype=torch.long),
-    }
-    return model, inputs
+    model.config.use_cache = False  # effc's own copy: plain tensors out, also for export_onnx
+    return model, hf_example_inputs(model.config, seq)
 
 
 def resolve_torch(ref: str, shapes: dict | None = None, task: str | None = None):

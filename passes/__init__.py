@@ -11,6 +11,7 @@ from effc.passes.quantize import Quantize
 from effc.passes.quantize_activations import QuantizeActivations
 from effc.passes.rearrange import Rearrange
 from effc.passes.tensorrt_legalize import TensorRTLegalize
+from effc.passes.weight_codes import WeightCodes
 
 __all__ = [
     "BSRPack",
@@ -24,4 +25,5 @@ __all__ = [
     "QuantizeActivations",
     "Rearrange",
     "TensorRTLegalize",
+    "WeightCodes",
 ]

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from effc.ir.compression import SiteState
 from effc.ir.sites import weight_sites
 from effc.pass_base import Pass, PassResult
-from effc.passes.fuse._onnx import initializer, insert, like
+from effc.passes._codes import block_dequantize
 from effc.passes.layernorm_onnx import ensure_opset, raise_opset
 from effc.registry import register
 
@@ -65,40 +63,6 @@ def _fix_shapes(model: ir.Model, shapes: dict[str, list[int]]) -> list[str]:
     return remaining
 
 
-def _block_dq(graph: ir.Graph, site, state: SiteState) -> bool:
-    """Replace the site's fp32 weight by codes + DequantizeLinear(block_size) in its layout."""
-    value, transposed = site.handle
-    codes = state.codes.numpy().reshape(site.shape[0], -1)  # (out, in) codes
-    scale = state.scale.numpy().astype(np.float32)  # (out, in / g)
-    zero = state.zero.numpy()
-    mask = state.mask
-    group, bits = state.group, state.bits
-    if mask is not None:  # pruned groups: codes at the zero point dequantize to exactly 0
-        m = np.repeat(mask.numpy(), group, axis=1)
-        codes = np.where(m, codes, np.repeat(zero, group, axis=1))
-    if transposed:  # stored (in, out): blocks run along axis 0
-        codes, scale, zero, axis = codes.T, scale.T, zero.T, 0
-    else:
-        axis = 1
-    dtype = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
-    np_dtype = dtype.numpy()
-    base = value.name
-    cv = initializer(graph, f"{base}_codes", codes.astype(np.uint8).astype(np_dtype))
-    sv = initializer(graph, f"{base}_block_scale", np.ascontiguousarray(scale))
-    zv = initializer(graph, f"{base}_block_zero", zero.astype(np.uint8).astype(np_dtype))
-    consumers = list(value.uses())
-    # its inputs are initializers: placed first, it precedes every consumer
-    dq = insert(
-        graph,
-        next(iter(graph)),
-        ir.node("DequantizeLinear", [cv, sv, zv], {"axis": axis, "block_size": group}),
-    )
-    like(dq, value)
-    for use in consumers:
-        use.node.replace_input_with(use.idx, dq)
-    return True
-
-
 @register
 class TensorRTLegalize(Pass):
     """TensorRT-ready ONNX: opset, int4/int8 block-quantized weights, static shapes, op check."""
@@ -122,7 +86,7 @@ class TensorRTLegalize(Pass):
         if self.options.weights and quantized:
             raise_opset(m, 21)
             for fqn, site in quantized.items():
-                _block_dq(m.graph, site, model.compression.sites[fqn])
+                block_dequantize(m.graph, site, model.compression.sites[fqn])
             stats["block_quantized_weights"] = len(quantized)
             changed = True
         stats["opset"] = m.opset_imports.get("", 1)

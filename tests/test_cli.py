@@ -34,11 +34,16 @@ def test_compile_writes_manifest_model_and_report(artifact):
     ]
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["manifest_version"] == 1 and manifest["backend"] == "onnxruntime"
-    assert manifest["pipeline"] == "cleanup,fuse"
+    assert manifest["pipeline"] == "cleanup,fuse,weight-codes"  # the target appends its pass
     assert manifest["inputs"] == [{"name": "pixels", "shape": [1, 3, 32, 32], "dtype": "float32"}]
     assert set(manifest["files"]) == {"model.onnx", "report.json"}
     report = json.loads((artifact / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["cleanup", "fuse", "lower-fx-onnx"]
+    assert [p["name"] for p in report["passes"]] == [
+        "cleanup",
+        "fuse",
+        "lower-fx-onnx",
+        "weight-codes",
+    ]
     assert report["passes"][1]["stats"]["batchnorm"] == 5
 
 
@@ -84,7 +89,7 @@ def test_output_folder_exists_needs_force(artifact, cli, tmp_path):
     shutil.copytree(artifact, copy)
     code, _, err = cli("compile", "builtin:tiny-cnn", "--passes", "cleanup", "-o", copy, "--force")
     assert code == 0, err
-    assert json.loads((copy / "manifest.json").read_text())["pipeline"] == "cleanup"
+    assert json.loads((copy / "manifest.json").read_text())["pipeline"] == "cleanup,weight-codes"
 
 
 def test_failure_while_writing_leaves_no_partial_output(tmp_path, cli, monkeypatch):
