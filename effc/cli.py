@@ -25,6 +25,7 @@ from effc import __version__, calibration
 from effc.artifact import prepare_output, read_manifest
 from effc.backends import get_backend
 from effc.check import check_models
+from effc.compare import compare_artifact
 from effc.compile import compile_model
 from effc.context import PassContext
 from effc.errors import EffcError
@@ -200,7 +201,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-
     folder = Path(args.artifact)
     manifest = read_manifest(folder)
     specs = [InputSpec(**s) for s in manifest["inputs"]]
@@ -227,6 +227,8 @@ def cmd_run(args) -> int:
         )
         table.add_row(name, str(list(a.shape)), a.dtype.name, *stats)
     _stdout_console().print(table)
+    if args.compare:
+        _print_comparison(folder, manifest, args, inputs)
     if args.out:
         out = Path(args.out)
         fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out.parent if str(out.parent) else ".")
@@ -238,6 +240,28 @@ def cmd_run(args) -> int:
             Path(tmp).unlink(missing_ok=True)
         print(f"wrote {out}")
     return 0
+
+
+def _print_comparison(folder: Path, manifest: dict, args, inputs: dict) -> None:
+    reference = _load(args, args.compare)
+    rows = compare_artifact(folder, manifest["backend"], reference, inputs, args.threads)
+    table = Table(
+        title=f"{folder} against {args.compare} (onnxruntime, all optimizations, {args.threads} "
+        "threads, median of 20 interleaved runs)",
+        title_justify="left",
+    )
+    for col in ("model", "size", "ms", "speedup", "max abs error", "max rel error"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        err = ("", "") if "max_abs" not in r else (f"{r['max_abs']:.3g}", f"{r['max_rel']:.3g}")
+        table.add_row(
+            r["model"],
+            f"{r['bytes'] / 2**20:.1f} MiB",
+            f"{r['ms']:.2f}",
+            f"{r['speedup']:.2f}x",
+            *err,
+        )
+    _stdout_console().print(table)
 
 
 def _positive(text: str) -> int:
@@ -334,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--inputs", help=".npz of named inputs (random when omitted)")
     p.add_argument("--out", help="write the outputs to this .npz")
+    p.add_argument(
+        "--compare",
+        metavar="MODEL",
+        help="also run MODEL (the source: .onnx, builtin:NAME, ...) on the same inputs and print "
+        "size, latency and output error side by side",
+    )
     p.set_defaults(func=cmd_run)
     return parser
 

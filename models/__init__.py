@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from effc.models.cnn import TinyCNN
@@ -16,15 +17,32 @@ from effc.models.llama import LlamaConfig, LlamaForCausalLM
 
 
 def _tiny_llama() -> nn.Module:
-    import torch
-
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig()).eval()
 
 
-def _ditn() -> nn.Module:
-    import torch
+class _OneToken(LlamaForCausalLM):
+    """Its example input is one token: a decode step (without a KV cache), where reading the
+    weights is the cost, so fewer bytes per weight make it faster."""
 
+    def example_inputs(self, batch: int = 1, seq: int = 1) -> dict:
+        return super().example_inputs(batch, seq)
+
+
+def _llama_demo() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    )
+    return _OneToken(config).eval()
+
+
+def _ditn() -> nn.Module:
     torch.manual_seed(0)
     return DITN(DITNConfig()).eval()
 
@@ -32,6 +50,10 @@ def _ditn() -> nn.Module:
 BUILTINS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "tiny-cnn": (TinyCNN, "MobileNet-style CNN, conv/BN/ReLU6 + depthwise blocks, 32x32 input"),
     "tiny-llama": (_tiny_llama, "LLaMA-style decoder, 2 layers, hidden 64, tied embeddings"),
+    "llama-demo": (
+        _llama_demo,
+        "LLaMA-style decoder, 4 layers, hidden 1024, 47M parameters (random), one-token input",
+    ),
     "ditn": (_ditn, "DITN-style x2 super-resolution, random weights, channel LayerNorm"),
     "ditn-x2": (load_trained, "DITN-style x2 super-resolution trained on skimage images"),
 }

@@ -1,0 +1,58 @@
+"""``effc run OUT --compare MODEL``: the artifact beside the model it came from, on the same
+inputs, under onnxruntime with all its optimizations and the same threads: file size, latency
+(interleaved medians) and output error. What a user wants to see after a compile."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from effc.backends import bsr
+from effc.ir.onnx_io import save_onnx
+from effc.ir.ort import open_session, session_options
+from effc.ir.torch_io import export_onnx
+from effc.numerics import compare_outputs
+from effc.runtime.timing import interleaved_medians
+
+
+def model_files(path: Path) -> int:
+    """Bytes of an ONNX file and its external data."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
+def compare_artifact(
+    folder: Path, backend: str, reference, inputs: dict, threads: int, trials: int = 20
+) -> list[dict]:
+    """Rows for the reference model and the artifact: bytes, ms, speedup, output error."""
+    with tempfile.TemporaryDirectory(prefix="effc-compare-") as tmp:
+        if reference.kind == "fx":
+            with reference.plain_outputs():
+                proto = export_onnx(reference.module, reference.example_inputs)
+            ref_path = Path(tmp) / "reference.onnx"
+            save_onnx(proto, ref_path)
+        else:
+            ref_path = Path(tmp) / "reference.onnx"
+            save_onnx(reference.model, ref_path)
+        art_path = folder / "model.onnx"
+        domains = [bsr.DOMAIN] if backend == bsr.NAME else []
+        ref = open_session(str(ref_path), session_options(threads, True))
+        art = open_session(str(art_path), session_options(threads, True), domains)
+        want = ref.run(None, inputs)
+        got = art.run(None, inputs)
+        ms = interleaved_medians(
+            [lambda: ref.run(None, inputs), lambda: art.run(None, inputs)], trials
+        )
+        error = compare_outputs([np.asarray(a) for a in want], [np.asarray(b) for b in got])
+        return [
+            {"model": "reference", "bytes": model_files(ref_path), "ms": ms[0], "speedup": 1.0},
+            {
+                "model": f"artifact ({backend})",
+                "bytes": model_files(art_path),
+                "ms": ms[1],
+                "speedup": ms[0] / ms[1],
+                "max_abs": error.get("max_abs"),
+                "max_rel": error.get("max_rel"),
+            },
+        ]
