@@ -15,30 +15,35 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+# OpenMP threads that sleep when idle instead of spinning: effc's BSR kernels run inside
+# onnxruntime's threads, and spinning teams of both fight over the cores (a BSR artifact of the
+# demo model ran 2-5x slower). Set before torch loads OpenMP; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from effc import __version__, calibration
-from effc.artifact import prepare_output, read_manifest
-from effc.backends import get_backend
-from effc.check import check_models
-from effc.compare import compare_artifact
-from effc.compile import compile_model
-from effc.context import PassContext
-from effc.errors import EffcError
-from effc.inputs import check_inputs, load_npz, parse_shapes, random_inputs
-from effc.inspect import inspect_model, print_inspection
-from effc.ir.model import InputSpec
-from effc.ir.onnx_io import save_onnx
-from effc.ir.torch_io import export_onnx, load_model, resolve_torch
-from effc.passes.fuse.rules import RULES
-from effc.pipeline import DumpInstrument, Pipeline, ProgressInstrument, registry
-from effc.pipeline_text import print_value
-from effc.progress import make_console
-from effc.testing import GoldenMismatch, assert_golden
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from effc import __version__, calibration  # noqa: E402
+from effc.artifact import prepare_output, read_manifest  # noqa: E402
+from effc.backends import get_backend  # noqa: E402
+from effc.check import check_models  # noqa: E402
+from effc.compare import compare_artifact  # noqa: E402
+from effc.compile import compile_model  # noqa: E402
+from effc.context import PassContext  # noqa: E402
+from effc.errors import EffcError  # noqa: E402
+from effc.inputs import check_inputs, load_npz, parse_shapes, random_inputs  # noqa: E402
+from effc.inspect import inspect_model, print_inspection  # noqa: E402
+from effc.ir.model import InputSpec  # noqa: E402
+from effc.ir.onnx_io import save_onnx  # noqa: E402
+from effc.ir.torch_io import export_onnx, load_model, resolve_torch  # noqa: E402
+from effc.passes.fuse.rules import RULES  # noqa: E402
+from effc.pipeline import DumpInstrument, Pipeline, ProgressInstrument, registry  # noqa: E402
+from effc.pipeline_text import print_value  # noqa: E402
+from effc.progress import make_console  # noqa: E402
+from effc.testing import GoldenMismatch, assert_golden  # noqa: E402
 
 log = logging.getLogger("effc")
 # exit codes: 0 success; 1 `effc check` found the models different; 2 a user error (argparse's

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from effc.context import PassContext
 from effc.errors import VerificationError
 from effc.numerics import FLOOR_MULTIPLE
-from effc.progress import make_console
+from effc.progress import spinner
 from effc.report import PassRecord
 
 
@@ -66,22 +65,14 @@ class ProgressInstrument(Instrument):
     """A live line on the terminal: which pass runs, how many ran, elapsed time."""
 
     def __init__(self, console=None):
-        console = console or make_console()
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        )
-        self.task = None
+        self.progress, self.task = spinner("", console)
+        self.started = False
         self.done = 0
 
     def before_pass(self, text, ctx):
-        if self.task is None:
+        if not self.started:
             self.progress.start()
-            self.task = self.progress.add_task("")
+            self.started = True
         self.progress.update(self.task, description=f"[{self.done} done] running {text}")
 
     def after_pass(self, record, model, ctx, index):

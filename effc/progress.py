@@ -31,16 +31,16 @@ def bar(total: int, what: str) -> tuple[Progress, object]:
     return progress, progress.add_task(what, total=total)
 
 
-def spinner(what: str) -> Progress:
-    """A spinner with elapsed time for work of unknown length (``with spinner("building"):``)."""
-    console = make_console()
+def spinner(what: str, console: Console | None = None) -> tuple[Progress, object]:
+    """A spinner with elapsed time for work of unknown length, and its task (whose description,
+    ``what`` at first, the caller may update): ``with spinner("building")[0]:``."""
+    console = console or make_console()
     progress = Progress(
         SpinnerColumn(),
-        TextColumn(what),
+        TextColumn("{task.description}"),
         TimeElapsedColumn(),
         console=console,
         transient=True,
         disable=not console.is_terminal,
     )
-    progress.add_task(what, total=None)
-    return progress
+    return progress, progress.add_task(what, total=None)

@@ -223,12 +223,16 @@ class OnnxModel:
         try:
             for v in graph.initializers.values():
                 t = v.const_value
-                if t is not None and t.dtype == ir.DataType.FLOAT:
+                if t is not None and t.dtype == ir.DataType.FLOAT and not _sets_shapes(v):
                     saved_inits[v] = t
                     v.const_value = ir.tensor(ulp_nudge(t.numpy(), rng), name=v.name)
             for n in graph.all_nodes():
                 attr = n.attributes.get("value") if n.op_type == "Constant" else None
-                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                if (
+                    attr is not None
+                    and attr.type == ir.AttributeType.TENSOR
+                    and not _sets_shapes(n.outputs[0])
+                ):
                     t = attr.as_tensor()
                     if t.dtype == ir.DataType.FLOAT:
                         saved_attrs.append((n, attr))
@@ -316,6 +320,15 @@ class OnnxModel:
                 params += n
             nbytes += t.nbytes
         return params, nbytes
+
+
+# float inputs that decide output shapes, not values: a one-ulp nudge would change the graph's
+# shapes (Resize's roi and scales, Upsample's scales), not its rounding
+_SHAPE_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
+
+
+def _sets_shapes(value: ir.Value) -> bool:
+    return any((u.node.op_type, u.idx) in _SHAPE_INPUTS for u in value.uses())
 
 
 def _is_activation_q(node: ir.Node) -> bool:

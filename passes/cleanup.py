@@ -37,6 +37,22 @@ def _keep_compressed(node: ir.Node) -> bool | None:
     return None
 
 
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx_ir's pass, except that it keeps an Identity making a value of an outer graph the
+    output of a subgraph (If/Loop bodies, e.g. Silero VAD's): the upstream pass moves that value
+    into the subgraph's outputs and fails ("already an output of a different graph")."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        x = node.inputs[0] if len(node.inputs) == 1 else None
+        y = node.outputs[0] if len(node.outputs) == 1 else None
+        if x is not None and y is not None and y.is_graph_output():
+            producer = x.producer()
+            home = producer.graph if producer is not None else x.graph
+            if home is not node.graph:
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 def _fold_constants(model: ir.Model) -> None:
     opt.fold_constants(model, onnx_shape_inference=True, should_fold=_keep_compressed)
 
@@ -62,7 +78,7 @@ class Cleanup(Pass):
             return self._run_fx(model)
         steps = {
             "constants_folded": _fold_constants,
-            "identities_removed": common.IdentityEliminationPass(),
+            "identities_removed": _IdentityElimination(),
             "duplicates_removed": common.CommonSubexpressionEliminationPass(),
             "dead_nodes_removed": common.RemoveUnusedNodesPass(),
         }

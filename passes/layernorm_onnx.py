@@ -138,18 +138,22 @@ def raise_opset(model: ir.Model, target: int) -> bool:
 
     convert_version(model, target)
 
-    # the converter leaves some reductions with the opset-13 ``axes`` attribute: move it to the
-    # input that opset 18 reads
-    for node in model.graph:
-        if node.op_type in _REDUCE_18 and node.domain == "" and "axes" in node.attributes:
-            axes = np.array(list(node.attributes.pop("axes").value), dtype=np.int64)
-            name = f"{node.name or node.op_type}_axes"
-            if len(node.inputs) < 2:
-                node.resize_inputs(2)
-            node.replace_input_with(1, initializer(model.graph, name, axes))
+    # the converter leaves some ops with an attribute that later opsets read as an input (axes
+    # of Squeeze/Unsqueeze/ReduceSum since 13, of the other reductions since 18; Split's sizes
+    # since 13): move it to that input
+    for node in model.graph.all_nodes():
+        moved = _ATTR_TO_INPUT.get(node.op_type) if node.domain == "" else None
+        if moved is None or target < moved[0] or moved[1] not in node.attributes:
+            continue
+        values = np.array(list(node.attributes.pop(moved[1]).value), dtype=np.int64)
+        name = f"{node.name or node.op_type}_{moved[1]}"
+        if len(node.inputs) < 2:
+            node.resize_inputs(2)
+        node.replace_input_with(1, initializer(model.graph, name, values))
     return True
 
 
+_ATTR_TO_INPUT: dict[str, tuple[int, str]] = {}  # op -> (opset it moved in, attribute)
 _REDUCE_18 = {
     "ReduceL1",
     "ReduceL2",
@@ -161,6 +165,9 @@ _REDUCE_18 = {
     "ReduceProd",
     "ReduceSumSquare",
 }
+_ATTR_TO_INPUT.update({op: (18, "axes") for op in _REDUCE_18})
+_ATTR_TO_INPUT.update({op: (13, "axes") for op in ("Squeeze", "Unsqueeze", "ReduceSum")})
+_ATTR_TO_INPUT["Split"] = (13, "split")
 
 
 def fuse_decomposed(model: ir.Model) -> int:

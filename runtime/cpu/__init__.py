@@ -67,11 +67,8 @@ def kernels():
     build.mkdir(parents=True, exist_ok=True)
     log.info("building/loading the BSR CPU kernels in %s", build)
     try:
-        with (
-            spinner("building effc's BSR CPU kernels (once per machine and environment)")
-            if fresh
-            else contextlib.nullcontext()
-        ):
+        building = "building effc's BSR CPU kernels (once per machine and environment)"
+        with spinner(building)[0] if fresh else contextlib.nullcontext():
             return cpp_extension.load(
                 name=f"effc_bsr_cpu_{key}",
                 sources=[str(p) for p in SOURCES],
