@@ -12,8 +12,9 @@ import numpy as np
 from effc.backends import bsr
 from effc.ir.onnx_io import save_onnx
 from effc.ir.ort import open_session, session_options
-from effc.ir.torch_io import export_onnx
 from effc.numerics import compare_outputs
+from effc.pipeline import ensure_onnx
+from effc.report import Report
 from effc.runtime.timing import interleaved_medians
 
 
@@ -27,14 +28,8 @@ def compare_artifact(
 ) -> list[dict]:
     """Rows for the reference model and the artifact: bytes, ms, speedup, output error."""
     with tempfile.TemporaryDirectory(prefix="effc-compare-") as tmp:
-        if reference.kind == "fx":
-            with reference.plain_outputs():
-                proto = export_onnx(reference.module, reference.example_inputs)
-            ref_path = Path(tmp) / "reference.onnx"
-            save_onnx(proto, ref_path)
-        else:
-            ref_path = Path(tmp) / "reference.onnx"
-            save_onnx(reference.model, ref_path)
+        ref_path = Path(tmp) / "reference.onnx"
+        save_onnx(ensure_onnx(reference, Report("", ""), "the comparison").model, ref_path)
         art_path = folder / "model.onnx"
         domains = [bsr.DOMAIN] if backend == bsr.NAME else []
         ref = open_session(str(ref_path), session_options(threads, True))

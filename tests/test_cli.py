@@ -328,3 +328,17 @@ def test_artifact_folders_get_the_usual_permissions(tmp_path, cli):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "o").stat().st_mode) == 0o777 & ~umask
+
+
+def test_run_compare_prints_size_speed_and_error_beside_the_source(tmp_path, cli):
+    out = tmp_path / "o"
+    code, _, err = cli(
+        "compile", "builtin:tiny-llama", "--passes", "quantize{bits=4,group=16}", "-o", out
+    )
+    assert code == 0, err
+    code, stdout, err = cli("run", out, "--compare", "builtin:tiny-llama")
+    assert code == 0, err
+    rows = [line for line in stdout.splitlines() if "reference" in line or "artifact" in line]
+    assert len(rows) == 2 and "1.00x" in rows[0] and "MiB" in rows[1], stdout
+    ref_size, art_size = (float(r.split("│")[2].split()[0]) for r in rows)
+    assert art_size < ref_size  # int4 codes
