@@ -45,7 +45,7 @@ def compare_outputs(
     if len(ref) != len(out):
         return {"ok": False, "reason": f"{len(out)} outputs, expected {len(ref)}"}
     max_abs = max_rel = 0.0
-    ok = identical = True
+    ok = identical = within_tolerance = True
     worst_ratio, worst_floor = 0.0, None
     for i, (r, o) in enumerate(zip(ref, out)):
         r, o = np.asarray(r), np.asarray(o)
@@ -65,13 +65,20 @@ def compare_outputs(
         max_abs = max(max_abs, d)
         max_rel = max(max_rel, d / (float(np.abs(rf[np.isfinite(rf)]).max(initial=0.0)) + 1e-12))
         close = bool(np.allclose(of, rf, rtol=rtol, atol=atol, equal_nan=True))
+        within_tolerance = within_tolerance and close and nan_ok
         if floors is not None and floors[i] > 0:
             ratio = d / floors[i]
             if ratio >= worst_ratio:
                 worst_ratio, worst_floor = ratio, floors[i]
             close = close or ratio <= multiple
         ok = ok and close and nan_ok
-    result = {"ok": ok, "identical": identical, "max_abs": max_abs, "max_rel": max_rel}
+    result = {
+        "ok": ok,
+        "identical": identical,
+        "within_tolerance": within_tolerance,
+        "max_abs": max_abs,
+        "max_rel": max_rel,
+    }
     if worst_floor is not None:
         result.update(floor=worst_floor, floor_ratio=worst_ratio)
     return result
@@ -82,6 +89,7 @@ def merge_comparisons(results: list[dict]) -> dict:
     merged = {
         "ok": all(r["ok"] for r in results),
         "identical": all(r.get("identical", False) for r in results),
+        "within_tolerance": all(r.get("within_tolerance", False) for r in results),
     }
     for key in ("max_abs", "max_rel"):
         merged[key] = max((r.get(key, float("inf")) for r in results), default=0.0)

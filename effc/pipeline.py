@@ -319,22 +319,20 @@ class _RunState:
             if verifier
             else (1e-4, 1e-5, FLOOR_MULTIPLE)
         )
-        error = compare_runs(base.outputs, after, rtol, atol)
         if verifier is None or p.lossy:
-            return error
+            return compare_runs(base.outputs, after, rtol, atol)
         if p.bitwise:
+            error = compare_runs(base.outputs, after, rtol, atol)
             return dict(error, ok=error["identical"], rule="bitwise")
         if base.stripped is not None:  # float semantics: one ulp may flip a quantization step
             outs, floors = base.stripped
             stripped = compare_runs(
                 outs, model.without_activation_qdq().run_all(self.inputs), rtol, atol, floors, k
             )
-            return dict(stripped, rule="activation Q/DQ stripped", with_qdq=error)
-        fixed = error["ok"]
+            with_qdq = compare_runs(base.outputs, after, rtol, atol)
+            return dict(stripped, rule="activation Q/DQ stripped", with_qdq=with_qdq)
         error = compare_runs(base.outputs, after, rtol, atol, base.floors, k)
-        if fixed or "floor" not in error:
-            return dict(error, rule="tolerance")
-        return dict(error, rule="noise floor")
+        return dict(error, rule="tolerance" if error["within_tolerance"] else "noise floor")
 
     def run_pass(self, p: Pass, model, ctx, iteration: int):
         text = Pipeline([p]).text

@@ -16,17 +16,21 @@ def make_console() -> Console:
     return console
 
 
-def bar(total: int, what: str) -> tuple[Progress, object]:
-    """A progress bar over ``total`` steps (``with progress: ... progress.advance(task)``)."""
-    console = make_console()
-    progress = Progress(
-        TextColumn(what),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+def _progress(console: Console, *columns) -> Progress:
+    """A transient progress display on ``console``, shown only on a terminal."""
+    return Progress(
+        *columns,
         TimeElapsedColumn(),
         console=console,
         transient=True,
         disable=not console.is_terminal,
+    )
+
+
+def bar(total: int, what: str) -> tuple[Progress, object]:
+    """A progress bar over ``total`` steps (``with progress: ... progress.advance(task)``)."""
+    progress = _progress(
+        make_console(), TextColumn(what), BarColumn(), TextColumn("{task.completed}/{task.total}")
     )
     return progress, progress.add_task(what, total=total)
 
@@ -34,13 +38,7 @@ def bar(total: int, what: str) -> tuple[Progress, object]:
 def spinner(what: str, console: Console | None = None) -> tuple[Progress, object]:
     """A spinner with elapsed time for work of unknown length, and its task (whose description,
     ``what`` at first, the caller may update): ``with spinner("building")[0]:``."""
-    console = console or make_console()
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
+    progress = _progress(
+        console or make_console(), SpinnerColumn(), TextColumn("{task.description}")
     )
     return progress, progress.add_task(what, total=None)
