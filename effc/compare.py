@@ -13,8 +13,7 @@ from effc.backends import bsr
 from effc.ir.onnx_io import save_onnx
 from effc.ir.ort import open_session, session_options
 from effc.numerics import compare_outputs
-from effc.pipeline import ensure_onnx
-from effc.report import Report
+from effc.pipeline import lower_to_onnx
 from effc.runtime.timing import interleaved_medians
 
 
@@ -29,7 +28,8 @@ def compare_artifact(
     """Rows for the reference model and the artifact: bytes, ms, speedup, output error."""
     with tempfile.TemporaryDirectory(prefix="effc-compare-") as tmp:
         ref_path = Path(tmp) / "reference.onnx"
-        save_onnx(ensure_onnx(reference, Report("", ""), "the comparison").model, ref_path)
+        lowered = reference if reference.kind == "onnx" else lower_to_onnx(reference)
+        save_onnx(lowered.model, ref_path)
         art_path = folder / "model.onnx"
         domains = [bsr.DOMAIN] if backend == bsr.NAME else []
         ref = open_session(str(ref_path), session_options(threads, True))

@@ -29,7 +29,6 @@ from effc.compile import compile_model  # noqa: E402
 from effc.context import PassContext  # noqa: E402
 from effc.errors import EffcError  # noqa: E402
 from effc.inputs import describe, random_inputs  # noqa: E402
-from effc.ir.onnx_io import load_onnx  # noqa: E402
 from effc.ir.ort import open_session, session_options  # noqa: E402
 from effc.ir.torch_io import load_model  # noqa: E402
 from effc.runtime.timing import interleaved_medians  # noqa: E402
@@ -153,10 +152,11 @@ def run_entry(entry: Entry, trials: int, work: Path) -> Result:
             f"{entry.package} is not installed (pip install -r requirements-zoo.txt)"
         )
         return result
-    model = load_onnx(path)
+    loaded = load_model(str(path))
+    model = loaded.model
     result.opset = model.opset_imports.get("", 0)
     result.nodes = _nodes(path)
-    specs = load_model(str(path)).input_specs()
+    specs = loaded.input_specs()
     inputs = entry.inputs(specs) if entry.inputs else random_inputs(specs, 0)
     result.inputs = "given" if entry.inputs else "; ".join(describe(specs))
     calib = [inputs] if entry.inputs else []
