@@ -12,12 +12,16 @@ Per weight site (FQN; the weight viewed as (out, in), groups along the input dim
     original      float (out, in)       the weight before the first lossy pass (training's teacher)
     group         int                   g of the 1 x g groups of ``mask`` and of quantization
     mask          bool (out, in/g)      kept groups (group-prune)
-    element_mask  bool (out, in)        kept weights (nm-prune's N:M)
+    element_mask  bool (out, in)        kept weights (nm-prune's N:M); for a convolution
+                                        (kernel-sparsity) the weight's own (out, in/groups, k...)
     bits          int                   2, 3, 4 or 8
     codes         uint8 (out, in/g, g)  W ~= scale * (codes - zero), pruned groups at their zero
     scale         float32 (out, in/g)   fp16-exact
     zero          uint8 (out, in/g)
-    block         (rows, cols)          the storage block shape (BSR); default (1, g)
+    block         (rows, cols)          the storage block shape (BSR); default (1, g); for
+                                        kernel-sparsity the block over the (out, in/groups * k)
+                                        matrix view
+    pattern       str                   kernel-sparsity's pattern name ("4x1", "kernel", ...)
     permutation   int64 (in,)           the input-channel order a rearrangement applied
 
 Per block (transformer layer FQN), for block-level passes: ``gate`` (a learned importance),
@@ -39,7 +43,7 @@ from effc.errors import InputError
 FORMAT = "effc-compression"
 VERSION = 1
 _TENSORS = ("original", "mask", "element_mask", "codes", "scale", "zero", "permutation")
-_SCALARS = ("group", "bits", "block")
+_SCALARS = ("group", "bits", "block", "pattern")
 
 
 @dataclass
@@ -55,6 +59,7 @@ class SiteState:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     block: tuple[int, int] | None = None
+    pattern: str | None = None
     permutation: torch.Tensor | None = None
 
     @property

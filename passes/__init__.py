@@ -5,6 +5,7 @@ from effc.passes.cleanup import Cleanup
 from effc.passes.fuse import Fuse
 from effc.passes.gqsa_train import GQSATrain
 from effc.passes.group_prune import GroupPrune
+from effc.passes.kernel_sparsity import KernelSparsity
 from effc.passes.layernorm import LayerNorm
 from effc.passes.nm_prune import NMPrune
 from effc.passes.quantize import Quantize
@@ -19,6 +20,7 @@ __all__ = [
     "Fuse",
     "GQSATrain",
     "GroupPrune",
+    "KernelSparsity",
     "LayerNorm",
     "NMPrune",
     "Quantize",

@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import effc
+from effc.errors import InputError, PassOptionError
+from effc.ir.onnx_io import save_onnx
+from effc.ir.reducers import hessians
+from effc.ir.sites import read_weight, weight_sites
+from effc.ir.torch_io import export_onnx
+from effc.models import MobileNetV1, TinyCNN
+from effc.passes.kernel_sparsity import exact_counts, op_type
+
+
+def ctx(n=4, size=32, seed=0):
+    g = np.random.default_rng(seed)
+    c = effc.PassContext()
+    c.calibration = [
+        {"pixels": g.standard_normal((1, 3, size, size)).astype(np.float32)} for _ in range(n)
+    ]
+    return c
+
+
+class ConvNet(torch.nn.Module):
+    """Stem, depthwise, pointwise and linear layers without BatchNorm (the exporter folds
+    BatchNorm into the convs, so an FX and an ONNX copy would start from different weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 8)
+        self.eval()
+
+    def forward(self, pixels):
+        x = torch.relu(self.stem(pixels))
+        x = torch.relu(self.pw(torch.relu(self.dw(x))))
+        return self.fc(x.mean((2, 3)))
+
+    def example_inputs(self):
+        return {"pixels": torch.randn(1, 3, 32, 32)}
+
+
+@pytest.fixture(scope="module")
+def cnn_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    model = ConvNet()
+    save_onnx(export_onnx(model, model.example_inputs()), path)
+    return path
+
+
+def test_operator_types_of_a_mobilenet():
+    model = effc.Pipeline([]).run(MobileNetV1()).model
+    kinds = {s.fqn: op_type(s) for s in weight_sites(model)}
+    assert kinds["features.0.0"] == "conv"
+    assert kinds["features.1.dw.0"] == "depthwise"
+    assert kinds["features.1.pw.0"] == "pointwise"
+    assert kinds["classifier.1"] == "linear"
+
+
+def blocks_are_whole(mask: torch.Tensor, block) -> bool:
+    m = mask.reshape(mask.shape[0], -1).float()
+    r, c = block
+    o, k = m.shape
+    b = m.view(o // r, r, k // c, c)
+    return bool((b.amin((1, 3)) == b.amax((1, 3))).all())
+
+
+@pytest.mark.parametrize("pattern", ["4x1", "1x4", "2x2"])
+def test_patterns_zero_whole_blocks_and_leave_depthwise_dense(pattern):
+    tiny_cnn = TinyCNN()  # the passes edit the module they are given
+    before = {
+        s.fqn: read_weight(s).clone() for s in weight_sites(effc.Pipeline([]).run(TinyCNN()).model)
+    }
+    text = f"kernel-sparsity{{sparsity=0.5,patterns=[pointwise:{pattern}]}}"
+    res = effc.Pipeline.from_text(text).run(tiny_cnn)
+    stats = res.report.records[0].stats
+    for site in weight_sites(res.model):
+        w, state = read_weight(site), res.model.compression.get(site.fqn)
+        kind = op_type(site)
+        if kind == "depthwise" or site.fqn == "classifier":  # dense / 10 rows not divisible by 4
+            assert state is None and torch.equal(w, before[site.fqn])
+            continue
+        block = (1, 9) if kind == "conv" else tuple(int(v) for v in pattern.split("x"))
+        assert state.block == block and state.pattern == ("kernel" if kind == "conv" else pattern)
+        assert blocks_are_whole(state.element_mask, block)
+        assert torch.equal(w != 0, state.element_mask)  # kept weights are the original ones
+        assert torch.equal(w[state.element_mask], before[site.fqn][state.element_mask])
+    assert "does not divide" in stats["dense_layers"]["classifier"] or pattern == "1x4"
+    assert stats["weights_zeroed"] == round(0.5 * stats["weights_eligible"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layers=st.lists(
+        st.tuples(st.integers(1, 40), st.sampled_from([1, 2, 4, 9, 16])), min_size=1, max_size=5
+    ),
+    target=st.floats(0, 0.95),
+)
+def test_exact_budget_within_half_the_largest_block(layers, target):
+    blocks = {f"l{i}": n for i, (n, _) in enumerate(layers)}
+    sizes = {f"l{i}": b for i, (_, b) in enumerate(layers)}
+    keep = exact_counts(blocks, sizes, dict.fromkeys(blocks, target), target)
+    weights = sum(blocks[k] * sizes[k] for k in blocks)
+    kept = sum(keep[k] * sizes[k] for k in blocks)
+    big = max(blocks, key=lambda k: blocks[k] * sizes[k])
+    assert all(0 <= keep[k] <= blocks[k] for k in blocks)
+    if 0 < keep[big] < blocks[big]:  # not clipped
+        assert abs(kept - round((1 - target) * weights)) <= sizes[big] / 2
+
+
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "obs"])
+def test_same_weights_on_fx_and_onnx(score, cnn_onnx):
+    text = f"kernel-sparsity{{sparsity=0.4,score={score}}}"
+    fx = effc.Pipeline.from_text(text).run(ConvNet(), ctx())
+    onnx = effc.Pipeline.from_text(text).run(str(cnn_onnx), ctx())
+    fx_w = {s.fqn: read_weight(s) for s in weight_sites(fx.model)}
+    onnx_w = {s.fqn: read_weight(s) for s in weight_sites(onnx.model)}
+    assert fx_w.keys() == onnx_w.keys()
+    for name, w in fx_w.items():
+        assert torch.equal(w == 0, onnx_w[name] == 0), name
+        torch.testing.assert_close(w, onnx_w[name], rtol=1e-3, atol=1e-5)
+    fx_stats, onnx_stats = (r.report.records[0].stats for r in (fx, onnx))
+    assert fx_stats["weights_zeroed"] == onnx_stats["weights_zeroed"]
+
+
+def test_obs_compensation_lowers_each_layers_output_error():
+    errors = {}
+    for score in ("magnitude", "obs"):
+        res = effc.Pipeline.from_text(f"kernel-sparsity{{sparsity=0.5,score={score}}}").run(
+            TinyCNN(), ctx()
+        )
+        model = res.model
+        sites = [s for s in weight_sites(model) if model.compression.get(s.fqn)]
+        hess = hessians(model, sites, ctx().calibration)
+        errors[score] = {}
+        for s in sites:
+            w0 = model.compression.get(s.fqn).original.reshape(s.shape[0], -1).double()
+            d = read_weight(s).reshape(s.shape[0], -1).double() - w0
+            h = hess[s.fqn].reshape(-1, *hess[s.fqn].shape[-2:]).double()[0]
+            errors[score][s.fqn] = float(((d @ h) * d).sum() / ((w0 @ h) * w0).sum())
+    for k, e in errors["obs"].items():
+        assert e < errors["magnitude"][k], k
+
+
+def test_sensitivity_allocation_varies_layers_and_keeps_the_budget():
+    model = MobileNetV1()
+    c = ctx(2, 64)
+    text = "kernel-sparsity{sparsity=0.5,allocate=sensitivity,spread=0.3,sensitivity_samples=2}"
+    res = effc.Pipeline.from_text(text).run(model, c)
+    stats = res.report.records[0].stats
+    layer = stats["allocation"]["layer_sparsity"]
+    assert max(layer.values()) - min(layer.values()) > 0.1
+    assert abs(stats["sparsity"] - 0.5) < 1e-3
+    per = stats["per_layer"]
+    assert all("output_error" in v for v in per.values())
+
+
+def test_option_and_calibration_errors(tiny_cnn):
+    for text in (
+        "kernel-sparsity{patterns=[pointwise:4]}",
+        "kernel-sparsity{patterns=[attention:4x1]}",
+        "kernel-sparsity{sparsity=1.0}",
+    ):
+        with pytest.raises(PassOptionError):
+            effc.Pipeline.from_text(text)
+    with pytest.raises(InputError, match="calibration"):
+        effc.Pipeline.from_text("kernel-sparsity{score=obs}").run(tiny_cnn)
