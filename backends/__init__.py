@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from effc.backends import bsr, onnxruntime, tensorrt
+from effc.backends import bsr, onnxruntime, tensorrt, tvm
 from effc.errors import UnsupportedError, did_you_mean
 
-BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (onnxruntime, bsr, tensorrt)}
+BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (onnxruntime, bsr, tensorrt, tvm)}
 
 
 def get_backend(name: str) -> ModuleType:

@@ -94,6 +94,18 @@ def cmd_compile(args) -> int:
         pipeline.instruments.append(DumpInstrument(args.dump_ir))
     if args.engine and args.target != "tensorrt":
         raise EffcError("--engine builds a TensorRT engine: it needs --target tensorrt")
+    if (args.tvm_target or args.tuning or args.tvm_decisions) and args.target != "tvm":
+        raise EffcError(
+            "--tvm-target, --tuning and --tvm-decisions choose how TVM builds: they need "
+            "--target tvm"
+        )
+    backend_options = {"engine": args.engine} if args.engine else {}
+    if args.target == "tvm":
+        backend_options = {
+            "tvm_target": args.tvm_target or "x86",
+            "tuning": args.tuning,
+            "decisions": args.tvm_decisions,
+        }
     prepare_output(Path(args.output), args.force)  # fail before loading a large model
     model = _load(args, args.model)
     progress = ProgressInstrument(_console())
@@ -107,7 +119,7 @@ def cmd_compile(args) -> int:
             _context(args, model),
             args.force,
             not args.no_verify,
-            {"engine": args.engine} if args.engine else None,
+            backend_options or None,
         )
     finally:
         progress.close()
@@ -251,8 +263,8 @@ def _print_comparison(folder: Path, manifest: dict, args, inputs: dict) -> None:
     reference = _load(args, args.compare)
     rows = compare_artifact(folder, manifest["backend"], reference, inputs, args.threads)
     table = Table(
-        title=f"{folder} against {args.compare} (onnxruntime, all optimizations, {args.threads} "
-        "threads, median of 20 interleaved runs)",
+        title=f"{folder} against {args.compare} (reference: onnxruntime, all optimizations; "
+        f"artifact: its own runtime; {args.threads} threads, median of 20 interleaved runs)",
         title_justify="left",
     )
     for col in ("model", "size", "ms", "speedup", "max abs error", "max rel error"):
@@ -325,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=["fp32", "fp16", "int8"],
         help="--target tensorrt: also build a TensorRT engine (needs tensorrt and an NVIDIA GPU)",
+    )
+    p.add_argument(
+        "--tvm-target",
+        choices=["x86", "aarch64", "wasm32"],
+        help="--target tvm: the machine to build for (default x86, this CPU's features)",
+    )
+    p.add_argument(
+        "--tuning",
+        metavar="DIR",
+        help="--target tvm: a meta-schedule tuning database (python -m tools.tune_tvm)",
+    )
+    p.add_argument(
+        "--tvm-decisions",
+        metavar="FILE",
+        help="--target tvm: pinned sparse/dense choices per layer (an artifact's decisions.json)",
     )
     p.set_defaults(func=cmd_compile)
 

@@ -1,6 +1,8 @@
 """``effc run OUT --compare MODEL``: the artifact beside the model it came from, on the same
-inputs, under onnxruntime with all its optimizations and the same threads: file size, latency
-(interleaved medians) and output error. What a user wants to see after a compile."""
+inputs and threads: the reference under onnxruntime with all its optimizations, the artifact
+under its own runtime (onnxruntime, with effc's BSR op for the bsr target; TVM's relax VM for the
+tvm target): file size, latency (interleaved medians) and output error. What a user wants to see
+after a compile."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effc.backends import bsr
+from effc.backends import bsr, tvm
 from effc.ir.onnx_io import save_onnx
 from effc.ir.ort import open_session, session_options
 from effc.numerics import compare_outputs
@@ -30,15 +32,24 @@ def compare_artifact(
         ref_path = Path(tmp) / "reference.onnx"
         lowered = reference if reference.kind == "onnx" else lower_to_onnx(reference)
         save_onnx(lowered.model, ref_path)
-        art_path = folder / "model.onnx"
-        domains = [bsr.DOMAIN] if backend == bsr.NAME else []
         ref = open_session(str(ref_path), session_options(threads, True))
-        art = open_session(str(art_path), session_options(threads, True), domains)
+        if backend == tvm.NAME:
+            vm, meta = tvm.load(folder, threads)
+            art_path = folder / tvm.LIB_FILE[meta["tvm_target"]]
+
+            def art_run():
+                return list(tvm.call(vm, meta, inputs).values())
+        else:
+            art_path = folder / "model.onnx"
+            domains = [bsr.DOMAIN] if backend == bsr.NAME else []
+            art = open_session(str(art_path), session_options(threads, True), domains)
+
+            def art_run():
+                return art.run(None, inputs)
+
         want = ref.run(None, inputs)
-        got = art.run(None, inputs)
-        ms = interleaved_medians(
-            [lambda: ref.run(None, inputs), lambda: art.run(None, inputs)], trials
-        )
+        got = art_run()
+        ms = interleaved_medians([lambda: ref.run(None, inputs), art_run], trials)
         error = compare_outputs([np.asarray(a) for a in want], [np.asarray(b) for b in got])
         return [
             {"model": "reference", "bytes": model_files(ref_path), "ms": ms[0], "speedup": 1.0},

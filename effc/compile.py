@@ -60,6 +60,8 @@ def compile_model(
 
     def build(folder: Path) -> None:
         backend.lower(final.model, folder, **(backend_options or {}))
+        if hasattr(backend, "describe"):
+            report.notes.extend(backend.describe(folder))
 
         report.save(folder / "report.json")
 

@@ -12,6 +12,7 @@ from effc.passes.quantize import Quantize
 from effc.passes.quantize_activations import QuantizeActivations
 from effc.passes.rearrange import Rearrange
 from effc.passes.tensorrt_legalize import TensorRTLegalize
+from effc.passes.tvm_legalize import TVMLegalize
 from effc.passes.weight_codes import WeightCodes
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "QuantizeActivations",
     "Rearrange",
     "TensorRTLegalize",
+    "TVMLegalize",
     "WeightCodes",
 ]

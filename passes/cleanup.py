@@ -53,7 +53,7 @@ class _IdentityElimination(common.IdentityEliminationPass):
         return super()._try_eliminate_identity_node(node)
 
 
-def _fold_constants(model: ir.Model) -> None:
+def fold_constants(model: ir.Model) -> None:
     opt.fold_constants(model, onnx_shape_inference=True, should_fold=_keep_compressed)
 
 
@@ -77,7 +77,7 @@ class Cleanup(Pass):
         if model.kind == "fx":
             return self._run_fx(model)
         steps = {
-            "constants_folded": _fold_constants,
+            "constants_folded": fold_constants,
             "identities_removed": _IdentityElimination(),
             "duplicates_removed": common.CommonSubexpressionEliminationPass(),
             "dead_nodes_removed": common.RemoveUnusedNodesPass(),

@@ -1,0 +1,296 @@
+"""The TVM target: the model compiled by Apache TVM (0.27, relax) for x86, aarch64 or wasm32.
+
+``legalization()`` appends ``fixpoint(cleanup,fuse)`` and ``tvm-legalize`` (static shapes,
+folded shape math, importer-friendly Constant/Resize forms). ``lower`` imports the ONNX graph
+with TVM's relax ONNX frontend, builds it with TVM's default pipeline for the target (or with a
+meta-schedule tuning database, ``tuning=DIR``) and writes:
+
+    model.onnx     the legalized graph (the reference the artifact is checked against)
+    model.so       x86_64 / aarch64: the compiled relax VM executable (a shared library)
+    model.wasm     wasm32: the executable as a WebAssembly system library
+    tvm.json       target, TVM version, input/output order, tuning database used
+
+``run`` loads ``model.so`` into TVM's relax VM when the artifact's target is this machine's
+(x86_64); an aarch64 or wasm32 artifact raises a one-line error naming how it runs. TVM is an
+optional dependency (``pip install 'effc[tvm]'``); without it the target says so in one line.
+
+From FX: ``lower_fx`` imports a ``torch.export`` program with TVM's ``from_exported_program``
+for the same build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+import effc.backends.tvm_sparse as tvm_sparse
+from effc.backends.onnxruntime import lower as save_reference
+from effc.errors import UnsupportedError
+
+NAME = "tvm"
+MODEL_FILE = "model.onnx"
+LIB_FILE = {"x86": "model.so", "aarch64": "model.so", "wasm32": "model.wasm"}
+META_FILE = "tvm.json"
+DECISIONS_FILE = "decisions.json"
+TARGETS = ("x86", "aarch64", "wasm32")
+
+
+def legalization() -> list[str]:
+    return ["fixpoint(cleanup,fuse)", "tvm-legalize"]
+
+
+def tvm():
+    """The tvm package, or a one-line error naming how to install it."""
+    try:
+        import tvm as _tvm
+        from tvm import relax  # noqa: F401
+    except ImportError as e:
+        raise UnsupportedError(
+            f"the tvm target needs Apache TVM: pip install 'effc[tvm]' ({e})"
+        ) from e
+    return _tvm
+
+
+def target_for(name: str):
+    """TVM 0.27 target (a JSON dict) for x86 (this CPU's features when it is x86_64),
+    aarch64 (NEON) or wasm32 (SIMD128)."""
+    t = tvm()
+    if name == "x86":
+        spec = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+        if platform.machine() == "x86_64":
+            spec["mcpu"] = t.target.codegen.llvm_get_system_cpu()
+        spec["num-cores"] = os.cpu_count() or 1
+    elif name == "aarch64":
+        spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    elif name == "wasm32":
+        spec = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm", "mattr": ["+simd128"]}
+    else:
+        raise UnsupportedError(f"unknown TVM target {name!r}; available: {', '.join(TARGETS)}")
+    return t.target.Target(spec)
+
+
+def import_onnx(model: ir.Model):
+    """The relax IRModule of an ONNX graph (weights bound as constants)."""
+    tvm()
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = ir.serde.serialize_model(model)
+    try:
+        mod = from_onnx(proto, keep_params_in_input=False)
+    except Exception as e:  # the importer raises bare ValueError/AssertionError/TypeError
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UnsupportedError(f"TVM's ONNX importer refused the graph: {first}") from e
+    return mod
+
+
+def import_fx(exported):
+    """The relax IRModule of a ``torch.export`` program (TVM's from_exported_program)."""
+    tvm()
+    from tvm.relax.frontend.torch import from_exported_program
+
+    return from_exported_program(exported, keep_params_as_input=False)
+
+
+def fused(mod, target):
+    """The module as meta-schedule's compile path sees it before applying a database: operators
+    legalized to TensorIR and fused (the tasks a tuning run extracts)."""
+    t = tvm()
+    from tvm import relax
+
+    seq = t.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )
+    with target, t.transform.PassContext(opt_level=3):
+        return seq(mod)
+
+
+def build(mod, target, tuning: str | Path | None = None):
+    """A relax VM executable: TVM's default pipeline, or one that applies a tuning database."""
+    t = tvm()
+    if tuning is None:
+        return t.compile(mod, target=target)
+    from tvm.s_tir import meta_schedule as ms
+
+    db = load_database(tuning)
+    with target, t.transform.PassContext(opt_level=3):
+        return ms.relax_integration.compile_relax(db, mod, target, params=None)
+
+
+def load_database(folder: str | Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    folder = Path(folder)
+    records = folder / "database_tuning_record.json"
+    workloads = folder / "database_workload.json"
+    if not records.is_file() or not workloads.is_file():
+        raise UnsupportedError(
+            f"{folder} is not a meta-schedule database (database_workload.json and "
+            "database_tuning_record.json)"
+        )
+    return ms.database.JSONDatabase(str(workloads), str(records), allow_missing=False)
+
+
+def export(executable, path: Path, tvm_target: str) -> None:
+    """Write the executable as a shared library (x86, aarch64 with the cross g++) or a wasm
+    system library."""
+    if tvm_target == "x86":
+        executable.export_library(str(path))
+    elif tvm_target == "aarch64":
+        from tvm.support import cc
+
+        compiler = os.environ.get("EFFC_AARCH64_CXX", "aarch64-linux-gnu-g++")
+        if not _which(compiler):
+            raise UnsupportedError(
+                f"the aarch64 target needs a cross compiler ({compiler}): "
+                "apt install g++-aarch64-linux-gnu"
+            )
+        executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+    else:
+        raise UnsupportedError(
+            "writing a wasm32 executable needs TVM's web runtime (emcc); "
+            "not supported by this effc build"
+        )
+
+
+def _which(cmd: str) -> bool:
+    from shutil import which
+
+    return which(cmd) is not None
+
+
+def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
+    """How each sparse layer is chosen: a pinned decision file; on this machine's own target a
+    measurement (sparse where it is faster than TVM's dense operator by more than 5% and 2 µs);
+    on a cross target the cost model (sparse where at most COST_MODEL_MAX_DENSITY of the blocks
+    are kept)."""
+    pinned = tvm_sparse.load_decisions(decisions) if decisions else {}
+    measure = tvm_target == _host_target()
+
+    def decide(cand, w2d, n, c, pixels) -> str:
+        if cand.key in pinned:
+            cand.why = "decision file"
+            return pinned[cand.key]
+        if not measure:
+            cand.why = f"cost model (density <= {tvm_sparse.COST_MODEL_MAX_DENSITY})"
+            return "sparse" if cand.density <= tvm_sparse.COST_MODEL_MAX_DENSITY else "dense"
+        cand.dense_us, cand.sparse_us = tvm_sparse.measure_pointwise(
+            lambda m: build(m, target, tuning), target, w2d, n, c, pixels, cand.rows
+        )
+        cand.why = "measured"
+        faster = cand.dense_us - cand.sparse_us
+        return "sparse" if faster > max(0.05 * cand.dense_us, 2.0) else "dense"
+
+    return decide
+
+
+def lower(
+    model: ir.Model,
+    out_dir: Path,
+    tvm_target: str = "x86",
+    tuning: str | None = None,
+    decisions: str | None = None,
+    sparse: bool = True,
+) -> list[Path]:
+    """Build ``model`` for ``tvm_target`` into ``out_dir`` (see the module docstring)."""
+    t = tvm()
+    target = target_for(tvm_target)
+    files = save_reference(model, out_dir)
+    mod = import_onnx(model)
+    candidates = []
+    if sparse:
+        mod, candidates = tvm_sparse.sparsify(
+            mod, target, decider(target, tvm_target, tuning, decisions)
+        )
+    executable = build(mod, target, tuning)
+    lib = out_dir / LIB_FILE[tvm_target]
+    export(executable, lib, tvm_target)
+    meta = {
+        "tvm_version": t.__version__,
+        "tvm_target": tvm_target,
+        "target": str(target),
+        "inputs": [v.name for v in model.graph.inputs],
+        "outputs": [v.name for v in model.graph.outputs],
+        "tuning": str(tuning) if tuning else None,
+        "sparse_layers": [{k: v for k, v in vars(c).items() if v is not None} for c in candidates],
+    }
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    tvm_sparse.save_decisions(out_dir / DECISIONS_FILE, candidates)
+    return [*files, lib, out_dir / META_FILE, out_dir / DECISIONS_FILE]
+
+
+def describe(out_dir: Path) -> list[str]:
+    """Report notes on what the build chose (read back from tvm.json)."""
+    meta = json.loads((Path(out_dir) / META_FILE).read_text())
+    layers = meta.get("sparse_layers", [])
+    sparse = [c for c in layers if c["choice"] == "sparse"]
+    notes = [
+        f"tvm {meta['tvm_version']} build for {meta['tvm_target']} ({meta['target']})"
+        + (f" with tuning database {meta['tuning']}" if meta.get("tuning") else ", untuned")
+    ]
+    if layers:
+        notes.append(
+            f"block-sparse 1x1 convs: {len(sparse)} of {len(layers)} candidates run sparse ("
+            + "; ".join(
+                f"{c['shape'][1]}->{c['shape'][0]} @{c['pixels']}px d={c['density']:.2f}: "
+                + (
+                    f"dense {c['dense_us']:.0f} us / sparse {c['sparse_us']:.0f} us"
+                    if "dense_us" in c
+                    else c["why"]
+                )
+                + f" -> {c['choice']}"
+                for c in layers
+            )
+            + ")"
+        )
+    return notes
+
+
+def _host_target() -> str | None:
+    return {"x86_64": "x86", "aarch64": "aarch64"}.get(platform.machine())
+
+
+def load(out_dir: Path, threads: int | None = None):
+    """(relax VirtualMachine, tvm.json) of an artifact built for this machine."""
+    meta = json.loads((Path(out_dir) / META_FILE).read_text())
+    if meta["tvm_target"] != _host_target():
+        how = {
+            "aarch64": "on an aarch64 machine, or here under qemu-aarch64",
+            "wasm32": "under a WebAssembly runtime with TVM's web runtime",
+        }.get(meta["tvm_target"], "on its own machine")
+        raise UnsupportedError(
+            f"{out_dir} was built for {meta['tvm_target']} and this machine is "
+            f"{platform.machine()}: run it {how}"
+        )
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    t = tvm()
+    from tvm import relax
+
+    lib = t.runtime.load_module(str(Path(out_dir) / LIB_FILE[meta["tvm_target"]]))
+    return relax.VirtualMachine(lib, t.cpu()), meta
+
+
+def call(vm, meta: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    t = tvm()
+    args = [t.runtime.tensor(np.ascontiguousarray(inputs[name])) for name in meta["inputs"]]
+    out = vm["main"](*args)
+    outs = [out] if hasattr(out, "numpy") else list(out)
+    return {name: o.numpy() for name, o in zip(meta["outputs"], outs)}
+
+
+def run(
+    out_dir: Path, inputs: dict[str, np.ndarray], threads: int | None = None
+) -> dict[str, np.ndarray]:
+    vm, meta = load(out_dir, threads)
+    return call(vm, meta, inputs)

@@ -1,0 +1,263 @@
+"""Block-sparse kernels for the tvm target, written in TensorIR, and the relax rewrite that uses
+them for the layers where they beat TVM's dense operator.
+
+Kernel (``pointwise_nchw``): a 1x1 convolution (or a linear layer, H = W = 1) in NCHW whose
+weight is stored as block sparse rows of R x 1 blocks (R output channels at one input channel,
+kernel-sparsity's ``Rx1`` pattern): for each output row block ``ob`` (parallel over cores) and
+pixel tile, the kept blocks ``j in indptr[ob]..indptr[ob+1]`` (a data-dependent loop) add
+``data[j, r] * x[n, indices[j], pixels]`` into R x PT accumulators, vectorised over the pixel
+tile (AVX2/AVX-512 on x86, NEON on aarch64, SIMD128 on wasm32 by the target's vector width).
+Pixel counts that the tile does not divide get a second, narrower tile and a scalar tail.
+
+The rewrite (``sparsify``) walks the imported relax module: every ``relax.nn.conv2d`` with a
+constant 1x1 weight (groups 1, stride 1, no padding) whose zeros form whole R x 1 blocks is a
+candidate; ``decide`` times the dense operator (built alone with the same tuning database) and
+the sparse kernel on this machine, or applies a cost model / a decision file for cross targets,
+and the winners become ``call_tir`` of the sparse kernel with the packed arrays as constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import InputError
+
+# a cross target cannot be timed here (timings under qemu mean nothing): the sparse kernel is
+# chosen where at most this fraction of the blocks is kept; measured on x86 (see docs/targets.md)
+COST_MODEL_MAX_DENSITY = 0.5
+
+
+@dataclass
+class Candidate:
+    """One 1x1 conv the sparse kernel could run."""
+
+    key: str  # sha1 of the weight bytes (how the ONNX site and the relax constant are matched)
+    shape: tuple[int, ...]  # (O, C, 1, 1)
+    pixels: int
+    rows: int  # R
+    density: float  # kept blocks / blocks
+    dense_us: float | None = None
+    sparse_us: float | None = None
+    choice: str = "dense"
+    why: str = ""
+
+
+def weight_key(w: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(w, np.float32).tobytes()).hexdigest()[:16]
+
+
+def block_rows(w2d: np.ndarray, candidates=(16, 8, 4)) -> int | None:
+    """The largest R whose R x 1 blocks hold every zero of the (O, C) weight as whole blocks."""
+    o = w2d.shape[0]
+    for r in candidates:
+        if o % r:
+            continue
+        nz = (w2d != 0).reshape(o // r, r, -1)
+        if (nz.any(1) == nz.all(1)).all() and not nz.all():
+            return r
+    return None
+
+
+def pack(w2d: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data (nnz, R), indices (nnz,) int32, indptr (O/R + 1,) int32) of R x 1 blocks."""
+    o, c = w2d.shape
+    blocks = w2d.reshape(o // r, r, c)
+    kept = (blocks != 0).any(1)  # (O/R, C)
+    indptr = np.concatenate([[0], np.cumsum(kept.sum(1))]).astype(np.int32)
+    rows, cols = np.nonzero(kept)
+    data = blocks[rows, :, cols].astype(np.float32)  # (nnz, R)
+    if data.size == 0:  # keep buffers non-empty
+        data = np.zeros((1, r), np.float32)
+        cols = np.zeros(1, np.int64)
+    return np.ascontiguousarray(data), cols.astype(np.int32), indptr
+
+
+def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes: int = 16):
+    """The TensorIR kernel (see the module docstring) for one layer's shapes.
+
+    Loop order: per output row block (parallel), its R output rows are zeroed, then for each
+    kept block the R weights and the input row are read once and R x pixels multiply-adds run
+    over the whole row, ``lanes`` pixels per vector (a narrower remainder loop after). The R
+    output rows stay in L1 while they accumulate; the index arithmetic and the weight
+    broadcasts are paid once per block, not once per pixel tile."""
+    from tvm.script import tirx as T
+
+    ob_count = o // r
+    nv = pixels // lanes
+    rest = pixels - nv * lanes
+
+    @T.prim_func
+    def kernel(
+        x: T.Buffer((n, c, pixels), "float32"),
+        data: T.Buffer((nnz, r), "float32"),
+        indices: T.Buffer((nnz,), "int32"),
+        indptr: T.Buffer((ob_count + 1,), "int32"),
+        out: T.Buffer((n, o, pixels), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for b in range(n):
+            for ob in T.parallel(ob_count):
+                for i in range(r):
+                    for p in T.vectorized(pixels):
+                        out[b, ob * r + i, p] = T.float32(0)
+                for j in range(indptr[ob], indptr[ob + 1]):
+                    for i in T.unroll(r):
+                        for v in range(nv):
+                            for p in T.vectorized(lanes):
+                                out[b, ob * r + i, v * lanes + p] = (
+                                    out[b, ob * r + i, v * lanes + p]
+                                    + data[j, i] * x[b, indices[j], v * lanes + p]
+                                )
+                        for p in range(rest):
+                            out[b, ob * r + i, nv * lanes + p] = (
+                                out[b, ob * r + i, nv * lanes + p]
+                                + data[j, i] * x[b, indices[j], nv * lanes + p]
+                            )
+
+    return kernel
+
+
+def lanes_for(target) -> int:
+    """f32 lanes of the target's widest vector: 16 with AVX-512, 8 with AVX2, else 4."""
+    text = str(target)
+    if "aarch64" in text or "wasm32" in text:
+        return 4
+    from tvm.target import codegen
+
+    feats = set()
+    try:
+        feats = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:
+        pass
+    if "avx512f" in feats:
+        return 16
+    return 8
+
+
+# ---------------------------------------------------------------- decisions
+def load_decisions(path: str | Path) -> dict[str, str]:
+    """A pinned decision file: {"layers": {weight key: "sparse" | "dense"}}."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        layers = doc["layers"]
+        if not all(v in ("sparse", "dense") for v in layers.values()):
+            raise ValueError("choices must be sparse or dense")
+        return {k: str(v) for k, v in layers.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is not a decision file ({e})") from e
+
+
+def save_decisions(path: Path, candidates: list[Candidate]) -> None:
+    doc = {
+        "format": "effc-tvm-decisions",
+        "layers": {c.key: c.choice for c in candidates},
+        "measured": [asdict(c) for c in candidates],
+    }
+    path.write_text(json.dumps(doc, indent=1))
+
+
+# ---------------------------------------------------------------- relax rewrite
+def _is_plain_pointwise(call) -> bool:
+    a = call.attrs
+    return (
+        [int(v) for v in a.strides] == [1, 1]
+        and [int(v) for v in a.padding] == [0, 0, 0, 0]
+        and [int(v) for v in a.dilation] == [1, 1]
+        and int(a.groups) == 1
+        and str(a.data_layout) == "NCHW"
+        and str(a.kernel_layout) == "OIHW"
+    )
+
+
+def sparsify(mod, target, decide):
+    """Replace the 1x1 convs ``decide(candidate, weight2d, n, c, pixels)`` picks "sparse" by
+    ``call_tir`` of ``pointwise_nchw``; returns (module, candidates in graph order)."""
+    import tvm
+    from tvm import relax
+
+    conv = tvm.ir.Op.get("relax.nn.conv2d")
+    lanes = lanes_for(target)
+    candidates: list[Candidate] = []
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != conv or not isinstance(call.args[1], tvm.ir.expr.Constant):
+                return call
+            w = call.args[1].value.numpy()
+            shape = call.args[0].ty.shape
+            if w.shape[2:] != (1, 1) or not _is_plain_pointwise(call) or shape is None:
+                return call
+            try:
+                n, c, h, wd = (int(d) for d in shape.values)
+            except TypeError:  # symbolic dims
+                return call
+            w2d = w.reshape(w.shape[0], -1)
+            r = block_rows(w2d)
+            if r is None:
+                return call
+            blocks = (w2d != 0).reshape(w.shape[0] // r, r, -1).any(1)
+            cand = Candidate(weight_key(w2d), tuple(w.shape), h * wd, r, float(blocks.mean()))
+            candidates.append(cand)
+            cand.choice = decide(cand, w2d, n, c, h * wd)
+            if cand.choice != "sparse":
+                return call
+            data, indices, indptr = pack(w2d, r)
+            kernel = pointwise_nchw(n, c, w.shape[0], h * wd, r, len(indices), lanes)
+            name = f"effc_bsr_pointwise_{len(candidates)}"
+            gv = self.builder_.add_func(kernel.with_attr("global_symbol", name), name)
+            x = relax.op.reshape(call.args[0], (n, c, h * wd))
+            out = relax.call_tir(
+                gv,
+                [x, relax.const(data), relax.const(indices), relax.const(indptr)],
+                relax.TensorType((n, w.shape[0], h * wd), "float32"),
+            )
+            return relax.op.reshape(out, (n, w.shape[0], h, wd))
+
+    rewriter = Rewriter(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get(), candidates
+
+
+def measure_pointwise(build, target, w2d, n, c, pixels, r, repeat=20) -> tuple[float, float]:
+    """(dense µs, sparse µs) of one layer on this machine: TVM's conv2d built alone by
+    ``build(module)`` (the target's build, with its tuning database) and the sparse kernel,
+    medians of ``repeat`` timings of 10 runs."""
+    import tvm
+    from tvm import relax
+
+    o = w2d.shape[0]
+    side = int(round(pixels**0.5))
+    h, wd = (side, side) if side * side == pixels else (1, pixels)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((n, c, h, wd), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w2d.reshape(o, c, 1, 1))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    dense = build(bb.get())
+    dev = tvm.cpu()
+    xs = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((n, c, h, wd), np.float32))
+    vm = relax.VirtualMachine(dense, dev)
+    dense_s = vm.time_evaluator("main", dev, number=10, repeat=repeat)(xs).median
+    data, indices, indptr = pack(w2d, r)
+    kernel = pointwise_nchw(n, c, o, pixels, r, len(indices), lanes_for(target))
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
+    args = [
+        tvm.runtime.tensor(a) for a in (xs.numpy().reshape(n, c, pixels), data, indices, indptr)
+    ]
+    args.append(tvm.runtime.tensor(np.zeros((n, o, pixels), np.float32)))
+    sparse_s = lib.mod.time_evaluator("main", dev, number=10, repeat=repeat)(*args).median
+    return dense_s * 1e6, sparse_s * 1e6

@@ -1,0 +1,176 @@
+"""--target tvm: builds run under TVM's relax VM and match onnxruntime on the same graph; the
+block-sparse TensorIR kernel is exact against numpy on ragged shapes; the decision file pins
+choices; tvm-legalize makes importer-hostile graphs import; aarch64 artifacts are aarch64 code.
+Marker ``tvm`` (its own CI step with apache-tvm installed)."""
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from _helpers import from_text
+
+import effc
+from effc.backends import get_backend, tvm_sparse
+from effc.backends import tvm as tvm_backend
+from effc.backends.onnxruntime import run_file
+from effc.compile import compile_model
+from effc.errors import UnsupportedError
+from effc.models import TinyCNN
+
+pytestmark = [
+    pytest.mark.tvm,
+    pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="apache-tvm not installed"),
+]
+
+
+def _compile(model, passes, out, **options):
+    return compile_model(model, passes, out, target="tvm", backend_options=options or None)
+
+
+def _inputs(seed=0, size=32):
+    return {"pixels": np.random.default_rng(seed).standard_normal((1, 3, size, size), np.float32)}
+
+
+def test_dense_build_matches_onnxruntime_and_the_source(tmp_path):
+    model = TinyCNN()
+    result = _compile(model, "cleanup", tmp_path / "out")
+    assert [r.name for r in result.report.records][-1] == "tvm-legalize"
+    assert any("untuned" in n for n in result.report.notes)
+    x = _inputs()
+    got = get_backend("tvm").run(tmp_path / "out", x)
+    ref = run_file(tmp_path / "out" / "model.onnx", x)
+    np.testing.assert_allclose(
+        got["logits"] if "logits" in got else next(iter(got.values())),
+        next(iter(ref.values())),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x["pixels"])).numpy()
+    np.testing.assert_allclose(next(iter(got.values())), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pixels", [1, 7, 16, 49, 50])
+@pytest.mark.parametrize("r", [4, 8])
+def test_sparse_kernel_is_exact_on_ragged_shapes(pixels, r):
+    import tvm
+
+    rng = np.random.default_rng(pixels * r)
+    c, o = 24, 32
+    w = rng.standard_normal((o, c)).astype(np.float32)
+    keep = rng.random((o // r, c)) < 0.4
+    keep[1] = False  # an empty row block
+    w *= np.repeat(keep, r, 0)
+    data, indices, indptr = tvm_sparse.pack(w, r)
+    assert indptr[2] == indptr[1]  # the empty row block
+    target = tvm_backend.target_for("x86")
+    kernel = tvm_sparse.pointwise_nchw(
+        2, c, o, pixels, r, len(indices), tvm_sparse.lanes_for(target)
+    )
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
+    x = rng.standard_normal((2, c, pixels)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full((2, o, pixels), np.nan, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr)), out)
+    np.testing.assert_allclose(out.numpy(), np.einsum("oc,ncp->nop", w, x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_rows_finds_only_whole_blocks():
+    w = np.ones((16, 4), np.float32)
+    assert tvm_sparse.block_rows(w) is None  # nothing pruned
+    w[8:16, 1] = 0
+    assert tvm_sparse.block_rows(w) == 8
+    w[3, 2] = 0  # a lone zero breaks every block shape
+    assert tvm_sparse.block_rows(w) is None
+
+
+def test_sparse_layers_follow_the_decision_file_and_stay_exact(tmp_path):
+    model = TinyCNN()
+    passes = "kernel-sparsity{sparsity=0.5,patterns=[pointwise:4x1,linear:dense,conv:dense]}"
+    _compile(model, passes, tmp_path / "auto")
+    decisions = json.loads((tmp_path / "auto" / "decisions.json").read_text())
+    assert len(decisions["layers"]) == 2  # TinyCNN's two pointwise convs
+    assert all("dense_us" in m and "sparse_us" in m for m in decisions["measured"])
+    forced = {k: "sparse" for k in decisions["layers"]}
+    pinned = tmp_path / "pinned.json"
+    pinned.write_text(json.dumps({"layers": forced}))
+    result = _compile(TinyCNN(), passes, tmp_path / "sparse", decisions=str(pinned))
+    meta = json.loads((tmp_path / "sparse" / "tvm.json").read_text())
+    assert [c["choice"] for c in meta["sparse_layers"]] == ["sparse", "sparse"]
+    assert any("2 of 2 candidates run sparse" in n for n in result.report.notes)
+    x = _inputs(1)
+    got = next(iter(get_backend("tvm").run(tmp_path / "sparse", x).values()))
+    ref = next(iter(run_file(tmp_path / "sparse" / "model.onnx", x).values()))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"x": "maybe"}}))
+    with pytest.raises(effc.errors.InputError, match="decision file"):
+        _compile(TinyCNN(), passes, tmp_path / "bad", decisions=str(bad))
+
+
+def test_legalize_makes_importer_hostile_graphs_import(tmp_path):
+    """Constant value_* attributes, a Resize with empty roi/scales beside sizes, a Reshape
+    whose shape is computed from a symbolic input: TVM's importer refuses each as it is."""
+    model = from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 3, 8, 8] x) => (float[N, 6, 16, 16] y) {
+            two = Constant <value_float = 2.0> ()
+            sizes = Constant <value_ints = [1, 3, 16, 16]> ()
+            roi = Constant <value_floats: floats = []> ()
+            scales = Constant <value_floats: floats = []> ()
+            up = Resize <mode = "nearest"> (x, roi, scales, sizes)
+            s = Mul (up, two)
+            zero = Constant <value_ints = [0]> ()
+            one = Constant <value_ints = [1]> ()
+            shp = Shape (s)
+            n = Slice (shp, zero, one)
+            rest = Constant <value_ints = [6, 16, 16]> ()
+            tgt = Concat <axis = 0> (n, rest)
+            y0 = Concat <axis = 1> (s, s)
+            y = Reshape (y0, tgt)
+        }
+        """
+    )
+    with pytest.raises(UnsupportedError, match="importer"):
+        tvm_backend.import_onnx(model.model)
+    result = _compile(model, "cleanup", tmp_path / "out")
+    legal = next(r for r in result.report.records if r.name == "tvm-legalize")
+    assert legal.stats["static_dims"] == ["x[0]=1"]
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8), np.float32)}
+    got = next(iter(get_backend("tvm").run(tmp_path / "out", x).values()))
+    ref = next(iter(run_file(tmp_path / "out" / "model.onnx", x).values()))
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_fx_programs_import_too():
+    import tvm
+    from tvm import relax
+
+    model = TinyCNN()
+    x = model.example_inputs()["pixels"]
+    mod = tvm_backend.import_fx(torch.export.export(model, (x,)))
+    vm = relax.VirtualMachine(tvm_backend.build(mod, tvm_backend.target_for("x86")), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))
+    got = (out[0] if not hasattr(out, "numpy") else out).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross g++")
+def test_aarch64_build_is_aarch64_code_and_says_where_it_runs(tmp_path):
+    _compile(TinyCNN(), "cleanup", tmp_path / "out", tvm_target="aarch64")
+    lib = (tmp_path / "out" / "model.so").read_bytes()
+    assert lib[:4] == b"\x7fELF" and int.from_bytes(lib[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(UnsupportedError, match="aarch64"):
+        get_backend("tvm").run(tmp_path / "out", _inputs())
+
+
+def test_unknown_target_and_missing_database_are_one_line_errors(tmp_path):
+    with pytest.raises(UnsupportedError, match="unknown TVM target"):
+        tvm_backend.target_for("riscv")
+    with pytest.raises(UnsupportedError, match="meta-schedule database"):
+        _compile(TinyCNN(), "cleanup", tmp_path / "out", tuning=str(tmp_path))
+    assert not (tmp_path / "out").exists()  # nothing partly written
