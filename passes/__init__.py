@@ -11,6 +11,7 @@ from effc.passes.nm_prune import NMPrune
 from effc.passes.quantize import Quantize
 from effc.passes.quantize_activations import QuantizeActivations
 from effc.passes.rearrange import Rearrange
+from effc.passes.recover import Recover
 from effc.passes.tensorrt_legalize import TensorRTLegalize
 from effc.passes.tvm_legalize import TVMLegalize
 from effc.passes.weight_codes import WeightCodes
@@ -27,6 +28,7 @@ __all__ = [
     "Quantize",
     "QuantizeActivations",
     "Rearrange",
+    "Recover",
     "TensorRTLegalize",
     "TVMLegalize",
     "WeightCodes",

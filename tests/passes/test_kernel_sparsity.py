@@ -171,3 +171,35 @@ def test_option_and_calibration_errors(tiny_cnn):
             effc.Pipeline.from_text(text)
     with pytest.raises(InputError, match="calibration"):
         effc.Pipeline.from_text("kernel-sparsity{score=obs}").run(tiny_cnn)
+
+
+def test_recover_distils_toward_the_dense_model_and_keeps_the_zeros():
+    c = ctx(8)
+    res = effc.Pipeline.from_text("kernel-sparsity{sparsity=0.6}").run(TinyCNN(), c)
+    model = res.model
+    zeros = {s.fqn: read_weight(s) == 0 for s in weight_sites(model)}
+    dense = TinyCNN()
+    x = torch.from_numpy(np.concatenate([s["pixels"] for s in c.calibration]))
+
+    def kl(m):
+        with torch.no_grad():
+            ref, got = dense(x).log_softmax(-1), m(x).log_softmax(-1)
+        return float(torch.nn.functional.kl_div(got, ref, log_target=True, reduction="batchmean"))
+
+    before = kl(model.module)
+    out = effc.Pipeline.from_text("recover{steps=60,lr=0.001,batch=4}").run(model, c)
+    stats = out.report.records[-1].stats
+    assert stats["masked_weights"] == len([k for k in zeros if zeros[k].any()])
+    assert stats["loss_last"] < stats["loss_first"]
+    assert kl(out.model.module) < before
+    for s in weight_sites(out.model):
+        assert torch.equal(read_weight(s)[zeros[s.fqn]], torch.zeros(int(zeros[s.fqn].sum())))
+
+
+def test_recover_needs_a_compressed_fx_model_and_calibration(cnn_onnx):
+    with pytest.raises(InputError, match="compressed"):
+        effc.Pipeline.from_text("recover{steps=2}").run(TinyCNN(), ctx(2))
+    with pytest.raises(InputError, match="calibration"):
+        effc.Pipeline.from_text("kernel-sparsity,recover{steps=2}").run(TinyCNN())
+    with pytest.raises(effc.errors.EffcError):
+        effc.Pipeline.from_text("kernel-sparsity,recover{steps=2}").run(str(cnn_onnx), ctx(2))

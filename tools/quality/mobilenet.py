@@ -1,0 +1,132 @@
+"""MobileNetV2 (torchvision's ImageNet weights) under kernel-sparsity: top-1/top-5 agreement with
+the dense model and the mean KL divergence of its predictions, on crops of held-out photographs.
+
+Calibration and recovery use crops of ``CALIBRATION`` images, evaluation crops of the other
+``EVALUATION`` images (effc.models.images): no image is in both. There are no ImageNet labels
+offline, so agreement with the dense model stands in for accuracy: top-1 agreement is the share
+of crops where both predict the same class, top-5 the share where the dense model's top class is
+in the pruned model's top 5.
+
+    python -m tools.quality.mobilenet [--eval 1000] [--calib 256] [--quick] \\
+        [--out tools/quality/results/mobilenet_v2_sparsity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+THREADS = int(os.environ.get("EFFC_THREADS", "2"))
+
+import torch  # noqa: E402
+
+from effc.context import PassContext  # noqa: E402
+from effc.models import load_mobilenet_v2  # noqa: E402
+from effc.models.images import calibration_crops, evaluation_crops  # noqa: E402
+from effc.pipeline import Pipeline  # noqa: E402
+from tools.results import save  # noqa: E402
+
+PATTERNS = "patterns=[pointwise:8x1,linear:8x1,conv:kernel]"
+
+
+def configs(sparsity: float, recover_steps: int) -> list[tuple[str, str]]:
+    base = f"kernel-sparsity{{sparsity={sparsity},{PATTERNS}"
+    rows = [
+        ("magnitude", base + "}"),
+        ("obs", base + ",score=obs}"),
+        ("obs + sensitivity", base + ",score=obs,allocate=sensitivity}"),
+    ]
+    if recover_steps:
+        rows.append(
+            (
+                "obs + sensitivity + recover",
+                base + f",score=obs,allocate=sensitivity}},recover{{steps={recover_steps}}}",
+            )
+        )
+    return rows
+
+
+def agreement(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
+    top5 = (got.topk(5, -1).indices == ref.argmax(-1, keepdim=True)).any(-1).float().mean()
+    kl = torch.nn.functional.kl_div(
+        got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    return {"top1": float(top1), "top5": float(top5), "kl": float(kl)}
+
+
+def logits(model, x: torch.Tensor, chunk: int = 50) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def run(levels, n_eval: int, n_calib: int, recover_steps: int) -> dict:
+    torch.set_num_threads(THREADS)
+    x = torch.from_numpy(evaluation_crops(n_eval))
+    calib = [{"pixels": c[None]} for c in calibration_crops(n_calib)]
+    ref = logits(load_mobilenet_v2(), x)
+    rows = []
+    for sp in levels:
+        for label, text in configs(sp, recover_steps):
+            t0 = time.time()
+            ctx = PassContext(calibration=calib)
+            result = Pipeline.from_text(text).run(load_mobilenet_v2(), ctx)
+            stats = result.report.records[0].stats
+            row = {
+                "sparsity": sp,
+                "method": label,
+                "pipeline": text,
+                "achieved": stats["sparsity"],
+                **agreement(ref, logits(result.model.module, x)),
+                "seconds": round(time.time() - t0, 1),
+            }
+            rows.append(row)
+            print(row, flush=True)
+    return {
+        "model": "MobileNetV2, torchvision IMAGENET1K_V1 weights",
+        "eval_crops": n_eval,
+        "calib_crops": n_calib,
+        "threads": THREADS,
+        "rows": rows,
+    }
+
+
+def markdown(data: dict, command: str) -> str:
+    lines = [
+        f"MobileNetV2 kernel sparsity ({PATTERNS}; depthwise dense): agreement with the dense "
+        f"model on {data['eval_crops']} crops of held-out photographs, calibration/recovery on "
+        f"{data['calib_crops']} crops of other photographs.",
+        "",
+        f"`{command}`",
+        "",
+        "| sparsity | method | achieved | top-1 agreement | top-5 | KL | seconds |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['sparsity']:.0%} | {r['method']} | {r['achieved']:.4f} | {r['top1']:.1%} | "
+            f"{r['top5']:.1%} | {r['kl']:.3f} | {r['seconds']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval", type=int, default=1000)
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--recover-steps", type=int, default=300)
+    ap.add_argument("--levels", default="0.3,0.5,0.7")
+    ap.add_argument("--out", default="tools/quality/results/mobilenet_v2_sparsity")
+    args = ap.parse_args()
+    levels = [float(v) for v in args.levels.split(",")]
+    data = run(levels, args.eval, args.calib, args.recover_steps)
+    command = (
+        f"python -m tools.quality.mobilenet --eval {args.eval} --calib {args.calib} "
+        f"--recover-steps {args.recover_steps} --levels {args.levels}"
+    )
+    save(args.out, data, markdown(data, command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Which third-party ONNX files TVM 0.27 takes: each file of the zoo (tools/zoo.py) imported by
+TVM's relax ONNX frontend as it is, then compiled by effc's tvm target (its cleanup, fuse and
+tvm-legalize, TVM's default x86 build) and run by TVM's VM against onnxruntime on the original
+file, same inputs (dynamic dims fixed by effc's default rule, as onnxruntime is fed).
+
+    python -m tools.tvm_zoo [--quick] [--out tools/bench/results/tvm_zoo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from effc.backends import tvm as tvm_backend
+from effc.backends.onnxruntime import run_file
+from effc.compile import compile_model
+from effc.context import PassContext
+from effc.errors import EffcError
+from effc.inputs import random_inputs
+from effc.ir.torch_io import load_model
+from effc.numerics import compare_outputs
+from tools.results import save
+from tools.zoo import QUICK, ZOO
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1][:160] if text else ''}"
+
+
+def run_entry(entry, work: Path) -> dict:
+    path = entry.file()
+    row = {"file": entry.name, "what": entry.what}
+    if path is None:
+        return {**row, "raw": "not installed", "effc": "not installed"}
+    loaded = load_model(str(path))
+    specs = loaded.input_specs()
+    inputs = entry.inputs(specs) if entry.inputs else random_inputs(specs, 0)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            tvm_backend.import_onnx(loaded.model)
+        row["raw"] = "imports"
+    except EffcError as e:
+        row["raw"] = str(e).removeprefix("TVM's ONNX importer refused the graph: ")[:160]
+    except Exception as e:  # the importer fails in many ways
+        row["raw"] = _first_line(e)
+    out = work / entry.name
+    t0 = time.perf_counter()
+    shapes = {k: list(v.shape) for k, v in inputs.items()}
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            compile_model(
+                str(path),
+                "cleanup",
+                out,
+                "tvm",
+                PassContext(shapes=shapes),
+                force=True,
+                backend_options={"sparse": False},
+            )
+        got = list(tvm_backend.run(out, inputs).values())
+        want = list(run_file(path, inputs).values())
+        err = compare_outputs([np.asarray(w) for w in want], [np.asarray(g) for g in got])
+        row.update(
+            effc="runs",
+            max_abs=err.get("max_abs"),
+            max_rel=err.get("max_rel"),
+            seconds=round(time.perf_counter() - t0, 1),
+        )
+    except Exception as e:
+        row["effc"] = _first_line(e)
+    return row
+
+
+def to_markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        "# TVM 0.27 on the zoo's third-party ONNX files",
+        "",
+        f"Command: `{command}`. *raw*: TVM's relax ONNX frontend on the file as it is. *effc*: "
+        "`effc compile FILE --passes cleanup --target tvm` (cleanup, fuse, tvm-legalize, TVM's "
+        "default x86 build), run by TVM's VM; error against onnxruntime on the original file, "
+        "same inputs.",
+        "",
+        "| file | what | raw import | effc --target tvm | max abs error | build s |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for r in rows:
+        err = f"{r['max_abs']:.1e}" if r.get("max_abs") is not None else "-"
+        lines.append(
+            f"| {r['file']} | {r['what']} | {r['raw']} | {r['effc']} | {err} | "
+            f"{r.get('seconds', '-')} |"
+        )
+    ok_raw = sum(r["raw"] == "imports" for r in rows)
+    ok = sum(r["effc"] == "runs" for r in rows)
+    lines += ["", f"Raw import: {ok_raw} of {len(rows)}; through effc: {ok} of {len(rows)} run."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="tools/bench/results/tvm_zoo")
+    args = ap.parse_args()
+    entries = [e for e in ZOO if not args.quick or e.name in QUICK]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="effc-tvm-zoo-") as tmp:
+        for entry in entries:
+            rows.append(run_entry(entry, Path(tmp)))
+            print(rows[-1], flush=True)
+    command = "python -m tools.tvm_zoo" + (" --quick" if args.quick else "")
+    save(args.out, {"rows": rows}, to_markdown(rows, command))
+
+
+if __name__ == "__main__":
+    main()
