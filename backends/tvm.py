@@ -11,8 +11,13 @@ meta-schedule tuning database, ``tuning=DIR``) and writes:
     tvm.json       target, TVM version, input/output order, tuning database used
 
 ``run`` loads ``model.so`` into TVM's relax VM when the artifact's target is this machine's
-(x86_64); an aarch64 or wasm32 artifact raises a one-line error naming how it runs. TVM is an
-optional dependency (``pip install 'effc[tvm]'``); without it the target says so in one line.
+(x86_64). An aarch64 artifact on an x86_64 machine runs for real under ``qemu-aarch64``: effc's
+host program (``backends/tvm_host/run_vm.cc``, no Python) is cross-compiled against the aarch64
+TVM runtime and tvm-ffi libraries (taken from PyPI's manylinux aarch64 wheels of the same
+versions, once, into the cache folder) and runs the executable on the inputs. Timings under qemu
+mean nothing; numerics are checked against the x86 build. A wasm32 artifact raises a one-line
+error naming why it cannot run. TVM is an optional dependency (``pip install 'effc[tvm]'``);
+without it the target says so in one line.
 
 From FX: ``lower_fx`` imports a ``torch.export`` program with TVM's ``from_exported_program``
 for the same build.
@@ -30,6 +35,7 @@ import onnx_ir as ir
 
 import effc.backends.tvm_sparse as tvm_sparse
 from effc.backends.onnxruntime import lower as save_reference
+from effc.cache import cache_dir
 from effc.errors import UnsupportedError
 
 NAME = "tvm"
@@ -260,6 +266,122 @@ def _host_target() -> str | None:
     return {"x86_64": "x86", "aarch64": "aarch64"}.get(platform.machine())
 
 
+HOST_SOURCE = Path(__file__).with_name("tvm_host") / "run_vm.cc"
+CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++"}
+QEMU = {"aarch64": ("qemu-aarch64", "/usr/aarch64-linux-gnu")}
+WHEEL_PLATFORM = {"aarch64": "manylinux_2_28_aarch64"}
+
+
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedError(f"{name} is not installed: pip install 'effc[tvm]'")
+    return Path(spec.submodule_search_locations[0])
+
+
+def target_runtime(arch: str) -> Path:
+    """A folder with the ``arch`` builds of libtvm_runtime.so and libtvm_ffi.so, the versions
+    installed here, from PyPI's wheels (downloaded once into the cache folder)."""
+    import subprocess
+    import sys
+    import zipfile
+    from importlib.metadata import version
+
+    versions = {"apache-tvm": version("apache-tvm"), "apache-tvm-ffi": version("apache-tvm-ffi")}
+    folder = (
+        cache_dir() / f"tvm-runtime-{arch}-{versions['apache-tvm']}-{versions['apache-tvm-ffi']}"
+    )
+    libs = [folder / "libtvm_runtime.so", folder / "libtvm_ffi.so"]
+    if all(p.is_file() for p in libs):
+        return folder
+    wheels = folder / "wheels"
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--platform", WHEEL_PLATFORM[arch], "--python-version", "3.11", "-d", str(wheels)]
+    cmd += [f"{k}=={v}" for k, v in versions.items()]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise UnsupportedError(f"cannot fetch the {arch} TVM runtime wheels from PyPI: {last}")
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                if name in ("tvm/lib/libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so"):
+                    (folder / Path(name).name).write_bytes(z.read(name))
+    if not all(p.is_file() for p in libs):
+        raise UnsupportedError(f"the {arch} wheels lack libtvm_runtime.so / libtvm_ffi.so")
+    return folder
+
+
+def host_program(arch: str) -> Path:
+    """effc's TVM host program for ``arch`` (x86: native g++; aarch64: the cross g++), built
+    once into the cache folder."""
+    import hashlib
+    import subprocess
+
+    ffi = _package_dir("tvm_ffi")
+    if arch == "x86":
+        cxx, libdirs = "g++", [_package_dir("tvm") / "lib", ffi / "lib"]
+    else:
+        cxx = os.environ.get("EFFC_AARCH64_CXX", CROSS_CXX[arch])
+        if not _which(cxx):
+            raise UnsupportedError(
+                f"running an {arch} artifact needs the cross compiler {cxx}: "
+                "apt install g++-aarch64-linux-gnu"
+            )
+        libdirs = [target_runtime(arch)]
+    key = hashlib.sha1(HOST_SOURCE.read_bytes() + str(libdirs).encode()).hexdigest()[:12]
+    exe = cache_dir() / f"tvm-host-{arch}-{key}"
+    if exe.is_file():
+        return exe
+    cmd = [cxx, "-std=c++17", "-O2", f"-I{ffi / 'include'}", str(HOST_SOURCE)]
+    cmd += ["-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-o", str(exe) + ".tmp"]
+    cmd[5:5] = [f"-L{d}" for d in libdirs] + [f"-Wl,-rpath,{d}" for d in libdirs]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UnsupportedError(f"building effc's TVM host program failed: {done.stderr[-300:]}")
+    os.replace(str(exe) + ".tmp", exe)
+    return exe
+
+
+def run_emulated(out_dir: Path, meta: dict, inputs: dict[str, np.ndarray]) -> dict:
+    """Run an aarch64 artifact under qemu with effc's host program (float32 inputs)."""
+    import subprocess
+    import tempfile
+
+    arch = meta["tvm_target"]
+    qemu, sysroot = QEMU[arch]
+    if not _which(qemu):
+        raise UnsupportedError(
+            f"{out_dir} was built for {arch}: run it on an {arch} machine, or here with "
+            f"{qemu} (apt install qemu-user g++-aarch64-linux-gnu)"
+        )
+    exe = host_program(arch)
+    runtime = target_runtime(arch)
+    with tempfile.TemporaryDirectory(prefix="effc-qemu-") as tmp:
+        args = [qemu, str(exe), str(Path(out_dir) / LIB_FILE[arch]), f"{tmp}/out"]
+        for i, name in enumerate(meta["inputs"]):
+            x = np.ascontiguousarray(inputs[name])
+            if x.dtype != np.float32:
+                raise UnsupportedError(
+                    f"the {arch} host program takes float32 inputs; {name} is {x.dtype}"
+                )
+            x.tofile(f"{tmp}/in{i}.bin")
+            args += [f"{tmp}/in{i}.bin", ",".join(str(d) for d in x.shape)]
+        env = {**os.environ, "QEMU_LD_PREFIX": sysroot, "LD_LIBRARY_PATH": str(runtime)}
+        done = subprocess.run(args, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise UnsupportedError(f"the {arch} run under {qemu} failed: {done.stderr[-300:]}")
+        outs = {}
+        for i, name in enumerate(meta["outputs"]):
+            shape = [
+                int(d) for d in Path(f"{tmp}/out{i}.shape").read_text().split(",") if d.strip()
+            ]
+            outs[name] = np.fromfile(f"{tmp}/out{i}.bin", np.float32).reshape(shape)
+        return outs
+
+
 def load(out_dir: Path, threads: int | None = None):
     """(relax VirtualMachine, tvm.json) of an artifact built for this machine."""
     meta = json.loads((Path(out_dir) / META_FILE).read_text())
@@ -292,5 +414,8 @@ def call(vm, meta: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 def run(
     out_dir: Path, inputs: dict[str, np.ndarray], threads: int | None = None
 ) -> dict[str, np.ndarray]:
+    meta = json.loads((Path(out_dir) / META_FILE).read_text())
+    if meta["tvm_target"] in QEMU and _host_target() != meta["tvm_target"]:
+        return run_emulated(Path(out_dir), meta, inputs)
     vm, meta = load(out_dir, threads)
     return call(vm, meta, inputs)

@@ -160,12 +160,31 @@ def test_fx_programs_import_too():
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross g++")
-def test_aarch64_build_is_aarch64_code_and_says_where_it_runs(tmp_path):
-    _compile(TinyCNN(), "cleanup", tmp_path / "out", tvm_target="aarch64")
-    lib = (tmp_path / "out" / "model.so").read_bytes()
+def test_aarch64_build_runs_under_qemu_and_matches_x86(tmp_path):
+    passes = "kernel-sparsity{sparsity=0.5,patterns=[pointwise:4x1,linear:dense,conv:dense]}"
+    _compile(TinyCNN(), passes, tmp_path / "arm", tvm_target="aarch64")
+    lib = (tmp_path / "arm" / "model.so").read_bytes()
     assert lib[:4] == b"\x7fELF" and int.from_bytes(lib[18:20], "little") == 183  # EM_AARCH64
-    with pytest.raises(UnsupportedError, match="aarch64"):
-        get_backend("tvm").run(tmp_path / "out", _inputs())
+    meta = json.loads((tmp_path / "arm" / "tvm.json").read_text())
+    # no timing under qemu: the cost model picks (density 0.5 <= 0.5: sparse)
+    assert [c["choice"] for c in meta["sparse_layers"]] == ["sparse", "sparse"]
+    assert all("cost model" in c["why"] for c in meta["sparse_layers"])
+    if shutil.which("qemu-aarch64") is None:
+        with pytest.raises(UnsupportedError, match="qemu-aarch64"):
+            get_backend("tvm").run(tmp_path / "arm", _inputs())
+        pytest.skip("qemu-aarch64 is not installed: the run itself was not checked")
+    pinned = tmp_path / "pinned.json"
+    pinned.write_text(json.dumps({"layers": {c["key"]: "sparse" for c in meta["sparse_layers"]}}))
+    _compile(TinyCNN(), passes, tmp_path / "x86", decisions=str(pinned))
+    x = _inputs(2)
+    try:
+        arm = next(iter(get_backend("tvm").run(tmp_path / "arm", x).values()))
+    except UnsupportedError as e:  # no PyPI here to fetch the aarch64 runtime wheels
+        if "PyPI" in str(e):
+            pytest.skip(str(e))
+        raise
+    x86 = next(iter(get_backend("tvm").run(tmp_path / "x86", x).values()))
+    np.testing.assert_allclose(arm, x86, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_target_and_missing_database_are_one_line_errors(tmp_path):
