@@ -102,21 +102,27 @@ def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes:
         T.func_attr({"tir.noalias": True})
         for b in range(n):
             for ob in T.parallel(ob_count):
+                # scalars bound once (LetStmt): without them every vector multiply-add reloads
+                # the block bounds, the column and the weight (the parallel body loses the
+                # no-alias facts that would let LLVM hoist them)
+                start: T.int32 = indptr[ob]
+                stop: T.int32 = indptr[ob + 1]
                 for i in range(r):
                     for p in T.vectorized(pixels):
                         out[b, ob * r + i, p] = T.float32(0)
-                for j in range(indptr[ob], indptr[ob + 1]):
+                for j in range(start, stop):
+                    col: T.int32 = indices[j]
                     for i in T.unroll(r):
+                        wv: T.float32 = data[j, i]
                         for v in range(nv):
                             for p in T.vectorized(lanes):
                                 out[b, ob * r + i, v * lanes + p] = (
                                     out[b, ob * r + i, v * lanes + p]
-                                    + data[j, i] * x[b, indices[j], v * lanes + p]
+                                    + wv * x[b, col, v * lanes + p]
                                 )
                         for p in range(rest):
                             out[b, ob * r + i, nv * lanes + p] = (
-                                out[b, ob * r + i, nv * lanes + p]
-                                + data[j, i] * x[b, indices[j], nv * lanes + p]
+                                out[b, ob * r + i, nv * lanes + p] + wv * x[b, col, nv * lanes + p]
                             )
 
     return kernel

@@ -1,6 +1,9 @@
 """Calibration inputs from files (DESIGN.md section 7): ``.npz`` of named arrays stacked as
 N x input shape, or a ``.txt`` file of text for language models, tokenized with the model's own
-tokenizer (an HF folder) into the first N non-overlapping windows of ``seqlen`` tokens."""
+tokenizer (an HF folder) into the first N non-overlapping windows of ``seqlen`` tokens; or
+``images`` (``--calib images``): random crops of real photographs bundled with scikit-image, at
+the size of the model's image input, ImageNet-normalised (``effc.models.images``; the
+evaluation images of effc's own quality tables are never among them)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from effc.errors import InputError, UnsupportedError
-from effc.inputs import check_inputs, load_npz
+from effc.inputs import check_inputs, is_image, load_npz, resolve_shape
+from effc.models.images import calibration_crops
 
 
 def from_npz(path: str, model, samples: int = 0) -> list[dict[str, np.ndarray]]:
@@ -25,6 +29,22 @@ def from_npz(path: str, model, samples: int = 0) -> list[dict[str, np.ndarray]]:
                 f"--calib {path}: {e} (arrays are stacked samples: N x input shape)"
             ) from e
     return data
+
+
+def from_images(model, samples: int = 0, shapes: dict | None = None) -> list[dict]:
+    """``samples`` (default 64) crops for the model's one image input (N x 3 x H x W float)."""
+    specs = model.input_specs()
+    images = [s for s in specs if is_image(s)]
+    if len(specs) != 1 or len(images) != 1:
+        raise InputError(
+            "--calib images feeds one image input (N x 3 x H x W float); the model's inputs are "
+            + ", ".join(f"{s.name} {s.shape}" for s in specs)
+        )
+    n, c, h, w = resolve_shape(images[0], shapes or {})
+    crops = calibration_crops(samples or 64, size=h)
+    if h != w:
+        raise InputError(f"--calib images makes square crops; the input is {h}x{w}")
+    return [{images[0].name: crops[i : i + 1].repeat(n, 0)} for i in range(len(crops))]
 
 
 def from_text(

@@ -73,7 +73,9 @@ def _context(args, model=None):
 
     ctx = PassContext(seed=args.seed, threads=args.threads, shapes=parse_shapes(args.shape))
     if args.calib:
-        if args.calib.endswith(".txt"):
+        if args.calib == "images":
+            data = calibration.from_images(model, args.calib_samples, parse_shapes(args.shape))
+        elif args.calib.endswith(".txt"):
             data = calibration.from_text(
                 args.calib, args.model, model, args.calib_samples, args.calib_seqlen
             )
@@ -323,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--calib",
-        help="calibration inputs: .npz (arrays stacked as N x input shape) or .txt (LM text)",
+        help="calibration inputs: .npz (arrays stacked as N x input shape), .txt (LM text) or "
+        "'images' (crops of bundled photographs for an image model)",
     )
     p.add_argument(
         "--calib-samples", type=int, default=0, help="use at most this many samples (0: all)"

@@ -203,3 +203,34 @@ def test_recover_needs_a_compressed_fx_model_and_calibration(cnn_onnx):
         effc.Pipeline.from_text("kernel-sparsity,recover{steps=2}").run(TinyCNN())
     with pytest.raises(effc.errors.EffcError):
         effc.Pipeline.from_text("kernel-sparsity,recover{steps=2}").run(str(cnn_onnx), ctx(2))
+
+
+def test_cli_calibrates_on_bundled_photographs(tmp_path, cli):
+    pytest.importorskip("skimage")
+    out = tmp_path / "out"
+    code, stdout, stderr = cli(
+        "compile",
+        "builtin:tiny-cnn",
+        "--passes",
+        "kernel-sparsity{sparsity=0.3,score=obs}",
+        "--calib",
+        "images",
+        "--calib-samples",
+        "4",
+        "-o",
+        str(out),
+    )
+    assert code == 0, stderr
+    report = (out / "report.json").read_text()
+    assert '"samples": 4' in report and "output_error" in report
+    code, _, stderr = cli(
+        "compile",
+        "builtin:tiny-llama",
+        "--passes",
+        "cleanup",
+        "--calib",
+        "images",
+        "-o",
+        str(tmp_path / "bad"),
+    )
+    assert code == 2 and "--calib images feeds one image input" in stderr
