@@ -29,6 +29,7 @@ Must run before group-prune/quantize (they record masks and quantization per col
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -37,6 +38,18 @@ from effc.ir.model import attr_tensor
 from effc.ir.reducers import hessians
 from effc.ir.sites import fx_fqn, weight_sites
 from effc.pass_base import Pass, PassResult
+from effc.passes._channels import (
+    bisect_order,
+    kept_importance,
+    pca_order,
+    row_orders,
+)
+from effc.passes._channels import (
+    fx_regions as channel_regions_fx,
+)
+from effc.passes._channels import (
+    onnx_regions as channel_regions_onnx,
+)
 from effc.passes._obs import inverse_hessian_factor, layer_error, obs_prune, obs_scores
 from effc.passes.group_prune import row_mask
 from effc.registry import register
@@ -62,35 +75,6 @@ def saliency_profiles(weight: torch.Tensor, hessian_diag: torch.Tensor) -> torch
     s = s / s.sum(1, keepdim=True).clamp_min(1e-30)
     c = s - s.mean(1, keepdim=True)
     return c / c.norm(dim=0, keepdim=True).clamp_min(1e-30)
-
-
-def _first_component(profiles: torch.Tensor) -> torch.Tensor:
-    """Each column's coordinate on the first principal component of the columns."""
-    c = profiles - profiles.mean(1, keepdim=True)
-    u, _, _ = torch.linalg.svd(c.T, full_matrices=False)
-    return u[:, 0]
-
-
-def pca_order(profiles: torch.Tensor) -> torch.Tensor:
-    return _first_component(profiles).argsort(stable=True)
-
-
-def bisect_order(profiles: torch.Tensor, group: int) -> torch.Tensor:
-    """Recursive balanced bisection along the first principal component: consecutive runs of
-    ``group`` columns of the result are the clusters."""
-    out: list[torch.Tensor] = []
-
-    def split(idx: torch.Tensor) -> None:
-        if len(idx) <= group:
-            out.append(idx)
-            return
-        order = idx[_first_component(profiles[:, idx]).argsort(stable=True)]
-        half = (len(idx) // group // 2) * group
-        split(order[:half])
-        split(order[half:])
-
-    split(torch.arange(profiles.shape[1]))
-    return torch.cat(out)
 
 
 def probe_error(weight: torch.Tensor, hessian: torch.Tensor, group: int, sparsity: float) -> float:
@@ -203,16 +187,18 @@ class Rearrange(Pass):
     """Reorder channels between linear layers so 1 x g groups hold weights of like importance."""
 
     name = "rearrange"
-    kinds = ("fx",)
+    kinds = ("fx", "onnx")
 
     @dataclass
     class Options:
+        target: Literal["groups", "blocks"] = "groups"
         group: int = 16
+        rows: int = 8
         sparsity: float = 0.5
         skip: list[str] = field(default_factory=list)
 
     def needs_calibration(self) -> bool:
-        return True
+        return self.options.target == "groups"
 
     def validate(self) -> None:
         o = self.options
@@ -222,10 +208,19 @@ class Rearrange(Pass):
             raise PassOptionError(
                 f"pass 'rearrange': option 'sparsity' must be in (0, 1), got {o.sparsity}"
             )
+        if o.rows < 1:
+            raise PassOptionError(f"pass 'rearrange': option 'rows' must be >= 1, got {o.rows}")
 
     def run(self, model, ctx) -> PassResult:
 
         o = self.options
+        if o.target == "blocks":
+            return self._run_blocks(model)
+        if model.kind != "fx":
+            raise UnsupportedError(
+                "pass 'rearrange': target=groups (SwiGLU MLP regions) runs on FX models; "
+                "target=blocks (CNN channel regions) runs on FX and ONNX"
+            )
         regions = [
             r
             for r in fx_regions(model)
@@ -267,6 +262,67 @@ class Rearrange(Pass):
             "rearranged": moved,
             "probe_sparsity": o.sparsity,
             "probe_error_sum": {"before": float(f"{before:.4g}"), "after": float(f"{after:.4g}")},
+            "layers": chosen,
+        }
+        return PassResult(model, moved > 0, stats)
+
+    def _run_blocks(self, model) -> PassResult:
+        """CNN channel regions: permute each producer's output channels (and everything that
+        carries them to the consumer) so its rows x 1 blocks hold rows of like importance."""
+        o = self.options
+        sites = weight_sites(model)
+        if model.kind == "fx":
+            regions = channel_regions_fx(model)
+        else:
+            regions = channel_regions_onnx(model, {id(s.node): s.fqn for s in sites})
+        regions = [
+            r
+            for r in regions
+            if not any(s in n for s in o.skip for n in (r.producer, r.consumer))
+            and r.channels % o.rows == 0
+            and r.channels > o.rows
+        ]
+        done = [
+            n
+            for r in regions
+            for n in (r.producer, r.consumer)
+            if model.compression.is_compressed(n)
+        ]
+        if done:
+            raise UnsupportedError(
+                f"pass 'rearrange' must run before pruning and quantization ({done[0]} is "
+                "already compressed)"
+            )
+        chosen: dict[str, dict] = {}
+        for r in regions:
+            scores = r.weight().abs()
+            orders = row_orders(scores, o.rows)
+            kept = {k: kept_importance(scores[p], o.rows, o.sparsity) for k, p in orders.items()}
+            best = max(kept, key=lambda k: (kept[k], k == "identity"))
+            chosen[r.producer] = {
+                "order": best,
+                "consumer": r.consumer,
+                "through": r.members,
+                "kept_importance": {k: round(v, 4) for k, v in kept.items()},
+            }
+            if best != "identity":
+                r.apply(orders[best])
+                model.compression.site(r.producer).permutation = orders[best]
+        if model.kind == "fx" and any(v["order"] != "identity" for v in chosen.values()):
+            model.retrace()
+        moved = sum(v["order"] != "identity" for v in chosen.values())
+        before = [v["kept_importance"]["identity"] for v in chosen.values()]
+        after = [v["kept_importance"][v["order"]] for v in chosen.values()]
+        stats = {
+            "target": "blocks",
+            "rows": o.rows,
+            "regions": len(regions),
+            "rearranged": moved,
+            "probe_sparsity": o.sparsity,
+            "block_occupancy": {  # mean share of |W| kept by rows x 1 blocks at the probe
+                "before": round(sum(before) / max(len(before), 1), 4),
+                "after": round(sum(after) / max(len(after), 1), 4),
+            },
             "layers": chosen,
         }
         return PassResult(model, moved > 0, stats)

@@ -338,7 +338,11 @@ def test_run_compare_prints_size_speed_and_error_beside_the_source(tmp_path, cli
     assert code == 0, err
     code, stdout, err = cli("run", out, "--compare", "builtin:tiny-llama")
     assert code == 0, err
-    rows = [line for line in stdout.splitlines() if "reference" in line or "artifact" in line]
+    rows = [
+        line
+        for line in stdout.splitlines()
+        if line.startswith("│") and ("reference" in line or "artifact" in line)
+    ]
     assert len(rows) == 2 and "1.00x" in rows[0] and "MiB" in rows[1], stdout
     ref_size, art_size = (float(r.split("│")[2].split()[0]) for r in rows)
     assert art_size < ref_size  # int4 codes

@@ -107,6 +107,90 @@ def test_rearrange_errors():
         effc.Pipeline.from_text("rearrange").run(pruned, ctx)
 
 
-def test_rearrange_on_onnx_is_a_clear_error(llama_onnx):
-    with pytest.raises(UnsupportedError, match="rearrange"):
-        effc.Pipeline.from_text("rearrange").run(str(llama_onnx["dynamo"]))
+def test_rearrange_groups_on_onnx_is_a_clear_error(llama_onnx):
+    ctx = effc.PassContext(calibration=token_calibration())
+    with pytest.raises(UnsupportedError, match="target=groups .* runs on FX"):
+        effc.Pipeline.from_text("rearrange").run(str(llama_onnx["dynamo"]), ctx)
+
+
+# ---------------------------------------------------------------- target=blocks (CNN channels)
+def _v1_onnx(tmp_path):
+    from effc.ir.onnx_io import save_onnx
+    from effc.ir.torch_io import export_onnx
+    from effc.models import MobileNetV1
+
+    model = MobileNetV1()
+    path = tmp_path / "v1.onnx"
+    save_onnx(export_onnx(model, model.example_inputs(size=64)), path)
+    return model, path
+
+
+def test_channel_rearrangement_is_exact_on_fx_and_onnx_and_packs_blocks(tmp_path):
+    from effc.backends.onnxruntime import run_file
+    from effc.models import MobileNetV1
+
+    x = torch.randn(2, 3, 64, 64)
+    model = MobileNetV1()
+    with torch.no_grad():
+        ref = model(x)
+    res = effc.Pipeline.from_text("rearrange{target=blocks,sparsity=0.5}").run(MobileNetV1())
+    stats = res.report.records[0].stats
+    # 12 pw -> dw -> pw chains and the last pw -> pooling -> classifier; the stem's output
+    # feeds a depthwise conv and then a pointwise one, so it is a region too
+    assert stats["regions"] == 14 and stats["rearranged"] > 0
+    assert stats["block_occupancy"]["after"] > stats["block_occupancy"]["before"]
+    with torch.no_grad():
+        got = res.model.module(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    perm = res.model.compression.get("features.1.pw.0").permutation
+    assert sorted(perm.tolist()) == list(range(64))
+
+    _, path = _v1_onnx(tmp_path)
+    onnx = effc.Pipeline.from_text("rearrange{target=blocks,sparsity=0.5}").run(str(path))
+    ostats = onnx.report.records[0].stats
+    assert ostats["regions"] == stats["regions"] and ostats["rearranged"] > 0
+    out = tmp_path / "r.onnx"
+    from effc.ir.onnx_io import save_onnx
+
+    save_onnx(onnx.model.model, out)
+    xs = {"pixels": x[:1].numpy()}
+    np.testing.assert_allclose(
+        next(iter(run_file(out, xs).values())),
+        next(iter(run_file(path, xs).values())),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_residual_adds_keep_their_channels_where_they_are():
+    from effc.models import load_mobilenet_v2
+
+    res = effc.Pipeline.from_text("rearrange{target=blocks}").run(load_mobilenet_v2())
+    producers = set(res.report.records[0].stats["layers"])
+    residual = (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)  # blocks with an identity shortcut
+    # their projections feed the add; the projections before them feed both the block and its
+    # shortcut: either way the channels are shared, so neither may be permuted alone
+    shared = {f"features.{i}.conv.2" for i in residual} | {
+        f"features.{i - 1}.conv.2" for i in residual if i - 1 not in residual
+    }
+    assert not producers & shared
+    expansions = {f"features.{i}.conv.0.0" for i in range(2, 18)}  # hidden channels are free
+    assert expansions <= producers
+
+
+def test_a_wrong_permutation_is_caught(tmp_path):
+    """The region's tensors permuted inconsistently (the consumer left alone) changes outputs:
+    the check above would catch a region that missed a tensor."""
+    from effc.models import MobileNetV1
+    from effc.passes._channels import fx_regions as channel_regions
+
+    model = effc.Pipeline([]).run(MobileNetV1()).model
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.module(x)
+    region = channel_regions(model)[1]
+    perm = torch.randperm(region.channels, generator=torch.Generator().manual_seed(0))
+    get, put, axis = region.tensors[0]
+    put(get().index_select(axis, perm))  # producer rows only
+    with torch.no_grad():
+        assert (model.module(x) - ref).abs().max() > 1e-2

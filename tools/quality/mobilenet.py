@@ -32,16 +32,21 @@ PATTERNS = "patterns=[pointwise:8x1,linear:8x1,conv:kernel]"
 
 def configs(sparsity: float, recover_steps: int) -> list[tuple[str, str]]:
     base = f"kernel-sparsity{{sparsity={sparsity},{PATTERNS}"
+    rearrange = f"rearrange{{target=blocks,rows=8,sparsity={sparsity}}},"
     rows = [
         ("magnitude", base + "}"),
+        ("rearrange + magnitude", rearrange + base + "}"),
         ("obs", base + ",score=obs}"),
         ("obs + sensitivity", base + ",score=obs,allocate=sensitivity}"),
+        ("rearrange + obs + sensitivity", rearrange + base + ",score=obs,allocate=sensitivity}"),
     ]
     if recover_steps:
         rows.append(
             (
-                "obs + sensitivity + recover",
-                base + f",score=obs,allocate=sensitivity}},recover{{steps={recover_steps}}}",
+                "rearrange + obs + sensitivity + recover",
+                rearrange
+                + base
+                + f",score=obs,allocate=sensitivity}},recover{{steps={recover_steps},lr=3e-5}}",
             )
         )
     return rows
@@ -72,7 +77,7 @@ def run(levels, n_eval: int, n_calib: int, recover_steps: int) -> dict:
             t0 = time.time()
             ctx = PassContext(calibration=calib)
             result = Pipeline.from_text(text).run(load_mobilenet_v2(), ctx)
-            stats = result.report.records[0].stats
+            stats = next(r.stats for r in result.report.records if r.name == "kernel-sparsity")
             row = {
                 "sparsity": sp,
                 "method": label,
