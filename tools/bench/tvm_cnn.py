@@ -204,9 +204,10 @@ def plot(data: dict, path: Path) -> None:
             "o-",
             label="effc tvm sparse",
         )
+        styles = iter(["tab:green", "tab:red", "tab:orange", "tab:purple"])
         for r in rows:
             if "sparse" not in r["variant"]:
-                ax.axhline(r["ms"], linestyle="--", label=r["variant"], color=None)
+                ax.axhline(r["ms"], linestyle="--", label=r["variant"], color=next(styles))
         ax.set_title(name)
         ax.set_xlabel("kernel sparsity of the 1x1 convs")
         ax.set_ylabel("ms (batch 1)")
@@ -214,6 +215,12 @@ def plot(data: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def replot(out: str) -> None:
+    """Redraw the plot from a committed JSON (``python -c 'from tools.bench.tvm_cnn import
+    replot; replot("tools/bench/results/tvm_cnn")'``)."""
+    plot(json.loads(Path(out + ".json").read_text()), Path(out + ".png"))
 
 
 def main() -> None:
