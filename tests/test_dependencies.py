@@ -13,7 +13,12 @@ import tomllib
 from test_layering import ROOT, package_files
 
 # import names whose distribution is not installed here (optional targets) or not derivable
-KNOWN = {"tensorrt": "tensorrt", "tvm": "apache-tvm", "google": "protobuf"}
+KNOWN = {
+    "tensorrt": "tensorrt",
+    "tvm": "apache-tvm",
+    "google": "protobuf",
+    "skimage": "scikit-image",
+}
 
 
 def _norm(name: str) -> str:
