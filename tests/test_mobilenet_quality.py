@@ -56,14 +56,23 @@ def test_obs_and_sensitivity_allocation_keep_mobilenet_v2_far_closer_than_magnit
     assert max(layer.values()) - min(layer.values()) > 0.2  # the budget moved between layers
 
 
-def test_recover_lowers_the_training_loss_without_hurting_held_out_agreement(setup):
+def test_recover_keeps_the_pattern_without_hurting_held_out_agreement(setup):
+    """A short label-free recovery does not help much here (the table: -1.9 points after 100
+    steps); what must hold is that it keeps every pruned weight at zero and does not drift
+    away from the dense model on held-out crops. (Its per-batch loss is too noisy over 20 steps
+    of random augmented batches to compare first and last.)"""
+    from effc.ir.sites import read_weight, weight_sites
+
     x, ref, calib = setup
     pruned = _pruned(setup, ",score=obs,allocate=sensitivity")
+    zeros = {s.fqn: read_weight(s) == 0 for s in weight_sites(pruned.model)}
     before = agreement(ref, logits(pruned.model.module, x))
     out = effc.Pipeline.from_text("recover{steps=20,lr=1e-5}").run(
         pruned.model, effc.PassContext(calibration=calib)
     )
     stats = out.report.records[-1].stats
     after = agreement(ref, logits(out.model.module, x))
-    assert stats["loss_last"] < stats["loss_first"]
+    assert stats["steps"] == 20 and stats["masked_weights"] > 30
+    for s in weight_sites(out.model):
+        assert not read_weight(s)[zeros[s.fqn]].any(), s.fqn
     assert after["kl"] < before["kl"] * 1.05
