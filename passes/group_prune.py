@@ -74,7 +74,7 @@ def group_scores(
     return w.view(out, inp // group, group).sum(-1)
 
 
-def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     if k > 0:
         mask[torch.topk(scores.reshape(-1), k, sorted=False).indices] = True
@@ -172,7 +172,7 @@ def masks_for(
         normed = {k: s / s.mean().clamp_min(1e-12) for k, s in scores.items()}
         flat = torch.cat([s.reshape(-1) for s in normed.values()])
         keep = round((1 - sparsity) * flat.numel())
-        joint = _keep_top(flat, keep)
+        joint = keep_top(flat, keep)
         out, offset = {}, 0
         for k, s in normed.items():
             out[k] = joint[offset : offset + s.numel()].view_as(s)
@@ -182,7 +182,7 @@ def masks_for(
     for k, s in scores.items():
         keep = sparsity[k] if isinstance(sparsity, dict) else round((1 - sparsity) * s.numel())
         result[k] = (
-            row_mask(s, keep) if (scopes or {}).get(k, scope) == "row" else _keep_top(s, keep)
+            row_mask(s, keep) if (scopes or {}).get(k, scope) == "row" else keep_top(s, keep)
         )
     return result
 

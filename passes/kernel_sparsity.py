@@ -52,7 +52,7 @@ from effc.ir.reducers import activation_norms, hessians
 from effc.ir.sites import WeightSite, read_weight, weight_sites, write_weight
 from effc.pass_base import Pass, PassResult
 from effc.passes._obs import inverse_hessian_factor, obs_prune
-from effc.passes.group_prune import allocate, output_deviation
+from effc.passes.group_prune import allocate, keep_top, output_deviation
 from effc.progress import bar
 from effc.registry import register
 
@@ -112,13 +112,6 @@ def block_sums(e: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 def expand(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-
-
-def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    if keep > 0:
-        mask[torch.topk(scores.reshape(-1), keep, sorted=False).indices] = True
-    return mask.view_as(scores)
 
 
 def exact_counts(

@@ -287,7 +287,7 @@ def test_logit_weight_ranks_the_logit_rows_by_predicted_probability(exponent):
     """The lm_head's mask is the top of its OBS scores times pbar^a over the whole layer (rows
     keep different counts, the layer's budget exact); the other layers keep rows alike."""
     from effc.models import BUILTINS
-    from effc.passes.group_prune import _keep_top
+    from effc.passes.group_prune import keep_top
 
     calibration = token_calibration()
     model = BUILTINS["tiny-llama"][0]()
@@ -298,7 +298,7 @@ def test_logit_weight_ranks_the_logit_rows_by_predicted_probability(exponent):
     head = next(s for s in weight_sites(fxm) if s.fqn == "lm_head")
     U, dead = inverse_hessian_factor(hessians(fxm, [head], calibration)["lm_head"])
     scores = obs_scores(W, U, dead, 16) * (pbar**exponent).float()[:, None]
-    expected = _keep_top(scores, round(0.5 * scores.numel()))
+    expected = keep_top(scores, round(0.5 * scores.numel()))
 
     result = effc.Pipeline.from_text(
         f"group-prune{{sparsity=0.5,score=obs,logit_weight={exponent}}}"
