@@ -1,4 +1,5 @@
-"""cleanup: constant folding (shape-computation chains included when shapes are static), identity
+"""cleanup: Constant nodes lifted to initializers, constant folding, shape-computation chains
+folded (their static elements, also on graphs with dynamic dims: see ``_shapes``), identity
 removal, common-subexpression elimination and dead-code removal.
 
 On ONNX it runs onnx_ir's and onnxscript's own passes to a fixpoint and counts what each removed;
@@ -8,8 +9,10 @@ constant folding computes a folded value once at compile time (the same math).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer as opt
@@ -18,6 +21,7 @@ import torch
 from effc.errors import PassOptionError
 from effc.ir.sites import COMPRESSED
 from effc.pass_base import Pass, PassResult
+from effc.passes._shapes import fold_shape_chains
 from effc.registry import register
 
 # FX ops that return their input unchanged in an inference graph.
@@ -29,11 +33,26 @@ _FX_NOOPS = {
 }
 
 
+# Ops whose constant inputs are a storage format (quantized codes, packed weights): folding them
+# would store the weights dequantized.
+_NEVER_FOLD = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"}
+# Weights up to this many elements are folded through layout ops (Slice/Concat/Transpose of an
+# LSTM's weights, say); onnxscript's own output limit keeps a fold from growing the model.
+_FOLD_INPUT_LIMIT = 1 << 24
+_SMALL_FILL = 1024  # ConstantOfShape outputs folded up to this many elements
+
+
 def _keep_compressed(node: ir.Node) -> bool | None:
     """Do not fold ops on compressed weights (e.g. the Transpose of a quantized tied lm_head):
-    the folded copy would lose its weight site, and with it the quantization record."""
+    the folded copy would lose its weight site, and with it the quantization record. Nor Q/DQ
+    and other ops of non-default domains: their constant inputs are a storage format."""
+    if node.op_type in _NEVER_FOLD or node.domain not in ("", "ai.onnx"):
+        return False
     if any(v is not None and v.metadata_props.get(COMPRESSED) for v in node.inputs):
         return False
+    if node.op_type == "ConstantOfShape":  # onnxscript keeps them all; fold the small ones
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        return shape is not None and int(np.prod(shape.numpy())) <= _SMALL_FILL
     return None
 
 
@@ -54,12 +73,30 @@ class _IdentityElimination(common.IdentityEliminationPass):
 
 
 def fold_constants(model: ir.Model) -> None:
-    opt.fold_constants(model, onnx_shape_inference=True, should_fold=_keep_compressed)
+    # onnxscript logs a warning for every fold its reference evaluator cannot compute (the node is
+    # then kept): not the user's concern
+    log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        _fold(model)
+    finally:
+        log.setLevel(level)
+
+
+def _fold(model: ir.Model) -> None:
+    opt.fold_constants(
+        model,
+        onnx_shape_inference=True,
+        should_fold=_keep_compressed,
+        input_size_limit=_FOLD_INPUT_LIMIT,
+    )
 
 
 @register
 class Cleanup(Pass):
-    """Fold constants and static shape chains, drop identities, dead code and duplicates."""
+    """Lift Constant nodes, fold constants and shape chains (dynamic dims too), drop identities,
+    dead code and duplicates."""
 
     name = "cleanup"
 
@@ -77,7 +114,11 @@ class Cleanup(Pass):
         if model.kind == "fx":
             return self._run_fx(model)
         steps = {
+            "constants_lifted": common.LiftConstantsToInitializersPass(
+                lift_all_constants=True, size_limit=0
+            ),
             "constants_folded": fold_constants,
+            "shape_chains_folded": fold_shape_chains,
             "identities_removed": _IdentityElimination(),
             "duplicates_removed": common.CommonSubexpressionEliminationPass(),
             "dead_nodes_removed": common.RemoveUnusedNodesPass(),
@@ -89,8 +130,10 @@ class Cleanup(Pass):
             before_round = len(list(graph.all_nodes()))
             for key, step in steps.items():
                 n0 = len(list(graph.all_nodes()))
-                step(model.model)
-                stats[key] += n0 - len(list(graph.all_nodes()))
+                rewrites = step(model.model)
+                # a rewrite count where the step gives one (its nodes die in dead-code removal)
+                removed = n0 - len(list(graph.all_nodes()))
+                stats[key] += rewrites if isinstance(rewrites, int) else removed
             if len(list(graph.all_nodes())) == before_round:
                 break
         for tidy in (common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()):

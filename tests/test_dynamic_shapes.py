@@ -160,3 +160,70 @@ def test_external_data_end_to_end_from_another_folder(tmp_path, cli, monkeypatch
     (folder / "moved").rename(folder / "m.weights")
     code, out, err = cli("check", folder / "m.onnx", tmp_path / "o" / "model.onnx")
     assert code == 0 and ("equal" in out or "identical" in out), (out, err)
+
+
+def test_legacy_dynamic_bert_export_sheds_its_shape_chains(tmp_path):
+    """A BERT exported by the TorchScript exporter with dynamic batch and sequence (as most
+    BERT ONNX files in the wild are): cleanup+fuse fold its Shape/Gather/Concat/Where chains
+    (symbolic inference sees that the heads' reshapes keep batch and length), the output stays
+    dynamic and equal to the original's at sizes other than the one verification used, and it
+    has no more nodes than onnxslim leaves where onnxslim is installed."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import effc
+    from effc.ir.ort import session_for
+
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    path = tmp_path / "bert.onnx"
+    ids = torch.ones(1, 8, dtype=torch.long)
+    dims = {0: "batch", 1: "seq"}
+    torch.onnx.export(
+        Wrapper(bert),
+        (ids, ids),
+        str(path),
+        input_names=["ids", "mask"],
+        output_names=["out"],
+        dynamic_axes={"ids": dims, "mask": dims, "out": dims},
+        opset_version=14,
+        dynamo=False,
+    )
+    source = effc.load(str(path))
+    result = effc.Pipeline.from_text("fixpoint(cleanup,fuse)").run(effc.load(str(path)))
+    ops = [n.op_type for n in result.model.model.graph]
+    n0 = len(list(source.model.graph))
+    assert len(ops) < 0.6 * n0, (len(ops), n0)
+    shapes0 = [n.op_type for n in source.model.graph].count("Shape")
+    assert ops.count("Shape") <= 4 < shapes0 and ops.count("Concat") <= 2, (ops, shapes0)
+    assert [d for d in result.model.model.graph.outputs[0].shape][:2] == ["batch", "seq"]
+    a, b = (session_for(m.model, optimize=False) for m in (source, result.model))
+    rng = np.random.default_rng(0)
+    for batch, seq in ((1, 3), (3, 11)):
+        feeds = {"ids": rng.integers(0, 128, (batch, seq)), "mask": np.ones((batch, seq), np.int64)}
+        feeds["mask"][:, seq - 1 :] = 0
+        x, y = a.run(None, feeds)[0], b.run(None, feeds)[0]
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+    try:
+        import onnxslim
+    except ImportError:
+        return
+    slim = onnxslim.slim(onnx.load(str(path)))
+    assert len(ops) <= len(slim.graph.node), (len(ops), len(slim.graph.node))

@@ -66,13 +66,15 @@ def test_minilm_legacy_export_loses_its_shape_chains_and_stays_equal(minilm_expo
 
 
 def test_minilm_dynamo_export_only_loses_layout_ops_and_stays_identical(minilm_exports):
-    """The dynamo export is already optimised; what is left are the attention head split/merge
+    """The dynamo export is already optimised (cleanup finds at most a constant lookup to fold);
+    what is left are the attention head split/merge
     chains (Reshape + Transpose + Transpose for K^T, ...), which layout-chains shortens."""
     from effc.check import check_models
 
     result = effc.Pipeline.from_text("cleanup,fuse").run(minilm_exports["dynamo"])
     cleanup, fuse = result.report.records
-    assert not cleanup.modified
+    # at most a constant lookup folds (the token-type embedding of constant ids)
+    assert cleanup.stats["nodes_removed"] == cleanup.stats["constants_folded"] <= 2, cleanup.stats
     assert {k for k, v in fuse.stats.items() if v} == {"layout-chains"}
     layout = ("Reshape", "Transpose")
     assert sum(fuse.ops_after[k] for k in layout) < sum(fuse.ops_before[k] for k in layout)

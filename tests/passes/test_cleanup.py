@@ -1,3 +1,4 @@
+import numpy as np
 from _helpers import from_text, op_types, rng_array, run_pass
 
 import effc
@@ -62,8 +63,20 @@ def test_static_shape_chain_is_folded_to_a_constant():
     assert cmp["identical"]
 
 
-def test_symbolic_shape_chain_is_kept():
-    model = from_text(
+def _dynamic_runs(before, after, feeds_list):
+    """Run both models under onnxruntime (no graph optimizations) on each feed: bit-identical."""
+    from effc.ir.ort import session_for
+
+    a, b = (session_for(m.model, optimize=False) for m in (before, after))
+    for feeds in feeds_list:
+        for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
+            assert x.shape == y.shape and np.array_equal(x, y)
+
+
+def test_symbolic_shape_chain_becomes_a_constant_copy_target():
+    """Reshape(x, Concat(Shape(x)[0:1], [3, 4])): the symbolic element is x's own dim 0, so the
+    target becomes [0, 3, 4] (copy) and the output stays symbolic; equal for every N."""
+    text = (
         HEADER
         + """
         g (float[N,12] x) => (float[N,3,4] y) {
@@ -73,8 +86,153 @@ def test_symbolic_shape_chain_is_kept():
             y = Reshape(x, shape)
         }"""
     )
-    result = effc.Pipeline.from_text("cleanup").run(model)
-    assert "Shape" in op_types(result.model) and "Reshape" in op_types(result.model)
+    model = from_text(text)
+    result = effc.Pipeline.from_text("cleanup").run(from_text(text))
+    assert op_types(result.model) == ["Reshape"]
+    target = result.model.model.graph.node(0).inputs[1].const_value.numpy()
+    assert target.tolist() == [0, 3, 4]
+    assert result.report.records[-1].stats["shape_chains_folded"] >= 1
+    _dynamic_runs(model, result.model, [{"x": rng_array(n, 12, seed=n)} for n in (1, 5)])
+
+
+def test_one_unknown_element_becomes_minus_one_and_two_stay_dynamic():
+    """A symbol that is not the input's dim at that position becomes -1 when it is the only one;
+    with two such symbols nothing can be inferred and the chain stays."""
+    text = (
+        HEADER
+        + """
+        g (float[N,M] x, float[B,T,C] z) => (float[N,M] y, float[T,B,C] w) {
+            xt = Transpose<perm = [1, 0]>(x)
+            s = Shape(x)
+            y = Reshape(xt, s)
+            t = Transpose<perm = [1, 0, 2]>(z)
+            sz = Shape(t)
+            w0 = Reshape(z, sz)
+            w = Identity(w0)
+        }"""
+    )
+    result = effc.Pipeline.from_text("cleanup").run(from_text(text))
+    ops = op_types(result.model)
+    # y: target [N, M] for an input of shape [M, N]: two unknowns, kept
+    # w: target [T, B, C] for an input of shape [B, T, C]: C copies (0), T and B unknown, kept
+    assert ops.count("Shape") == 2, ops
+    text2 = text.replace("sz = Shape(t)", "sz0 = Shape(t)\n            sz = Identity(sz0)")
+    feeds = [{"x": rng_array(3, 5, seed=1), "z": rng_array(2, 3, 4, seed=2)}]
+    _dynamic_runs(from_text(text2), result.model, feeds)
+    one = from_text(
+        HEADER
+        + """
+        g (float[N,6] x) => (float[N,2,3] y) {
+            t = Transpose<perm = [1, 0]>(x)
+            s = Shape(t)
+            n = Gather<axis = 0>(s, i1)
+            u = Unsqueeze(n, axes)
+            shape = Concat<axis = 0>(u, tail)
+            y = Reshape(x, shape)
+        }""",
+        {
+            "i1": np.array(1, np.int64),
+            "axes": np.array([0], np.int64),
+            "tail": np.array([2, 3], np.int64),
+        },
+    )
+    out = effc.Pipeline.from_text("cleanup").run(one).model
+    assert op_types(out) == ["Reshape"]
+    # Shape(t)[1] is N, x's dim 0: copied
+    assert out.model.graph.node(0).inputs[1].const_value.numpy().tolist() == [0, 2, 3]
+    _dynamic_runs(one, out, [{"x": rng_array(n, 6, seed=n)} for n in (1, 4)])
+
+
+def test_gathered_static_dims_of_a_dynamic_shape_fold():
+    """Shape(x)[1] * Shape(x)[2] is static although dim 0 is not; -1 takes the one symbol."""
+    text = (
+        HEADER
+        + """
+        g (float[B,4,5] x) => (float[B,20] y) {
+            t = Transpose<perm = [0, 2, 1]>(x)
+            s = Shape(t)
+            a = Gather<axis = 0>(s, i1)
+            b = Gather<axis = 0>(s, i2)
+            n = Gather<axis = 0>(s, i0)
+            ab = Mul(a, b)
+            un = Unsqueeze(n, axes)
+            uab = Unsqueeze(ab, axes)
+            shape = Concat<axis = 0>(un, uab)
+            y = Reshape(t, shape)
+        }"""
+    )
+    inits = {
+        "i0": np.array(0, np.int64),
+        "i1": np.array(1, np.int64),
+        "i2": np.array(2, np.int64),
+        "axes": np.array([0], np.int64),
+    }
+    model = from_text(text, inits)
+    out = effc.Pipeline.from_text("cleanup").run(from_text(text, inits)).model
+    assert sorted(op_types(out)) == ["Reshape", "Transpose"]
+    _dynamic_runs(model, out, [{"x": rng_array(n, 4, 5, seed=n)} for n in (1, 3)])
+
+
+def test_zero_initial_state_of_a_recurrent_op_is_dropped():
+    """LSTM initial_h/initial_c built as ConstantOfShape(0) of a batch-dependent shape are the
+    operator's default: dropped, outputs equal for any batch. A non-zero state is kept."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "W": rng.standard_normal((1, 16, 3)).astype(np.float32),
+        "R": rng.standard_normal((1, 16, 4)).astype(np.float32),
+        "i1": np.array([1], np.int64),
+        "one": np.array([1], np.int64),
+        "four": np.array([4], np.int64),
+    }
+    text = (
+        HEADER
+        + """
+        g (float[T,B,3] x) => (float[T,1,B,4] y, float[T,1,B,4] y2) {
+            s = Shape(x)
+            b = Gather<axis = 0>(s, i1)
+            shape = Concat<axis = 0>(one, b, four)
+            h0 = ConstantOfShape<value = float[1] {0}>(shape)
+            c0 = ConstantOfShape<value = float[1] {0}>(shape)
+            h1 = ConstantOfShape<value = float[1] {0.5}>(shape)
+            y = LSTM<hidden_size = 4>(x, W, R, , , h0, c0)
+            y2 = LSTM<hidden_size = 4>(x, W, R, , , h1, c0)
+        }"""
+    )
+    model = from_text(text, inits)
+    result = effc.Pipeline.from_text("cleanup").run(from_text(text, inits))
+    lstms = [n for n in result.model.model.graph if n.op_type == "LSTM"]
+
+    def state(node, i):  # trailing empty inputs may be trimmed
+        return node.inputs[i] if i < len(node.inputs) else None
+
+    assert state(lstms[0], 5) is None and state(lstms[0], 6) is None
+    assert state(lstms[1], 5) is not None and state(lstms[1], 6) is None
+    feeds = [{"x": rng_array(5, b, 3, seed=b)} for b in (1, 3)]
+    _dynamic_runs(model, result.model, feeds)
+
+
+def test_constant_nodes_become_initializers_and_then_fold_into_convs():
+    """A Conv whose weight is a Constant node (Paddle exports): lifted, so BatchNorm folds."""
+    w = rng_array(4, 3, 3, 3, seed=1)
+    model = from_text(
+        HEADER
+        + """
+        g (float[1,3,8,8] x) => (float[1,4,6,6] y) {
+            w = Constant<value = float[4,3,3,3] {"""
+        + ", ".join(f"{v:.6f}" for v in w.reshape(-1))
+        + """}>()
+            c = Conv(x, w)
+            y = BatchNormalization(c, g, b, m, v)
+        }""",
+        {
+            "g": rng_array(4, seed=2, positive=True),
+            "b": rng_array(4, seed=3),
+            "m": rng_array(4, seed=4),
+            "v": rng_array(4, seed=5, positive=True),
+        },
+    )
+    new, record, cmp = run_pass("fixpoint(cleanup,fuse)", model)
+    assert op_types(new) == ["Conv"] and cmp["ok"]
 
 
 def test_cleanup_on_a_model_with_nothing_to_do_reports_no_change():
@@ -126,3 +284,113 @@ def test_weights_folded_through_constants_keep_values():
     new, record, cmp = run_pass("cleanup", model)
     assert op_types(new) == ["MatMul"]
     assert cmp["ok"]
+
+
+def test_chained_slices_of_other_axes_merge_into_one_each():
+    """x[:, 0:4][..., 1::2] and x[:, 0:4][..., ::2] (YOLOX's focus, STFT halves): the shared first
+    Slice merges into both users; a Slice of the same axis does not merge."""
+    inits = {
+        "s0": np.array([0], np.int64),
+        "e4": np.array([4], np.int64),
+        "a1": np.array([1], np.int64),
+        "a2": np.array([2], np.int64),
+        "s1": np.array([1], np.int64),
+        "big": np.array([1 << 62], np.int64),
+        "two": np.array([2], np.int64),
+    }
+    text = (
+        HEADER
+        + """
+        g (float[B,6,T] x) => (float[B,4,U] y, float[B,4,V] z, float[B,3,T] w) {
+            a = Slice(x, s0, e4, a1)
+            y = Slice(a, s1, big, a2, two)
+            z = Slice(a, s0, big, a2, two)
+            b = Slice(x, s1, big, a1)
+            w = Slice(b, s0, e4, a1)
+        }"""
+    )
+    model = from_text(text, inits)
+    new = effc.Pipeline.from_text("cleanup").run(from_text(text, inits)).model
+    assert op_types(new).count("Slice") == 4  # a merged away; b -> w (same axis) kept
+    _dynamic_runs(model, new, [{"x": rng_array(n, 6, t, seed=n)} for n, t in ((1, 7), (2, 8))])
+
+
+def test_unsqueeze_of_squeeze_on_the_same_axis_is_dropped():
+    text = (
+        HEADER
+        + """
+        g (float[1,B,4] x) => (float[1,B,4] y, float[B,1,4] z) {
+            s = Squeeze(x, a0)
+            r = Relu(s)
+            u = Unsqueeze(s, a0)
+            y = Relu(u)
+            z = Unsqueeze(r, a1)
+        }"""
+    )
+    inits = {"a0": np.array([0], np.int64), "a1": np.array([1], np.int64)}
+    model = from_text(text, inits)
+    new = effc.Pipeline.from_text("cleanup").run(from_text(text, inits)).model
+    assert sorted(op_types(new)) == ["Relu", "Relu", "Squeeze", "Unsqueeze"]
+    _dynamic_runs(model, new, [{"x": rng_array(1, b, 4, seed=b)} for b in (1, 3)])
+
+
+def test_dims_equal_through_matmul_and_reshape_are_seen_as_equal():
+    """CRNN heads: Reshape(Gemm(Reshape(x, [-1, C])), Concat(Shape(x)[0], [1, -1])). The first
+    dim of the Gemm's output is x's dim 0 by symbolic inference, so the target becomes
+    [0, 1, -1]; the chain is gone and the output equal for every length."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "flat": np.array([-1, 8], np.int64),
+        "W": rng.standard_normal((8, 5)).astype(np.float32),
+        "i0": np.array(0, np.int64),
+        "axes": np.array([0], np.int64),
+        "tail": np.array([1, -1], np.int64),
+    }
+    text = (
+        HEADER
+        + """
+        g (float[T,1,8] x) => (float[T,1,5] y) {
+            f = Reshape(x, flat)
+            m = MatMul(f, W)
+            s = Shape(x)
+            t = Gather<axis = 0>(s, i0)
+            u = Unsqueeze(t, axes)
+            shape = Concat<axis = 0>(u, tail)
+            y = Reshape(m, shape)
+        }"""
+    )
+    model = from_text(text, inits)
+    new = effc.Pipeline.from_text("cleanup").run(from_text(text, inits)).model
+    assert sorted(op_types(new)) == ["MatMul", "Reshape", "Reshape"]
+    _dynamic_runs(model, new, [{"x": rng_array(t, 1, 8, seed=t)} for t in (1, 6)])
+
+
+def test_neutral_arithmetic_goes_unless_it_broadcasts():
+    """x + 0, x * 1, 1 * x, x / 1 go; x + zeros of a larger shape (it broadcasts x) and
+    0 - x stay; consecutive Unsqueezes become one."""
+    inits = {
+        "z4": np.zeros(4, np.float32),
+        "one": np.ones((1, 4), np.float32),
+        "z34": np.zeros((3, 4), np.float32),
+        "a0": np.array([0], np.int64),
+        "a2": np.array([2], np.int64),
+    }
+    text = (
+        HEADER
+        + """
+        g (float[B,4] x) => (float[B,4] y, float[3,4] w, float[B,4] v, float[1,B,1,4] u) {
+            a = Add(x, z4)
+            b = Mul(one, a)
+            c = Div(b, one)
+            y = Relu(c)
+            w = Add(x, z34)
+            v = Sub(z4, x)
+            u0 = Unsqueeze(y, a0)
+            u = Unsqueeze(u0, a2)
+        }"""
+    )
+    model = from_text(text, inits)
+    new = effc.Pipeline.from_text("cleanup").run(from_text(text, inits)).model
+    assert sorted(op_types(new)) == ["Add", "Relu", "Sub", "Unsqueeze"]
+    feeds = [{"x": rng_array(b, 4, seed=b)} for b in (1,)]  # w broadcasts only for B = 1 or 3
+    _dynamic_runs(model, new, feeds)
