@@ -19,6 +19,10 @@ def _check(entry, tmp_path):
         status = result.steps[step]["status"]
         assert status == "ok" or status.startswith("n/a"), (step, result.steps[step])
     assert result.steps["fuse"]["nodes"] <= result.nodes
+    # the goal: no more nodes than the better of the simplifiers users run today
+    simplified = [s["nodes"] for s in result.simplifiers.values() if "nodes" in s]
+    if simplified:
+        assert result.steps["fuse"]["nodes"] <= min(simplified), (result.steps, simplified)
     assert "original" in result.latency_ms and "effc fuse" in result.latency_ms
 
 

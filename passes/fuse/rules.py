@@ -12,6 +12,7 @@ from effc.passes.fuse._onnx import GraphRule
 from effc.passes.fuse.affine import affine_onnx, linear_chain_onnx, split_conv_onnx
 from effc.passes.fuse.affine_fx import affine_fx, linear_chain_fx
 from effc.passes.fuse.batchnorm import fuse_batchnorm_fx, fuse_batchnorm_onnx
+from effc.passes.fuse.channel_linear import channel_linear_onnx
 from effc.passes.fuse.layout import hoist_onnx, layout_fx, layout_onnx
 from effc.passes.fuse.matmul_add import matmul_add_onnx
 
@@ -49,6 +50,12 @@ RULES: dict[str, Rule] = {
         "Expand feeding a broadcasting binary op (Add/Mul/Div/...) whose own broadcast gives the "
         "same result -> dropped (e.g. the expand_as of F.normalize)",
         onnx=lambda: expand_before_binary_op_rules,
+    ),
+    "channel-linear": Rule(
+        "Transpose(B,C,L -> B,L,C) -> MatMul (+ bias) [-> Split of the last axis] -> Transpose "
+        "back -> one 1x1 Conv [-> Split of channels]: a Linear over the channels of a "
+        "transposed tensor (conv-attention qkv) is a 1x1 conv, and the transposes cancel",
+        onnx=channel_linear_onnx,
     ),
     "split-conv": Rule(
         "Split along channels of a Conv output -> one Conv per part (a depthwise conv takes the "
