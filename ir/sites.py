@@ -187,6 +187,43 @@ def _onnx_sites(model) -> list[WeightSite]:
     return sites
 
 
+def embedding_sites(model) -> list[WeightSite]:
+    """Embedding tables (vocab x hidden) read by a row lookup: ``aten.embedding`` of a parameter
+    on FX, ``Gather(axis=0)`` of a 2-D float initializer on ONNX; one site per table, op
+    ``embedding``, handles as for weight sites (so read_weight/write_weight work)."""
+    sites: dict[object, WeightSite] = {}
+    if model.kind == "fx":
+        gm = model.graph_module
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target != aten.embedding.default:
+                continue
+            if node.args[0].op != "get_attr" or node.args[0].target in sites:
+                continue
+            weight = attr_tensor(gm, node.args[0].target)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                fqn = fx_fqn(node, node.args[0].target)
+                sites[node.args[0].target] = WeightSite(
+                    fqn, "embedding", tuple(weight.shape), handle=weight, node=node
+                )
+        return list(sites.values())
+    for node in model.model.graph.all_nodes():
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        table = node.inputs[0]
+        axis = node.attributes.get("axis")
+        if axis is not None and axis.as_int() != 0:
+            continue
+        if table is None or not table.is_initializer() or table.const_value is None:
+            continue
+        if len(table.const_value.shape) != 2 or table.dtype != ir.DataType.FLOAT:
+            continue
+        if table not in sites:
+            fqn = _scope_fqn(node) or (table.name or node.name).removesuffix(".weight")
+            shape = tuple(table.const_value.shape.numpy())
+            sites[table] = WeightSite(fqn, "embedding", shape, handle=(table, False), node=node)
+    return list(sites.values())
+
+
 def read_weight_onnx(site: WeightSite) -> np.ndarray:
     value, transposed = site.handle
     w = value.const_value.numpy()
@@ -252,9 +289,13 @@ def untie(model, site: WeightSite) -> bool:
     return True
 
 
-def compressible_sites(model, skip: list[str], stats: dict, divisor: int, what: str) -> list:
+def compressible_sites(
+    model, skip: list[str], stats: dict, divisor: int, what: str, keep_tied: bool = False
+) -> list:
     """Linear weight sites not matched by ``skip`` (FQN substrings), tied ones untied first (and
-    listed in ``stats``); every input size must be a multiple of ``divisor`` (``what`` names it)."""
+    listed in ``stats``) unless ``keep_tied`` (then compressing the site compresses the embedding
+    it shares its weight with); every input size must be a multiple of ``divisor`` (``what``
+    names it)."""
 
     def linear_sites():
         return [
@@ -262,7 +303,11 @@ def compressible_sites(model, skip: list[str], stats: dict, divisor: int, what: 
         ]
 
     sites = linear_sites()
-    untied = [s.fqn for s in sites if untie(model, s)]
+    if keep_tied:
+        tied = [f"{s.fqn} = {', '.join(s.tied_with)}" for s in sites if s.tied_with]
+        if tied:
+            stats["kept_tied"] = tied
+    untied = [] if keep_tied else [s.fqn for s in sites if untie(model, s)]
     if untied:
         stats["untied"] = untied
         sites = linear_sites()

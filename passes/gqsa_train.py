@@ -248,10 +248,13 @@ class GQSATrain(Pass):
         return state.quantized or (state.original is not None and state.pruned)
 
     def _sites(self, model, prefix: str = "") -> dict[str, SiteState]:
+        """Trainable linear sites (quantized embedding tables are not trained here)."""
         return {
             f: s
             for f, s in model.compression.sites.items()
-            if self._trainable(s) and f.startswith(prefix)
+            if self._trainable(s)
+            and f.startswith(prefix)
+            and isinstance(model.module.get_submodule(f), nn.Linear)
         }
 
     def _finish(self, model, fqn: str, fq: nn.Module, linear: nn.Linear) -> None:

@@ -24,7 +24,7 @@ import torch
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.calibrate import compress_sequentially
 from effc.ir.reducers import HessianSum, hessians
-from effc.ir.sites import compressible_sites, read_weight, write_weight
+from effc.ir.sites import compressible_sites, embedding_sites, read_weight, write_weight
 from effc.pass_base import Pass, PassResult
 from effc.passes._obs import inverse_hessian_factor, obs_sweep
 from effc.registry import register
@@ -123,6 +123,10 @@ class Quantize(Pass):
         method: Literal["rtn", "gptq"] = "rtn"
         skip: list[str] = field(default_factory=list)
         sequential: bool = False  # gptq: calibrate each block on the already quantized ones
+        # embedding tables: fp32 (a tied lm_head is untied and quantized alone), tied (a tied
+        # lm_head stays tied: its quantized weight is the table too, stored once), int8/int4
+        # (the tables quantized by rows in groups of ``group``, dequantized on lookup)
+        embeddings: Literal["fp32", "tied", "int8", "int4"] = "fp32"
 
     def needs_calibration(self) -> bool:
         return self.options.method == "gptq"
@@ -148,7 +152,8 @@ class Quantize(Pass):
     def run(self, model, ctx) -> PassResult:
         o = self.options
         stats: dict = {}
-        sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
+        tied = o.embeddings == "tied"
+        sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}", tied)
         err = [0.0, 0.0]  # squared error, squared reference
 
         def quantize_site(site, hessian: torch.Tensor | None) -> None:
@@ -180,6 +185,8 @@ class Quantize(Pass):
             H = hessians(model, sites, ctx.calibration) if o.method == "gptq" else {}
             for site in sites:
                 quantize_site(site, H.pop(site.fqn, None))
+        if o.embeddings in ("int8", "int4"):
+            stats["embeddings"] = self._quantize_tables(model, int(o.embeddings[3:]))
         err_sq, ref_sq = err
         stats.update(
             layers=len(sites),
@@ -187,3 +194,28 @@ class Quantize(Pass):
             weight_rel_error=round((err_sq / max(ref_sq, 1e-30)) ** 0.5, 6),
         )
         return PassResult(model, bool(sites), stats)
+
+    def _quantize_tables(self, model, bits: int) -> list[dict]:
+        """Round-to-nearest codes for every embedding table not listed in ``skip``, by rows in
+        groups of ``group`` along the hidden size; the relative error per table."""
+        o = self.options
+        done = []
+        for site in embedding_sites(model):
+            if any(p in site.fqn for p in o.skip) or site.shape[1] % o.group:
+                continue
+            w = read_weight(site).float()
+            codes, scale, zero = rtn(w, bits, o.group, o.symmetric)
+            deq = dequantize(codes, scale, zero)
+            # before the write: on FX ``w`` shares the parameter's storage
+            rel = float(((deq - w) ** 2).sum() / (w**2).sum().clamp_min(1e-30)) ** 0.5
+            state = model.compression.site(site.fqn)
+            state.original = w.clone()
+            write_weight(site, deq)
+            state.codes, state.scale, state.zero = (
+                codes.to(torch.uint8),
+                scale,
+                zero.to(torch.uint8),
+            )
+            state.bits, state.group = bits, o.group
+            done.append({"table": site.fqn, "bits": bits, "weight_rel_error": round(rel, 6)})
+        return done

@@ -16,7 +16,15 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from effc.ir.sites import weight_sites
 from effc.pass_base import Pass, PassResult
-from effc.passes._codes import MS_DOMAIN, block_dequantize, matmul_nbits, matmul_nbits_applies
+from effc.passes._codes import (
+    MS_DOMAIN,
+    block_dequantize,
+    gather_block_quantized,
+    gathers_of,
+    matmul_nbits,
+    matmul_nbits_applies,
+    quantized_tables,
+)
 from effc.passes.layernorm_onnx import raise_opset
 from effc.registry import register
 
@@ -44,18 +52,31 @@ class WeightCodes(Pass):
             for s in weight_sites(model)
             if model.compression.is_quantized(s.fqn)
         ]
+        weights = [s for s, _ in sites]
+        tables = quantized_tables(model, weights)  # before the MatMuls' weights are replaced
+        shared: dict[str, tuple] = {}  # linear site fqn -> its MatMulNBits initializers
         for site, state in sites:
             if self.options.format == "auto" and matmul_nbits_applies(site, state):
-                matmul_nbits(graph, site, state, self.options.accuracy_level)
+                shared[site.fqn] = matmul_nbits(graph, site, state, self.options.accuracy_level)
                 nbits += 1
             else:
                 raise_opset(model.model, 21)
                 block_dequantize(graph, site, state)
                 dequantized += 1
-        if nbits:
+        gathers, tied = 0, []
+        for table, state, via in tables if self.options.format == "auto" else []:
+            arrays = shared.get(via)
+            if arrays is not None:
+                tied.append(via)
+            for gather in gathers_of(table):
+                gather_block_quantized(graph, gather, state, arrays)
+                gathers += 1
+        if nbits or gathers:
             model.model.opset_imports.setdefault(MS_DOMAIN, 1)
-        if sites:
+        if sites or gathers:
             RemoveUnusedNodesPass()(model.model)
-        return PassResult(
-            model, bool(sites), {"matmul_nbits": nbits, "dequantize_linear": dequantized}
-        )
+        stats = {"matmul_nbits": nbits, "dequantize_linear": dequantized}
+        if gathers:
+            stats["gather_block_quantized"] = gathers
+            stats["tied_to"] = tied
+        return PassResult(model, bool(sites or gathers), stats)

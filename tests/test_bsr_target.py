@@ -152,3 +152,54 @@ def test_decisions_can_be_pinned_from_a_file_or_an_earlier_report(tmp_path, cli)
         tmp_path / "bad",
     )
     assert code == 2 and "sparse" in err
+
+
+def test_dense_layers_stay_codes_and_decisions_are_timed_in_onnxruntime(tmp_path, cli):
+    """A layer pinned (or timed) dense becomes MatMulNBits of its codes, not an fp32 MatMul: the
+    artifact keeps no fp32 copy of a quantized weight, and runs equal to the all-sparse one. The
+    timings are onnxruntime's, against that dense form."""
+    import onnx
+
+    text = "group-prune{score=magnitude},quantize{bits=4,group=16}"
+    layers = [f"model.layers.{i}" for i in range(2)]
+    pins = {}
+    outs = {}
+    for name in ("sparse", "dense"):
+        out = tmp_path / name
+        if name == "dense":
+            (tmp_path / "pins.json").write_text(json.dumps(pins))
+            extra = f',bsr-pack{{decisions="{tmp_path / "pins.json"}"}}'
+        else:
+            extra = ""
+        code, _, err = cli(
+            "compile", "builtin:tiny-llama", "--passes", text + extra, "--target", "bsr", "-o", out
+        )
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        records = report["passes"][-1]["stats"]["layers"]
+        if name == "sparse":
+            for r in records:
+                assert r["dense_form"] == "MatMulNBits" and r["sparse_ms"] > 0
+                assert r["choice"] == choose(r["sparse_ms"], r["dense_ms"])
+            pins = {
+                r["layer"]: ("dense" if r["layer"].startswith(tuple(layers)) else "sparse")
+                for r in records
+            }
+        outs[name] = out
+    stored = onnx.load(str(outs["dense"] / "model.onnx"))
+    ops = [n.op_type for n in stored.graph.node]
+    dense_layers = sum(1 for v in pins.values() if v == "dense")
+    assert ops.count("MatMulNBits") == dense_layers > 0
+    assert ops.count("BSRMatMul") == len(pins) - dense_layers
+    big_float = [
+        t.name
+        for t in stored.graph.initializer
+        if t.data_type == 1 and len(t.dims) == 2 and min(t.dims) >= 64 and "embed" not in t.name
+    ]
+    assert not big_float, big_float
+    from effc.backends import bsr
+
+    x = {"input_ids": np.random.default_rng(3).integers(0, 256, (1, 16)).astype(np.int64)}
+    (a,) = bsr.run(outs["sparse"], x).values()
+    (b,) = bsr.run(outs["dense"], x).values()
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
