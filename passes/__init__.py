@@ -12,6 +12,7 @@ from effc.passes.quantize import Quantize
 from effc.passes.quantize_activations import QuantizeActivations
 from effc.passes.rearrange import Rearrange
 from effc.passes.recover import Recover
+from effc.passes.remove_blocks import RemoveBlocks
 from effc.passes.tensorrt_legalize import TensorRTLegalize
 from effc.passes.tvm_legalize import TVMLegalize
 from effc.passes.weight_codes import WeightCodes
@@ -29,6 +30,7 @@ __all__ = [
     "QuantizeActivations",
     "Rearrange",
     "Recover",
+    "RemoveBlocks",
     "TensorRTLegalize",
     "TVMLegalize",
     "WeightCodes",

@@ -1,0 +1,226 @@
+"""remove-blocks: depth pruning of transformer blocks (FoldGPT's removal step; ShortGPT's score).
+
+Blocks are the repeated layers ``find_blocks`` discovers (``model.layers.N``). Scores:
+
+- ``cosine``: run the model on calibration inputs and take, per block, the mean cosine
+  similarity between the hidden state entering it and the one leaving it (per token). A block
+  whose output is nearly its input does little (ShortGPT's block influence is 1 - this); the
+  most similar blocks go.
+- ``gates``: the gates a ``block-gates`` run left in the compression state; the lowest go.
+- ``random``: seeded; the baseline the scores must beat.
+
+FX only (a torch model, edited in place): the block container (an ``nn.ModuleList``) loses the
+removed blocks and the rest are renumbered as a smaller model of the same class would be, so an
+HF model keeps working with ``generate()``: each attention's ``layer_idx`` (its KV-cache slot),
+``config.num_hidden_layers`` and ``config.layer_types``. Compression records follow their blocks'
+new numbers; the report lists the removed blocks by their original index with every score.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from effc.errors import PassOptionError, UnsupportedError
+from effc.ir.blocks import find_blocks
+from effc.pass_base import Pass, PassResult
+from effc.progress import bar
+from effc.registry import register
+
+
+def _hidden(value) -> torch.Tensor | None:
+    """The hidden-state tensor of a block's input or output (HF layers return a tuple or a
+    tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+@torch.no_grad()
+def cosine_scores(model, layers: nn.ModuleList, data: list[dict]) -> list[float]:
+    """Per block, the mean over tokens and samples of cos(input hidden, output hidden)."""
+    sums = [0.0] * len(layers)
+    counts = [0] * len(layers)
+
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            x = _hidden(args[0] if args else kwargs.get("hidden_states"))
+            y = _hidden(output)
+            if x is None or y is None or x.shape != y.shape:
+                return
+            cos = torch.nn.functional.cosine_similarity(
+                x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double(), dim=-1
+            )
+            sums[i] += float(cos.sum())
+            counts[i] += cos.numel()
+
+        return fn
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers)]
+    progress, task = bar(len(data), "remove-blocks: cosine scores")
+    try:
+        with model.plain_outputs(), progress:
+            for sample in data:
+                model.module(**{k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()})
+                progress.advance(task)
+    finally:
+        for h in handles:
+            h.remove()
+    if not all(counts):
+        raise UnsupportedError(
+            "pass 'remove-blocks': cannot read the hidden states entering and leaving every "
+            "block (score=cosine needs blocks that map a hidden state to one of the same shape)"
+        )
+    return [s / c for s, c in zip(sums, counts)]
+
+
+def _renumber(fqn: str, container: str, old_to_new: dict[int, int]) -> str | None:
+    """``fqn`` with its block index mapped (None for a removed block); others unchanged."""
+    m = re.match(rf"^{re.escape(container)}\.(\d+)(\..*)?$", fqn)
+    if m is None:
+        return fqn
+    new = old_to_new.get(int(m.group(1)))
+    return None if new is None else f"{container}.{new}{m.group(2) or ''}"
+
+
+def remove(model, container: str, drop: set[int]) -> None:
+    """Drop blocks ``drop`` of ``container`` from the torch model; renumber the rest (attention
+    ``layer_idx``, HF config) and the compression records."""
+    module = model.module
+    layers = module.get_submodule(container)
+    keep = [i for i in range(len(layers)) if i not in drop]
+    parent_name, _, attr = container.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+    for new, block in enumerate(getattr(parent, attr)):
+        for sub in block.modules():
+            if hasattr(sub, "layer_idx") and isinstance(sub.layer_idx, int):
+                sub.layer_idx = new
+    config = getattr(module, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "num_hidden_layers", None) == len(layers):
+            text.num_hidden_layers = len(keep)
+        types = getattr(text, "layer_types", None)
+        if isinstance(types, list) and len(types) == len(layers):
+            text.layer_types = [types[i] for i in keep]
+    old_to_new = {old: new for new, old in enumerate(keep)}
+    state = model.compression
+    state.sites = {
+        n: s
+        for f, s in state.sites.items()
+        if (n := _renumber(f, container, old_to_new)) is not None
+    }
+    state.blocks = {
+        n: b
+        for f, b in state.blocks.items()
+        if (n := _renumber(f, container, old_to_new)) is not None
+    }
+    model.retrace()
+
+
+@register
+class RemoveBlocks(Pass):
+    """Remove the least useful transformer blocks (cosine of in/out states, gates, or random)."""
+
+    name = "remove-blocks"
+    kinds = ("fx",)
+    lossy = True
+
+    @dataclass
+    class Options:
+        count: int = 0  # blocks to remove; or
+        rate: float = 0.0  # the fraction of blocks to remove (rounded to the nearest block)
+        score: Literal["cosine", "gates", "random"] = "cosine"
+        samples: int = 8  # calibration samples for score=cosine
+
+    def needs_calibration(self) -> bool:
+        return self.options.score == "cosine"
+
+    def validate(self) -> None:
+        o = self.options
+        if (o.count > 0) == (o.rate > 0):
+            raise PassOptionError(
+                "pass 'remove-blocks': give exactly one of count (blocks) or rate (a fraction), "
+                f"got count={o.count}, rate={o.rate}"
+            )
+        if o.count < 0 or not 0 <= o.rate < 1:
+            raise PassOptionError(
+                f"pass 'remove-blocks': need count >= 1 or 0 < rate < 1, got count={o.count}, "
+                f"rate={o.rate}"
+            )
+        if o.samples < 1:
+            raise PassOptionError(f"pass 'remove-blocks': samples must be >= 1, got {o.samples}")
+
+    def _blocks(self, model) -> tuple[str, nn.ModuleList, list]:
+        blocks = find_blocks(model)
+        if not blocks:
+            raise UnsupportedError("pass 'remove-blocks': the model has no repeated blocks")
+        container = blocks[0].fqn.rpartition(".")[0]
+        try:
+            layers = model.module.get_submodule(container)
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList) or len(layers) != len(blocks):
+            raise UnsupportedError(
+                f"pass 'remove-blocks': the blocks {container}.N are not one nn.ModuleList of "
+                f"{len(blocks)} layers"
+            )
+        return container, layers, blocks
+
+    def requires(self, model, ctx) -> None:
+        super().requires(model, ctx)
+        container, layers, _ = self._blocks(model)
+        n = self._count(len(layers))
+        if not 1 <= n < len(layers):
+            raise PassOptionError(
+                f"pass 'remove-blocks': would remove {n} of {len(layers)} blocks; keep at least one"
+            )
+        if self.options.score == "gates":
+            missing = [
+                f"{container}.{i}"
+                for i in range(len(layers))
+                if getattr(model.compression.blocks.get(f"{container}.{i}"), "gate", None) is None
+            ]
+            if missing:
+                raise UnsupportedError(
+                    f"pass 'remove-blocks': score=gates reads block gates, and {missing[0]} has "
+                    "none: run block-gates first"
+                )
+
+    def _count(self, blocks: int) -> int:
+        o = self.options
+        return o.count if o.count else int(math.floor(o.rate * blocks + 0.5))
+
+    def run(self, model, ctx) -> PassResult:
+        o = self.options
+        container, layers, _ = self._blocks(model)
+        n = self._count(len(layers))
+        if o.score == "cosine":
+            scores = cosine_scores(model, layers, ctx.calibration[: o.samples])
+            order = sorted(range(len(layers)), key=lambda i: -scores[i])  # most similar first
+        elif o.score == "gates":
+            scores = [model.compression.blocks[f"{container}.{i}"].gate for i in range(len(layers))]
+            order = sorted(range(len(layers)), key=lambda i: scores[i])  # lowest gate first
+        else:
+            rng = np.random.default_rng(ctx.seed)
+            scores = [float(v) for v in rng.random(len(layers))]
+            order = sorted(range(len(layers)), key=lambda i: scores[i])
+        drop = set(order[:n])
+        remove(model, container, drop)
+        stats = {
+            "score": o.score,
+            "blocks_before": len(layers),
+            "blocks_after": len(layers) - n,
+            "removed": sorted(drop),
+            "scores": [round(s, 6) for s in scores],
+        }
+        return PassResult(model, True, stats)

@@ -1,0 +1,122 @@
+"""remove-blocks on HF LLaMA models (FX): the chosen blocks go, the rest are renumbered so the
+model equals a smaller model of the same class with those weights and still generates; cosine
+finds a block that does nothing; random is seeded; errors are one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import effc
+from effc.errors import PassOptionError, UnsupportedError
+
+transformers = pytest.importorskip("transformers")
+
+
+def _config(layers=4):
+    return transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
+def _llama(idle: int | None = None):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config()).eval()
+    for p in model.parameters():  # a trained model's scale: blocks change the hidden state
+        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
+    if idle is not None:  # block `idle` adds (almost) nothing to the residual stream
+        layer = model.model.layers[idle]
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.mul_(1e-4)
+            layer.mlp.down_proj.weight.mul_(1e-4)
+    return model
+
+
+def _calib(n=2):
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "input_ids": rng.integers(0, 128, (1, 12)).astype(np.int64),
+            "attention_mask": np.ones((1, 12), np.int64),
+        }
+        for _ in range(n)
+    ]
+
+
+def _smaller(model, keep):
+    """A fresh 3-layer model holding the kept layers' weights: the reference."""
+    small = transformers.LlamaForCausalLM(_config(len(keep))).eval()
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.layers."):
+            i = int(k.split(".")[2])
+            if i not in keep:
+                continue
+            k = k.replace(f"model.layers.{i}.", f"model.layers.{keep.index(i)}.", 1)
+        state[k] = v
+    small.load_state_dict(state)
+    return small
+
+
+def test_cosine_removes_the_idle_block_and_the_model_equals_the_smaller_one():
+    model = _llama(idle=2)
+    original = _llama(idle=2)
+    result = effc.Pipeline.from_text("remove-blocks{count=1}").run(
+        model, effc.PassContext(calibration=_calib())
+    )
+    stats = result.report.records[0].stats
+    assert stats["removed"] == [2] and stats["blocks_after"] == 3
+    assert stats["scores"][2] == max(stats["scores"]) > 0.99
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    reference = _smaller(original, [0, 1, 3])
+    ids = torch.tensor([[5, 9, 3, 7, 1]])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    # generate() with its KV cache still works and agrees with the smaller model
+    a = model.generate(ids, max_new_tokens=6, do_sample=False)
+    b = reference.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_compression_records_follow_their_blocks():
+    model = _llama(idle=1)
+    result = effc.Pipeline.from_text("quantize{bits=8,group=16},remove-blocks{count=1}").run(
+        model, effc.PassContext(calibration=_calib())
+    )
+    sites = result.model.compression.sites
+    assert result.report.records[-1].stats["removed"] == [1]
+    assert not any(k.startswith("model.layers.3.") for k in sites)
+    # old block 2 is block 1 now: its quantized weight is the module's weight
+    w = model.model.layers[1].mlp.down_proj.weight.detach()
+    torch.testing.assert_close(sites["model.layers.1.mlp.down_proj"].dequantized(), w)
+
+
+def test_rate_and_random_are_seeded():
+    picks = []
+    for seed in (0, 0, 1):
+        result = effc.Pipeline.from_text("remove-blocks{rate=0.5,score=random}").run(
+            _llama(), effc.PassContext(seed=seed)
+        )
+        picks.append(result.report.records[0].stats["removed"])
+    assert len(picks[0]) == 2 and picks[0] == picks[1]
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("remove-blocks", PassOptionError),
+        ("remove-blocks{count=1,rate=0.5}", PassOptionError),
+        ("remove-blocks{count=4,score=random}", PassOptionError),
+        ("remove-blocks{count=1,score=gates}", UnsupportedError),
+    ],
+)
+def test_bad_requests_are_one_line_errors(text, error):
+    with pytest.raises(error):
+        effc.Pipeline.from_text(text).run(_llama(), effc.PassContext(calibration=_calib()))
