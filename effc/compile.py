@@ -9,6 +9,7 @@ from effc import __version__
 from effc.artifact import prepare_output, write_artifact
 from effc.backends import get_backend
 from effc.context import PassContext
+from effc.ir.onnx_io import deduplicate_initializers
 from effc.pipeline import Pipeline, PipelineResult, VerifyInstrument, ensure_onnx
 
 
@@ -57,6 +58,11 @@ def compile_model(
             for v in final.model.graph.outputs
         ],
     }
+
+    # identical weights are stored once (parameters shared by share-blocks, which the exporter
+    # writes once per use); after every pass, so no pass edits a weight two nodes now share
+    if deduplicate_initializers(final.model):
+        report.notes.append("identical weights are stored once in the artifact")
 
     def build(folder: Path) -> None:
         backend.lower(final.model, folder, **(backend_options or {}))

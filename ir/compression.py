@@ -160,6 +160,10 @@ class CompressionState:
     def get(self, fqn: str) -> SiteState | None:
         return self.sites.get(fqn)
 
+    def block(self, fqn: str) -> BlockState:
+        """The block record of ``fqn``, created empty when there is none."""
+        return self.blocks.setdefault(fqn, BlockState())
+
     def quantized(self) -> dict[str, SiteState]:
         return {k: s for k, s in self.sites.items() if s.quantized}
 

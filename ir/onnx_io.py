@@ -9,10 +9,12 @@ it, so a failure never leaves a partial model; external data is written beside t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -120,3 +122,29 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, external: bool | None = 
             written.append(path.parent / data_name)
         os.replace(tmp_model, path)
     return written
+
+
+def deduplicate_initializers(model: ir.Model) -> int:
+    """Point every use of an initializer at the first one with the same dtype, shape and bytes
+    (graph inputs and outputs left alone); returns how many went. Exporters write a parameter
+    shared by several modules once per use, and some of those copies are strided views (which
+    onnx_ir's own hashed pass refuses), so the bytes are hashed from contiguous copies."""
+    graph = model.graph
+    seen: dict[tuple, list[ir.Value]] = {}
+    removed = 0
+    for name, value in list(graph.initializers.items()):
+        if value.const_value is None or value.is_graph_input() or value.is_graph_output():
+            continue
+        if isinstance(value.const_value, ir.ExternalTensor):
+            continue  # not read into memory for this
+        array = np.ascontiguousarray(value.const_value.numpy())
+        key = (str(array.dtype), array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        for first in seen.get(key, []):
+            if np.array_equal(np.asarray(first.const_value.numpy()), array):
+                value.replace_all_uses_with(first)
+                graph.initializers.pop(name)
+                removed += 1
+                break
+        else:
+            seen.setdefault(key, []).append(value)
+    return removed

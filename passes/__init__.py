@@ -13,6 +13,7 @@ from effc.passes.quantize_activations import QuantizeActivations
 from effc.passes.rearrange import Rearrange
 from effc.passes.recover import Recover
 from effc.passes.remove_blocks import RemoveBlocks
+from effc.passes.share_blocks import ShareBlocks
 from effc.passes.tensorrt_legalize import TensorRTLegalize
 from effc.passes.tvm_legalize import TVMLegalize
 from effc.passes.weight_codes import WeightCodes
@@ -31,6 +32,7 @@ __all__ = [
     "Rearrange",
     "Recover",
     "RemoveBlocks",
+    "ShareBlocks",
     "TensorRTLegalize",
     "TVMLegalize",
     "WeightCodes",

@@ -1,0 +1,125 @@
+"""share-blocks: FoldGPT's group parameter sharing. Consecutive transformer blocks are grouped
+(``group`` blocks each, the last group may be smaller); inside a group every block's linear
+weights (and biases) become one shared ``nn.Parameter``, while each block keeps its own norms
+(and anything else that is not a linear layer), which a cure fine-tune re-adapts.
+
+``choose``: ``first`` shares the first block's weights; ``mean`` shares the element-wise mean
+of the group's weights. FX only (a torch model, edited in place): modules stay distinct, so an
+HF model keeps a KV-cache slot per layer and still generates; the parameters are shared, so the
+state dict, a saved file and an export hold each shared weight once. The compression state
+records, per block, the block whose weights it reads (``shares_with``); the report gives the
+groups and the unique parameter count before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from effc.errors import PassOptionError, UnsupportedError
+from effc.ir.blocks import find_blocks
+from effc.pass_base import Pass, PassResult
+from effc.registry import register
+
+
+def unique_parameters(module: nn.Module) -> int:
+    """Elements of the module's parameters, each shared tensor counted once."""
+    seen: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+@register
+class ShareBlocks(Pass):
+    """Blocks in groups of ``group`` share their linear weights; norms stay per block."""
+
+    name = "share-blocks"
+    kinds = ("fx",)
+    lossy = True
+
+    @dataclass
+    class Options:
+        group: int = 2
+        choose: Literal["first", "mean"] = "first"
+
+    def validate(self) -> None:
+        if self.options.group < 2:
+            raise PassOptionError(
+                f"pass 'share-blocks': group must be >= 2 blocks, got {self.options.group}"
+            )
+
+    def requires(self, model, ctx) -> None:
+        super().requires(model, ctx)
+        self._layers(model)
+        compressed = [f for f, s in model.compression.sites.items() if s.compressed]
+        if compressed:
+            raise UnsupportedError(
+                f"pass 'share-blocks': {compressed[0]} is already compressed; share blocks "
+                "before pruning or quantizing them"
+            )
+
+    @staticmethod
+    def _layers(model) -> tuple[str, nn.ModuleList]:
+        blocks = find_blocks(model)
+        container = blocks[0].fqn.rpartition(".")[0] if blocks else ""
+        try:
+            layers = model.module.get_submodule(container) if container else None
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
+            raise UnsupportedError(
+                "pass 'share-blocks': the model has no nn.ModuleList of repeated blocks"
+            )
+        shapes = {tuple((n, m.weight.shape) for n, m in _linears(b).items()) for b in layers}
+        if len(shapes) != 1:
+            raise UnsupportedError(
+                f"pass 'share-blocks': the blocks of {container} differ in their linear layers"
+            )
+        return container, layers
+
+    @torch.no_grad()
+    def run(self, model, ctx) -> PassResult:
+        o = self.options
+        container, layers = self._layers(model)
+        before = unique_parameters(model.module)
+        groups = [
+            list(range(i, min(i + o.group, len(layers)))) for i in range(0, len(layers), o.group)
+        ]
+        groups = [g for g in groups if len(g) > 1]
+        drift = []
+        for members in groups:
+            linears = [_linears(layers[i]) for i in members]
+            for name in linears[0]:
+                mods = [lin[name] for lin in linears]
+                for attr in ("weight", "bias"):
+                    params = [getattr(m, attr) for m in mods]
+                    if params[0] is None:
+                        continue
+                    stack = torch.stack([p.detach() for p in params])
+                    value = stack[0] if o.choose == "first" else stack.mean(0)
+                    shared = nn.Parameter(value.clone(), requires_grad=params[0].requires_grad)
+                    for m, p in zip(mods, params):
+                        drift.append(float((p - value).norm() / p.norm().clamp_min(1e-30)))
+                        setattr(m, attr, shared)
+            for i in members[1:]:
+                model.compression.block(
+                    f"{container}.{i}"
+                ).shares_with = f"{container}.{members[0]}"
+        model.retrace()
+        after = unique_parameters(model.module)
+        stats = {
+            "groups": [[f"{container}.{i}" for i in g] for g in groups],
+            "choose": o.choose,
+            "parameters_before": before,
+            "parameters_after": after,
+            "weight_rel_change_mean": round(sum(drift) / max(len(drift), 1), 6),
+        }
+        return PassResult(model, bool(groups), stats)

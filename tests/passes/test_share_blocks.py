@@ -1,0 +1,98 @@
+"""share-blocks on HF LLaMA (FX): blocks in a group read one Parameter per linear weight, norms
+stay per block, the model equals one built with those weights, still generates, and its state
+holds each shared weight once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_remove_blocks import _calib, _llama
+
+import effc
+from effc.errors import PassOptionError, UnsupportedError
+
+
+def test_first_shares_the_first_blocks_weights_and_keeps_norms():
+    model = _llama()
+    reference = _llama()
+    with torch.no_grad():  # what sharing group 0-1 and 2-3 with choose=first means
+        for a, b in ((0, 1), (2, 3)):
+            src, dst = reference.model.layers[a], reference.model.layers[b]
+            for (_n, m), (_, d) in zip(src.named_modules(), dst.named_modules()):
+                if isinstance(m, torch.nn.Linear):
+                    d.weight.copy_(m.weight)
+            torch.nn.init.normal_(dst.input_layernorm.weight, 1.0, 0.1)
+    with torch.no_grad():  # the norms the shared model keeps are the reference's
+        for i in (1, 3):
+            model.model.layers[i].input_layernorm.weight.copy_(
+                reference.model.layers[i].input_layernorm.weight
+            )
+    result = effc.Pipeline.from_text("share-blocks{group=2}").run(model)
+    stats = result.report.records[0].stats
+    layers = model.model.layers
+    assert layers[0].mlp.up_proj.weight is layers[1].mlp.up_proj.weight
+    assert layers[2].self_attn.q_proj.weight is layers[3].self_attn.q_proj.weight
+    assert layers[1].mlp.up_proj.weight is not layers[2].mlp.up_proj.weight
+    assert layers[0].input_layernorm.weight is not layers[1].input_layernorm.weight
+    shared = sum(p.numel() for n, p in layers[0].named_parameters() if "layernorm" not in n)
+    assert stats["parameters_before"] - stats["parameters_after"] == 2 * shared
+    assert len(dict(model.named_parameters())) < len(
+        dict(model.named_parameters(remove_duplicate=False))
+    )
+    blocks = result.model.compression.blocks
+    assert blocks["model.layers.1"].shares_with == "model.layers.0"
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=5, do_sample=False),
+        reference.generate(ids, max_new_tokens=5, do_sample=False),
+    )
+
+
+def test_mean_shares_the_groups_mean_and_composes_with_removal():
+    model = _llama()
+    w = [model.model.layers[i].mlp.down_proj.weight.detach().clone() for i in range(4)]
+    result = effc.Pipeline.from_text(
+        "remove-blocks{count=1,score=random},share-blocks{group=3,choose=mean}"
+    ).run(model, effc.PassContext(calibration=_calib(), seed=3))
+    (removed,) = result.report.records[0].stats["removed"]
+    kept = [w[i] for i in range(4) if i != removed]
+    torch.testing.assert_close(
+        model.model.layers[2].mlp.down_proj.weight, torch.stack(kept).mean(0)
+    )
+    assert result.report.records[1].stats["groups"] == [
+        ["model.layers.0", "model.layers.1", "model.layers.2"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("share-blocks{group=1}", PassOptionError),
+        ("quantize{bits=8,group=16},share-blocks", UnsupportedError),
+    ],
+)
+def test_bad_requests_are_one_line_errors(text, error):
+    with pytest.raises(error):
+        effc.Pipeline.from_text(text).run(_llama())
+
+
+def test_the_artifact_stores_a_shared_weight_once(tmp_path):
+    import numpy as np
+
+    from effc.backends import onnxruntime as ort_backend
+    from effc.compile import compile_model
+
+    compile_model(_llama(), "cleanup", tmp_path / "plain")
+    shared = compile_model(_llama(), "share-blocks{group=2}", tmp_path / "shared")
+    assert "identical weights are stored once in the artifact" in shared.report.notes
+    size = {k: (tmp_path / k / "model.onnx").stat().st_size for k in ("plain", "shared")}
+    per_block = sum(
+        p.numel() * 4 for n, p in _llama().model.layers[0].named_parameters() if "norm" not in n
+    )
+    assert size["plain"] - size["shared"] >= 2 * per_block * 0.95, size
+    ids = np.random.default_rng(0).integers(0, 128, (1, 16))
+    x = {"input_ids": ids, "attention_mask": np.ones((1, 16), np.int64)}
+    (got,) = ort_backend.run(tmp_path / "shared", x).values()
+    want = shared.model.run(x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
