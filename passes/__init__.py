@@ -1,5 +1,6 @@
 """Built-in passes. Importing this package registers them."""
 
+from effc.passes.block_gates import BlockGates
 from effc.passes.bsr_pack import BSRPack
 from effc.passes.cleanup import Cleanup
 from effc.passes.fuse import Fuse
@@ -19,6 +20,7 @@ from effc.passes.tvm_legalize import TVMLegalize
 from effc.passes.weight_codes import WeightCodes
 
 __all__ = [
+    "BlockGates",
     "BSRPack",
     "Cleanup",
     "Fuse",
