@@ -23,6 +23,9 @@ class PassContext:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     eval_seeds: int = 2
     error_samples: int = 4  # calibration inputs a lossy pass's output error is measured on
+    # set by the pipeline when a later pass distills from the model as it was before the
+    # structural passes (cure): those passes keep a frozen copy first
+    keep_teacher: bool = False
 
     def __post_init__(self) -> None:
         os.environ.setdefault("EFFC_THREADS", str(self.threads))

@@ -69,6 +69,9 @@ class Pass:
     lossy: ClassVar[bool] = False
     # only moves data (layout chains): the verifier then wants bit-identical outputs
     bitwise: ClassVar[bool] = False
+    # distills from the model as it was before the pipeline's structural passes (cure): they
+    # then keep a frozen copy (``PassContext.keep_teacher``)
+    wants_teacher: ClassVar[bool] = False
     doc: ClassVar[str] = ""
 
     def __init__(self, **options):

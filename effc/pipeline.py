@@ -212,6 +212,7 @@ class Pipeline(Pass):
         if model.kind == "onnx":  # an ONNX model never becomes a torch one again
             for p in self.leaves():
                 p.check_kind(model)
+        ctx.keep_teacher = ctx.keep_teacher or any(p.wants_teacher for p in self.leaves())
         needy = [p.name for p in self.leaves() if p.needs_calibration()]
         if needy and not ctx.calibration:
             raise InputError(

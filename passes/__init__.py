@@ -3,6 +3,7 @@
 from effc.passes.block_gates import BlockGates
 from effc.passes.bsr_pack import BSRPack
 from effc.passes.cleanup import Cleanup
+from effc.passes.cure import Cure
 from effc.passes.fuse import Fuse
 from effc.passes.gqsa_train import GQSATrain
 from effc.passes.group_prune import GroupPrune
@@ -23,6 +24,7 @@ __all__ = [
     "BlockGates",
     "BSRPack",
     "Cleanup",
+    "Cure",
     "Fuse",
     "GQSATrain",
     "GroupPrune",

@@ -5,6 +5,7 @@ seconds, first and last loss) for the report. Callers seed torch (``ctx.seed``) 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,3 +69,18 @@ def train(
         if own is not None:
             own.stop()
     return TrainLog(losses, lr, time.perf_counter() - t0)
+
+
+def keep_teacher(model, ctx) -> None:
+    """Keep a frozen copy of an FX model's module as it is now, as ``model.teacher`` (once: the
+    first structural pass of a pipeline keeps the original), where a later pass distills from it
+    (``ctx.keep_teacher``, set by the pipeline for ``cure``)."""
+    if not ctx.keep_teacher or getattr(model, "teacher", None) is not None:
+        return
+    teacher = copy.deepcopy(model.module).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    config = getattr(teacher, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False  # it only ever runs whole sequences, as effc runs models
+    model.teacher = teacher

@@ -30,6 +30,7 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
 from effc.pass_base import Pass, PassResult
+from effc.passes._train import keep_teacher
 from effc.progress import bar
 from effc.registry import register
 
@@ -215,6 +216,7 @@ class RemoveBlocks(Pass):
             scores = [float(v) for v in rng.random(len(layers))]
             order = sorted(range(len(layers)), key=lambda i: scores[i])
         drop = set(order[:n])
+        keep_teacher(model, ctx)  # for a cure later in the pipeline
         remove(model, container, drop)
         stats = {
             "score": o.score,

@@ -22,6 +22,7 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
 from effc.pass_base import Pass, PassResult
+from effc.passes._train import keep_teacher
 from effc.registry import register
 
 
@@ -89,6 +90,7 @@ class ShareBlocks(Pass):
     def run(self, model, ctx) -> PassResult:
         o = self.options
         container, layers = self._layers(model)
+        keep_teacher(model, ctx)  # for a cure later in the pipeline
         before = unique_parameters(model.module)
         groups = [
             list(range(i, min(i + o.group, len(layers)))) for i in range(0, len(layers), o.group)
