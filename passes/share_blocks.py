@@ -4,9 +4,10 @@ weights (and biases) become one shared ``nn.Parameter``, while each block keeps 
 (and anything else that is not a linear layer), which a cure fine-tune re-adapts.
 
 ``choose``: ``first`` shares the first block's weights; ``mean`` shares the element-wise mean
-of the group's weights. FX only (a torch model, edited in place): modules stay distinct, so an
-HF model keeps a KV-cache slot per layer and still generates; the parameters are shared, so the
-state dict, a saved file and an export hold each shared weight once. The compression state
+of the group's weights. On FX (a torch model, edited in place) modules stay distinct, so an HF
+model keeps a KV-cache slot per layer and still generates; the parameters are shared, so the
+state dict, a saved file and an export hold each shared weight once. On ONNX the blocks' weight
+nodes read the same initializers (the others go: the file shrinks); biases stay per block there. The compression state
 records, per block, the block whose weights it reads (``shares_with``); the report gives the
 groups and the unique parameter count before and after.
 """
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
+from effc.ir.sites import COMPRESSED, read_weight, write_weight
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import keep_teacher
 from effc.registry import register
@@ -43,7 +46,6 @@ class ShareBlocks(Pass):
     """Blocks in groups of ``group`` share their linear weights; norms stay per block."""
 
     name = "share-blocks"
-    kinds = ("fx",)
     lossy = True
 
     @dataclass
@@ -59,7 +61,10 @@ class ShareBlocks(Pass):
 
     def requires(self, model, ctx) -> None:
         super().requires(model, ctx)
-        self._layers(model)
+        if model.kind == "fx":
+            self._layers(model)
+        elif len(find_blocks(model)) < 2:
+            raise UnsupportedError("pass 'share-blocks': the model has no repeated blocks")
         compressed = [f for f, s in model.compression.sites.items() if s.compressed]
         if compressed:
             raise UnsupportedError(
@@ -86,16 +91,64 @@ class ShareBlocks(Pass):
             )
         return container, layers
 
+    def _groups(self, n: int) -> list[list[int]]:
+        g = self.options.group
+        groups = [list(range(i, min(i + g, n))) for i in range(0, n, g)]
+        return [m for m in groups if len(m) > 1]
+
+    def _run_onnx(self, model) -> PassResult:
+        """Blocks of a group read the first block's weight initializers (or one holding the
+        group's mean); the others' initializers go, so the file holds each shared weight once.
+        Biases and norms stay per block."""
+        blocks = find_blocks(model)
+        container = blocks[0].fqn.rpartition(".")[0]
+        graph = model.model.graph
+        before = sum(v.const_value.size for v in graph.initializers.values() if v.const_value)
+        groups = self._groups(len(blocks))
+        drift = []
+        for members in groups:
+            sites = [{s.fqn[len(blocks[i].fqn) + 1 :]: s for s in blocks[i].sites} for i in members]
+            for suffix, first in sites[0].items():
+                group_sites = [m.get(suffix) for m in sites]
+                if any(s is None or s.handle[1] != first.handle[1] for s in group_sites):
+                    continue
+                views = [read_weight(s) for s in group_sites]
+                value = views[0] if self.options.choose == "first" else torch.stack(views).mean(0)
+                if self.options.choose == "mean":
+                    write_weight(first, value)
+                    first.handle[0].metadata_props.pop(COMPRESSED, None)  # shared, not compressed
+                canonical = first.handle[0]
+                for s, w in zip(group_sites, views):
+                    drift.append(float((w - value).norm() / w.norm().clamp_min(1e-30)))
+                    if s.handle[0] is not canonical:
+                        s.handle[0].replace_all_uses_with(canonical)
+            for i in members[1:]:
+                model.compression.block(f"{container}.{i}").shares_with = blocks[members[0]].fqn
+        RemoveUnusedNodesPass()(model.model)
+        for name, v in list(graph.initializers.items()):
+            if not v.uses() and not v.is_graph_output():
+                graph.initializers.pop(name)
+        after = sum(v.const_value.size for v in graph.initializers.values() if v.const_value)
+        return PassResult(model, bool(groups), self._stats(container, groups, before, after, drift))
+
+    def _stats(self, container, groups, before, after, drift) -> dict:
+        return {
+            "groups": [[f"{container}.{i}" for i in g] for g in groups],
+            "choose": self.options.choose,
+            "parameters_before": before,
+            "parameters_after": after,
+            "weight_rel_change_mean": round(sum(drift) / max(len(drift), 1), 6),
+        }
+
     @torch.no_grad()
     def run(self, model, ctx) -> PassResult:
+        if model.kind == "onnx":
+            return self._run_onnx(model)
         o = self.options
         container, layers = self._layers(model)
         keep_teacher(model, ctx)  # for a cure later in the pipeline
         before = unique_parameters(model.module)
-        groups = [
-            list(range(i, min(i + o.group, len(layers)))) for i in range(0, len(layers), o.group)
-        ]
-        groups = [g for g in groups if len(g) > 1]
+        groups = self._groups(len(layers))
         drift = []
         for members in groups:
             linears = [_linears(layers[i]) for i in members]
@@ -117,11 +170,4 @@ class ShareBlocks(Pass):
                 ).shares_with = f"{container}.{members[0]}"
         model.retrace()
         after = unique_parameters(model.module)
-        stats = {
-            "groups": [[f"{container}.{i}" for i in g] for g in groups],
-            "choose": o.choose,
-            "parameters_before": before,
-            "parameters_after": after,
-            "weight_rel_change_mean": round(sum(drift) / max(len(drift), 1), 6),
-        }
-        return PassResult(model, bool(groups), stats)
+        return PassResult(model, bool(groups), self._stats(container, groups, before, after, drift))

@@ -96,3 +96,30 @@ def test_the_artifact_stores_a_shared_weight_once(tmp_path):
     (got,) = ort_backend.run(tmp_path / "shared", x).values()
     want = shared.model.run(x)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("choose", ["first", "mean"])
+def test_onnx_sharing_reads_one_initializer_and_equals_fx(tmp_path, choose):
+    """The same pass on the ONNX export: blocks read the first block's (or the mean) weight
+    initializers, the rest go, and the outputs equal the FX pass's."""
+    import numpy as np
+
+    from effc.ir.onnx_io import save_onnx
+    from effc.pipeline import lower_to_onnx
+
+    fx = effc.Pipeline.from_text("cleanup").run(_llama()).model
+    onnx_model = lower_to_onnx(fx)
+    save_onnx(onnx_model.model, tmp_path / "m.onnx")
+    n0 = len(onnx_model.model.graph.initializers)
+    result = effc.Pipeline.from_text(f"share-blocks{{group=2,choose={choose}}}").run(
+        str(tmp_path / "m.onnx")
+    )
+    stats = result.report.records[0].stats
+    assert stats["parameters_after"] < stats["parameters_before"]
+    assert len(result.model.model.graph.initializers) < n0
+    shared_fx = effc.Pipeline.from_text(f"share-blocks{{group=2,choose={choose}}}").run(_llama())
+    ids = np.random.default_rng(1).integers(0, 128, (1, 16))
+    x = {"input_ids": ids, "attention_mask": np.ones((1, 16), np.int64)}
+    np.testing.assert_allclose(
+        result.model.run(x)[0], shared_fx.model.run(x)[0], rtol=1e-4, atol=1e-4
+    )
