@@ -9,10 +9,14 @@ Blocks are the repeated layers ``find_blocks`` discovers (``model.layers.N``). S
 - ``gates``: the gates a ``block-gates`` run left in the compression state; the lowest go.
 - ``random``: seeded; the baseline the scores must beat.
 
-FX only (a torch model, edited in place): the block container (an ``nn.ModuleList``) loses the
+On FX (a torch model, edited in place) the block container (an ``nn.ModuleList``) loses the
 removed blocks and the rest are renumbered as a smaller model of the same class would be, so an
 HF model keeps working with ``generate()``: each attention's ``layer_idx`` (its KV-cache slot),
-``config.num_hidden_layers`` and ``config.layer_types``. Compression records follow their blocks'
+``config.num_hidden_layers`` and ``config.layer_types``. On ONNX the residual stream between
+blocks is found (``residual_stream``: the hidden state each block's last Add hands to the next),
+a removed block's exit is replaced by its entry, and every node only it needed goes (what later
+blocks share, such as an attention mask computed in block 0, stays); cosine scores come from one
+onnxruntime session that also returns the stream. Compression records follow their blocks'
 new numbers; the report lists the removed blocks by their original index with every score.
 """
 
@@ -24,11 +28,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
+from effc.ir.ort import session_for
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import keep_teacher
 from effc.progress import bar
@@ -83,6 +90,112 @@ def cosine_scores(model, layers: nn.ModuleList, data: list[dict]) -> list[float]
     return [s / c for s, c in zip(sums, counts)]
 
 
+# ---------------------------------------------------------------- ONNX
+def _block_of(node: ir.Node, container: str) -> int | None:
+    """The block index a node belongs to, from the exporter's name scopes or its name."""
+    text = node.metadata_props.get("pkg.torch.onnx.name_scopes") or ""
+    text += " " + (node.name or "").replace("/", ".")
+    m = re.search(rf"(?:^|[\s'./]){re.escape(container)}\.(\d+)(?:[.'\s]|$)", text)
+    return int(m.group(1)) if m else None
+
+
+def residual_stream(model, blocks) -> list[ir.Value]:
+    """The hidden states between ONNX blocks: [entry of block 0, exit of block 0 (= entry of
+    block 1), ..., exit of the last]. Each exit is the value an Add of block i produces that
+    the next block (or the nodes after the blocks) reads, with the hidden size as its last dim;
+    block 0's entry is the value of that size from outside every block that block 0 reads."""
+    container = blocks[0].fqn.rpartition(".")[0]
+    hidden = blocks[0].sites[0].in_features
+    owner = {id(n): _block_of(n, container) for n in model.model.graph}
+    n = len(blocks)
+
+    def produced_by(v):
+        p = v.producer()
+        return None if p is None else owner.get(id(p), None)
+
+    def fits(v):
+        return v.shape is not None and len(v.shape) >= 2 and v.shape[-1] == hidden
+
+    def readers(v):
+        return {owner.get(id(u.node)) for u in v.uses()}
+
+    stream: list[ir.Value] = []
+    first = {
+        v
+        for node in model.model.graph
+        if owner[id(node)] == 0
+        for v in node.inputs
+        if v is not None and v.const_value is None and produced_by(v) is None and fits(v)
+    }
+    if len(first) != 1:
+        raise UnsupportedError(
+            f"pass 'remove-blocks': cannot tell the hidden state entering {container}.0 "
+            f"({len(first)} candidates)"
+        )
+    stream.append(first.pop())
+    for i in range(n):
+        later = i + 1 if i + 1 < n else None
+        exits = {
+            v
+            for node in model.model.graph
+            if owner[id(node)] == i and node.op_type == "Add"
+            for v in node.outputs
+            if fits(v) and later in readers(v) | ({None} if v.is_graph_output() else set())
+        }
+        if len(exits) != 1:
+            raise UnsupportedError(
+                f"pass 'remove-blocks': cannot tell the hidden state leaving {container}.{i} "
+                f"({len(exits)} candidates)"
+            )
+        stream.append(exits.pop())
+    return stream
+
+
+def onnx_cosine_scores(model, stream: list[ir.Value], data: list[dict]) -> list[float]:
+    """Per block, mean cos(entry, exit) over tokens, from one onnxruntime session that also
+    returns the residual stream."""
+    graph = model.model.graph
+    added = [v for v in stream if v not in graph.outputs]
+    graph.outputs.extend(added)
+    try:
+        session = session_for(model.model, optimize="basic")
+        names = [v.name for v in stream]
+        sums = np.zeros(len(stream) - 1)
+        count = 0
+        progress, task = bar(len(data), "remove-blocks: cosine scores")
+        with progress:
+            for sample in data:
+                states = session.run(names, sample)
+                flat = [s.reshape(-1, s.shape[-1]).astype(np.float64) for s in states]
+                norms = [np.linalg.norm(f, axis=1) for f in flat]
+                for i in range(len(stream) - 1):
+                    dot = (flat[i] * flat[i + 1]).sum(1)
+                    sums[i] += (dot / np.maximum(norms[i] * norms[i + 1], 1e-30)).sum()
+                count += flat[0].shape[0]
+                progress.advance(task)
+    finally:
+        for v in added:
+            graph.outputs.remove(v)
+    return [float(x / count) for x in sums]
+
+
+def remove_onnx(model, blocks, stream: list[ir.Value], drop: set[int]) -> None:
+    """Each dropped block's exit is replaced by its entry; what only it used goes."""
+    for i in sorted(drop, reverse=True):  # later first, so entries stay valid values
+        exit_, entry = stream[i + 1], stream[i]
+        if exit_.is_graph_output():
+            name = exit_.name
+            exit_.replace_all_uses_with(entry, replace_graph_outputs=True)
+            exit_.name, entry.name = f"{name}__removed", name
+        else:
+            exit_.replace_all_uses_with(entry)
+    RemoveUnusedNodesPass()(model.model)
+    container = blocks[0].fqn.rpartition(".")[0]
+    keep = [b.index for b in blocks if b.index not in drop]
+    old_to_new = {old: new for new, old in enumerate(keep)}
+    _renumber_records(model.compression, container, old_to_new)
+
+
 def _renumber(fqn: str, container: str, old_to_new: dict[int, int]) -> str | None:
     """``fqn`` with its block index mapped (None for a removed block); others unchanged."""
     m = re.match(rf"^{re.escape(container)}\.(\d+)(\..*)?$", fqn)
@@ -114,7 +227,11 @@ def remove(model, container: str, drop: set[int]) -> None:
         if isinstance(types, list) and len(types) == len(layers):
             text.layer_types = [types[i] for i in keep]
     old_to_new = {old: new for new, old in enumerate(keep)}
-    state = model.compression
+    _renumber_records(model.compression, container, old_to_new)
+    model.retrace()
+
+
+def _renumber_records(state, container: str, old_to_new: dict[int, int]) -> None:
     state.sites = {
         n: s
         for f, s in state.sites.items()
@@ -125,7 +242,6 @@ def remove(model, container: str, drop: set[int]) -> None:
         for f, b in state.blocks.items()
         if (n := _renumber(f, container, old_to_new)) is not None
     }
-    model.retrace()
 
 
 @register
@@ -133,7 +249,6 @@ class RemoveBlocks(Pass):
     """Remove the least useful transformer blocks (cosine of in/out states, gates, or random)."""
 
     name = "remove-blocks"
-    kinds = ("fx",)
     lossy = True
 
     @dataclass
@@ -161,11 +276,13 @@ class RemoveBlocks(Pass):
         if o.samples < 1:
             raise PassOptionError(f"pass 'remove-blocks': samples must be >= 1, got {o.samples}")
 
-    def _blocks(self, model) -> tuple[str, nn.ModuleList, list]:
+    def _blocks(self, model) -> tuple[str, nn.ModuleList | list, list]:
         blocks = find_blocks(model)
         if not blocks:
             raise UnsupportedError("pass 'remove-blocks': the model has no repeated blocks")
         container = blocks[0].fqn.rpartition(".")[0]
+        if model.kind == "onnx":
+            return container, blocks, blocks
         try:
             layers = model.module.get_submodule(container)
         except AttributeError:
@@ -203,9 +320,13 @@ class RemoveBlocks(Pass):
 
     def run(self, model, ctx) -> PassResult:
         o = self.options
-        container, layers, _ = self._blocks(model)
+        container, layers, blocks = self._blocks(model)
         n = self._count(len(layers))
-        if o.score == "cosine":
+        stream = residual_stream(model, blocks) if model.kind == "onnx" else None
+        if o.score == "cosine" and stream is not None:
+            scores = onnx_cosine_scores(model, stream, ctx.calibration[: o.samples])
+            order = sorted(range(len(layers)), key=lambda i: -scores[i])
+        elif o.score == "cosine":
             scores = cosine_scores(model, layers, ctx.calibration[: o.samples])
             order = sorted(range(len(layers)), key=lambda i: -scores[i])  # most similar first
         elif o.score == "gates":
@@ -216,8 +337,11 @@ class RemoveBlocks(Pass):
             scores = [float(v) for v in rng.random(len(layers))]
             order = sorted(range(len(layers)), key=lambda i: scores[i])
         drop = set(order[:n])
-        keep_teacher(model, ctx)  # for a cure later in the pipeline
-        remove(model, container, drop)
+        if stream is not None:
+            remove_onnx(model, blocks, stream, drop)
+        else:
+            keep_teacher(model, ctx)  # for a cure later in the pipeline
+            remove(model, container, drop)
         stats = {
             "score": o.score,
             "blocks_before": len(layers),

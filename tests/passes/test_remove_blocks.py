@@ -39,12 +39,12 @@ def _llama(idle: int | None = None):
     return model
 
 
-def _calib(n=2):
+def _calib(n=2, seq=16):
     rng = np.random.default_rng(0)
     return [
         {
-            "input_ids": rng.integers(0, 128, (1, 12)).astype(np.int64),
-            "attention_mask": np.ones((1, 12), np.int64),
+            "input_ids": rng.integers(0, 128, (1, seq)).astype(np.int64),
+            "attention_mask": np.ones((1, seq), np.int64),
         }
         for _ in range(n)
     ]
@@ -120,3 +120,32 @@ def test_rate_and_random_are_seeded():
 def test_bad_requests_are_one_line_errors(text, error):
     with pytest.raises(error):
         effc.Pipeline.from_text(text).run(_llama(), effc.PassContext(calibration=_calib()))
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_onnx_removal_finds_the_same_blocks_and_equals_fx(tmp_path, count):
+    """On the ONNX export: the residual stream is found, cosine scores (from onnxruntime) match
+    the FX ones, and the pruned graph computes what the FX-pruned model computes; nodes that
+    later blocks share (the attention mask block 0 builds) survive."""
+    from effc.ir.onnx_io import save_onnx
+    from effc.pipeline import lower_to_onnx
+
+    fx_model = effc.Pipeline.from_text("cleanup").run(_llama(idle=2)).model
+    path = tmp_path / "m.onnx"
+    save_onnx(lower_to_onnx(fx_model).model, path)
+    text = f"remove-blocks{{count={count}}}"
+    onnx_result = effc.Pipeline.from_text(text).run(
+        str(path), effc.PassContext(calibration=_calib())
+    )
+    fx_result = effc.Pipeline.from_text(text).run(
+        _llama(idle=2), effc.PassContext(calibration=_calib())
+    )
+    a, b = (r.report.records[0].stats for r in (onnx_result, fx_result))
+    assert a["removed"] == b["removed"] and 2 in a["removed"]
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+    x = _calib(1)[0]
+    np.testing.assert_allclose(
+        onnx_result.model.run(x)[0], fx_result.model.run(x)[0], rtol=1e-4, atol=1e-4
+    )
+    before = sum(1 for _ in effc.load(str(path)).model.graph)
+    assert sum(1 for _ in onnx_result.model.model.graph) < before
