@@ -24,6 +24,7 @@ from effc.instruments import (
     VerifyInstrument,
 )
 from effc.ir.model import FxModel, OnnxModel
+from effc.ir.onnx_io import deduplicate_initializers
 from effc.ir.torch_io import example_inputs_for, export_onnx, load_model
 from effc.numerics import FLOOR_MULTIPLE, compare_runs, noise_floor
 from effc.pass_base import Pass, PassResult
@@ -107,6 +108,9 @@ def lower_to_onnx(model):
     source = model.graph_module if model.graph_modified else model.module
     with model.plain_outputs():
         exported = export_onnx(source, model.example_inputs)
+    # a parameter several blocks share (share-blocks) is written once per use: one initializer
+    # again, so ONNX passes see one weight site with every reader (only weight-sized tensors)
+    deduplicate_initializers(exported, min_elements=256)
     return OnnxModel(exported, compression=model.compression)
 
 

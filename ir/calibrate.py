@@ -11,6 +11,7 @@ ONNX exposes the sites' input values as extra graph outputs for one onnxruntime 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -113,12 +114,17 @@ def _collect_fx(model, sites, inputs, fn) -> None:
 
 
 def _collect_onnx(model, sites, inputs, fn) -> None:
-    acts = {site.fqn: site.node.inputs[0] for site in sites}
-    values = list(dict.fromkeys(acts.values()))
+    # every node reading a site's weight (a shared weight has several): its statistics sum them
+    readers = {
+        site.fqn: [site] + [dataclasses.replace(site, node=n) for _, n in site.users if n]
+        for site in sites
+    }
+    values = list(dict.fromkeys(r.node.inputs[0] for rs in readers.values() for r in rs))
 
     def each(outs: dict[str, np.ndarray]) -> None:
         for site in sites:
-            fn(site, _node_rows(site, outs[acts[site.fqn].name]))
+            for reader in readers[site.fqn]:
+                fn(site, _node_rows(reader, outs[reader.node.inputs[0].name]))
 
     collect_values(model, values, inputs, each)
 
@@ -206,6 +212,12 @@ def calibrate_sequentially(
     run of the whole model. ONNX (and FX graphs a structural pass rewrote): one run of the whole
     model per stage, the same activations at a higher cost."""
     _need(inputs)
+    shared = [s.fqn for s in sites if s.users]
+    if shared:
+        raise UnsupportedError(
+            f"sequential calibration compresses block by block, and {shared[0]} is shared by "
+            f"several blocks ({len(shared)} weights): use sequential=false"
+        )
     stages = _stages(model, sites)
     fast = model.kind == "fx" and not model.graph_modified
     if fast:
@@ -250,12 +262,13 @@ def _collect_fx_on(module, sites, run, fn) -> None:
     """``fn(site, x)`` for every call of the sites' modules during ``run()``."""
     handles = []
     for site in sites:
-        sub = module.get_submodule(site.fqn)
+        for fqn in [site.fqn, *(f for f, _ in site.users)]:  # every layer using the weight
+            sub = module.get_submodule(fqn)
 
-        def hook(mod, args, _out, site=site):
-            fn(site, _module_rows(mod, args[0].detach()))
+            def hook(mod, args, _out, site=site):
+                fn(site, _module_rows(mod, args[0].detach()))
 
-        handles.append(sub.register_forward_hook(hook))
+            handles.append(sub.register_forward_hook(hook))
     try:
         with torch.no_grad():
             run()

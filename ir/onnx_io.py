@@ -124,9 +124,10 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, external: bool | None = 
     return written
 
 
-def deduplicate_initializers(model: ir.Model) -> int:
+def deduplicate_initializers(model: ir.Model, min_elements: int = 0) -> int:
     """Point every use of an initializer at the first one with the same dtype, shape and bytes
-    (graph inputs and outputs left alone); returns how many went. Exporters write a parameter
+    (graph inputs and outputs left alone; ``min_elements``: only tensors of at least that many
+    elements and two dims, i.e. weights, not biases or norm vectors); returns how many went. Exporters write a parameter
     shared by several modules once per use, and some of those copies are strided views (which
     onnx_ir's own hashed pass refuses), so the bytes are hashed from contiguous copies."""
     graph = model.graph
@@ -137,6 +138,9 @@ def deduplicate_initializers(model: ir.Model) -> int:
             continue
         if isinstance(value.const_value, ir.ExternalTensor):
             continue  # not read into memory for this
+        shape = value.const_value.shape
+        if min_elements and (len(shape) < 2 or value.const_value.size < min_elements):
+            continue
         array = np.ascontiguousarray(value.const_value.numpy())
         key = (str(array.dtype), array.shape, hashlib.sha256(array.tobytes()).hexdigest())
         for first in seen.get(key, []):

@@ -45,6 +45,9 @@ class WeightSite:
     tied_with: list[str] = field(default_factory=list)
     handle: object = field(default=None, repr=False, compare=False)
     node: object = field(default=None, repr=False, compare=False)  # the ONNX MatMul/Gemm/Conv
+    # other layers reading the same weight (blocks sharing parameters): (fqn, ONNX node or None);
+    # calibration sums their inputs into this site's statistics
+    users: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def out_features(self) -> int:
@@ -82,6 +85,10 @@ def _fx_sites(model) -> list[WeightSite]:
             continue
         groups = int(node.args[6]) if kind == "conv" and len(node.args) > 6 else 1
         fqn = fx_fqn(node, target)
+        if target in sites:  # a parameter several layers share: one site, the first layer's
+            if fqn != sites[target].fqn:
+                sites[target].users.append((fqn, None))
+            continue
         sites[target] = WeightSite(fqn, kind, tuple(weight.shape), groups, handle=weight)
     for target, emb in embeddings.items():
         if target in sites and emb != sites[target].fqn:
@@ -177,6 +184,17 @@ def _onnx_sites(model) -> list[WeightSite]:
                 _onnx_fqn(node, value), "linear", shape, handle=(value, transposed), node=node
             )
         )
+    first: dict[int, WeightSite] = {}  # weights several nodes read (shared blocks): one site
+    merged = []
+    for site in sites:
+        key = id(site.handle[0])
+        if key in first and first[key].handle[1] == site.handle[1] and first[key].op == site.op:
+            # named by the reader's scope (the weight's name is the first reader's)
+            first[key].users.append((_scope_fqn(site.node) or site.fqn, site.node))
+            continue
+        first.setdefault(key, site)
+        merged.append(site)
+    sites = merged
     for site in sites:
         if site.op != "linear":
             continue

@@ -65,3 +65,37 @@ def test_no_teacher_is_kept_without_a_cure_and_cure_alone_is_refused():
     assert getattr(result.model, "teacher", None) is None
     with pytest.raises(UnsupportedError, match="remove-blocks/share-blocks"):
         effc.Pipeline.from_text("cure").run(_llama(), effc.PassContext(calibration=_calib()))
+
+
+def test_foldgpt_composes_with_gqsa_to_the_bsr_target(tmp_path):
+    """The issue's pipeline on an HF LLaMA, to --target bsr: it compiles, the artifact runs close
+    to the compressed torch model, shared weights are one site each (one BSR/codes copy)."""
+    from effc.backends import bsr
+    from effc.compile import compile_model
+
+    text = (
+        "block-gates{steps=4,loss=kd},remove-blocks{count=1,score=gates},"
+        "share-blocks{group=2},cure{steps=4,lr=0.001},"
+        "group-prune{sparsity=0.5,score=magnitude,group=16},quantize{bits=4,group=16},"
+        "gqsa-train{stage=e2e,steps=4,samples=2}"
+    )
+    data = _calib(2)
+    result = compile_model(
+        _llama(), text, tmp_path / "o", target="bsr", ctx=effc.PassContext(calibration=data)
+    )
+    names = [r.name for r in result.report.records]
+    assert names[:7] == [
+        "block-gates",
+        "remove-blocks",
+        "share-blocks",
+        "cure",
+        "group-prune",
+        "quantize",
+        "gqsa-train",
+    ]
+    pack = next(r for r in result.report.records if r.name == "bsr-pack")
+    layers = pack.stats["layers"]
+    # 3 blocks: a shared pair (7 weights) + one alone (7) + lm_head
+    assert len(layers) == 15, [r["layer"] for r in layers]
+    (out,) = bsr.run(tmp_path / "o", data[0]).values()
+    assert np.isfinite(out).all()
