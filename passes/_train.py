@@ -84,3 +84,18 @@ def keep_teacher(model, ctx) -> None:
     if getattr(config, "use_cache", None):
         config.use_cache = False  # it only ever runs whole sequences, as effc runs models
     model.teacher = teacher
+
+
+def hidden_state(value) -> torch.Tensor | None:
+    """The hidden-state tensor of a transformer block's input or output (HF layers return a
+    tensor or a tuple whose first item it is)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits of a model's output (an HF output object, or the tensor itself)."""
+    return getattr(out, "logits", out)

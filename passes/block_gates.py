@@ -25,20 +25,8 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import train
+from effc.passes._train import hidden_state, logits_of, train
 from effc.registry import register
-
-
-def _hidden(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
-def _logits(out) -> torch.Tensor:
-    return getattr(out, "logits", out)
 
 
 @register
@@ -110,8 +98,8 @@ class BlockGates(Pass):
             def fn(block, args, kwargs, output):
                 if not state["on"]:
                     return None
-                x = _hidden(args[0] if args else kwargs.get("hidden_states"))
-                y = _hidden(output)
+                x = hidden_state(args[0] if args else kwargs.get("hidden_states"))
+                y = hidden_state(output)
                 if x is None or y is None or x.shape != y.shape:
                     return None
                 gated = x + gates[i] * (y - x)
@@ -129,12 +117,12 @@ class BlockGates(Pass):
         def loss_of(step: int) -> torch.Tensor:
             clip()  # after the previous step
             x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[step % len(data)].items()}
-            logits = _logits(module(**x))[:, :-1]
+            logits = logits_of(module(**x))[:, :-1]
             flat = logits.reshape(-1, logits.shape[-1])
             if o.loss == "kd":
                 state["on"] = False
                 with torch.no_grad():
-                    target = _logits(module(**x))[:, :-1].reshape(flat.shape)
+                    target = logits_of(module(**x))[:, :-1].reshape(flat.shape)
                 state["on"] = True
                 task = nn.functional.kl_div(
                     flat.log_softmax(-1),

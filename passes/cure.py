@@ -24,20 +24,8 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import train
+from effc.passes._train import hidden_state, logits_of, train
 from effc.registry import register
-
-
-def _hidden(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
-def _logits(out) -> torch.Tensor:
-    return getattr(out, "logits", out)
 
 
 def _blocks(module: nn.Module, container: str) -> nn.ModuleList:
@@ -151,7 +139,7 @@ class Cure(Pass):
 
         def capture(which):
             def fn(block, args, kwargs, output):
-                captured[which].append(_hidden(output))
+                captured[which].append(hidden_state(output))
 
             return fn
 
@@ -169,8 +157,8 @@ class Cure(Pass):
             captured["student"].clear()
             captured["teacher"].clear()
             with torch.no_grad():
-                target = _logits(teacher(**x))[:, :-1]
-            logits = _logits(module(**x))[:, :-1]
+                target = logits_of(teacher(**x))[:, :-1]
+            logits = logits_of(module(**x))[:, :-1]
             loss = torch.zeros(())
             if o.distill in ("logits", "both"):
                 kl = nn.functional.kl_div(

@@ -52,7 +52,7 @@ from effc.ir.blocks import find_blocks
 from effc.ir.calibrate import block_output, capture_block_inputs
 from effc.ir.compression import SiteState
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import train
+from effc.passes._train import logits_of, train
 from effc.progress import bar
 from effc.registry import register
 
@@ -468,14 +468,14 @@ class GQSATrain(Pass):
 
         def loss_of(step: int) -> torch.Tensor:
             x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[step % len(data)].items()}
-            logits = _logits(module(**x))
+            logits = logits_of(module(**x))
             flat = logits[:, :-1].reshape(-1, logits.shape[-1])
             next_token = nn.functional.cross_entropy(flat, x["input_ids"][:, 1:].reshape(-1))
             lm.append(float(next_token.detach()))
             if teacher is None:
                 return next_token
             with torch.no_grad():  # KL(original || compressed) over the vocabulary, per token
-                target = _logits(teacher(**x))[:, :-1].reshape(flat.shape)
+                target = logits_of(teacher(**x))[:, :-1].reshape(flat.shape)
             return _next_token_kl(flat, target)
 
         try:
@@ -532,7 +532,3 @@ def _next_token_kl(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         log_target=True,
         reduction="batchmean",
     )
-
-
-def _logits(out) -> torch.Tensor:
-    return getattr(out, "logits", out)

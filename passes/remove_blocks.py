@@ -37,19 +37,9 @@ from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import find_blocks
 from effc.ir.ort import session_for
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import keep_teacher
+from effc.passes._train import hidden_state, keep_teacher
 from effc.progress import bar
 from effc.registry import register
-
-
-def _hidden(value) -> torch.Tensor | None:
-    """The hidden-state tensor of a block's input or output (HF layers return a tuple or a
-    tensor)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 @torch.no_grad()
@@ -60,8 +50,8 @@ def cosine_scores(model, layers: nn.ModuleList, data: list[dict]) -> list[float]
 
     def hook(i):
         def fn(module, args, kwargs, output):
-            x = _hidden(args[0] if args else kwargs.get("hidden_states"))
-            y = _hidden(output)
+            x = hidden_state(args[0] if args else kwargs.get("hidden_states"))
+            y = hidden_state(output)
             if x is None or y is None or x.shape != y.shape:
                 return
             cos = torch.nn.functional.cosine_similarity(
