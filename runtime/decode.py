@@ -140,8 +140,18 @@ def _is_silu_mlp(mlp: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _add_layer(plan, layer: nn.Module) -> None:
-    """Add one decoder layer to the compiled plan, or raise UnsupportedError naming what it lacks."""
+def _add_layer(plan, layer: nn.Module, memo: dict | None = None) -> None:
+    """Add one decoder layer to the compiled plan, or raise UnsupportedError naming what it lacks.
+    ``memo``: stacked weights already built for these modules (layers sharing their linear
+    modules, after share-blocks and swap_linears, share one stacked copy)."""
+    memo = {} if memo is None else memo
+
+    def stacked(modules):
+        key = tuple(id(m) for m in modules)
+        if key not in memo:
+            memo[key] = stacked_specs(modules)
+        return memo[key]
+
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     if attn is None or not all(hasattr(attn, n) for n in names):
@@ -157,9 +167,9 @@ def _add_layer(plan, layer: nn.Module) -> None:
     if None in norms:
         raise UnsupportedError("fused decoding needs RMSNorm input and post-attention norms")
     plan.add_layer(
-        stacked_specs([attn.q_proj, attn.k_proj, attn.v_proj]),
+        stacked([attn.q_proj, attn.k_proj, attn.v_proj]),
         [linear_spec(attn.o_proj)],
-        stacked_specs([mlp.gate_proj, mlp.up_proj]),
+        stacked([mlp.gate_proj, mlp.up_proj]),
         [linear_spec(mlp.down_proj)],
         *norms[0],
         *norms[1],
@@ -236,8 +246,9 @@ class StaticDecoder:
             *final,
             [linear_spec(self.model.lm_head)],
         )
+        memo: dict = {}
         for layer in self.inner.layers:
-            _add_layer(plan, layer)
+            _add_layer(plan, layer, memo)
         self.plan = plan
 
     def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

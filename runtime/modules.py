@@ -147,7 +147,8 @@ def swap_linears(
     activations: str = "fp32",
 ) -> list[dict]:
     """Replace every quantized ``nn.Linear`` of ``module`` by a ``BSRLinear``; return one record per
-    layer. With ``decide``, a layer whose BSR kernel is slower than dense ``F.linear`` at ``batch``
+    layer. Layers sharing one weight Parameter (``share-blocks``) get one shared ``BSRLinear``
+    (per-layer biases of shared weights are shared too: share-blocks shares them). With ``decide``, a layer whose BSR kernel is slower than dense ``F.linear`` at ``batch``
     rows stays dense (its fake-quantized fp32 weight), and the record says so with both timings.
     ``activations`` picks the kernel's activation mode (``BSRLinear``)."""
     records = []
@@ -170,7 +171,17 @@ def swap_linears(
             measure_choice(bsr.matrix, batch, activations) if decide else {"choice": "sparse"}
         )
         if record["choice"] == "sparse":
-            parent, _, leaf = fqn.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, leaf, bsr)
+            # every layer reading this weight (blocks sharing parameters) gets the same module:
+            # one copy of the packed weight in memory
+            readers = [n for n, m in module.named_modules() if _reads(m, linear.weight)]
+            for name in readers:
+                parent, _, leaf = name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, leaf, bsr)
+            if len(readers) > 1:
+                record["shared_by"] = readers
         records.append(record)
     return records
+
+
+def _reads(module: nn.Module, weight: torch.Tensor) -> bool:
+    return isinstance(module, nn.Linear) and module.weight is weight

@@ -279,3 +279,41 @@ def test_plan_carries_biases(kind):
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_shared_blocks_keep_one_copy_and_decode_the_dequantized_tokens():
+    """share-blocks, then W4S50: the blocks of a group get one BSRLinear per shared weight (one
+    packed copy in memory, one stacked copy in the fused plan), and decoding gives the tokens of
+    the dequantized shared model."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    calib = [
+        {"input_ids": torch.randint(0, 256, (1, 16)).numpy(), "attention_mask": np.ones((1, 16))}
+        for _ in range(2)
+    ]
+    for c in calib:
+        c["attention_mask"] = c["attention_mask"].astype(np.int64)
+    result = effc.Pipeline.from_text(
+        "share-blocks{group=2},group-prune{sparsity=0.5,score=magnitude},quantize{bits=4,group=16}"
+    ).run(model, effc.PassContext(calibration=calib))
+    prompt = torch.arange(5)
+    dense = StaticDecoder(model, 40).generate(prompt, 16).tokens
+    records = swap_linears(model, result.model.compression, decide=False)
+    layers = model.model.layers
+    assert isinstance(layers[0].mlp.up_proj, BSRLinear)
+    assert layers[0].mlp.up_proj is layers[1].mlp.up_proj
+    assert layers[0].mlp.up_proj is not layers[2].mlp.up_proj
+    shared = [r for r in records if "shared_by" in r]
+    assert len(shared) == 14  # 7 weights in each of the two pairs
+    decoder = StaticDecoder(model, 40)
+    assert decoder.generate(prompt, 16).tokens == dense
