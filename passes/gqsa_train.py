@@ -146,6 +146,24 @@ def _swap(root: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def _readers(root: nn.Module, linear: nn.Linear) -> list[tuple[str, nn.Module]]:
+    """Every linear layer reading ``linear``'s weight (blocks sharing parameters), with itself."""
+    return [
+        (n, m)
+        for n, m in root.named_modules()
+        if isinstance(m, nn.Linear) and m.weight is linear.weight
+    ]
+
+
+def _swap_all(root: nn.Module, fqn: str, new: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Swap ``new`` in for the site's linear and every other layer sharing its weight (one
+    stand-in, trained against every use); returns what to put back."""
+    readers = _readers(root, root.get_submodule(fqn))
+    for name, _ in readers:
+        _swap(root, name, new)
+    return readers
+
+
 @register
 class GQSATrain(Pass):
     """GQSA training: bqpo (block-wise, weights + scales) or e2e (scales only, LM loss)."""
@@ -205,6 +223,17 @@ class GQSATrain(Pass):
             raise UnsupportedError(
                 "gqsa-train{stage=e2e} trains quantization scales: run quantize first"
             )
+        if self.options.stage == "bqpo":
+            module = model.module
+            shared = [
+                f for f in self._sites(model) if len(_readers(module, module.get_submodule(f))) > 1
+            ]
+            if shared:
+                raise UnsupportedError(
+                    f"pass 'gqsa-train{{stage=bqpo}}' trains block by block, and {shared[0]} is "
+                    "shared by several blocks (share-blocks): use stage=e2e, which trains a shared "
+                    "weight once against every block that reads it"
+                )
         if not any(self._trainable(s) for s in model.compression.sites.values()):
             raise UnsupportedError(
                 "pass 'gqsa-train' trains compressed weights: run quantize, group-prune or "
@@ -212,6 +241,7 @@ class GQSATrain(Pass):
             )
 
     def run(self, model, ctx) -> PassResult:
+        self._restore: dict[str, list] = {}  # site -> the layers its stand-in replaced
         torch.manual_seed(ctx.seed)
         data = ctx.calibration[: self.options.samples]
         stats = {
@@ -267,7 +297,8 @@ class GQSATrain(Pass):
             weight = fq.dequantized().detach()
         with torch.no_grad():
             linear.weight.copy_(weight)
-        _swap(model.module, fqn, linear)
+        for name, original in self._restore.pop(fqn, [(fqn, linear)]):
+            _swap(model.module, name, original)
 
     def _fakes(self, model, sites: dict[str, SiteState]) -> dict:
         """Swap each site's linear for its trainable stand-in; {fqn: (stand-in, linear)}."""
@@ -280,7 +311,7 @@ class GQSATrain(Pass):
                 else MaskedLinear(linear, state)
             )
             fakes[fqn] = (fq, linear)
-            _swap(model.module, fqn, fq)
+            self._restore[fqn] = _swap_all(model.module, fqn, fq)
         return fakes
 
     def _fit(self, fakes: dict, loss_of, count: int, advance) -> float:
@@ -455,7 +486,7 @@ class GQSATrain(Pass):
             linear = module.get_submodule(fqn)
             fq = FakeQuantLinear(linear, state, train_weight=self.options.weight_lr > 0, grid=True)
             fakes[fqn] = (fq, linear)
-            _swap(module, fqn, fq)
+            self._restore[fqn] = _swap_all(module, fqn, fq)
         norms = _norm_weights(module) if self.options.norms else []
         was = [p.requires_grad for p in norms]
         for p in norms:

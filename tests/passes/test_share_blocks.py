@@ -185,3 +185,36 @@ def test_sequential_calibration_refuses_shared_weights():
         effc.Pipeline.from_text(
             "share-blocks{group=2},quantize{bits=4,group=16,method=gptq,sequential=true}"
         ).run(_llama(), effc.PassContext(calibration=_calib()))
+
+
+def test_e2e_trains_a_shared_weight_against_every_block_and_bqpo_refuses(monkeypatch):
+    from effc.passes import gqsa_train
+
+    model = _llama()
+    data = _calib(2)
+    first = effc.Pipeline.from_text("share-blocks{group=2},quantize{bits=4,group=16}").run(
+        model, effc.PassContext(calibration=data)
+    )
+    seen = {}
+    real_train = gqsa_train.train
+
+    def spy(groups, loss_of, steps, lr, **kw):
+        layers = model.model.layers
+        seen["same"] = layers[0].mlp.up_proj is layers[1].mlp.up_proj
+        seen["kind"] = type(layers[1].mlp.up_proj).__name__
+        return real_train(groups, loss_of, steps, lr, **kw)
+
+    monkeypatch.setattr(gqsa_train, "train", spy)
+    result = effc.Pipeline.from_text("gqsa-train{stage=e2e,steps=3,samples=2}").run(
+        first.model, effc.PassContext(calibration=data)
+    )
+    assert seen == {"same": True, "kind": "FakeQuantLinear"}
+    layers = model.model.layers
+    assert type(layers[1].mlp.up_proj) is torch.nn.Linear
+    assert layers[0].mlp.up_proj.weight is layers[1].mlp.up_proj.weight  # still shared
+    state = result.model.compression.sites["model.layers.0.mlp.up_proj"]
+    torch.testing.assert_close(layers[1].mlp.up_proj.weight.detach(), state.dequantized())
+    with pytest.raises(UnsupportedError, match="stage=e2e"):
+        effc.Pipeline.from_text("gqsa-train{stage=bqpo,steps=2,samples=2}").run(
+            result.model, effc.PassContext(calibration=data)
+        )
