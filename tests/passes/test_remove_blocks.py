@@ -149,3 +149,49 @@ def test_onnx_removal_finds_the_same_blocks_and_equals_fx(tmp_path, count):
     )
     before = sum(1 for _ in effc.load(str(path)).model.graph)
     assert sum(1 for _ in onnx_result.model.model.graph) < before
+
+
+def test_bert_family_blocks_are_removed_and_shared():
+    """An HF BERT (encoder.layer.N, BertLayer returning a tuple): removal gives the smaller
+    model, sharing keeps LayerNorms per block."""
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    result = effc.Pipeline.from_text(
+        "remove-blocks{count=1,score=random},share-blocks{group=3}"
+    ).run(model, effc.PassContext(seed=1))
+    (removed,) = result.report.records[0].stats["removed"]
+    keep = [i for i in range(4) if i != removed]
+    assert model.config.num_hidden_layers == 3 and len(model.encoder.layer) == 3
+    layers = model.encoder.layer
+    assert layers[0].attention.self.query.weight is layers[2].attention.self.query.weight
+    assert layers[0].output.LayerNorm.weight is not layers[1].output.LayerNorm.weight
+    small = transformers.BertModel(
+        transformers.BertConfig(**{**config.to_dict(), "num_hidden_layers": 3})
+    ).eval()
+    state = {}
+    for k, v in original.items():
+        if k.startswith("encoder.layer."):
+            i = int(k.split(".")[2])
+            if i not in keep:
+                continue
+            k = k.replace(f"encoder.layer.{i}.", f"encoder.layer.{keep.index(i)}.", 1)
+        state[k] = v
+    small.load_state_dict(state)
+    with torch.no_grad():  # what sharing the group of three with choose=first means
+        for name, p in small.named_parameters():
+            if name.startswith("encoder.layer.") and "LayerNorm" not in name:
+                first = name.replace(f"encoder.layer.{name.split('.')[2]}.", "encoder.layer.0.", 1)
+                p.copy_(dict(small.named_parameters())[first])
+    ids = torch.tensor([[5, 9, 3, 7, 1, 2]])
+    torch.testing.assert_close(
+        model(input_ids=ids).last_hidden_state, small(input_ids=ids).last_hidden_state
+    )
