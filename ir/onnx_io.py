@@ -136,6 +136,8 @@ def deduplicate_initializers(model: ir.Model, min_elements: int = 0) -> int:
     for name, value in list(graph.initializers.items()):
         if value.const_value is None or value.is_graph_input() or value.is_graph_output():
             continue
+        if any(u.node.graph is not graph for u in value.uses()):
+            continue  # read inside an If/Loop body, where a local value may shadow its name
         if isinstance(value.const_value, ir.ExternalTensor):
             continue  # not read into memory for this
         shape = value.const_value.shape

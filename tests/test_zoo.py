@@ -19,6 +19,9 @@ def _check(entry, tmp_path):
         status = result.steps[step]["status"]
         assert status == "ok" or status.startswith("n/a"), (step, result.steps[step])
     assert result.steps["fuse"]["nodes"] <= result.nodes
+    # the fused file also runs the file's own inputs (the branch they take) as the original does
+    assert result.steps["fuse"]["own_inputs_max_abs"] <= 1e-4, result.steps["fuse"]
+    assert "error" not in result.latency_ms, result.latency_ms
     # the goal: no more nodes than the better of the simplifiers users run today
     simplified = [s["nodes"] for s in result.simplifiers.values() if "nodes" in s]
     if simplified:

@@ -136,6 +136,18 @@ def _simplified(path: Path, tool: str, out: Path) -> Path:
     return out
 
 
+def _max_abs(a: Path, b: Path, inputs: dict) -> float:
+    runs = [
+        open_session(str(p), session_options(THREADS, "basic")).run(None, inputs) for p in (a, b)
+    ]
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        if np.asarray(x).size
+        else 0.0
+        for x, y in zip(*runs)
+    )
+
+
 def _latencies(paths: dict[str, Path], inputs: dict, trials: int) -> dict[str, float]:
     sessions = {k: open_session(str(p), session_options(THREADS, True)) for k, p in paths.items()}
     for s in sessions.values():
@@ -188,6 +200,9 @@ def run_entry(entry: Entry, trials: int, work: Path) -> Result:
         }
         if step in ("fuse", "int8"):
             outputs[f"effc {step}"] = out / "model.onnx"
+        if step == "fuse":  # also on the file's own inputs (verification draws random ones,
+            # which may never take the branch a real input takes, e.g. Silero's sample rate)
+            result.steps[step]["own_inputs_max_abs"] = _max_abs(path, out / "model.onnx", inputs)
     for tool in ("onnxslim", "onnxsim"):
         try:
             with (

@@ -86,6 +86,13 @@ ROWS = {
     "remove 3 blocks (random)": "remove-blocks{count=3,score=random}",
     "remove 6 blocks (random)": "remove-blocks{count=6,score=random}",
     "remove 9 blocks (random)": "remove-blocks{count=9,score=random}",
+    "remove 6 blocks (gates)": "block-gates{steps=32,samples=16,rate=0.2},"
+    "remove-blocks{count=6,score=gates}",
+    "remove 6 blocks (cosine) + cure": "remove-blocks{count=6,samples=16},"
+    "cure{steps=32,samples=16,lr=0.0001}",
+    "remove 6 blocks (cosine) + share pairs": "remove-blocks{count=6,samples=16},share-blocks{group=2}",
+    "remove 6 blocks (cosine) + share pairs + cure": "remove-blocks{count=6,samples=16},"
+    "share-blocks{group=2},cure{steps=32,samples=16,lr=0.0001}",
     "W3 g64 RTN": "quantize{bits=3,group=64}",
     "W3 g64 GPTQ": "quantize{bits=3,group=64,method=gptq}",
     "W2 g64 RTN": "quantize{bits=2,group=64}",
@@ -263,9 +270,11 @@ def compressed_bytes(model, compression) -> dict:
     from effc.runtime.modules import matrix_from_state
 
     totals = {"values": 0, "indices": 0, "scales": 0}
+    seen: set[int] = set()  # a weight shared by several blocks (share-blocks) is stored once
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not isinstance(module, torch.nn.Linear) or id(module.weight) in seen:
             continue
+        seen.add(id(module.weight))
         state = compression.get(name)
         out, inp = module.weight.shape
         if (
@@ -454,7 +463,7 @@ def to_markdown(meta: dict, rows: list[dict], args) -> str:
         "pipeline is in the table)  ",
         f"Model: {meta['model']}. Evaluation: {meta['eval']}. Calibration: {meta['calibration']}. "
         f"Split: {meta['split']}. Threads: {meta['threads']}.",
-        "Bytes: the compressible linear layers (all 211, lm_head included); the embedding is fp32 except in the rows that quantize it (embedding int8|int4|tied).",
+        "Bytes: the compressible linear layers (all 211, lm_head included, fewer where blocks are removed; a shared weight once); the embedding is fp32 except in the rows that quantize it (embedding int8|int4|tied).",
         "",
         "| setting | pipeline | perplexity | x fp32 | linear MB | values | indices | scales+zeros |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
