@@ -13,10 +13,13 @@ and scalar arithmetic. Then:
 - a Slice whose users are all Slices of other axes merges into each of them (one Slice each);
 - ``Unsqueeze(Squeeze(x, axes), axes)`` is ``x``; ``Unsqueeze(Unsqueeze(x, a), b)`` is one
   Unsqueeze; (dims of size 1 removed and put back);
+- a ``Transpose`` that only moves axes of size 1 is a ``Reshape`` (no copy; e.g. an LSTM's
+  [T, dirs, 1, H] output moved to [T, 1, dirs, H]);
 - ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` (a constant of zeros or ones that does not
   broadcast ``x`` to a larger shape) are ``x`` (freshly initialised biases and norm weights);
-- an all-zero initial state of LSTM/GRU/RNN (``ConstantOfShape`` of 0 or a zero constant) is
-  dropped: the operator's default initial state is zero.
+(An all-zero LSTM initial state is kept, not dropped as the operator's default would allow:
+onnxruntime's LSTM runs 12% slower without one, measured on a CRNN; where its shape is static it
+folds to a constant.)
 
 Every rewrite is exact (the same tensor at run time for any value of the symbols, non-empty
 tensors assumed for the -1 rule).
@@ -36,7 +39,6 @@ Tracked = tuple[tuple[Element, ...], bool, type]  # (elements, is_scalar, numpy 
 
 _INT_TYPES = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32}
 _MAX_ELEMENTS = 64  # a shape vector, not data
-_RNN_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 
 
 _SYMBOLIC_MAX_BYTES = 1 << 29  # models above this skip onnxruntime's symbolic inference
@@ -349,18 +351,6 @@ def _reshape_target(node: ir.Node, tracked: Tracked, tracker: _Tracker) -> list[
     return target
 
 
-def _zero_state(value: ir.Value | None) -> bool:
-    if value is None:
-        return False
-    if value.const_value is not None:
-        return not np.any(value.const_value.numpy())
-    node = value.producer()
-    if node is None or node.op_type != "ConstantOfShape":
-        return False
-    fill = node.attributes.get("value")
-    return fill is None or not np.any(fill.as_tensor().numpy())
-
-
 def _squeeze_axes(node: ir.Node, rank: int | None) -> list[int] | None:
     """The sorted, non-negative axes of a Squeeze/Unsqueeze; ``rank``: the rank they refer to."""
     if len(node.inputs) > 1:
@@ -494,6 +484,29 @@ def _merge_unsqueezes(node: ir.Node) -> bool:
     return True
 
 
+def _transpose_as_reshape(node: ir.Node, tracker: _Tracker) -> list[int] | None:
+    """A Reshape target equal to Transpose ``node`` when it keeps the order of every axis that
+    may be larger than 1 (sizes from ``tracker``), else None."""
+    x = node.inputs[0] if node.inputs else None
+    perm_attr = node.attributes.get("perm")
+    if x is None or x.shape is None or perm_attr is None:
+        return None
+    perm = list(perm_attr.as_ints())
+    dims = [tracker.dim(x, i) for i in range(len(x.shape))]
+    moving = [p for p in perm if dims[p] != 1]
+    if moving != sorted(moving) or perm == sorted(perm):
+        return None
+    target = []
+    for j, p in enumerate(perm):
+        if p == j:
+            target.append(0)  # the same axis in the same place: copied
+        elif isinstance(dims[p], int):
+            target.append(dims[p])
+        else:
+            target.append(-1)
+    return target if target.count(-1) <= 1 else None
+
+
 def fold_shape_chains(model: ir.Model) -> int:
     """Apply the rewrites above; returns how many values or inputs were rewritten."""
     dynamic = any(
@@ -508,16 +521,32 @@ def fold_shape_chains(model: ir.Model) -> int:
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
         tracker.visit(node)
         graph = node.graph
-        if node.op_type in _RNN_STATES and node.domain in ("", "ai.onnx"):
-            for index in _RNN_STATES[node.op_type]:
-                if index < len(node.inputs) and _zero_state(node.inputs[index]):
-                    node.replace_input_with(index, None)
-                    changed += 1
         if node.domain in ("", "ai.onnx") and node.op_type in _NEUTRAL:
             x = _neutral_operand(node, tracker)
             out = node.outputs[0]
             if x is not None and not out.is_graph_output():
                 out.replace_all_uses_with(x)
+                changed += 1
+                continue
+        if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
+            target = _transpose_as_reshape(node, tracker)
+            if target is not None:
+                shape = _constant(
+                    node.graph, (node.outputs[0].name or "t") + "_shape", np.array(target, np.int64)
+                )
+                reshape = ir.Node("", "Reshape", [node.inputs[0], shape], name=node.name)
+                node.graph.insert_before(node, reshape)
+                reshape.outputs[0].shape, reshape.outputs[0].dtype = (
+                    node.outputs[0].shape,
+                    node.outputs[0].dtype,
+                )
+                out = node.outputs[0]
+                if out.is_graph_output():
+                    name = out.name
+                    out.replace_all_uses_with(reshape.outputs[0], replace_graph_outputs=True)
+                    out.name, reshape.outputs[0].name = f"{name}__replaced", name
+                else:
+                    out.replace_all_uses_with(reshape.outputs[0])
                 changed += 1
                 continue
         if node.op_type == "Slice":

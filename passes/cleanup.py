@@ -39,7 +39,7 @@ _NEVER_FOLD = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "M
 # Weights up to this many elements are folded through layout ops (Slice/Concat/Transpose of an
 # LSTM's weights, say); onnxscript's own output limit keeps a fold from growing the model.
 _FOLD_INPUT_LIMIT = 1 << 24
-_SMALL_FILL = 1024  # ConstantOfShape outputs folded up to this many elements
+_SMALL_FILL = 1 << 16  # ConstantOfShape outputs folded up to this many elements
 
 
 def _keep_compressed(node: ir.Node) -> bool | None:

@@ -275,7 +275,11 @@ def main() -> None:
         for entry in entries:
             print(f"zoo: {entry.name}", flush=True)
             results.append(run_entry(entry, args.trials, Path(tmp)))
-    command = "python -m tools.zoo" + (" --quick" if args.quick else "")
+    command = (
+        "python -m tools.zoo"
+        + (" --quick" if args.quick else "")
+        + (f" --trials {args.trials}" if args.trials != 15 else "")
+    )
     markdown = to_markdown(results, command)
     save(args.out, {"command": command, "results": [vars(r) for r in results]}, markdown)
 

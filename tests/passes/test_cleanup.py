@@ -173,9 +173,10 @@ def test_gathered_static_dims_of_a_dynamic_shape_fold():
     _dynamic_runs(model, out, [{"x": rng_array(n, 4, 5, seed=n)} for n in (1, 3)])
 
 
-def test_zero_initial_state_of_a_recurrent_op_is_dropped():
-    """LSTM initial_h/initial_c built as ConstantOfShape(0) of a batch-dependent shape are the
-    operator's default: dropped, outputs equal for any batch. A non-zero state is kept."""
+def test_zero_initial_state_of_a_recurrent_op_is_kept_and_folds_where_static():
+    """LSTM initial_h/initial_c built as ConstantOfShape(0) stay (onnxruntime's LSTM is slower
+    without them): a batch-dependent shape keeps its ConstantOfShape, a static one folds to a
+    zero initializer; outputs equal for any batch."""
     rng = np.random.default_rng(0)
     inits = {
         "W": rng.standard_normal((1, 16, 3)).astype(np.float32),
@@ -187,28 +188,49 @@ def test_zero_initial_state_of_a_recurrent_op_is_dropped():
     text = (
         HEADER
         + """
-        g (float[T,B,3] x) => (float[T,1,B,4] y, float[T,1,B,4] y2) {
+        g (float[T,B,3] x) => (float[T,1,B,4] y) {
             s = Shape(x)
             b = Gather<axis = 0>(s, i1)
             shape = Concat<axis = 0>(one, b, four)
             h0 = ConstantOfShape<value = float[1] {0}>(shape)
-            c0 = ConstantOfShape<value = float[1] {0}>(shape)
-            h1 = ConstantOfShape<value = float[1] {0.5}>(shape)
-            y = LSTM<hidden_size = 4>(x, W, R, , , h0, c0)
-            y2 = LSTM<hidden_size = 4>(x, W, R, , , h1, c0)
+            y = LSTM<hidden_size = 4>(x, W, R, , , h0, h0)
         }"""
     )
     model = from_text(text, inits)
     result = effc.Pipeline.from_text("cleanup").run(from_text(text, inits))
-    lstms = [n for n in result.model.model.graph if n.op_type == "LSTM"]
+    (lstm,) = [n for n in result.model.model.graph if n.op_type == "LSTM"]
+    assert lstm.inputs[5] is not None and "ConstantOfShape" in op_types(result.model)
+    _dynamic_runs(model, result.model, [{"x": rng_array(5, b, 3, seed=b)} for b in (1, 3)])
+    static = from_text(
+        text.replace("float[T,B,3] x", "float[T,2,3] x").replace(
+            "float[T,1,B,4] y", "float[T,1,2,4] y"
+        ),
+        inits,
+    )
+    out = effc.Pipeline.from_text("cleanup").run(static).model
+    assert op_types(out) == ["LSTM"]
+    (lstm,) = out.model.graph
+    assert not lstm.inputs[5].const_value.numpy().any()
 
-    def state(node, i):  # trailing empty inputs may be trimmed
-        return node.inputs[i] if i < len(node.inputs) else None
 
-    assert state(lstms[0], 5) is None and state(lstms[0], 6) is None
-    assert state(lstms[1], 5) is not None and state(lstms[1], 6) is None
-    feeds = [{"x": rng_array(5, b, 3, seed=b)} for b in (1, 3)]
-    _dynamic_runs(model, result.model, feeds)
+def test_a_transpose_that_only_moves_size_one_axes_becomes_a_reshape():
+    """An LSTM-style [T, 2, 1, H] -> [T, 1, 2, H] transpose is a reshape (no copy); one that
+    reorders two larger axes stays."""
+    text = (
+        HEADER
+        + """
+        g (float[T,2,1,8] x, float[T,2,3,8] z) => (float[T,1,2,8] y, float[T,3,2,8] w) {
+            y = Transpose<perm = [0, 2, 1, 3]>(x)
+            w = Transpose<perm = [0, 2, 1, 3]>(z)
+        }"""
+    )
+    model = from_text(text)
+    new = effc.Pipeline.from_text("cleanup").run(from_text(text)).model
+    assert sorted(op_types(new)) == ["Reshape", "Transpose"]
+    feeds = [
+        {"x": rng_array(t, 2, 1, 8, seed=t), "z": rng_array(t, 2, 3, 8, seed=t)} for t in (1, 4)
+    ]
+    _dynamic_runs(model, new, feeds)
 
 
 def test_constant_nodes_become_initializers_and_then_fold_into_convs():
