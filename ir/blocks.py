@@ -11,6 +11,9 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from torch import nn
+
+from effc.errors import UnsupportedError
 from effc.ir.sites import WeightSite, weight_sites
 
 _INDEXED = re.compile(r"^(?P<prefix>(?:.*\.)?[A-Za-z_][\w]*)\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -54,3 +57,29 @@ def _iter_matches(fqn: str):
     for k in range(1, len(parts) - 1):
         if parts[k].isdigit():
             yield ".".join(parts[:k]), int(parts[k])
+
+
+def block_layers(
+    model, what: str, every_block: bool = True
+) -> tuple[str, nn.ModuleList, list[Block]]:
+    """The blocks of an FX model as its torch container: (container fqn, the ``nn.ModuleList``
+    holding one module per block, the blocks found by weight sites). The depth passes edit and
+    hook that list; ``what`` names the pass in the one-line error for a model without one.
+    ``every_block``: the list must hold exactly the blocks found (false after share-blocks,
+    where blocks reading another's weights have no weight sites of their own)."""
+    blocks = find_blocks(model)
+    if not blocks:
+        raise UnsupportedError(f"pass '{what}': the model has no repeated blocks")
+    container = blocks[0].fqn.rpartition(".")[0]
+    try:
+        layers = model.module.get_submodule(container)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList) or (
+        len(layers) != len(blocks) if every_block else len(layers) < 2
+    ):
+        raise UnsupportedError(
+            f"pass '{what}': the blocks {container}.N are not one nn.ModuleList of "
+            f"{len(blocks)} layers"
+        )
+    return container, layers, blocks

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from effc.errors import PassOptionError, UnsupportedError
-from effc.ir.blocks import find_blocks
+from effc.ir.blocks import block_layers
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import hidden_state, logits_of, train
 from effc.registry import register
@@ -65,30 +65,16 @@ class BlockGates(Pass):
 
     def requires(self, model, ctx) -> None:
         super().requires(model, ctx)
-        self._layers(model)
+        block_layers(model, self.name, every_block=False)
         if any("input_ids" not in x for x in ctx.calibration):
             raise UnsupportedError(
                 "pass 'block-gates' trains on text: the calibration samples need input_ids"
             )
 
-    @staticmethod
-    def _layers(model) -> tuple[str, nn.ModuleList]:
-        blocks = find_blocks(model)
-        container = blocks[0].fqn.rpartition(".")[0] if blocks else ""
-        try:
-            layers = model.module.get_submodule(container) if container else None
-        except AttributeError:
-            layers = None
-        if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
-            raise UnsupportedError(
-                "pass 'block-gates': the model has no nn.ModuleList of repeated blocks"
-            )
-        return container, layers
-
     def run(self, model, ctx) -> PassResult:
         o = self.options
         torch.manual_seed(ctx.seed)
-        container, layers = self._layers(model)
+        container, layers, _ = block_layers(model, self.name, every_block=False)
         module = model.module
         n = len(layers)
         gates = nn.Parameter(torch.ones(n))

@@ -22,17 +22,10 @@ import torch
 from torch import nn
 
 from effc.errors import PassOptionError, UnsupportedError
-from effc.ir.blocks import find_blocks
+from effc.ir.blocks import block_layers
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import hidden_state, logits_of, train
 from effc.registry import register
-
-
-def _blocks(module: nn.Module, container: str) -> nn.ModuleList:
-    layers = module.get_submodule(container)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedError(f"pass 'cure': {container} is not an nn.ModuleList of blocks")
-    return layers
 
 
 class _LoRA(nn.Module):
@@ -88,16 +81,14 @@ class Cure(Pass):
                 f"pass 'cure': {compressed[0]} is compressed; cure before pruning or quantizing "
                 "(gqsa-train trains compressed weights)"
             )
-        if not find_blocks(model):
-            raise UnsupportedError("pass 'cure': the model has no repeated blocks")
+        block_layers(model, self.name, every_block=False)
 
     def run(self, model, ctx) -> PassResult:
         o = self.options
         torch.manual_seed(ctx.seed)
         module, teacher = model.module, model.teacher
-        container = find_blocks(model)[0].fqn.rpartition(".")[0]
-        student_blocks = _blocks(module, container)
-        teacher_blocks = _blocks(teacher, container)
+        container, student_blocks, _ = block_layers(model, self.name, every_block=False)
+        teacher_blocks = teacher.get_submodule(container)  # the model before removal/sharing
         tail = min(o.layers, len(student_blocks))
         data = ctx.calibration[: o.samples]
 

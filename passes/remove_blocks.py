@@ -34,7 +34,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from effc.errors import PassOptionError, UnsupportedError
-from effc.ir.blocks import find_blocks
+from effc.ir.blocks import block_layers, find_blocks
 from effc.ir.ort import session_for
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import hidden_state, keep_teacher
@@ -267,22 +267,12 @@ class RemoveBlocks(Pass):
             raise PassOptionError(f"pass 'remove-blocks': samples must be >= 1, got {o.samples}")
 
     def _blocks(self, model) -> tuple[str, nn.ModuleList | list, list]:
-        blocks = find_blocks(model)
-        if not blocks:
-            raise UnsupportedError("pass 'remove-blocks': the model has no repeated blocks")
-        container = blocks[0].fqn.rpartition(".")[0]
         if model.kind == "onnx":
-            return container, blocks, blocks
-        try:
-            layers = model.module.get_submodule(container)
-        except AttributeError:
-            layers = None
-        if not isinstance(layers, nn.ModuleList) or len(layers) != len(blocks):
-            raise UnsupportedError(
-                f"pass 'remove-blocks': the blocks {container}.N are not one nn.ModuleList of "
-                f"{len(blocks)} layers"
-            )
-        return container, layers, blocks
+            blocks = find_blocks(model)
+            if not blocks:
+                raise UnsupportedError("pass 'remove-blocks': the model has no repeated blocks")
+            return blocks[0].fqn.rpartition(".")[0], blocks, blocks
+        return block_layers(model, self.name)
 
     def requires(self, model, ctx) -> None:
         super().requires(model, ctx)

@@ -22,7 +22,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from effc.errors import PassOptionError, UnsupportedError
-from effc.ir.blocks import find_blocks
+from effc.ir.blocks import block_layers, find_blocks
 from effc.ir.sites import COMPRESSED, read_weight, write_weight
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import keep_teacher
@@ -72,18 +72,8 @@ class ShareBlocks(Pass):
                 "before pruning or quantizing them"
             )
 
-    @staticmethod
-    def _layers(model) -> tuple[str, nn.ModuleList]:
-        blocks = find_blocks(model)
-        container = blocks[0].fqn.rpartition(".")[0] if blocks else ""
-        try:
-            layers = model.module.get_submodule(container) if container else None
-        except AttributeError:
-            layers = None
-        if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
-            raise UnsupportedError(
-                "pass 'share-blocks': the model has no nn.ModuleList of repeated blocks"
-            )
+    def _layers(self, model) -> tuple[str, nn.ModuleList]:
+        container, layers, _ = block_layers(model, self.name, every_block=False)
         shapes = {tuple((n, m.weight.shape) for n, m in _linears(b).items()) for b in layers}
         if len(shapes) != 1:
             raise UnsupportedError(
