@@ -30,12 +30,17 @@ def _pack_nibbles(a: np.ndarray) -> np.ndarray:
     return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
 
 
-def matmul_nbits_applies(site, state: SiteState) -> bool:
+def nbits_applies(state: SiteState) -> bool:
+    """MatMulNBits (and GatherBlockQuantized) take these codes: int4/int8 in groups of a power
+    of two >= 16."""
     g = state.group
-    return (
-        site.node.op_type == "MatMul" and state.bits in (4, 8) and g >= 16 and g & (g - 1) == 0
-    )  # the weight stored (in, out), or (out, in) behind a Transpose (a tied lm_head): the
-    # codes are laid out from the (out, in) view either way
+    return state.bits in (4, 8) and g >= 16 and g & (g - 1) == 0
+
+
+def matmul_nbits_applies(site, state: SiteState) -> bool:
+    # the weight stored (in, out), or (out, in) behind a Transpose (a tied lm_head): the codes
+    # are laid out from the (out, in) view either way
+    return site.node.op_type == "MatMul" and nbits_applies(state)
 
 
 def _nbits_arrays(state: SiteState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,8 +64,7 @@ def quantized_tables(model, sites) -> list[tuple[ir.Value, SiteState, str | None
     that state, the fqn of the linear site it is tied to or None). A table is tied to a
     quantized linear site holding equal values (a tied lm_head quantized with
     ``embeddings=tied``, or an int4 table quantized like the lm_head), else it has its own
-    state (``embeddings=int8|int4``). Only int4/int8 in groups of 16 or more (the lookup op's
-    limits)."""
+    state (``embeddings=int8|int4``). Only codes the lookup op takes (``nbits_applies``)."""
     found = []
     for table in embedding_sites(model):
         tied = [
@@ -68,7 +72,7 @@ def quantized_tables(model, sites) -> list[tuple[ir.Value, SiteState, str | None
         ]
         via = tied[0].fqn if tied else None
         state = model.compression.sites.get(via or table.fqn)
-        if state is None or not state.quantized or state.bits not in (4, 8) or state.group < 16:
+        if state is None or not state.quantized or not nbits_applies(state):
             continue
         found.append((table.handle[0], state, via))
     return found

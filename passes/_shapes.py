@@ -34,6 +34,8 @@ import re
 import numpy as np
 import onnx_ir as ir
 
+from effc.passes.fuse._onnx import initializer
+
 Element = int | tuple
 Tracked = tuple[tuple[Element, ...], bool, type]  # (elements, is_scalar, numpy int type)
 
@@ -317,19 +319,7 @@ class _Tracker:
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    unique = f"{name}_folded"
-    for i in itertools.count(1):
-        if unique not in graph.initializers:
-            break
-        unique = f"{name}_folded{i}"
-    value = ir.Value(
-        name=unique,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=unique),
-    )
-    graph.register_initializer(value)
-    return value
+    return initializer(graph, f"{name}_folded", array)
 
 
 def _reshape_target(node: ir.Node, tracked: Tracked, tracker: _Tracker) -> list[int] | None:

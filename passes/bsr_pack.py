@@ -41,6 +41,7 @@ from effc.passes._codes import (
     gathers_of,
     matmul_nbits,
     matmul_nbits_applies,
+    nbits_applies,
     nbits_node,
     quantized_tables,
 )
@@ -114,7 +115,7 @@ def measure_in_onnxruntime(state, matrix, batch: int, a8: bool, threads: int | N
     of copies whose weights rotate through ``DECISION_ROTATE_BYTES`` (at most 32 copies);
     interleaved medians. The layer goes sparse unless dense is faster by more than 5%."""
     out, inp = matrix.shape
-    nbits = state.group >= 16 and state.group & (state.group - 1) == 0
+    nbits = nbits_applies(state)  # the layer is a MatMul (bsr-pack packs no other)
     dense_bytes = out * inp * (state.bits / 8 if nbits else 4)
     n = copies_for(int(dense_bytes), DECISION_ROTATE_BYTES, cap=32)
     weight = state.dequantized().numpy().T.copy()
