@@ -29,14 +29,6 @@ from effc.passes._train import keep_teacher
 from effc.registry import register
 
 
-def unique_parameters(module: nn.Module) -> int:
-    """Elements of the module's parameters, each shared tensor counted once."""
-    seen: dict[int, int] = {}
-    for _, p in module.named_parameters(remove_duplicate=False):
-        seen[id(p)] = p.numel()
-    return sum(seen.values())
-
-
 def _linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
@@ -93,7 +85,7 @@ class ShareBlocks(Pass):
         blocks = find_blocks(model)
         container = blocks[0].fqn.rpartition(".")[0]
         graph = model.model.graph
-        before = sum(v.const_value.size for v in graph.initializers.values() if v.const_value)
+        before = model.param_stats()[0]
         groups = self._groups(len(blocks))
         drift = []
         for members in groups:
@@ -118,7 +110,7 @@ class ShareBlocks(Pass):
         for name, v in list(graph.initializers.items()):
             if not v.uses() and not v.is_graph_output():
                 graph.initializers.pop(name)
-        after = sum(v.const_value.size for v in graph.initializers.values() if v.const_value)
+        after = model.param_stats()[0]
         return PassResult(model, bool(groups), self._stats(container, groups, before, after, drift))
 
     def _stats(self, container, groups, before, after, drift) -> dict:
@@ -137,7 +129,7 @@ class ShareBlocks(Pass):
         o = self.options
         container, layers = self._layers(model)
         keep_teacher(model, ctx)  # for a cure later in the pipeline
-        before = unique_parameters(model.module)
+        before = model.param_stats()[0]  # each shared tensor counted once
         groups = self._groups(len(layers))
         drift = []
         for members in groups:
@@ -159,5 +151,5 @@ class ShareBlocks(Pass):
                     f"{container}.{i}"
                 ).shares_with = f"{container}.{members[0]}"
         model.retrace()
-        after = unique_parameters(model.module)
+        after = model.param_stats()[0]
         return PassResult(model, bool(groups), self._stats(container, groups, before, after, drift))
