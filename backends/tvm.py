@@ -7,7 +7,8 @@ meta-schedule tuning database, ``tuning=DIR``) and writes:
 
     model.onnx     the legalized graph (the reference the artifact is checked against)
     model.so       x86_64 / aarch64: the compiled relax VM executable (a shared library)
-    model.wasm     wasm32: the executable as a WebAssembly system library
+    model.wasm     wasm32: a WASI module, effc's executor linked with the compiled kernels,
+                   with plan.txt and weights.bin beside it (backends/tvm_aot.py)
     tvm.json       target, TVM version, input/output order, tuning database used
 
 ``run`` loads ``model.so`` into TVM's relax VM when the artifact's target is this machine's
@@ -15,8 +16,9 @@ meta-schedule tuning database, ``tuning=DIR``) and writes:
 host program (``backends/tvm_host/run_vm.cc``, no Python) is cross-compiled against the aarch64
 TVM runtime and tvm-ffi libraries (taken from PyPI's manylinux aarch64 wheels of the same
 versions, once, into the cache folder) and runs the executable on the inputs. Timings under qemu
-mean nothing; numerics are checked against the x86 build. A wasm32 artifact raises a one-line
-error naming why it cannot run. TVM is an optional dependency (``pip install 'effc[tvm]'``);
+mean nothing; numerics are checked against the x86 build. A wasm32 artifact runs under wasmtime
+(PyPI ``wasmtime``) in effc's ahead-of-time executor, since TVM's web runtime cannot be built
+here (``tvm_aot``). TVM is an optional dependency (``pip install 'effc[tvm]'``);
 without it the target says so in one line.
 
 From FX: ``lower_fx`` imports a ``torch.export`` program with TVM's ``from_exported_program``
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+import effc.backends.tvm_aot as tvm_aot
 import effc.backends.tvm_sparse as tvm_sparse
 from effc.backends.onnxruntime import lower as save_reference
 from effc.cache import cache_dir
@@ -163,10 +166,7 @@ def export(executable, path: Path, tvm_target: str) -> None:
             )
         executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
     else:
-        raise UnsupportedError(
-            "writing a wasm32 executable needs TVM's web runtime (emcc); "
-            "not supported by this effc build"
-        )
+        raise UnsupportedError("a wasm32 build is written by tvm_aot, not exported")
 
 
 def _which(cmd: str) -> bool:
@@ -178,10 +178,11 @@ def _which(cmd: str) -> bool:
 def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
     """How each sparse layer is chosen: a pinned decision file; on this machine's own target a
     measurement (sparse where it is faster than TVM's dense operator by more than 5% and 2 µs);
-    on a cross target the cost model (sparse where at most COST_MODEL_MAX_DENSITY of the blocks
-    are kept)."""
+    for wasm32 the same measurement in the WebAssembly runtime (wasmtime, effc's executor) where
+    the toolchain is installed; on another cross target the cost model (sparse where at most
+    COST_MODEL_MAX_DENSITY of the blocks are kept)."""
     pinned = tvm_sparse.load_decisions(decisions) if decisions else {}
-    measure = tvm_target == _host_target()
+    measure = tvm_target == _host_target() or (tvm_target == "wasm32" and tvm_aot.can_run_wasm())
 
     def decide(cand, w2d, n, c, pixels) -> str:
         if cand.key in pinned:
@@ -190,10 +191,19 @@ def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
         if not measure:
             cand.why = f"cost model (density <= {tvm_sparse.COST_MODEL_MAX_DENSITY})"
             return "sparse" if cand.density <= tvm_sparse.COST_MODEL_MAX_DENSITY else "dense"
-        cand.dense_us, cand.sparse_us = tvm_sparse.measure_pointwise(
-            lambda m: build(m, target, tuning), target, w2d, n, c, pixels, cand.rows
-        )
-        cand.why = "measured"
+        if tvm_target == "wasm32":  # in the WebAssembly runtime, through effc's executor
+            dense, _ = tvm_sparse.pointwise_module(w2d, n, c, pixels)
+            sparse, _ = tvm_sparse.sparsify(dense, target, lambda *a: "sparse")
+            cand.dense_us, cand.sparse_us = (
+                tvm_aot.time_module(fused(m, target), target, "wasm32") * 1e3
+                for m in (dense, sparse)
+            )
+            cand.why = "measured under wasmtime"
+        else:
+            cand.dense_us, cand.sparse_us = tvm_sparse.measure_pointwise(
+                lambda m: build(m, target, tuning), target, w2d, n, c, pixels, cand.rows
+            )
+            cand.why = "measured"
         faster = cand.dense_us - cand.sparse_us
         return "sparse" if faster > max(0.05 * cand.dense_us, 2.0) else "dense"
 
@@ -207,20 +217,29 @@ def lower(
     tuning: str | None = None,
     decisions: str | None = None,
     sparse: bool = True,
+    kernel_everywhere: bool = False,
 ) -> list[Path]:
-    """Build ``model`` for ``tvm_target`` into ``out_dir`` (see the module docstring)."""
+    """Build ``model`` for ``tvm_target`` into ``out_dir`` (see the module docstring).
+    ``kernel_everywhere`` runs every plain 1x1 conv through effc's block kernel, dense ones
+    included (a benchmark baseline: the same kernel on dense weights)."""
     t = tvm()
     target = target_for(tvm_target)
     files = save_reference(model, out_dir)
     mod = import_onnx(model)
     candidates = []
     if sparse:
-        mod, candidates = tvm_sparse.sparsify(
-            mod, target, decider(target, tvm_target, tuning, decisions)
-        )
-    executable = build(mod, target, tuning)
+        decide = decider(target, tvm_target, tuning, decisions)
+        if kernel_everywhere:
+            decide = lambda cand, *a: "sparse"  # noqa: E731
+        mod, candidates = tvm_sparse.sparsify(mod, target, decide, dense=kernel_everywhere)
     lib = out_dir / LIB_FILE[tvm_target]
-    export(executable, lib, tvm_target)
+    extra = {}
+    if tvm_target == "wasm32":
+        if tuning:
+            raise UnsupportedError("a tuning database is for the x86 build, not wasm32")
+        extra["aot"] = tvm_aot.write(fused(mod, target), target, out_dir, "wasm32", lib.name)
+    else:
+        export(build(mod, target, tuning), lib, tvm_target)
     meta = {
         "tvm_version": t.__version__,
         "tvm_target": tvm_target,
@@ -229,10 +248,12 @@ def lower(
         "outputs": [v.name for v in model.graph.outputs],
         "tuning": str(tuning) if tuning else None,
         "sparse_layers": [{k: v for k, v in vars(c).items() if v is not None} for c in candidates],
+        **extra,
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
     tvm_sparse.save_decisions(out_dir / DECISIONS_FILE, candidates)
-    return [*files, lib, out_dir / META_FILE, out_dir / DECISIONS_FILE]
+    aot_files = [out_dir / tvm_aot.PLAN_FILE, out_dir / tvm_aot.WEIGHTS_FILE] if extra else []
+    return [*files, lib, *aot_files, out_dir / META_FILE, out_dir / DECISIONS_FILE]
 
 
 def describe(out_dir: Path) -> list[str]:
@@ -388,7 +409,6 @@ def load(out_dir: Path, threads: int | None = None):
     if meta["tvm_target"] != _host_target():
         how = {
             "aarch64": "on an aarch64 machine, or here under qemu-aarch64",
-            "wasm32": "under a WebAssembly runtime with TVM's web runtime",
         }.get(meta["tvm_target"], "on its own machine")
         raise UnsupportedError(
             f"{out_dir} was built for {meta['tvm_target']} and this machine is "
@@ -415,7 +435,19 @@ def run(
     out_dir: Path, inputs: dict[str, np.ndarray], threads: int | None = None
 ) -> dict[str, np.ndarray]:
     meta = json.loads((Path(out_dir) / META_FILE).read_text())
+    if meta["tvm_target"] == "wasm32":
+        outs, _ = run_wasm(Path(out_dir), meta, inputs)
+        return outs
     if meta["tvm_target"] in QEMU and _host_target() != meta["tvm_target"]:
         return run_emulated(Path(out_dir), meta, inputs)
     vm, meta = load(out_dir, threads)
     return call(vm, meta, inputs)
+
+
+def run_wasm(
+    out_dir: Path, meta: dict, inputs: dict[str, np.ndarray], repeat: int = 1
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Run a wasm32 artifact under wasmtime: (outputs by name, whole-model timing)."""
+    xs = [inputs[name] for name in meta["inputs"]]
+    outs, timing = tvm_aot.execute(out_dir, meta, xs, LIB_FILE["wasm32"], repeat)
+    return dict(zip(meta["outputs"], outs)), timing

@@ -51,14 +51,15 @@ def weight_key(w: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(w, np.float32).tobytes()).hexdigest()[:16]
 
 
-def block_rows(w2d: np.ndarray, candidates=(16, 8, 4)) -> int | None:
-    """The largest R whose R x 1 blocks hold every zero of the (O, C) weight as whole blocks."""
+def block_rows(w2d: np.ndarray, candidates=(16, 8, 4), dense: bool = False) -> int | None:
+    """The largest R whose R x 1 blocks hold every zero of the (O, C) weight as whole blocks
+    (a weight without zeros only with ``dense``: the kernel run on every block, a baseline)."""
     o = w2d.shape[0]
     for r in candidates:
         if o % r:
             continue
         nz = (w2d != 0).reshape(o // r, r, -1)
-        if (nz.any(1) == nz.all(1)).all() and not nz.all():
+        if (nz.any(1) == nz.all(1)).all() and (dense or not nz.all()):
             return r
     return None
 
@@ -180,9 +181,10 @@ def _is_plain_pointwise(call) -> bool:
     )
 
 
-def sparsify(mod, target, decide):
+def sparsify(mod, target, decide, dense: bool = False):
     """Replace the 1x1 convs ``decide(candidate, weight2d, n, c, pixels)`` picks "sparse" by
-    ``call_tir`` of ``pointwise_nchw``; returns (module, candidates in graph order)."""
+    ``call_tir`` of ``pointwise_nchw``; returns (module, candidates in graph order). With
+    ``dense`` a weight without zero blocks is a candidate too (the kernel's dense baseline)."""
     import tvm
     from tvm import relax
 
@@ -208,7 +210,7 @@ def sparsify(mod, target, decide):
             except TypeError:  # symbolic dims
                 return call
             w2d = w.reshape(w.shape[0], -1)
-            r = block_rows(w2d)
+            r = block_rows(w2d, dense=dense)
             if r is None:
                 return call
             blocks = (w2d != 0).reshape(w.shape[0] // r, r, -1).any(1)
@@ -236,11 +238,9 @@ def sparsify(mod, target, decide):
     return rewriter.builder_.get(), candidates
 
 
-def measure_pointwise(build, target, w2d, n, c, pixels, r, repeat=20) -> tuple[float, float]:
-    """(dense µs, sparse µs) of one layer on this machine: TVM's conv2d built alone by
-    ``build(module)`` (the target's build, with its tuning database) and the sparse kernel,
-    medians of ``repeat`` timings of 10 runs."""
-    import tvm
+def pointwise_module(w2d, n, c, pixels):
+    """A relax module of one 1x1 conv (``w2d`` as its weight) on an (n, c, h, w) input with
+    h * w = pixels: what a layer's dense and sparse forms are measured on."""
     from tvm import relax
 
     o = w2d.shape[0]
@@ -253,7 +253,19 @@ def measure_pointwise(build, target, w2d, n, c, pixels, r, repeat=20) -> tuple[f
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(w2d.reshape(o, c, 1, 1))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    dense = build(bb.get())
+    return bb.get(), (n, c, h, wd)
+
+
+def measure_pointwise(build, target, w2d, n, c, pixels, r, repeat=20) -> tuple[float, float]:
+    """(dense µs, sparse µs) of one layer on this machine: TVM's conv2d built alone by
+    ``build(module)`` (the target's build, with its tuning database) and the sparse kernel,
+    medians of ``repeat`` timings of 10 runs."""
+    import tvm
+    from tvm import relax
+
+    o = w2d.shape[0]
+    mod, (n, c, h, wd) = pointwise_module(w2d, n, c, pixels)
+    dense = build(mod)
     dev = tvm.cpu()
     xs = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((n, c, h, wd), np.float32))
     vm = relax.VirtualMachine(dense, dev)

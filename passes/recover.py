@@ -9,7 +9,9 @@ student minimises the KL divergence of its softened output distribution from the
 calibration images serve.
 
 Every parameter trains (weights, biases, BatchNorm's affine terms; BatchNorm statistics are
-frozen: the model stays in eval mode, small batches would corrupt them). Pruned weights stay zero:
+frozen: the model stays in eval mode, small batches would corrupt them). ``mixup`` > 0 blends each
+image with another of its batch (weight ~ Beta(mixup, mixup), the larger part first), so the
+student also matches the teacher between the calibration images. Pruned weights stay zero:
 their gradients are masked, and Adam leaves a weight whose gradient is always zero where it is.
 The budget (steps, batch, seconds, first and last loss) goes into the report.
 """
@@ -70,15 +72,16 @@ class Recover(Pass):
         batch: int = 8
         temperature: float = 2.0
         augment: bool = True
+        mixup: float = 0.0
 
     def needs_calibration(self) -> bool:
         return True
 
     def validate(self) -> None:
         o = self.options
-        if o.steps < 1 or o.batch < 1 or o.lr <= 0 or o.temperature <= 0:
+        if o.steps < 1 or o.batch < 1 or o.lr <= 0 or o.temperature <= 0 or o.mixup < 0:
             raise PassOptionError(
-                "pass 'recover': steps and batch must be >= 1, lr and temperature > 0"
+                "pass 'recover': steps and batch must be >= 1, lr and temperature > 0, mixup >= 0"
             )
 
     def run(self, model, ctx) -> PassResult:
@@ -125,6 +128,16 @@ class Recover(Pass):
             if o.augment:
                 for k in images:
                     out[k] = augment(out[k], g)
+            if o.mixup > 0 and images:
+                # function matching: blend each image with another of the batch, so the student
+                # matches the teacher between the calibration images, not only on them
+                b = out[images[0]].shape[0]
+                lam = torch.distributions.Beta(o.mixup, o.mixup).sample((b,))
+                lam = torch.maximum(lam, 1 - lam)  # the first image dominates
+                perm = torch.randperm(b, generator=g)
+                for k in images:
+                    w = lam.view(-1, *([1] * (out[k].dim() - 1)))
+                    out[k] = w * out[k] + (1 - w) * out[k][perm]
             return out
 
         def loss_of(step: int) -> torch.Tensor:
@@ -164,6 +177,7 @@ class Recover(Pass):
             "batch": min(o.batch, n),
             "samples": n,
             "augment": o.augment and bool(images),
+            "mixup": o.mixup,
             "temperature": T,
             "masked_weights": len(masks),
         }

@@ -187,6 +187,97 @@ def test_aarch64_build_runs_under_qemu_and_matches_x86(tmp_path):
     np.testing.assert_allclose(arm, x86, rtol=1e-5, atol=1e-6)
 
 
+def _can_run_wasm():
+    from effc.backends import tvm_aot
+
+    return tvm_aot.can_run_wasm()
+
+
+needs_wasm = pytest.mark.skipif(
+    importlib.util.find_spec("tvm") is None or not _can_run_wasm(),
+    reason="no wasm32 toolchain (apt install clang lld wasi-libc libclang-rt-14-dev-wasm32) "
+    "or no wasmtime",
+)
+
+
+@needs_wasm
+def test_wasm32_build_runs_under_wasmtime_and_matches_x86(tmp_path):
+    passes = "kernel-sparsity{sparsity=0.5,patterns=[pointwise:4x1,linear:dense,conv:dense]}"
+    _compile(TinyCNN(), passes, tmp_path / "measured", tvm_target="wasm32")
+    meta = json.loads((tmp_path / "measured" / "tvm.json").read_text())
+    assert len(meta["sparse_layers"]) == 2  # each measured in the WebAssembly runtime
+    assert all(c["why"] == "measured under wasmtime" for c in meta["sparse_layers"])
+    assert all(c["dense_us"] > 0 and c["sparse_us"] > 0 for c in meta["sparse_layers"])
+    pinned = tmp_path / "pinned.json"  # both builds run the sparse kernel
+    pinned.write_text(json.dumps({"layers": {c["key"]: "sparse" for c in meta["sparse_layers"]}}))
+    _compile(TinyCNN(), passes, tmp_path / "wasm", tvm_target="wasm32", decisions=str(pinned))
+    assert (tmp_path / "wasm" / "model.wasm").read_bytes()[:4] == b"\0asm"
+    _compile(TinyCNN(), passes, tmp_path / "x86", decisions=str(pinned))
+    x = _inputs(3)
+    wasm = next(iter(get_backend("tvm").run(tmp_path / "wasm", x).values()))
+    x86 = next(iter(get_backend("tvm").run(tmp_path / "x86", x).values()))
+    ref = next(iter(run_file(tmp_path / "wasm" / "model.onnx", x).values()))
+    np.testing.assert_allclose(wasm, x86, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(wasm, ref, rtol=1e-4, atol=1e-5)
+    meta = json.loads((tmp_path / "wasm" / "tvm.json").read_text())
+    _, timing = tvm_backend.run_wasm(tmp_path / "wasm", meta, x, repeat=3)
+    assert timing["runs"] == 3 and 0 < timing["min_ms"] <= timing["median_ms"]
+
+
+@needs_wasm
+@pytest.mark.parametrize("pixels", [7, 50])
+def test_sparse_kernel_is_exact_in_webassembly(tmp_path, pixels):
+    from effc.backends import tvm_aot
+
+    rng = np.random.default_rng(pixels)
+    c, o, r = 24, 32, 8
+    w = rng.standard_normal((o, c)).astype(np.float32)
+    keep = rng.random((o // r, c)) < 0.4
+    keep[1] = False  # an empty row block
+    w *= np.repeat(keep, r, 0)
+    target = tvm_backend.target_for("wasm32")
+    dense, shape = tvm_sparse.pointwise_module(w, 1, c, pixels)
+    sparse, cands = tvm_sparse.sparsify(dense, target, lambda *a: "sparse")
+    assert [k.choice for k in cands] == ["sparse"]
+    x = rng.standard_normal(shape).astype(np.float32)
+    want = np.einsum("oc,nchw->nohw", w, x)
+    for i, mod in enumerate((dense, sparse)):
+        out = tmp_path / str(i)
+        out.mkdir()
+        aot = tvm_aot.write(tvm_backend.fused(mod, target), target, out, "wasm32", "k.wasm")
+        got, _ = tvm_aot.execute(out, {"tvm_target": "wasm32", "aot": aot}, [x], "k.wasm")
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_aot_executor_matches_the_vm_and_refuses_what_it_cannot_run(tmp_path):
+    import tvm
+    from tvm import relax
+
+    from effc.backends import tvm_aot
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler for the native executor")
+    target = tvm_backend.target_for("x86")
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    w[8:, 2:5] = 0
+    dense, shape = tvm_sparse.pointwise_module(w, 1, 8, 20)
+    mod, _ = tvm_sparse.sparsify(dense, target, lambda *a: "sparse")
+    aot = tvm_aot.write(tvm_backend.fused(mod, target), target, tmp_path, "x86", "run")
+    meta = {"tvm_target": "x86", "aot": aot}
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    got, _ = tvm_aot.execute(tmp_path, meta, [x], "run")
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    np.testing.assert_allclose(got[0], vm["main"](tvm.runtime.tensor(x)).numpy(), rtol=1e-6)
+    with pytest.raises(UnsupportedError, match=r"input 0 must be float32 \(1, 8"):
+        tvm_aot.execute(tmp_path, meta, [x[:, :4]], "run")
+    weights = tmp_path / tvm_aot.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-4])  # truncated: named, not read past
+    with pytest.raises(UnsupportedError, match="weights.bin"):
+        tvm_aot.execute(tmp_path, meta, [x], "run")
+    with pytest.raises(UnsupportedError, match="cannot run relax.nn.conv2d"):
+        tvm_aot.plan(dense)  # not legalized: an operator, not a kernel call
+
+
 def test_unknown_target_and_missing_database_are_one_line_errors(tmp_path):
     with pytest.raises(UnsupportedError, match="unknown TVM target"):
         tvm_backend.target_for("riscv")

@@ -173,7 +173,8 @@ def test_option_and_calibration_errors(tiny_cnn):
         effc.Pipeline.from_text("kernel-sparsity{score=obs}").run(tiny_cnn)
 
 
-def test_recover_distils_toward_the_dense_model_and_keeps_the_zeros():
+@pytest.mark.parametrize("mixup", [0.0, 1.0])
+def test_recover_distils_toward_the_dense_model_and_keeps_the_zeros(mixup):
     c = ctx(8)
     res = effc.Pipeline.from_text("kernel-sparsity{sparsity=0.6}").run(TinyCNN(), c)
     model = res.model
@@ -187,8 +188,10 @@ def test_recover_distils_toward_the_dense_model_and_keeps_the_zeros():
         return float(torch.nn.functional.kl_div(got, ref, log_target=True, reduction="batchmean"))
 
     before = kl(model.module)
-    out = effc.Pipeline.from_text("recover{steps=60,lr=0.001,batch=4}").run(model, c)
+    text = f"recover{{steps=60,lr=0.001,batch=4,mixup={mixup}}}"
+    out = effc.Pipeline.from_text(text).run(model, c)
     stats = out.report.records[-1].stats
+    assert stats["mixup"] == mixup
     assert stats["masked_weights"] == len([k for k in zeros if zeros[k].any()])
     assert stats["loss_last"] < stats["loss_first"]
     assert kl(out.model.module) < before
@@ -203,6 +206,8 @@ def test_recover_needs_a_compressed_fx_model_and_calibration(cnn_onnx):
         effc.Pipeline.from_text("kernel-sparsity,recover{steps=2}").run(TinyCNN())
     with pytest.raises(effc.errors.EffcError):
         effc.Pipeline.from_text("kernel-sparsity,recover{steps=2}").run(str(cnn_onnx), ctx(2))
+    with pytest.raises(PassOptionError, match="mixup"):
+        effc.Pipeline.from_text("kernel-sparsity,recover{mixup=-1}")
 
 
 def test_cli_calibrates_on_bundled_photographs(tmp_path, cli):

@@ -1,0 +1,378 @@
+"""wasm32 for the tvm target: an ahead-of-time plan of TVM's compiled kernels, run by effc's own
+small executor (``tvm_host/run_aot.c``) instead of TVM's relax VM.
+
+TVM's web runtime (``wasm_runtime.cc``) needs emscripten and tvm-ffi sources the PyPI wheel does
+not ship, so a relax VM executable cannot run as WebAssembly here. A static-shape model does not
+need a VM: after legalization and fusion (``tvm.fused``) its ``main`` is a straight sequence of
+``call_tir`` kernel calls on constants, inputs and earlier results (reshapes are views). effc:
+
+1. walks that sequence into a plan (``plan.txt``): one storage per tensor (constants at 64-byte
+   aligned offsets of ``weights.bin``), one view (dtype, shape) per value, one step per kernel
+   call with the storages it allocates first and those it frees after (last use);
+2. compiles the kernels alone with TVM's llvm codegen for the target (wasm32 with SIMD128) into
+   one object, each under a C name (``effc_k<i>``), and a table of their entry points;
+3. links the executor, the table and the object with clang and the WASI libc into
+   ``model.wasm``, a WASI command module: ``model.wasm /a /io [REPEAT]`` with the artifact
+   folder preopened as ``/a`` and a folder of ``in<i>.bin`` / ``out<i>.bin`` as ``/io``.
+
+``run`` executes it under wasmtime (PyPI ``wasmtime``), in process. The same plan and executor
+also build natively (``arch="x86"``, the system C compiler and the x86 object), which checks the
+executor against TVM's own VM without WebAssembly in the way. Anything outside the sequence
+(control flow, symbolic shapes, packed-function calls) is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import UnsupportedError
+
+EXECUTOR = Path(__file__).with_name("tvm_host") / "run_aot.c"
+PLAN_FILE = "plan.txt"
+WEIGHTS_FILE = "weights.bin"
+WASM_SYSROOT = Path(os.environ.get("EFFC_WASI_SYSROOT", "/usr"))
+DTYPES = {"float32": (2, 32), "float16": (2, 16), "int32": (0, 32), "int64": (0, 64)}
+DTYPES.update({"int8": (0, 8), "uint8": (1, 8), "bool": (1, 8)})
+
+
+@dataclass
+class Plan:
+    storages: list[tuple[int, str, int]] = field(default_factory=list)  # (bytes, kind, where)
+    views: list[tuple[int, str, tuple[int, ...]]] = field(default_factory=list)
+    steps: list[tuple[int, list[int], list[int], list[int]]] = field(default_factory=list)
+    inputs: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)  # relax GlobalVar names, by index
+    weights: bytearray = field(default_factory=bytearray)
+
+    def text(self) -> str:
+        lines = [f"effc-aot 1 weights {len(self.weights)} storages {len(self.storages)}"]
+        lines += [f"{n} {k} {w}" for n, k, w in self.storages]
+        lines.append(f"views {len(self.views)}")
+        for s, dtype, shape in self.views:
+            code, bits = DTYPES[dtype]
+            lines.append(" ".join(map(str, [s, code, bits, len(shape), *shape])))
+        lines.append(f"steps {len(self.steps)}")
+        for k, args, alloc, free in self.steps:
+            parts = [k, len(args), *args, len(alloc), *alloc, len(free), *free]
+            lines.append(" ".join(map(str, parts)))
+        lines.append(" ".join(map(str, ["inputs", len(self.inputs), *self.inputs])))
+        lines.append(" ".join(map(str, ["outputs", len(self.outputs), *self.outputs])))
+        return "\n".join(lines) + "\n"
+
+
+def _tensor_info(ty) -> tuple[str, tuple[int, ...]]:
+    from tvm import relax
+
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise UnsupportedError(f"the wasm32 executor needs static tensors, got {ty}")
+    try:
+        shape = tuple(int(d) for d in ty.shape.values)
+    except (TypeError, AttributeError) as e:
+        raise UnsupportedError(f"the wasm32 executor needs static shapes, got {ty}") from e
+    dtype = str(ty.dtype)
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"the wasm32 executor has no dtype {dtype}")
+    return dtype, shape
+
+
+def plan(mod) -> tuple[Plan, object]:
+    """The plan of a fused relax module's ``main`` and the IRModule of the kernels it calls."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    reshape = tvm.ir.Op.get("relax.reshape")
+    p = Plan()
+    value_of: dict = {}  # relax Var -> view index
+    kernels: dict[str, int] = {}
+
+    def storage(nbytes: int, kind: str, where: int = -1) -> int:
+        p.storages.append((nbytes, kind, where))
+        return len(p.storages) - 1
+
+    def view(s: int, dtype: str, shape) -> int:
+        p.views.append((s, dtype, tuple(shape)))
+        return len(p.views) - 1
+
+    def nbytes(dtype: str, shape) -> int:
+        return int(np.prod(shape, dtype=np.int64)) * max(1, DTYPES[dtype][1] // 8)
+
+    def constant(c) -> int:
+        dtype, shape = _tensor_info(c.ty)  # the declared shape (a scalar may hold (1,))
+        arr = np.ascontiguousarray(c.value.numpy(), dtype).reshape(shape)
+        offset = (len(p.weights) + 63) // 64 * 64
+        p.weights.extend(b"\0" * (offset - len(p.weights)))
+        p.weights.extend(arr.tobytes())
+        return view(storage(arr.nbytes, "c", offset), dtype, shape)
+
+    def arg(e) -> int:
+        if isinstance(e, tvm.ir.expr.Constant):
+            return constant(e)
+        if isinstance(e, relax.Var) and e in value_of:
+            return value_of[e]
+        raise UnsupportedError(f"the wasm32 executor cannot pass {type(e).__name__} to a kernel")
+
+    for i, param in enumerate(main.params):
+        dtype, shape = _tensor_info(param.ty)
+        value_of[param] = view(storage(nbytes(dtype, shape), "i", i), dtype, shape)
+        p.inputs.append(value_of[param])
+    body = main.body
+    for block in body.blocks:
+        for binding in block.bindings:
+            if not isinstance(binding, relax.VarBinding):
+                raise UnsupportedError("the wasm32 executor cannot run match_cast bindings")
+            var, value = binding.var, binding.value
+            if isinstance(value, relax.Var):
+                value_of[var] = value_of[value]
+            elif isinstance(value, relax.Call) and value.op == reshape:
+                src = arg(value.args[0])
+                dtype, shape = _tensor_info(var.ty)
+                value_of[var] = view(p.views[src][0], dtype, shape)
+            elif isinstance(value, relax.Call) and value.op == call_tir:
+                gv = value.args[0]
+                if len(value.args) > 2:
+                    raise UnsupportedError(
+                        f"the wasm32 executor cannot pass symbolic values to {gv.name_hint}"
+                    )
+                ins = [arg(a) for a in value.args[1].fields]
+                dtype, shape = _tensor_info(var.ty)
+                out = view(storage(nbytes(dtype, shape), "t"), dtype, shape)
+                value_of[var] = out
+                k = kernels.setdefault(gv.name_hint, len(kernels))
+                p.steps.append((k, [*ins, out], [p.views[out][0]], []))
+            else:
+                what = value.op.name if isinstance(value, relax.Call) else type(value).__name__
+                raise UnsupportedError(f"the wasm32 executor cannot run {what} (only kernels)")
+    result = body.body
+    outs = list(result.fields) if isinstance(result, relax.Tuple) else [result]
+    p.outputs = [arg(o) for o in outs]
+    out_storages = {p.views[v][0] for v in p.outputs}
+    for s in out_storages:
+        if p.storages[s][1] != "t":
+            raise UnsupportedError("the wasm32 executor needs outputs computed by a kernel")
+        n, _, _ = p.storages[s]
+        p.storages[s] = (n, "o", sorted(out_storages).index(s))
+    # allocate on first write (outputs up front), free temporaries after their last use
+    last: dict[int, int] = {}
+    for i, (_, args, _, _) in enumerate(p.steps):
+        for v in args:
+            last[p.views[v][0]] = i
+    for i, (k, args, alloc, _) in enumerate(p.steps):
+        alloc = [s for s in alloc if p.storages[s][1] == "t"]
+        free = sorted(
+            s for s, at in last.items() if at == i and p.storages[s][1] == "t" and s not in alloc
+        )
+        p.steps[i] = (k, args, alloc, free)
+    # outputs are written in the order of their storages' output index
+    order = sorted(range(len(p.outputs)), key=lambda i: p.storages[p.views[p.outputs[i]][0]][2])
+    if order != list(range(len(p.outputs))):
+        raise UnsupportedError("the wasm32 executor needs distinct outputs in order")
+    p.kernels = sorted(kernels, key=kernels.get)
+    prims = {}
+    for name in p.kernels:
+        func = mod[name]
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            raise UnsupportedError(f"the wasm32 executor can only call TensorIR kernels ({name})")
+        symbol = f"effc_k{kernels[name]}"
+        prims[symbol] = func.with_attr("global_symbol", symbol)
+    return p, tvm.IRModule(prims)
+
+
+def _tool(*names: str) -> str:
+    for name in names:
+        if shutil.which(name):
+            return name
+    raise UnsupportedError(
+        f"building a wasm32 artifact needs {names[0]}: apt install clang lld wasi-libc "
+        "libclang-rt-14-dev-wasm32"
+    )
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UnsupportedError(f"{what} failed: {done.stderr.strip()[-400:]}")
+
+
+def _ffi_include() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("tvm_ffi")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedError(
+            "the wasm32 executor needs tvm-ffi's headers: pip install 'effc[tvm]'"
+        )
+    return Path(spec.submodule_search_locations[0]) / "include"
+
+
+def link(p: Plan, kernels, target, out: Path, arch: str) -> None:
+    """Compile the kernels for ``target`` and link them with the executor into ``out``
+    (``arch`` wasm32: a WASI module; x86: a native executable)."""
+    import tvm
+
+    lib = tvm.compile(kernels, target=target)
+    with tempfile.TemporaryDirectory(prefix="effc-aot-") as tmp:
+        obj = Path(tmp) / "kernels.o"
+        lib.mod.write_to_file(str(obj))
+        table = Path(tmp) / "kernels.c"
+        names = [f"effc_k{i}" for i in range(len(p.kernels))]
+        table.write_text(
+            "#include <stdint.h>\n"
+            "typedef int (*Kernel)(void*, const void*, int32_t, void*);\n"
+            + "".join(
+                f"extern int __tvm_ffi_{n}(void*, const void*, int32_t, void*);\n" for n in names
+            )
+            + f"const int effc_num_kernels = {len(names)};\n"
+            + "const Kernel effc_kernels[] = {"
+            + ", ".join(f"__tvm_ffi_{n}" for n in names)
+            + "};\n"
+        )
+        flags = ["-O2", f"-I{_ffi_include()}", str(EXECUTOR), str(table), str(obj), "-lm"]
+        if arch == "wasm32":
+            cc = _tool("clang")
+            _tool("wasm-ld")
+            cmd = [cc, "--target=wasm32-wasi", f"--sysroot={WASM_SYSROOT}", "-msimd128"]
+            cmd += ["-Wl,-z,stack-size=8388608", *flags, "-o", str(out)]
+        else:
+            cmd = [_tool("cc", "gcc", "clang"), *flags, "-o", str(out)]
+        _run(cmd, f"linking the {arch} executor")
+
+
+def write(mod, target, out_dir: Path, arch: str, lib_name: str) -> dict:
+    """Plan ``mod`` (a fused relax module), write plan.txt and weights.bin and link
+    ``lib_name``; returns the manifest entries (kernels, steps, bytes)."""
+    p, kernels = plan(mod)
+    (out_dir / PLAN_FILE).write_text(p.text())
+    (out_dir / WEIGHTS_FILE).write_bytes(bytes(p.weights))
+    link(p, kernels, target, out_dir / lib_name, arch)
+    return {
+        "executor": "effc-aot",
+        "kernels": len(p.kernels),
+        "steps": len(p.steps),
+        "weight_bytes": len(p.weights),
+        "input_shapes": [list(p.views[v][2]) for v in p.inputs],
+        "input_dtypes": [p.views[v][1] for v in p.inputs],
+        "output_shapes": [list(p.views[v][2]) for v in p.outputs],
+        "output_dtypes": [p.views[v][1] for v in p.outputs],
+    }
+
+
+def can_run_wasm() -> bool:
+    """Whether wasm32 modules can be linked and run here (clang, wasm-ld, WASI libc, wasmtime)."""
+    import importlib.util
+
+    return (
+        all(shutil.which(t) for t in ("clang", "wasm-ld"))
+        and (WASM_SYSROOT / "lib" / "wasm32-wasi" / "libc.a").is_file()
+        and importlib.util.find_spec("wasmtime") is not None
+    )
+
+
+def _wasmtime():
+    try:
+        import wasmtime
+    except ImportError as e:
+        raise UnsupportedError(
+            "running a wasm32 artifact needs a WebAssembly runtime: pip install wasmtime"
+        ) from e
+    return wasmtime
+
+
+_MODULES: dict = {}
+atexit.register(_MODULES.clear)  # before wasmtime's own teardown
+
+
+def execute(
+    out_dir: Path, meta: dict, inputs: list[np.ndarray], lib_name: str, repeat: int = 1
+) -> tuple[list[np.ndarray], dict]:
+    """Run the artifact's executor on ``inputs`` (in plan order); (outputs, timing) where
+    timing has the median and fastest whole-model run in ms over ``repeat`` runs."""
+    out_dir = Path(out_dir).resolve()
+    aot = meta["aot"]
+    if len(inputs) != len(aot["input_shapes"]):
+        raise UnsupportedError(f"{out_dir} takes {len(aot['input_shapes'])} inputs")
+    with tempfile.TemporaryDirectory(prefix="effc-aot-io-") as io:
+        for i, (x, shape, dtype) in enumerate(
+            zip(inputs, aot["input_shapes"], aot["input_dtypes"])
+        ):
+            x = np.ascontiguousarray(x)
+            if list(x.shape) != shape or str(x.dtype) != dtype:
+                raise UnsupportedError(
+                    f"input {i} must be {dtype} {tuple(shape)}, got {x.dtype} {x.shape}"
+                )
+            x.tofile(f"{io}/in{i}.bin")
+        log = Path(io) / "stdout.txt"
+        err = Path(io) / "stderr.txt"
+        if meta["tvm_target"] == "wasm32":
+            code = _run_wasm(out_dir / lib_name, out_dir, Path(io), repeat, log, err)
+        else:
+            with open(log, "w") as so, open(err, "w") as se:
+                cmd = [str(out_dir / lib_name), str(out_dir), io, str(repeat)]
+                code = subprocess.run(cmd, stdout=so, stderr=se).returncode
+        if code != 0:
+            raise UnsupportedError(
+                f"the {meta['tvm_target']} executor failed: {err.read_text()[-300:]}"
+            )
+        m = re.search(r"median_ns=(\d+) min_ns=(\d+)", log.read_text())
+        timing = {"median_ms": int(m[1]) / 1e6, "min_ms": int(m[2]) / 1e6, "runs": repeat}
+        outs = [
+            np.fromfile(f"{io}/out{i}.bin", dtype).reshape(shape)
+            for i, (shape, dtype) in enumerate(zip(aot["output_shapes"], aot["output_dtypes"]))
+        ]
+    return outs, timing
+
+
+def _run_wasm(wasm: Path, art: Path, io: Path, repeat: int, log: Path, err: Path) -> int:
+    wt = _wasmtime()
+    key = (str(wasm), wasm.stat().st_mtime_ns)
+    if key not in _MODULES:  # compiling the module (cranelift) is the slow part: once a process
+        engine = wt.Engine()
+        _MODULES.clear()
+        _MODULES[key] = (engine, wt.Module.from_file(engine, str(wasm)))
+    engine, module = _MODULES[key]
+    store = wt.Store(engine)
+    wasi = wt.WasiConfig()
+    wasi.argv = ["model.wasm", "/a", "/io", str(repeat)]
+    wasi.preopen_dir(str(art), "/a")
+    wasi.preopen_dir(str(io), "/io")
+    wasi.stdout_file = str(log)
+    wasi.stderr_file = str(err)
+    store.set_wasi(wasi)
+    linker = wt.Linker(engine)
+    linker.define_wasi()
+    instance = linker.instantiate(store, module)
+    try:
+        instance.exports(store)["_start"](store)
+    except wt.ExitTrap as e:
+        return e.code
+    except wt.Trap as e:
+        err.write_text(f"trap: {str(e).splitlines()[0]}")
+        return 1
+    return 0
+
+
+def time_module(mod, target, arch: str, repeat: int = 20) -> float:
+    """Median ms of a fused relax module run ``repeat`` times by the executor for ``arch`` on
+    random inputs: how a wasm32 build measures a layer's dense and sparse forms in the
+    WebAssembly runtime it will run in."""
+    with tempfile.TemporaryDirectory(prefix="effc-aot-time-") as tmp:
+        name = "model.wasm" if arch == "wasm32" else "model.bin"
+        aot = write(mod, target, Path(tmp), arch, name)
+        rng = np.random.default_rng(0)
+        xs = [
+            rng.standard_normal(shape).astype(dtype)
+            for shape, dtype in zip(aot["input_shapes"], aot["input_dtypes"])
+        ]
+        _, timing = execute(Path(tmp), {"tvm_target": arch, "aot": aot}, xs, name, repeat)
+    return timing["median_ms"]
