@@ -3,11 +3,11 @@ them for the layers where they beat TVM's dense operator.
 
 Kernel (``pointwise_nchw``): a 1x1 convolution (or a linear layer, H = W = 1) in NCHW whose
 weight is stored as block sparse rows of R x 1 blocks (R output channels at one input channel,
-kernel-sparsity's ``Rx1`` pattern): for each output row block ``ob`` (parallel over cores) and
-pixel tile, the kept blocks ``j in indptr[ob]..indptr[ob+1]`` (a data-dependent loop) add
-``data[j, r] * x[n, indices[j], pixels]`` into R x PT accumulators, vectorised over the pixel
-tile (AVX2/AVX-512 on x86, NEON on aarch64, SIMD128 on wasm32 by the target's vector width).
-Pixel counts that the tile does not divide get a second, narrower tile and a scalar tail.
+kernel-sparsity's ``Rx1`` pattern): for each output row block ``ob`` and pixel tile (the pairs
+parallel over cores), the kept blocks ``j in indptr[ob]..indptr[ob+1]`` (a data-dependent loop)
+add ``data[j, r] * x[n, indices[j], tile]`` into R x tile accumulators held in vector registers
+(AVX2/AVX-512 on x86, NEON on aarch64, SIMD128 on wasm32 by the target's vector width). The last
+tile is shifted back to end at the last pixel, so any pixel count runs full-width tiles.
 
 The rewrite (``sparsify``) walks the imported relax module: every ``relax.nn.conv2d`` with a
 constant 1x1 weight (groups 1, stride 1, no padding) whose zeros form whole R x 1 blocks is a
@@ -78,19 +78,39 @@ def pack(w2d: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data), cols.astype(np.int32), indptr
 
 
+# TVM keeps a constant-size CPU allocation on the stack only below this many bytes
+# (runtime::kMaxStackAlloca); a larger one becomes a workspace call and lives in memory
+STACK_BYTES = 1024
+
+
+def tile_for(r: int, lanes: int, pixels: int) -> int:
+    """Pixels per register tile: as many vectors as leave the R x tile accumulators, one input
+    vector and the weight broadcasts in the vector register file (32 registers with AVX-512 and
+    NEON, 16 with AVX2 and what a WebAssembly engine maps SIMD128 to), at most 4 vectors, the
+    accumulators under STACK_BYTES; never wider than the layer."""
+    regs = 32 if lanes == 16 else 16
+    tile = lanes * 4  # whole vectors, a power of two of them (LLVM splits odd widths badly)
+    while tile > 1 and (tile > lanes * max(1, (regs - 4) // r) or r * tile * 4 >= STACK_BYTES):
+        tile //= 2  # within the registers, and on the stack (else a heap workspace)
+    return max(1, min(tile, pixels))
+
+
 def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes: int = 16):
     """The TensorIR kernel (see the module docstring) for one layer's shapes.
 
-    Loop order: per output row block (parallel), its R output rows are zeroed, then for each
-    kept block the R weights and the input row are read once and R x pixels multiply-adds run
-    over the whole row, ``lanes`` pixels per vector (a narrower remainder loop after). The R
-    output rows stay in L1 while they accumulate; the index arithmetic and the weight
-    broadcasts are paid once per block, not once per pixel tile."""
+    Register-tiled: a task is one pixel tile of one output row block (tasks parallel over cores,
+    tile-major so a thread's consecutive tasks reuse the same input columns from L1). Its R x
+    tile accumulators (a small ``global`` buffer: TVM puts it on the stack and LLVM in vector
+    registers) are zeroed, every kept block adds R broadcast weights times one input tile, and
+    the tile is stored once. The last tile is shifted back to end at the last pixel (it
+    recomputes a few pixels instead of a scalar tail), so every tile is full width. The block
+    bounds and column are read inline: a scalar bound with a ``let`` becomes a buffer in TVM
+    0.27, which keeps the accumulators in memory."""
     from tvm.script import tirx as T
 
     ob_count = o // r
-    nv = pixels // lanes
-    rest = pixels - nv * lanes
+    tile = tile_for(r, lanes, pixels)
+    tiles = (pixels + tile - 1) // tile
 
     @T.prim_func
     def kernel(
@@ -102,29 +122,28 @@ def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes:
     ):
         T.func_attr({"tir.noalias": True})
         for b in range(n):
-            for ob in T.parallel(ob_count):
-                # scalars bound once (LetStmt): without them every vector multiply-add reloads
-                # the block bounds, the column and the weight (the parallel body loses the
-                # no-alias facts that would let LLVM hoist them)
-                start: T.int32 = indptr[ob]
-                stop: T.int32 = indptr[ob + 1]
-                for i in range(r):
-                    for p in T.vectorized(pixels):
-                        out[b, ob * r + i, p] = T.float32(0)
-                for j in range(start, stop):
-                    col: T.int32 = indices[j]
+            for task in T.parallel(tiles * ob_count):
+                acc = T.alloc_buffer((r, tile), "float32", scope="global")
+                for i in T.unroll(r):
+                    for p in T.vectorized(tile):
+                        acc[i, p] = T.float32(0)
+                for j in range(indptr[task % ob_count], indptr[task % ob_count + 1]):
                     for i in T.unroll(r):
-                        wv: T.float32 = data[j, i]
-                        for v in range(nv):
-                            for p in T.vectorized(lanes):
-                                out[b, ob * r + i, v * lanes + p] = (
-                                    out[b, ob * r + i, v * lanes + p]
-                                    + wv * x[b, col, v * lanes + p]
-                                )
-                        for p in range(rest):
-                            out[b, ob * r + i, nv * lanes + p] = (
-                                out[b, ob * r + i, nv * lanes + p] + wv * x[b, col, nv * lanes + p]
+                        for p in T.vectorized(tile):
+                            acc[i, p] = (
+                                acc[i, p]
+                                + data[j, i]
+                                * x[
+                                    b, indices[j], T.min(task // ob_count * tile, pixels - tile) + p
+                                ]
                             )
+                for i in T.unroll(r):
+                    for p in T.vectorized(tile):
+                        out[
+                            b,
+                            task % ob_count * r + i,
+                            T.min(task // ob_count * tile, pixels - tile) + p,
+                        ] = acc[i, p]
 
     return kernel
 
