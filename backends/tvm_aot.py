@@ -157,27 +157,22 @@ def plan(mod) -> tuple[Plan, object]:
     result = body.body
     outs = list(result.fields) if isinstance(result, relax.Tuple) else [result]
     p.outputs = [arg(o) for o in outs]
-    out_storages = {p.views[v][0] for v in p.outputs}
-    for s in out_storages:
-        if p.storages[s][1] != "t":
-            raise UnsupportedError("the wasm32 executor needs outputs computed by a kernel")
-        n, _, _ = p.storages[s]
-        p.storages[s] = (n, "o", sorted(out_storages).index(s))
-    # allocate on first write (outputs up front), free temporaries after their last use
+    for i, v in enumerate(p.outputs):  # outputs live from their first write to the end
+        n, kind, _ = p.storages[p.views[v][0]]
+        if kind != "t":
+            raise UnsupportedError(
+                "the wasm32 executor needs each output computed by a kernel, once"
+            )
+        p.storages[p.views[v][0]] = (n, "o", i)
+    # temporaries: allocated before the step that writes them, freed after their last use
     last: dict[int, int] = {}
     for i, (_, args, _, _) in enumerate(p.steps):
         for v in args:
             last[p.views[v][0]] = i
     for i, (k, args, alloc, _) in enumerate(p.steps):
         alloc = [s for s in alloc if p.storages[s][1] == "t"]
-        free = sorted(
-            s for s, at in last.items() if at == i and p.storages[s][1] == "t" and s not in alloc
-        )
+        free = sorted(s for s, at in last.items() if at == i and p.storages[s][1] == "t")
         p.steps[i] = (k, args, alloc, free)
-    # outputs are written in the order of their storages' output index
-    order = sorted(range(len(p.outputs)), key=lambda i: p.storages[p.views[p.outputs[i]][0]][2])
-    if order != list(range(len(p.outputs))):
-        raise UnsupportedError("the wasm32 executor needs distinct outputs in order")
     p.kernels = sorted(kernels, key=kernels.get)
     prims = {}
     for name in p.kernels:

@@ -1,7 +1,9 @@
 """Mobile CNN latency on this CPU: onnxruntime dense, TVM dense (default build, and with a
-meta-schedule tuning database where one is committed), and effc's TVM build at 30/50/70% kernel
-sparsity (1x1 convs as 8x1 blocks, sparse kernels where they measured faster than TVM's dense
-operator, the other layers dense and tuned), side by side in one process, same threads.
+meta-schedule tuning database where one is committed), MNN dense and MNN with its sparse
+convolutions (the engine SparseByteNN compares with; ``mnnconvert --detectSparseSpeedUp`` on the
+same pruned graphs), and effc's TVM build at 30/50/70% kernel sparsity (1x1 convs as 8x1 blocks,
+sparse kernels where they measured faster than TVM's dense operator, the other layers dense and
+tuned), side by side in one process, same threads.
 
     python -m tools.bench.tvm_cnn [--models mobilenet-v2,mobilenet-v1] [--levels 0.3,0.5,0.7] \\
         [--trials 20] [--out tools/bench/results/tvm_cnn]
@@ -84,6 +86,37 @@ def build(ref: str, passes: str, out: Path, tuning: Path | None, sparse: bool) -
     return time.time() - t0
 
 
+def mnn_call(onnx_path: Path, mnn_path: Path, sparse: bool, x: np.ndarray):
+    """A callable running the graph in MNN (CPU, THREADS, high precision), converted by
+    mnnconvert (with ``--detectSparseSpeedUp``: MNN's sparse convolutions where it finds them
+    faster); None where MNN is not installed."""
+    import subprocess
+    import sys
+
+    try:
+        import MNN.expr as F
+        import MNN.nn as nn
+    except ImportError:
+        return None
+    # the converter itself (MNN's _tools extension), not the mnnconvert script: that wrapper
+    # runs "pip install -U aliyun-log-python-sdk" when the SDK is missing (which downgrades
+    # protobuf below what onnx needs) and posts a usage log
+    convert = "import sys, _tools; _tools.mnnconvert(['mnnconvert', *sys.argv[1:]])"
+    cmd = [sys.executable, "-c", convert, "-f", "ONNX", "--modelFile", str(onnx_path)]
+    cmd += ["--MNNModel", str(mnn_path), "--bizCode", "effc"]
+    if sparse:
+        cmd.append("--detectSparseSpeedUp")
+    subprocess.run(cmd, check=True, capture_output=True)
+    rt = nn.create_runtime_manager(({"backend": "CPU", "numThread": THREADS, "precision": "high"},))
+    module = nn.load_module_from_file(str(mnn_path), ["pixels"], [], runtime_manager=rt)
+
+    def call():
+        y = module.forward([F.const(x, list(x.shape), F.NCHW)])[0]
+        return np.array(F.convert(y, F.NCHW).read())
+
+    return call
+
+
 def run(models: list[str], levels: list[float], trials: int) -> dict:
     bw = read_bandwidth()
     rows, layers = [], []
@@ -109,9 +142,23 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
             x = {"pixels": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
             ort = open_session(str(first / "model.onnx"), session_options(THREADS, True))
             calls = {"onnxruntime dense": lambda s=ort, x=x: s.run(None, x)}
+            mnn = {"mnn dense": (first, False)}
+            levels_of = {label: v[3] for label, v in variants.items()}
             for label, folder in folders.items():
                 vm, meta = tvm_backend.load(folder, THREADS)
                 calls[label] = lambda vm=vm, meta=meta, x=x: tvm_backend.call(vm, meta, x)
+                if "sparse" in label:
+                    mnn[label.replace("effc tvm", "mnn")] = (folder, True)
+                    levels_of[label.replace("effc tvm", "mnn")] = variants[label][3]
+            for label, (folder, sparse) in mnn.items():
+                call = mnn_call(folder / "model.onnx", folder / "model.mnn", sparse, x["pixels"])
+                if call is None:
+                    break
+                same = open_session(str(folder / "model.onnx"), session_options(THREADS, True))
+                want = same.run(None, x)[0]  # MNN runs the same graph
+                np.testing.assert_allclose(call().reshape(want.shape), want, atol=1e-3)
+                calls[label] = call
+                folders[label] = folder
             ms = dict(zip(calls, interleaved_medians(list(calls.values()), trials)))
             base_tuned = ms.get("tvm dense (tuned)")
             for label, t in ms.items():
@@ -122,18 +169,18 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                     {
                         "model": name,
                         "variant": label,
-                        "sparsity": variants.get(label, (None, None, None, 0.0))[3],
+                        "sparsity": levels_of.get(label, 0.0),
                         "ms": t,
                         "vs_ort": ms["onnxruntime dense"] / t,
                         "vs_tvm_tuned": base_tuned / t if base_tuned else None,
                         "sparse_layers": f"{len(chosen)}/{len(meta['sparse_layers'])}"
-                        if "sparse" in label
+                        if label.startswith("effc")
                         else "",
                         "floor_ms": moved_bytes(folder) / bw * 1e3,
                         "build_s": round(seconds.get(label, 0.0), 1),
                     }
                 )
-                if "sparse" in label:
+                if label.startswith("effc"):
                     for c in meta["sparse_layers"]:
                         if "dense_us" in c:
                             layers.append(
@@ -197,14 +244,16 @@ def plot(data: dict, path: Path) -> None:
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, dict.fromkeys(r["model"] for r in data["rows"])):
         rows = [r for r in data["rows"] if r["model"] == name]
-        sparse = [r for r in rows if "sparse" in r["variant"]]
-        ax.plot(
-            [r["sparsity"] for r in sparse],
-            [r["ms"] for r in sparse],
-            "o-",
-            label="effc tvm sparse",
-        )
-        styles = iter(["tab:green", "tab:red", "tab:orange", "tab:purple"])
+        for engine in ("effc tvm", "mnn"):
+            sparse = [r for r in rows if r["variant"].startswith(f"{engine} sparse")]
+            if sparse:
+                ax.plot(
+                    [r["sparsity"] for r in sparse],
+                    [r["ms"] for r in sparse],
+                    "o-",
+                    label=f"{engine} sparse",
+                )
+        styles = iter(["tab:green", "tab:red", "tab:orange", "tab:purple", "tab:brown"])
         for r in rows:
             if "sparse" not in r["variant"]:
                 ax.axhline(r["ms"], linestyle="--", label=r["variant"], color=next(styles))
