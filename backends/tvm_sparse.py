@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,7 +97,17 @@ def tile_for(r: int, lanes: int, pixels: int) -> int:
     return max(1, min(tile, pixels))
 
 
-def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes: int = 16):
+def pointwise_nchw(
+    n: int,
+    c: int,
+    o: int,
+    pixels: int,
+    r: int,
+    nnz: int,
+    lanes: int = 16,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+):
     """The TensorIR kernel (see the module docstring) for one layer's shapes.
 
     Register-tiled: a task is one pixel tile of one output row block (tasks parallel over cores,
@@ -105,7 +117,9 @@ def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes:
     the tile is stored once. The last tile is shifted back to end at the last pixel (it
     recomputes a few pixels instead of a scalar tail), so every tile is full width. The block
     bounds and column are read inline: a scalar bound with a ``let`` becomes a buffer in TVM
-    0.27, which keeps the accumulators in memory."""
+    0.27, which keeps the accumulators in memory. The epilogue adds the per-channel ``bias`` and
+    clamps to [lo, hi] as the tile is stored (a conv's bias and a ReLU/ReLU6 fused: no extra
+    pass over the output)."""
     from tvm.script import tirx as T
 
     ob_count = o // r
@@ -118,6 +132,7 @@ def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes:
         data: T.Buffer((nnz, r), "float32"),
         indices: T.Buffer((nnz,), "int32"),
         indptr: T.Buffer((ob_count + 1,), "int32"),
+        bias: T.Buffer((o,), "float32"),
         out: T.Buffer((n, o, pixels), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
@@ -143,7 +158,10 @@ def pointwise_nchw(n: int, c: int, o: int, pixels: int, r: int, nnz: int, lanes:
                             b,
                             task % ob_count * r + i,
                             T.min(task // ob_count * tile, pixels - tile) + p,
-                        ] = acc[i, p]
+                        ] = T.min(
+                            T.max(acc[i, p] + bias[task % ob_count * r + i], T.float32(lo)),
+                            T.float32(hi),
+                        )
 
     return kernel
 
@@ -200,9 +218,114 @@ def _is_plain_pointwise(call) -> bool:
     )
 
 
+@dataclass
+class Epilogue:
+    """What follows a candidate conv and runs inside the kernel: a per-channel bias, then a
+    clamp (ReLU: lo 0; ReLU6: lo 0, hi 6), each used only by the next."""
+
+    end: object  # the last fused call (its binding gets the kernel's result)
+    bias: np.ndarray | None = None
+    lo: float = -math.inf
+    hi: float = math.inf
+
+
+def _scalar(e) -> float | None:
+    import tvm
+
+    if isinstance(e, tvm.ir.expr.Constant):
+        v = e.value.numpy()
+        if v.size == 1:
+            return float(v.reshape(()))
+    return None
+
+
+def epilogues(func, conv_op) -> dict:
+    """For each conv2d call in ``func``'s dataflow blocks, the bias add and the clamps that
+    follow it where each intermediate has exactly one user (TVM's ONNX importer writes Clip as
+    call_tir of ``maximum``/``minimum`` kernels with constant scalars; also relax maximum,
+    minimum, clip and relu)."""
+    import tvm
+    from tvm import relax
+
+    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "maximum", "minimum", "clip")}
+    ops["relu"] = tvm.ir.Op.get("relax.nn.relu")
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    value_of, users = {}, {}
+
+    def used_by(expr, user) -> None:
+        if isinstance(expr, relax.Var):
+            users.setdefault(expr, []).append(user)
+        elif isinstance(expr, relax.Tuple):
+            for f in expr.fields:
+                used_by(f, user)
+        elif isinstance(expr, relax.Call):
+            for a in expr.args:
+                used_by(a, user)
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                value_of[b.var] = b.value
+            used_by(b.value, b.var)
+    used_by(func.body.body, None)  # the function's outputs are users too
+
+    def step(var):
+        """(kind, value, next var) of the one user of var, or None."""
+        if len(users.get(var, [])) != 1:
+            return None
+        nxt = users[var][0]
+        call = value_of.get(nxt)
+        if not isinstance(call, relax.Call):
+            return None
+        if call.op == call_tir:
+            name = re.sub(r"\d+$", "", call.args[0].name_hint)
+            args = list(call.args[1].fields)
+            if name in ("maximum", "minimum") and len(args) == 2 and args[0].same_as(var):
+                v = _scalar(args[1])
+                return (name, v, nxt) if v is not None else None
+            return None
+        args = list(call.args)
+        if call.op in (ops["relu"],) and args[0].same_as(var):
+            return ("maximum", 0.0, nxt)
+        if call.op == ops["clip"] and args[0].same_as(var):
+            lo, hi = (float(a.value) if hasattr(a, "value") else None for a in args[1:3])
+            return ("clip", (lo, hi), nxt) if lo is not None and hi is not None else None
+        if call.op in (ops["maximum"], ops["minimum"], ops["add"]) and len(args) == 2:
+            other = args[1] if args[0].same_as(var) else args[0]
+            kind = call.op.name.split(".")[-1]
+            if kind == "add" and isinstance(other, tvm.ir.expr.Constant):
+                return ("add", other.value.numpy(), nxt)
+            v = _scalar(other)
+            return (kind, v, nxt) if v is not None and kind != "add" else None
+        return None
+
+    found = {}
+    for var, call in value_of.items():
+        if not (isinstance(call, relax.Call) and call.op == conv_op):
+            continue
+        o = int(var.ty.shape.values[1]) if var.ty.shape is not None else None
+        ep, cur = Epilogue(end=call), var
+        s = step(cur)
+        if s and s[0] == "add" and o and s[1].size == o and s[1].shape in ((1, o, 1, 1), (o, 1, 1)):
+            ep.bias, ep.end, cur = s[1].reshape(o).astype(np.float32), value_of[s[2]], s[2]
+            s = step(cur)
+        while s and s[0] in ("maximum", "minimum", "clip"):
+            if s[0] == "maximum":
+                ep.lo = max(ep.lo, s[1])
+            elif s[0] == "minimum":
+                ep.hi = min(ep.hi, s[1])
+            else:
+                ep.lo, ep.hi = max(ep.lo, s[1][0]), min(ep.hi, s[1][1])
+            ep.end, cur = value_of[s[2]], s[2]
+            s = step(cur)
+        found[call] = ep
+    return found
+
+
 def sparsify(mod, target, decide, dense: bool = False):
     """Replace the 1x1 convs ``decide(candidate, weight2d, n, c, pixels)`` picks "sparse" by
-    ``call_tir`` of ``pointwise_nchw``; returns (module, candidates in graph order). With
+    ``call_tir`` of ``pointwise_nchw``, with the bias add and ReLU/ReLU6 clamp that follow each
+    fused into the kernel (``epilogues``); returns (module, candidates in graph order). With
     ``dense`` a weight without zero blocks is a candidate too (the kernel's dense baseline)."""
     import tvm
     from tvm import relax
@@ -210,6 +333,44 @@ def sparsify(mod, target, decide, dense: bool = False):
     conv = tvm.ir.Op.get("relax.nn.conv2d")
     lanes = lanes_for(target)
     candidates: list[Candidate] = []
+    mod = relax.transform.FoldConstant()(mod)  # bias reshapes and clamp bounds as constants
+    chains = {}
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            chains.update(epilogues(func, conv))
+    ends = {ep.end.__chandle__(): (call, ep) for call, ep in chains.items()}
+
+    def replace(call, ep: Epilogue, x):
+        """The kernel call for conv ``call`` (input ``x``, already rewritten) with ``ep`` fused;
+        None where the conv stays dense."""
+        w = call.args[1].value.numpy() if isinstance(call.args[1], tvm.ir.expr.Constant) else None
+        shape = call.args[0].ty.shape
+        if w is None or w.shape[2:] != (1, 1) or not _is_plain_pointwise(call) or shape is None:
+            return None
+        try:
+            n, c, h, wd = (int(d) for d in shape.values)
+        except TypeError:  # symbolic dims
+            return None
+        w2d = w.reshape(w.shape[0], -1)
+        r = block_rows(w2d, dense=dense)
+        if r is None:
+            return None
+        blocks = (w2d != 0).reshape(w.shape[0] // r, r, -1).any(1)
+        cand = Candidate(weight_key(w2d), tuple(w.shape), h * wd, r, float(blocks.mean()))
+        candidates.append(cand)
+        cand.choice = decide(cand, w2d, n, c, h * wd)
+        if cand.choice != "sparse":
+            return None
+        o = w.shape[0]
+        data, indices, indptr = pack(w2d, r)
+        bias = ep.bias if ep.bias is not None else np.zeros(o, np.float32)
+        kernel = pointwise_nchw(n, c, o, h * wd, r, len(indices), lanes, ep.lo, ep.hi)
+        name = f"effc_bsr_pointwise_{len(candidates)}"
+        gv = rewriter.builder_.add_func(kernel.with_attr("global_symbol", name), name)
+        args = [relax.op.reshape(x, (n, c, h * wd)), relax.const(data), relax.const(indices)]
+        args += [relax.const(indptr), relax.const(bias)]
+        out = relax.call_tir(gv, args, relax.TensorType((n, o, h * wd), "float32"))
+        return relax.op.reshape(out, (n, o, h, wd))
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
@@ -217,44 +378,20 @@ def sparsify(mod, target, decide, dense: bool = False):
             super().__init__(module)
 
         def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if call.op != conv or not isinstance(call.args[1], tvm.ir.expr.Constant):
-                return call
-            w = call.args[1].value.numpy()
-            shape = call.args[0].ty.shape
-            if w.shape[2:] != (1, 1) or not _is_plain_pointwise(call) or shape is None:
-                return call
-            try:
-                n, c, h, wd = (int(d) for d in shape.values)
-            except TypeError:  # symbolic dims
-                return call
-            w2d = w.reshape(w.shape[0], -1)
-            r = block_rows(w2d, dense=dense)
-            if r is None:
-                return call
-            blocks = (w2d != 0).reshape(w.shape[0] // r, r, -1).any(1)
-            cand = Candidate(weight_key(w2d), tuple(w.shape), h * wd, r, float(blocks.mean()))
-            candidates.append(cand)
-            cand.choice = decide(cand, w2d, n, c, h * wd)
-            if cand.choice != "sparse":
-                return call
-            data, indices, indptr = pack(w2d, r)
-            kernel = pointwise_nchw(n, c, w.shape[0], h * wd, r, len(indices), lanes)
-            name = f"effc_bsr_pointwise_{len(candidates)}"
-            gv = self.builder_.add_func(kernel.with_attr("global_symbol", name), name)
-            x = relax.op.reshape(call.args[0], (n, c, h * wd))
-            out = relax.call_tir(
-                gv,
-                [x, relax.const(data), relax.const(indices), relax.const(indptr)],
-                relax.TensorType((n, w.shape[0], h * wd), "float32"),
-            )
-            return relax.op.reshape(out, (n, w.shape[0], h, wd))
+            hit = ends.get(call.__chandle__())
+            new = super().visit_call_(call)
+            if hit is None:
+                return new
+            conv_call, ep = hit
+            fused = replace(conv_call, ep, self.visit_expr(conv_call.args[0]))
+            return new if fused is None else fused
 
     rewriter = Rewriter(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get(), candidates
+    # the replaced convs, bias adds and clamps have no users left
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), candidates
 
 
 def pointwise_module(w2d, n, c, pixels):
@@ -292,8 +429,10 @@ def measure_pointwise(build, target, w2d, n, c, pixels, r, repeat=20) -> tuple[f
     data, indices, indptr = pack(w2d, r)
     kernel = pointwise_nchw(n, c, o, pixels, r, len(indices), lanes_for(target))
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
+    bias = np.zeros(o, np.float32)
     args = [
-        tvm.runtime.tensor(a) for a in (xs.numpy().reshape(n, c, pixels), data, indices, indptr)
+        tvm.runtime.tensor(a)
+        for a in (xs.numpy().reshape(n, c, pixels), data, indices, indptr, bias)
     ]
     args.append(tvm.runtime.tensor(np.zeros((n, o, pixels), np.float32)))
     sparse_s = lib.mod.time_evaluator("main", dev, number=10, repeat=repeat)(*args).median

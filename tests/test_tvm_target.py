@@ -73,8 +73,47 @@ def test_sparse_kernel_is_exact_on_ragged_shapes(pixels, r):
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
     x = rng.standard_normal((2, c, pixels)).astype(np.float32)
     out = tvm.runtime.tensor(np.full((2, o, pixels), np.nan, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr)), out)
-    np.testing.assert_allclose(out.numpy(), np.einsum("oc,ncp->nop", w, x), rtol=1e-5, atol=1e-5)
+    bias = rng.standard_normal(o).astype(np.float32)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr, bias)), out)
+    want = np.einsum("oc,ncp->nop", w, x) + bias[:, None]
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_and_clamps_fuse_into_the_sparse_kernel_only_where_safe(tmp_path):
+    import onnx_ir as ir
+    import tvm
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = torch.nn.Conv2d(8, 32, 1)
+            self.project = torch.nn.Conv2d(32, 8, 1)
+            self.side = torch.nn.Conv2d(8, 16, 1)
+
+        def forward(self, pixels):
+            y = torch.nn.functional.relu6(self.expand(pixels))  # bias + ReLU6: fused
+            z = self.project(y) + pixels  # bias fused; the residual add stays
+            s = self.side(z)  # its pre-activation is also an output: nothing fused
+            return torch.relu(s), s
+
+    torch.manual_seed(0)
+    src = tmp_path / "net.onnx"
+    torch.onnx.export(
+        Net().eval(), (torch.randn(1, 8, 6, 6),), str(src), dynamo=False, input_names=["pixels"]
+    )
+    passes = "kernel-sparsity{sparsity=0.5,patterns=[pointwise:4x1,linear:dense,conv:dense]}"
+    out = tmp_path / "out"
+    _compile(str(src), passes, out, kernel_everywhere=True)
+    mod = tvm_backend.import_onnx(ir.load(str(out / "model.onnx")))
+    conv = tvm.ir.Op.get("relax.nn.conv2d")
+    eps = tvm_sparse.epilogues(tvm.relax.transform.FoldConstant()(mod)["main"], conv)
+    got = sorted((e.bias is not None, e.lo, e.hi) for e in eps.values())
+    assert got == [(True, -np.inf, np.inf), (True, -np.inf, np.inf), (True, 0.0, 6.0)]
+    x = {"pixels": np.random.default_rng(4).standard_normal((1, 8, 6, 6)).astype(np.float32)}
+    ref = run_file(out / "model.onnx", x)
+    tv = get_backend("tvm").run(out, x)
+    for name, want in ref.items():
+        np.testing.assert_allclose(tv[name], want, rtol=1e-5, atol=1e-5)
 
 
 def test_block_rows_finds_only_whole_blocks():
