@@ -4,7 +4,7 @@ sparsity, side by side in one process. Whole models, run by effc's ahead-of-time
 (``backends/tvm_aot.py``) linked with TVM's kernels.
 
     python -m tools.bench.tvm_wasm [--models mobilenet-v2,mobilenet-v1] [--levels 0.3,0.5,0.7] \\
-        [--trials 5] [--repeat 5] [--out tools/bench/results/tvm_wasm]
+        [--trials 5] [--repeat 5] [--ort-web DIR] [--out tools/bench/results/tvm_wasm]
 
 Variants:
 - ``tvm dense (default schedule)``: TVM 0.27's default build of every operator, no tuning (a
@@ -14,6 +14,10 @@ Variants:
   what sparsity alone buys.
 - ``effc sparse N%``: kernel-sparsity (1x1 convs as 8x1 blocks); each candidate layer runs
   sparse where it measured faster than TVM's dense operator under wasmtime at build time.
+- ``onnxruntime-web dense`` (with ``--ort-web DIR``, a folder where
+  ``npm install --prefix DIR onnxruntime-web@1.22.0`` ran): the engine a web user would pick,
+  WebAssembly with SIMD on one thread, under node (``tools/bench/node/ort_web.js``), on the
+  dense graph; interleaved with the rest.
 
 Each figure is the median over ``trials`` rounds (the variants interleaved) of the executor's
 own median over ``repeat`` runs. The floor is the bytes the graph moves (as in tvm_cnn) over the
@@ -55,7 +59,23 @@ def build(ref: str, passes: str, out: Path, **options) -> float:
     return time.time() - t0
 
 
-def run(models: list[str], levels: list[float], trials: int, repeat: int) -> dict:
+NODE_SCRIPT = Path(__file__).with_name("node") / "ort_web.js"
+
+
+def ort_web_ms(folder: Path, model: Path, shape, runs: int) -> float:
+    """Median ms of ``model`` in onnxruntime-web under node (modules from ``folder``)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "NODE_PATH": str(Path(folder).resolve() / "node_modules")}
+    cmd = ["node", str(NODE_SCRIPT), str(model), ",".join(map(str, shape)), str(runs)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["median_ms"])
+
+
+def run(
+    models: list[str], levels: list[float], trials: int, repeat: int, ort_web: str | None = None
+) -> dict:
     bw = read_bandwidth()
     rows = []
     with tempfile.TemporaryDirectory(prefix="effc-bench-wasm-") as tmp:
@@ -77,8 +97,19 @@ def run(models: list[str], levels: list[float], trials: int, repeat: int) -> dic
             x = {"pixels": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
             times = {label: [] for label in folders}
             diffs = {}
+            if ort_web:
+                folders["onnxruntime-web dense"] = folders["tvm dense (default schedule)"]
+                variants["onnxruntime-web dense"] = ("", {}, 0.0)
+                seconds["onnxruntime-web dense"] = 0.0
+                times["onnxruntime-web dense"] = []
             for _ in range(trials):
                 for label, folder in folders.items():
+                    if label == "onnxruntime-web dense":
+                        shape = x["pixels"].shape
+                        ms_web = ort_web_ms(Path(ort_web), folder / "model.onnx", shape, repeat)
+                        times[label].append(ms_web)
+                        diffs[label] = None  # its own input; not compared
+                        continue
                     meta = json.loads((folder / "tvm.json").read_text())
                     outs, timing = tvm_backend.run_wasm(folder, meta, x, repeat)
                     times[label].append(timing["median_ms"])
@@ -92,6 +123,7 @@ def run(models: list[str], levels: list[float], trials: int, repeat: int) -> dic
             for label, folder in folders.items():
                 meta = json.loads((folder / "tvm.json").read_text())
                 chosen = [c for c in meta["sparse_layers"] if c["choice"] == "sparse"]
+                web = label.startswith("onnxruntime-web")
                 rows.append(
                     {
                         "model": name,
@@ -101,7 +133,9 @@ def run(models: list[str], levels: list[float], trials: int, repeat: int) -> dic
                         "vs_tvm_dense": base / ms[label],
                         "vs_kernel_dense": kernel / ms[label],
                         "floor_ms": moved_bytes(folder) / bw * 1e3,
-                        "sparse_layers": f"{len(chosen)}/{len(meta['sparse_layers'])}",
+                        "sparse_layers": ""
+                        if web
+                        else f"{len(chosen)}/{len(meta['sparse_layers'])}",
                         "max_diff": diffs[label],
                         "build_s": round(seconds[label], 1),
                     }
@@ -128,10 +162,11 @@ def markdown(data: dict, command: str) -> str:
         "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in data["rows"]:
+        diff = "-" if r["max_diff"] is None else f"{r['max_diff']:.1e}"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['ms']:.1f} | {r['floor_ms']:.2f} | "
             f"{r['vs_tvm_dense']:.2f}x | {r['vs_kernel_dense']:.2f}x | {r['sparse_layers']} | "
-            f"{r['max_diff']:.1e} | {r['build_s']} |"
+            f"{diff} | {r['build_s']} |"
         )
     return "\n".join(lines)
 
@@ -142,13 +177,15 @@ def main() -> None:
     ap.add_argument("--levels", default="0.3,0.5,0.7")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ort-web", help="folder with node_modules/onnxruntime-web")
     ap.add_argument("--out", default="tools/bench/results/tvm_wasm")
     args = ap.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
-    data = run(args.models.split(","), levels, args.trials, args.repeat)
+    data = run(args.models.split(","), levels, args.trials, args.repeat, args.ort_web)
     command = (
         f"python -m tools.bench.tvm_wasm --models {args.models} --levels {args.levels} "
         f"--trials {args.trials} --repeat {args.repeat}"
+        + (f" --ort-web {args.ort_web}" if args.ort_web else "")
     )
     save(args.out, data, markdown(data, command))
 
