@@ -266,20 +266,19 @@ def describe(out_dir: Path) -> list[str]:
         + (f" with tuning database {meta['tuning']}" if meta.get("tuning") else ", untuned")
     ]
     if layers:
-        notes.append(
-            f"block-sparse 1x1 convs: {len(sparse)} of {len(layers)} candidates run sparse ("
-            + "; ".join(
-                f"{c['shape'][1]}->{c['shape'][0]} @{c['pixels']}px d={c['density']:.2f}: "
-                + (
-                    f"dense {c['dense_us']:.0f} us / sparse {c['sparse_us']:.0f} us"
-                    if "dense_us" in c
-                    else c["why"]
-                )
-                + f" -> {c['choice']}"
-                for c in layers
+        # one line per build, not per layer: the layers are in decisions.json and tvm.json
+        timed = [c for c in layers if "dense_us" in c]
+        line = f"block-sparse 1x1 convs: {len(sparse)} of {len(layers)} candidates run sparse"
+        if timed:
+            dense = sum(c["dense_us"] for c in timed)
+            chosen = sum(c[f"{c['choice']}_us"] for c in timed)
+            line += (
+                f" ({timed[0]['why']}: the candidates take {chosen / 1e3:.2f} ms as chosen "
+                f"against {dense / 1e3:.2f} ms dense)"
             )
-            + ")"
-        )
+        else:
+            line += f" ({layers[0]['why']})"
+        notes.append(line + f"; per layer in {DECISIONS_FILE}")
     return notes
 
 
