@@ -253,7 +253,7 @@ def plot(data: dict, path: Path) -> None:
                     "o-",
                     label=f"{engine} sparse",
                 )
-        styles = iter(["tab:green", "tab:red", "tab:orange", "tab:purple", "tab:brown"])
+        styles = iter(["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray"])
         for r in rows:
             if "sparse" not in r["variant"]:
                 ax.axhline(r["ms"], linestyle="--", label=r["variant"], color=next(styles))

@@ -171,6 +171,38 @@ def markdown(data: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def plot(data: dict, path: Path) -> None:
+    """ms against sparsity per model: effc's sparse builds as a curve, the dense variants as
+    horizontal lines (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'effc[bench]'): no plot")
+        return
+    names = list(dict.fromkeys(r["model"] for r in data["rows"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4))
+    for ax, name in zip(np.atleast_1d(axes), names):
+        rows = [r for r in data["rows"] if r["model"] == name]
+        sparse = [r for r in rows if r["variant"].startswith("effc sparse")]
+        ax.plot(
+            [r["sparsity"] for r in sparse], [r["ms"] for r in sparse], "o-", label="effc sparse"
+        )
+        colors = iter(["tab:red", "tab:green", "tab:purple", "tab:orange"])
+        for r in rows:
+            if not r["variant"].startswith("effc sparse"):
+                ax.axhline(r["ms"], linestyle="--", color=next(colors), label=r["variant"])
+        ax.set_title(f"{name}, wasm32 under wasmtime")
+        ax.set_xlabel("kernel sparsity of the 1x1 convs")
+        ax.set_ylabel("ms (batch 1, one thread)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mobilenet-v2,mobilenet-v1")
@@ -188,6 +220,7 @@ def main() -> None:
         + (f" --ort-web {args.ort_web}" if args.ort_web else "")
     )
     save(args.out, data, markdown(data, command))
+    plot(data, Path(args.out + ".png"))
 
 
 if __name__ == "__main__":
