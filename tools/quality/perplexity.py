@@ -83,14 +83,20 @@ ROWS = {
     "remove 3 blocks (cosine)": "remove-blocks{count=3,samples=16}",
     "remove 6 blocks (cosine)": "remove-blocks{count=6,samples=16}",
     "remove 9 blocks (cosine)": "remove-blocks{count=9,samples=16}",
+    "remove 12 blocks (cosine)": "remove-blocks{count=12,samples=16}",
     "remove 3 blocks (random)": "remove-blocks{count=3,score=random}",
     "remove 6 blocks (random)": "remove-blocks{count=6,score=random}",
     "remove 9 blocks (random)": "remove-blocks{count=9,score=random}",
+    "remove 12 blocks (random)": "remove-blocks{count=12,score=random}",
     "remove 6 blocks (gates)": "block-gates{steps=32,samples=16,rate=0.2},"
     "remove-blocks{count=6,score=gates}",
     "remove 6 blocks (cosine) + cure": "remove-blocks{count=6,samples=16},"
     "cure{steps=32,samples=16,lr=0.0001}",
+    "remove 6 blocks (cosine) + cure 96 steps": "remove-blocks{count=6,samples=16},"
+    "cure{steps=96,samples=16,lr=0.0001}",
     "remove 6 blocks (cosine) + share pairs": "remove-blocks{count=6,samples=16},share-blocks{group=2}",
+    "remove 6 blocks (cosine) + share triples": "remove-blocks{count=6,samples=16},"
+    "share-blocks{group=3}",
     "remove 6 blocks (cosine) + share pairs + cure": "remove-blocks{count=6,samples=16},"
     "share-blocks{group=2},cure{steps=32,samples=16,lr=0.0001}",
     "W3 g64 RTN": "quantize{bits=3,group=64}",
