@@ -184,14 +184,14 @@ def plan(mod) -> tuple[Plan, object]:
     return p, tvm.IRModule(prims)
 
 
-def _tool(*names: str) -> str:
+WASM_TOOLS = "apt install clang lld wasi-libc libclang-rt-14-dev-wasm32"
+
+
+def _tool(*names: str, what: str = "a wasm32 artifact", how: str = WASM_TOOLS) -> str:
     for name in names:
         if shutil.which(name):
             return name
-    raise UnsupportedError(
-        f"building a wasm32 artifact needs {names[0]}: apt install clang lld wasi-libc "
-        "libclang-rt-14-dev-wasm32"
-    )
+    raise UnsupportedError(f"building {what} needs {names[0]}: {how}")
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -240,7 +240,8 @@ def link(p: Plan, kernels, target, out: Path, arch: str) -> None:
             cmd = [cc, "--target=wasm32-wasi", f"--sysroot={WASM_SYSROOT}", "-msimd128"]
             cmd += ["-Wl,-z,stack-size=8388608", *flags, "-o", str(out)]
         else:
-            cmd = [_tool("cc", "gcc", "clang"), *flags, "-o", str(out)]
+            cc = _tool("cc", "gcc", "clang", what="the native executor", how="install a C compiler")
+            cmd = [cc, *flags, "-o", str(out)]
         _run(cmd, f"linking the {arch} executor")
 
 

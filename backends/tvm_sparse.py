@@ -285,7 +285,7 @@ def epilogues(func, conv_op) -> dict:
                 return (name, v, nxt) if v is not None else None
             return None
         args = list(call.args)
-        if call.op in (ops["relu"],) and args[0].same_as(var):
+        if call.op == ops["relu"] and args[0].same_as(var):
             return ("maximum", 0.0, nxt)
         if call.op == ops["clip"] and args[0].same_as(var):
             lo, hi = (float(a.value) if hasattr(a, "value") else None for a in args[1:3])

@@ -71,7 +71,9 @@ def moved_bytes(folder: Path) -> int:
     return total
 
 
-def build(ref: str, passes: str, out: Path, tuning: Path | None, sparse: bool) -> float:
+def build(ref: str, passes: str, out: Path, **backend_options) -> float:
+    """Seconds to compile ``ref`` with ``passes`` for the tvm target into ``out``
+    (``backend_options`` go to the tvm backend: tuning, sparse, tvm_target, ...)."""
     t0 = time.time()
     compile_model(
         load_model(ref),
@@ -81,7 +83,7 @@ def build(ref: str, passes: str, out: Path, tuning: Path | None, sparse: bool) -
         PassContext(),
         force=True,
         verify=False,
-        backend_options={"tuning": str(tuning) if tuning else None, "sparse": sparse},
+        backend_options=backend_options,
     )
     return time.time() - t0
 
@@ -135,7 +137,8 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
             folders, seconds = {}, {}
             for label, (text, db, sparse, _) in variants.items():
                 folder = Path(tmp) / f"{name}-{len(folders)}"
-                seconds[label] = build(ref, text, folder, db, sparse)
+                tuning = str(db) if db else None
+                seconds[label] = build(ref, text, folder, tuning=tuning, sparse=sparse)
                 folders[label] = folder
                 print(f"built {name} {label} in {seconds[label]:.0f} s", flush=True)
             first = next(iter(folders.values()))

@@ -30,34 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from effc.backends import tvm as tvm_backend
-from effc.compile import compile_model
-from effc.context import PassContext
 from effc.ir.ort import open_session, session_options
-from effc.ir.torch_io import load_model
-from tools.bench.tvm_cnn import PATTERN, moved_bytes, read_bandwidth
+from tools.bench.tvm_cnn import PATTERN, build, moved_bytes, read_bandwidth
 from tools.results import save
-
-
-def build(ref: str, passes: str, out: Path, **options) -> float:
-    t0 = time.time()
-    compile_model(
-        load_model(ref),
-        passes,
-        out,
-        "tvm",
-        PassContext(),
-        force=True,
-        verify=False,
-        backend_options={"tvm_target": "wasm32", **options},
-    )
-    return time.time() - t0
-
 
 NODE_SCRIPT = Path(__file__).with_name("node") / "ort_web.js"
 
@@ -91,32 +71,42 @@ def run(
             folders, seconds = {}, {}
             for label, (text, options, _) in variants.items():
                 folder = Path(tmp) / f"{name}-{len(folders)}"
-                seconds[label] = build(ref, text, folder, **options)
+                seconds[label] = build(ref, text, folder, tvm_target="wasm32", **options)
                 folders[label] = folder
                 print(f"built {name} {label} in {seconds[label]:.0f} s", flush=True)
             x = {"pixels": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
-            times = {label: [] for label in folders}
-            diffs = {}
-            if ort_web:
-                folders["onnxruntime-web dense"] = folders["tvm dense (default schedule)"]
-                variants["onnxruntime-web dense"] = ("", {}, 0.0)
-                seconds["onnxruntime-web dense"] = 0.0
-                times["onnxruntime-web dense"] = []
-            for _ in range(trials):
-                for label, folder in folders.items():
-                    if label == "onnxruntime-web dense":
-                        shape = x["pixels"].shape
-                        ms_web = ort_web_ms(Path(ort_web), folder / "model.onnx", shape, repeat)
-                        times[label].append(ms_web)
-                        diffs[label] = None  # its own input; not compared
-                        continue
-                    meta = json.loads((folder / "tvm.json").read_text())
+            runs = {}  # label -> () -> (outputs or None, ms)
+            for label, folder in folders.items():
+                meta = json.loads((folder / "tvm.json").read_text())
+
+                def wasm(folder=folder, meta=meta, x=x):
                     outs, timing = tvm_backend.run_wasm(folder, meta, x, repeat)
-                    times[label].append(timing["median_ms"])
-                    if label not in diffs:
-                        ort = open_session(str(folder / "model.onnx"), session_options(1, True))
-                        want = ort.run(None, x)[0]
-                        diffs[label] = float(np.abs(next(iter(outs.values())) - want).max())
+                    return outs, timing["median_ms"]
+
+                runs[label] = wasm
+            if ort_web:
+                label = "onnxruntime-web dense"
+                folders[label] = folders["tvm dense (default schedule)"]
+                variants[label], seconds[label] = ("", {}, 0.0), 0.0
+                graph, shape = folders[label] / "model.onnx", x["pixels"].shape
+                runs[label] = lambda g=graph, s=shape: (
+                    None,
+                    ort_web_ms(Path(ort_web), g, s, repeat),
+                )
+            times = {label: [] for label in runs}
+            diffs = {}
+            for _ in range(trials):
+                for label, call in runs.items():
+                    outs, ms_run = call()
+                    times[label].append(ms_run)
+                    if label in diffs:
+                        continue
+                    if outs is None:  # onnxruntime-web runs its own input: not compared
+                        diffs[label] = None
+                        continue
+                    ort = open_session(str(folders[label] / "model.onnx"), session_options(1, True))
+                    want = ort.run(None, x)[0]
+                    diffs[label] = float(np.abs(next(iter(outs.values())) - want).max())
             ms = {label: float(np.median(v)) for label, v in times.items()}
             base = ms["tvm dense (default schedule)"]
             kernel = ms["effc kernel, dense weights"]
