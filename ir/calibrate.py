@@ -174,6 +174,31 @@ def capture_block_inputs(module, block, inputs: list[dict]) -> list[tuple]:
     return captured
 
 
+def site_input(model, site: WeightSite, x: dict[str, np.ndarray]) -> torch.Tensor:
+    """The rows (unfolded patches for a conv) the layer of ``site`` sees on one input. FX: the
+    model stops at the layer, so only the layers before it run; ONNX (and FX graphs a structural
+    pass rewrote): one whole run."""
+    got: list[torch.Tensor] = []
+    if model.kind == "fx" and not model.graph_modified:
+        module = model.module
+
+        def hook(mod, args):
+            got.append(_module_rows(mod, args[0].detach()))
+            raise _Stop
+
+        handle = module.get_submodule(site.fqn).register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                module(**{k: torch.from_numpy(np.asarray(v)) for k, v in x.items()})
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+    else:
+        collect_site_inputs(model, [site], [x], lambda _s, rows: got.append(rows))
+    return got[0]
+
+
 def block_output(out) -> torch.Tensor:
     """A block's hidden state from what it returns (a tensor, or a tuple led by one)."""
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -103,16 +103,18 @@ class FxModel:
             config.use_cache = old
 
     @property
-    def _runner(self) -> nn.Module:
-        """The source module (any input shape) unless a structural pass rewrote the graph, then
-        the (static-shape) graph module."""
+    def runner(self) -> nn.Module:
+        """The module that computes the compressed model: the source module (any input shape)
+        unless a structural pass (``fuse``, ``remove-blocks`` on a graph) rewrote the graph, then
+        the (static-shape) graph module. ``module`` is the user's own object, which such a pass
+        leaves behind."""
         return self.graph_module if self.graph_modified else self.module
 
     @torch.no_grad()
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs on numpy inputs."""
         with self.plain_outputs():
-            outputs = self._runner(
+            outputs = self.runner(
                 **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
             )
         flat, _ = torch.utils._pytree.tree_flatten(outputs)
@@ -131,7 +133,7 @@ class FxModel:
         """Outputs with every float parameter, buffer and input one ulp off (``ulp_nudge``): the
         model's own sensitivity to fp32 rounding. The weights are restored afterwards."""
         rng = np.random.default_rng(seed)
-        tensors = [t for t in [*self._runner.parameters(), *self._runner.buffers()]]
+        tensors = [t for t in [*self.runner.parameters(), *self.runner.buffers()]]
         tensors = [t for t in dict.fromkeys(tensors) if t.dtype == torch.float32]
         saved = [t.detach().clone() for t in tensors]
         try:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 import torch
 
 from effc.ir.model import attr_tensor
-from effc.ir.sites import fx_fqn
+from effc.ir.sites import fx_fqn, weight_sites
 
 aten = torch.ops.aten
 _FX_CHANNELWISE = {
@@ -320,3 +320,67 @@ def row_orders(scores: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
         "pca": pca_order(profiles),
         "bisect": bisect_order(profiles, rows),
     }
+
+
+# ---------------------------------------------------------------- BatchNorm output scales
+def _bn_scale(gamma: torch.Tensor | None, var: torch.Tensor, eps: float) -> torch.Tensor:
+    s = 1.0 / torch.sqrt(var.double() + eps)
+    return (s if gamma is None else gamma.double().abs() * s).float()
+
+
+def output_scales(model) -> dict[str, torch.Tensor]:
+    """{weight-site FQN: per-output-channel factor} for every conv/linear whose output goes
+    only into an inference BatchNorm with constant parameters: |gamma| / sqrt(var + eps), the
+    factor BatchNorm multiplies each output channel by. An importance score compares weights of
+    different output channels, so it must see the weights as the network uses them (BatchNorm
+    folded in); without the factor a channel BatchNorm scales up 10x looks 10x less important.
+    Layers with no such BatchNorm are absent (factor 1)."""
+    out: dict[str, torch.Tensor] = {}
+    if model.kind == "fx":
+        gm = model.graph_module
+        for n in gm.graph.nodes:
+            if n.op != "call_function" or n.target not in (
+                aten.conv1d.default,
+                aten.conv2d.default,
+                aten.conv3d.default,
+                aten.linear.default,
+            ):
+                continue
+            w = n.args[1]
+            if getattr(w, "op", None) != "get_attr" or len(n.users) != 1:
+                continue
+            (u,) = n.users
+            if u.target != aten.batch_norm.default or u.args[0] is not n or u.args[5]:
+                continue
+            gamma, var = u.args[1], u.args[4]
+            if getattr(var, "op", None) != "get_attr" or (
+                gamma is not None and getattr(gamma, "op", None) != "get_attr"
+            ):
+                continue
+            out[fx_fqn(n, w.target)] = _bn_scale(
+                None if gamma is None else attr_tensor(gm, gamma.target),
+                attr_tensor(gm, var.target),
+                float(u.args[7]),
+            )
+        return out
+    for site in weight_sites(model):
+        node = site.node
+        if node is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        v = node.outputs[0]
+        users = list(v.uses())
+        if len(users) != 1 or v.is_graph_output():
+            continue
+        u, index = users[0]
+        if u.op_type != "BatchNormalization" or index != 0:
+            continue
+        gamma, var = u.inputs[1], u.inputs[4]
+        if any(x is None or x.const_value is None for x in (gamma, var)):
+            continue
+        eps = u.attributes["epsilon"].as_float() if "epsilon" in u.attributes else 1e-5
+        out[site.fqn] = _bn_scale(
+            torch.from_numpy(np.array(gamma.const_value.numpy(), dtype=np.float64)),
+            torch.from_numpy(np.array(var.const_value.numpy(), dtype=np.float64)),
+            eps,
+        )
+    return out

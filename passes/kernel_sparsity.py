@@ -23,6 +23,20 @@ X the layer's unfolded calibration inputs; ``obs`` W^2 / [H^-1]_jj (optimal brai
 saliency) and the pruned weights' loss compensated in the kept ones (the SparseGPT sweep of
 group-prune, with the block pattern as its mask), per conv group.
 
+A layer whose output goes straight into an inference BatchNorm is scored as the network uses it:
+every output channel's scores are multiplied by BatchNorm's factor |gamma| / sqrt(var + eps)
+(squared for obs), so the kept blocks are the ones the BN-folded layer would keep (a raw weight
+ten times smaller may feed a channel BatchNorm scales ten times up). The reported output errors
+are after that factor too.
+
+``sequential=true`` (score=obs) prunes the layers one by one in graph order, each on the inputs
+the already pruned layers give it (Xp), against what the dense layer computes on the dense inputs
+(Xd): its weight is first solved for W0 = (W Xd^T Xp + l W)(Xp^T Xp + l I)^-1 (a ridge towards W,
+so W0 = W when nothing upstream changed) and W0 is then pruned with OBS on Xp's Hessian. Each
+layer so corrects what the layers before it lost, at the cost of one partial forward of the dense
+and of the pruned model per layer and calibration input; the layer's reported output error is
+||W Xd - W' Xp||^2 / ||W Xd||^2.
+
 Budget: ``sparsity`` is the fraction of the eligible weights (the layers whose pattern is not
 dense) set to zero, model-wide. ``allocate=uniform`` gives each layer that sparsity;
 ``allocate=sensitivity`` measures, for every layer, the deviation of the whole model's outputs
@@ -40,6 +54,7 @@ and ``pattern`` in the compression state, with the original weight.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -48,9 +63,11 @@ from typing import Literal
 import torch
 
 from effc.errors import PassOptionError
+from effc.ir.calibrate import site_input
 from effc.ir.reducers import activation_norms, hessians
 from effc.ir.sites import WeightSite, read_weight, weight_sites, write_weight
 from effc.pass_base import Pass, PassResult
+from effc.passes._channels import output_scales
 from effc.passes._obs import inverse_hessian_factor, obs_prune
 from effc.passes.group_prune import allocate, keep_top, output_deviation
 from effc.progress import bar
@@ -127,6 +144,17 @@ def exact_counts(
     return keep
 
 
+def _sequential_error(site, weight, pruned: torch.Tensor, hp, hd, c) -> float:
+    """||W Xd - W' Xp||^2 / ||W Xd||^2 summed over conv groups, from Hp = Xp^T Xp, Hd = Xd^T Xd
+    and C = Xp^T Xd (the common factor 2 / rows cancels)."""
+    g = site.groups
+    w = weight.double().view(g, site.shape[0] // g, -1)
+    p = pruned.double().view_as(w)
+    dense = ((w @ hd) * w).sum()
+    err = dense - 2 * ((p @ c) * w).sum() + ((p @ hp) * p).sum()
+    return float(err / dense.clamp_min(1e-30))
+
+
 def _relative(d: torch.Tensor, w: torch.Tensor) -> float:
     return float((d.double() ** 2).sum() / (w.double() ** 2).sum().clamp_min(1e-30))
 
@@ -165,6 +193,7 @@ class KernelSparsity(Pass):
         spread: float = 0.2
         sensitivity_samples: int = 2
         skip: list[str] = field(default_factory=list)
+        sequential: bool = False
 
     def needs_calibration(self) -> bool:
         return self.options.score != "magnitude" or self.options.allocate == "sensitivity"
@@ -180,6 +209,11 @@ class KernelSparsity(Pass):
             raise PassOptionError(
                 "pass 'kernel-sparsity': option 'spread' must be in (0, 1) and "
                 "'sensitivity_samples' >= 1"
+            )
+        if o.sequential and o.score != "obs":
+            raise PassOptionError(
+                "pass 'kernel-sparsity': sequential=true solves each layer for the dense model's "
+                f"outputs with OBS; use score=obs (got score={o.score})"
             )
 
     def run(self, model, ctx) -> PassResult:
@@ -205,21 +239,24 @@ class KernelSparsity(Pass):
 
         sites = [la.site for la in layers]
         calibrated = bool(ctx.calibration) and self.needs_calibration()
-        hess = hessians(model, sites, ctx.calibration) if calibrated else {}
+        whole = calibrated and not (o.sequential and o.allocate == "uniform")
+        hess = hessians(model, sites, ctx.calibration) if whole else {}
+        teacher = copy.deepcopy(model) if o.sequential else None
+        self._hess, self._patterns = hess, patterns
         norms = activation_norms(model, sites, ctx.calibration) if o.score == "wanda" else {}
+        scales = output_scales(model)
         for la in layers:
-            g, rows = la.site.groups, la.site.shape[0] // la.site.groups
             if o.score == "wanda":
-                n = norms[la.site.fqn].reshape(g if la.site.op == "conv" else 1, -1)
+                g = la.site.groups if la.site.op == "conv" else 1
+                n = norms[la.site.fqn].reshape(g, -1)
+                rows = la.site.shape[0] // g
                 la.importance = la.weight.abs() * n.repeat_interleave(rows, 0)
-            elif o.score == "obs":
-                h = hess[la.site.fqn].reshape(-1, *hess[la.site.fqn].shape[-2:])
-                la.stat = [inverse_hessian_factor(h[i]) for i in range(g)]
-                d = torch.stack([torch.diag(u) ** 2 for u, _ in la.stat])
-                e = la.weight**2 / d.repeat_interleave(rows, 0)
-                for i, (_, dead) in enumerate(la.stat):
-                    e[i * rows : (i + 1) * rows, dead] = 0
-                la.importance = e
+            elif o.score == "obs" and la.site.fqn in hess:
+                self._obs_importance(la, la.weight, hess[la.site.fqn])
+            if la.site.fqn in scales:
+                s = scales[la.site.fqn][:, None]
+                la.importance = la.importance * (s * s if o.score == "obs" else s)
+        stats["batchnorm_scaled"] = sum(la.site.fqn in scales for la in layers)
         scores = {la.site.fqn: block_sums(la.importance, la.block) for la in layers}
 
         blocks = {la.site.fqn: la.blocks for la in layers}
@@ -231,28 +268,18 @@ class KernelSparsity(Pass):
         keep = exact_counts(blocks, sizes, chosen, o.sparsity)
 
         per_layer, zeroed, total = {}, 0, 0
-        for la in layers:
-            k = la.site.fqn
-            mask = keep_top(scores[k], keep[k])
-            pruned = self._pruned(la, mask)
-            state = model.compression.site(k)
-            if state.original is None:
-                state.original = read_weight(la.site).clone()
-            write_weight(la.site, pruned.reshape(la.site.shape))
-            kept = expand(mask, la.block)
-            state.element_mask = kept.reshape(la.site.shape)
-            state.block, state.pattern = la.block, patterns[la.kind]
-            entry = {
-                "op": la.kind,
-                "pattern": patterns[la.kind],
-                "sparsity": round(1 - keep[k] / blocks[k], 4),
-                "weight_error": float(f"{_relative(pruned - la.weight, la.weight):.4g}"),
-            }
-            if k in hess:
-                entry["output_error"] = float(f"{self._output_error(la, pruned, hess[k]):.4g}")
-            per_layer[k] = entry
-            zeroed += int((~kept).sum())
-            total += kept.numel()
+        what = "kernel-sparsity: " + ("sequential" if o.sequential else "prune")
+        progress, task = bar(len(layers), what)
+        with progress:
+            for la in layers:
+                entry = self._prune_layer(model, ctx, la, scores, keep, teacher, scales)
+                per_layer[la.site.fqn] = entry
+                kept = model.compression.site(la.site.fqn).element_mask
+                zeroed += int((~kept).sum())
+                total += kept.numel()
+                progress.advance(task)
+        if o.sequential:
+            stats["sequential"] = {"layers": len(layers), "samples": len(ctx.calibration)}
         stats.update(
             layers=len(layers),
             weights_eligible=total,
@@ -262,25 +289,102 @@ class KernelSparsity(Pass):
         )
         return PassResult(model, zeroed > 0, stats)
 
-    def _pruned(self, la: _Layer, mask: torch.Tensor) -> torch.Tensor:
-        """The (O, K) weight with the dropped blocks zero (OBS-compensated with score=obs)."""
+    def _obs_importance(self, la: _Layer, weight: torch.Tensor, hessian: torch.Tensor) -> None:
+        """OBS saliencies W^2 / [H^-1]_jj of ``weight`` per conv group (the factors kept in
+        ``la.stat`` for the compensation)."""
+        g, rows = la.site.groups, la.site.shape[0] // la.site.groups
+        h = hessian.reshape(-1, *hessian.shape[-2:])
+        la.stat = [inverse_hessian_factor(h[i]) for i in range(g)]
+        d = torch.stack([torch.diag(u) ** 2 for u, _ in la.stat])
+        e = weight**2 / d.repeat_interleave(rows, 0)
+        for i, (_, dead) in enumerate(la.stat):
+            e[i * rows : (i + 1) * rows, dead] = 0
+        la.importance = e
+
+    def _sequential_target(self, model, ctx, la: _Layer, teacher) -> tuple:
+        """The weight that, on the inputs the already pruned layers give this layer (Xp), best
+        reproduces the dense layer on the dense inputs (Xd): W0 = W Xd^T Xp (Xp^T Xp)^-1 per conv
+        group, and Hp = 2 Xp^T Xp / rows, Hd, C = 2 Xp^T Xd / rows for the error."""
+        site = la.site
+        (t_site,) = [s for s in weight_sites(teacher) if s.fqn == site.fqn]
+        hp = hd = c = None
+        rows = 0
+        for x in ctx.calibration:
+            xd = site_input(teacher, t_site, x)
+            xp = site_input(model, site, x)
+            xd, xp = (v if v.dim() == 3 else v[None] for v in (xd, xp))
+            xd, xp = xd.double(), xp.double()
+            parts = (xp.transpose(1, 2) @ xp, xd.transpose(1, 2) @ xd, xp.transpose(1, 2) @ xd)
+            hp, hd, c = parts if hp is None else (a + b for a, b in zip((hp, hd, c), parts))
+            rows += xp.shape[1]
+        hp, hd, c = (2 * v / rows for v in (hp, hd, c))
+        g, out = site.groups, site.shape[0] // site.groups
+        w = la.weight.double().view(g, out, -1)
+        # ridge towards W, not towards zero: (W C^T + l W)(Hp + l I)^-1 is W itself when the
+        # inputs are unchanged, and directions calibration never excites keep W's values
+        dead = (hp.diagonal(dim1=1, dim2=2) == 0).double()
+        lam = 0.01 * hp.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+        reg = torch.diag_embed(lam[:, None] * torch.ones_like(dead) + dead)
+        w0 = torch.linalg.solve(hp + reg, (c + reg) @ w.transpose(1, 2)).transpose(1, 2)
+        return w0.reshape(la.weight.shape).float(), hp, hd, c
+
+    def _prune_layer(self, model, ctx, la: _Layer, scores, keep, teacher, scales) -> dict:
+        o = self.options
+        k = la.site.fqn
+        if o.sequential:
+            w0, hp, hd, c = self._sequential_target(model, ctx, la, teacher)
+            self._obs_importance(la, w0, hp.float())
+            if k in scales:
+                s = scales[k][:, None]
+                la.importance = la.importance * s * s
+            mask = keep_top(block_sums(la.importance, la.block), keep[k])
+            pruned = self._pruned(la, mask, w0)
+        else:
+            mask = keep_top(scores[k], keep[k])
+            pruned = self._pruned(la, mask)
+        state = model.compression.site(k)
+        if state.original is None:
+            state.original = read_weight(la.site).clone()
+        write_weight(la.site, pruned.reshape(la.site.shape))
+        state.element_mask = expand(mask, la.block).reshape(la.site.shape)
+        state.block, state.pattern = la.block, self._patterns[la.kind]
+        entry = {
+            "op": la.kind,
+            "pattern": self._patterns[la.kind],
+            "sparsity": round(1 - keep[k] / la.blocks, 4),
+            "weight_error": float(f"{_relative(pruned - la.weight, la.weight):.4g}"),
+        }
+        # errors after the BatchNorm that follows (if any): the units the network sees
+        s = scales[k][:, None] if k in scales else 1.0
+        w, p = la.weight * s, pruned * s
+        if o.sequential:  # ||W Xd - W' Xp||^2 / ||W Xd||^2: the dense layer on dense inputs
+            entry["output_error"] = float(f"{_sequential_error(la.site, w, p, hp, hd, c):.4g}")
+        elif k in self._hess:
+            err = self._output_error(la.site, w, p, self._hess[k])
+            entry["output_error"] = float(f"{err:.4g}")
+        return entry
+
+    def _pruned(self, la: _Layer, mask: torch.Tensor, weight=None) -> torch.Tensor:
+        """The (O, K) ``weight`` (the layer's own by default) with the dropped blocks zero
+        (OBS-compensated with score=obs)."""
+        weight = la.weight if weight is None else weight
         kept = expand(mask, la.block)
         if self.options.score != "obs":
-            return la.weight * kept
+            return weight * kept
         rows = la.site.shape[0] // la.site.groups
-        out = torch.empty_like(la.weight)
+        out = torch.empty_like(weight)
         for i, factor in enumerate(la.stat):
             sl = slice(i * rows, (i + 1) * rows)
-            out[sl] = obs_prune(la.weight[sl], factor, kept[sl], 1)
+            out[sl] = obs_prune(weight[sl], factor, kept[sl], 1)
         return out
 
     @staticmethod
-    def _output_error(la: _Layer, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    def _output_error(site, weight, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
         """tr(dW H dW^T) / tr(W H W^T) summed over the conv groups."""
         h = hessian.reshape(-1, *hessian.shape[-2:]).double()
-        rows = la.site.shape[0] // la.site.groups
-        d = (pruned - la.weight).double().view(la.site.groups, rows, -1)
-        w = la.weight.double().view(la.site.groups, rows, -1)
+        rows = site.shape[0] // site.groups
+        d = (pruned - weight).double().view(site.groups, rows, -1)
+        w = weight.double().view(site.groups, rows, -1)
         num = ((d @ h) * d).sum()
         return float(num / ((w @ h) * w).sum().clamp_min(1e-30))
 

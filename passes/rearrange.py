@@ -41,6 +41,7 @@ from effc.pass_base import Pass, PassResult
 from effc.passes._channels import (
     bisect_order,
     kept_importance,
+    output_scales,
     pca_order,
     row_orders,
 )
@@ -294,8 +295,11 @@ class Rearrange(Pass):
                 "already compressed)"
             )
         chosen: dict[str, dict] = {}
+        scales = output_scales(model)
         for r in regions:
             scores = r.weight().abs()
+            if r.producer in scales:
+                scores = scores * scales[r.producer][:, None]
             orders = row_orders(scores, o.rows)
             kept = {k: kept_importance(scores[p], o.rows, o.sparsity) for k, p in orders.items()}
             best = max(kept, key=lambda k: (kept[k], k == "identity"))

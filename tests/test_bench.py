@@ -177,3 +177,22 @@ def test_quality_windows_first_and_shuffled():
         windows(Tok(), text, 3, 16, order="random")
     with pytest.raises(ValueError, match="fewer than 63 x 16"):
         windows(Tok(), text, 63, 16, order="shuffled")
+
+
+def test_scale_bench_writes_a_loadable_sharded_llama_and_measures_anonymous_memory(tmp_path):
+    import sys
+
+    import torch
+    import transformers
+
+    from tools.bench.scale import measure, write_llama
+
+    params = write_llama(tmp_path / "m", blocks=2, hidden=64, inter=160, heads=4, vocab=256)
+    index = (tmp_path / "m" / "model.safetensors.index.json").read_text()
+    assert "model-00003-of-00003.safetensors" in index  # one shard per block + the rest
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert next(model.parameters()).dtype == torch.bfloat16
+    # a child that allocates and touches 300 MB: RssAnon sees it, the exit status comes back
+    got = measure([sys.executable, "-c", "b = bytearray(300 << 20); import time; time.sleep(0.3)"])
+    assert got["rc"] == 0 and got["peak_anon"] > 290 << 20 and got["peak_hwm"] >= got["peak_anon"]

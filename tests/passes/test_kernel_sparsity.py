@@ -11,6 +11,7 @@ from effc.ir.reducers import hessians
 from effc.ir.sites import read_weight, weight_sites
 from effc.ir.torch_io import export_onnx
 from effc.models import MobileNetV1, TinyCNN
+from effc.passes._channels import output_scales
 from effc.passes.kernel_sparsity import exact_counts, op_type
 
 
@@ -114,7 +115,7 @@ def test_exact_budget_within_half_the_largest_block(layers, target):
         assert abs(kept - round((1 - target) * weights)) <= sizes[big] / 2
 
 
-@pytest.mark.parametrize("score", ["magnitude", "wanda", "obs"])
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "obs", "obs,sequential=true"])
 def test_same_weights_on_fx_and_onnx(score, cnn_onnx):
     text = f"kernel-sparsity{{sparsity=0.4,score={score}}}"
     fx = effc.Pipeline.from_text(text).run(ConvNet(), ctx())
@@ -129,6 +130,108 @@ def test_same_weights_on_fx_and_onnx(score, cnn_onnx):
     assert fx_stats["weights_zeroed"] == onnx_stats["weights_zeroed"]
 
 
+class ConvBN(torch.nn.Module):
+    """A 1x1 conv into a BatchNorm whose scales span three decades: scoring the conv's raw
+    weights would rank its output channels by the wrong units."""
+
+    def __init__(self, bn: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.pw = torch.nn.Conv2d(16, 32, 1, bias=not bn)
+        self.bn = torch.nn.BatchNorm2d(32) if bn else torch.nn.Identity()
+        if bn:
+            g = torch.Generator().manual_seed(2)
+            self.bn.weight.data = torch.logspace(-2, 1, 32)[torch.randperm(32, generator=g)]
+            self.bn.running_var.data = torch.rand(32, generator=g) + 0.5
+            self.bn.running_mean.data = torch.randn(32, generator=g)
+        self.eval()
+
+    def forward(self, pixels):
+        return self.bn(self.pw(torch.relu(self.stem(pixels))))
+
+    def example_inputs(self):
+        return {"pixels": torch.randn(1, 3, 8, 8)}
+
+    def folded(self) -> "ConvBN":
+        """The same function with the BatchNorm folded into the conv."""
+        out = ConvBN(bn=False)
+        out.stem.load_state_dict(self.stem.state_dict())
+        s = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        out.pw.weight.data = self.pw.weight.data * s[:, None, None, None]
+        out.pw.bias.data = self.bn.bias.data - self.bn.running_mean * s
+        return out
+
+
+@pytest.mark.parametrize("score", ["magnitude", "obs"])
+def test_batchnorm_scales_rank_channels_as_the_folded_model_would(score, tmp_path):
+    """The kept blocks are the ones the BN-folded layer would keep, on FX and on an ONNX file
+    that keeps its BatchNormalization node; without the scales the choice differs."""
+    text = f"kernel-sparsity{{sparsity=0.5,score={score},patterns=[pointwise:4x1,conv:dense]}}"
+    c = ctx(4, size=8)
+    model = ConvBN()
+    x = model.example_inputs()["pixels"]
+    torch.testing.assert_close(model.folded()(x), model(x), rtol=1e-4, atol=1e-5)
+    path = tmp_path / "convbn.onnx"
+    torch.onnx.export(
+        model,
+        (x,),
+        path,
+        input_names=["pixels"],
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+    )
+    masks = {}
+    for name, m in (("fx", ConvBN()), ("folded", ConvBN().folded()), ("onnx", str(path))):
+        res = effc.Pipeline.from_text(text).run(m, c)
+        (st,) = [v for k, v in res.model.compression.sites.items() if "pw" in k or "Conv_1" in k]
+        masks[name] = st.element_mask
+        if name != "folded":
+            assert res.report.records[0].stats["batchnorm_scaled"] == 1, name
+    assert torch.equal(masks["fx"], masks["folded"])
+    assert torch.equal(masks["onnx"], masks["folded"])
+    raw = ConvBN().pw.weight.detach().reshape(8, 4, 16).abs().sum(1)  # 4x1 blocks, unscaled
+    naive = torch.zeros_like(raw, dtype=torch.bool).view(-1)
+    naive[raw.view(-1).topk(raw.numel() // 2).indices] = True
+    got = masks["fx"].reshape(8, 4, 16)[:, 0, :]
+    assert not torch.equal(got, naive.view_as(raw))
+
+
+def test_sequential_is_the_identity_at_zero_sparsity_and_tracks_the_dense_model():
+    """sequential=true solves each layer for the dense model's outputs on the already pruned
+    layers' inputs: with nothing pruned it changes nothing (the ridge pulls towards W, not 0),
+    and at 50% the whole model ends closer to the dense one than independent OBS."""
+    c = ctx(8)
+    dense = TinyCNN()
+    xs = [torch.from_numpy(v["pixels"]) for v in c.calibration]
+    ref = torch.cat([dense(x) for x in xs])
+    zero = {}
+    for seq in ("false", "true"):  # (OBS zeroes inputs calibration never excites, both ways)
+        text = f"kernel-sparsity{{sparsity=0.0,score=obs,sequential={seq}}}"
+        zero[seq] = {
+            s.fqn: read_weight(s)
+            for s in weight_sites(effc.Pipeline.from_text(text).run(TinyCNN(), c).model)
+        }
+    for k, w in zero["true"].items():
+        torch.testing.assert_close(w, zero["false"][k], rtol=1e-4, atol=1e-5)
+    errors = {}
+    for seq in ("false", "true"):
+        text = f"kernel-sparsity{{sparsity=0.5,score=obs,sequential={seq}}}"
+        res = effc.Pipeline.from_text(text).run(TinyCNN(), c)
+        with torch.no_grad():
+            got = torch.cat([res.model.module(x) for x in xs])
+        errors[seq] = float(((got - ref) ** 2).sum() / (ref**2).sum())
+        stats = res.report.records[0].stats
+        assert abs(stats["sparsity"] - 0.5) < 0.02
+        if seq == "true":
+            assert stats["sequential"]["samples"] == 8
+            assert all(v["output_error"] >= 0 for v in stats["per_layer"].values())
+    assert errors["true"] < errors["false"]
+    with pytest.raises(PassOptionError, match="score=obs"):
+        effc.Pipeline.from_text("kernel-sparsity{sequential=true}")
+
+
 def test_obs_compensation_lowers_each_layers_output_error():
     errors = {}
     for score in ("magnitude", "obs"):
@@ -139,9 +242,11 @@ def test_obs_compensation_lowers_each_layers_output_error():
         sites = [s for s in weight_sites(model) if model.compression.get(s.fqn)]
         hess = hessians(model, sites, ctx().calibration)
         errors[score] = {}
+        scales = output_scales(model)  # errors after each layer's BatchNorm: what the net sees
         for s in sites:
-            w0 = model.compression.get(s.fqn).original.reshape(s.shape[0], -1).double()
-            d = read_weight(s).reshape(s.shape[0], -1).double() - w0
+            f = scales[s.fqn].double()[:, None] if s.fqn in scales else 1.0
+            w0 = model.compression.get(s.fqn).original.reshape(s.shape[0], -1).double() * f
+            d = read_weight(s).reshape(s.shape[0], -1).double() * f - w0
             h = hess[s.fqn].reshape(-1, *hess[s.fqn].shape[-2:]).double()[0]
             errors[score][s.fqn] = float(((d @ h) * d).sum() / ((w0 @ h) * w0).sum())
     for k, e in errors["obs"].items():

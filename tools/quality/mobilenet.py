@@ -7,8 +7,8 @@ offline, so agreement with the dense model stands in for accuracy: top-1 agreeme
 of crops where both predict the same class, top-5 the share where the dense model's top class is
 in the pruned model's top 5.
 
-    python -m tools.quality.mobilenet [--eval 1000] [--calib 256] [--quick] \\
-        [--out tools/quality/results/mobilenet_v2_sparsity]
+    python -m tools.quality.mobilenet [--eval 1000] [--calib 256] [--levels 0.3,0.5,0.7] \\
+        [--methods "obs + sensitivity;..."] [--out tools/quality/results/mobilenet_v2_sparsity]
 """
 
 from __future__ import annotations
@@ -39,6 +39,14 @@ def configs(sparsity: float, recover_steps: int) -> list[tuple[str, str]]:
         ("obs", base + ",score=obs}"),
         ("obs + sensitivity", base + ",score=obs,allocate=sensitivity}"),
         ("rearrange + obs + sensitivity", rearrange + base + ",score=obs,allocate=sensitivity}"),
+        (
+            "obs + sensitivity + sequential",
+            base + ",score=obs,allocate=sensitivity,sequential=true}",
+        ),
+        (
+            "rearrange + obs + sensitivity + sequential",
+            rearrange + base + ",score=obs,allocate=sensitivity,sequential=true}",
+        ),
     ]
     if recover_steps:
         rows.append(
@@ -66,7 +74,7 @@ def logits(model, x: torch.Tensor, chunk: int = 50) -> torch.Tensor:
         return torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
-def run(levels, n_eval: int, n_calib: int, recover_steps: int) -> dict:
+def run(levels, n_eval: int, n_calib: int, recover_steps: int, methods=None) -> dict:
     torch.set_num_threads(THREADS)
     x = torch.from_numpy(evaluation_crops(n_eval))
     calib = [{"pixels": c[None]} for c in calibration_crops(n_calib)]
@@ -74,6 +82,8 @@ def run(levels, n_eval: int, n_calib: int, recover_steps: int) -> dict:
     rows = []
     for sp in levels:
         for label, text in configs(sp, recover_steps):
+            if methods and label not in methods:
+                continue
             t0 = time.time()
             ctx = PassContext(calibration=calib)
             result = Pipeline.from_text(text).run(load_mobilenet_v2(), ctx)
@@ -83,7 +93,7 @@ def run(levels, n_eval: int, n_calib: int, recover_steps: int) -> dict:
                 "method": label,
                 "pipeline": text,
                 "achieved": stats["sparsity"],
-                **agreement(ref, logits(result.model.module, x)),
+                **agreement(ref, logits(result.model.runner, x)),
                 "seconds": round(time.time() - t0, 1),
             }
             rows.append(row)
@@ -122,14 +132,16 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--recover-steps", type=int, default=300)
     ap.add_argument("--levels", default="0.3,0.5,0.7")
+    ap.add_argument("--methods", default="", help="';'-separated method labels (all by default)")
     ap.add_argument("--out", default="tools/quality/results/mobilenet_v2_sparsity")
     args = ap.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
-    data = run(levels, args.eval, args.calib, args.recover_steps)
+    methods = [m.strip() for m in args.methods.split(";") if m.strip()]
+    data = run(levels, args.eval, args.calib, args.recover_steps, methods)
     command = (
         f"python -m tools.quality.mobilenet --eval {args.eval} --calib {args.calib} "
         f"--recover-steps {args.recover_steps} --levels {args.levels}"
-    )
+    ) + (f' --methods "{args.methods}"' if methods else "")
     save(args.out, data, markdown(data, command))
 
 

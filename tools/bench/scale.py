@@ -1,0 +1,227 @@
+"""Peak memory and wall time of ``effc compile`` against the number of transformer blocks, on
+random-weight LLaMA-shaped HF folders written as bf16 safetensors (issue 29's scale table).
+
+    python -m tools.bench.scale [--blocks 2,4,8] [--hidden 4096 --inter 11008 --heads 32]
+        [--passes "quantize{bits=4,group=16}"] [--target bsr] [--extra-args "--stream"]
+        [--work /tmp/effc-scale] [--out tools/bench/results/scale]
+
+Each folder is written one block at a time (one safetensors shard per block and an index, as
+HF shards large checkpoints), so writing never holds the model. Each compile runs in a child
+process; this process samples the child's /proc status every 20 ms and reports the peak of
+RssAnon (anonymous memory: what the process allocated, without the memory-mapped file pages the
+kernel can drop) and of VmHWM (resident set including file pages), with the wall time. The
+bytes-per-parameter column is peak RssAnon over the model's parameters: flat in the number of
+blocks means memory grows with the model; falling means a fixed cost spread over more blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tools.results import save
+
+LLAMA_7B = {"hidden": 4096, "inter": 11008, "heads": 32, "vocab": 32000}
+
+
+def block_tensors(i: int, hidden: int, inter: int, kv: int, g: torch.Generator, dtype) -> dict:
+    p = f"model.layers.{i}."
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+
+    return {
+        p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
+        p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
+        p + "self_attn.q_proj.weight": rand(hidden, hidden),
+        p + "self_attn.k_proj.weight": rand(kv, hidden),
+        p + "self_attn.v_proj.weight": rand(kv, hidden),
+        p + "self_attn.o_proj.weight": rand(hidden, hidden),
+        p + "mlp.gate_proj.weight": rand(inter, hidden),
+        p + "mlp.up_proj.weight": rand(inter, hidden),
+        p + "mlp.down_proj.weight": rand(hidden, inter),
+    }
+
+
+def write_llama(
+    folder: Path,
+    blocks: int,
+    hidden: int,
+    inter: int,
+    heads: int,
+    vocab: int,
+    kv_heads: int | None = None,
+    seed: int = 0,
+    dtype=torch.bfloat16,
+) -> int:
+    """A random-weight LlamaForCausalLM folder (config.json, one shard per block plus one for
+    the embeddings, final norm and lm_head, and model.safetensors.index.json); returns its
+    parameter count. Reuses a complete folder written with the same arguments."""
+    kv_heads = kv_heads or heads
+    kv = hidden // heads * kv_heads
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "num_hidden_layers": blocks,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "effc_seed": seed,
+    }
+    index_path = folder / "model.safetensors.index.json"
+    params = blocks * (2 * hidden * hidden + 2 * kv * hidden + 3 * inter * hidden + 2 * hidden)
+    params += 2 * vocab * hidden + hidden
+    if index_path.is_file() and json.loads((folder / "config.json").read_text()) == config:
+        return params
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    shards = blocks + 1
+    weight_map: dict[str, str] = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        if i < blocks:
+            tensors = block_tensors(i, hidden, inter, kv, g, dtype)
+        else:
+            tensors = {
+                "model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).to(
+                    dtype
+                ),
+                "model.norm.weight": torch.ones(hidden, dtype=dtype),
+                "lm_head.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).to(dtype),
+            }
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    index = {"metadata": {"total_size": params * dtype.itemsize}, "weight_map": weight_map}
+    index_path.write_text(json.dumps(index, indent=2))
+    return params
+
+
+def _status(pid: int) -> dict[str, int]:
+    """RssAnon and VmHWM of a process in bytes (0 when it is gone)."""
+    out = {"RssAnon": 0, "VmHWM": 0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in out:
+                out[key] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def measure(cmd: list[str], interval: float = 0.02) -> dict:
+    """Run ``cmd``; its peak RssAnon and VmHWM (sampled), wall time and exit status."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak_anon = peak_hwm = 0
+    while proc.poll() is None:
+        s = _status(proc.pid)
+        peak_anon, peak_hwm = max(peak_anon, s["RssAnon"]), max(peak_hwm, s["VmHWM"])
+        time.sleep(interval)
+    wall = time.perf_counter() - t0
+    output = proc.stdout.read() if proc.stdout else ""
+    return {
+        "rc": proc.returncode,
+        "peak_anon": peak_anon,
+        "peak_hwm": peak_hwm,
+        "seconds": round(wall, 1),
+        "tail": output[-2000:],
+    }
+
+
+def run(args) -> dict:
+    rows = []
+    work = Path(args.work)
+    for blocks in [int(b) for b in args.blocks.split(",")]:
+        folder = work / f"llama-h{args.hidden}-b{blocks}"
+        t0 = time.perf_counter()
+        params = write_llama(folder, blocks, args.hidden, args.inter, args.heads, args.vocab)
+        written = time.perf_counter() - t0
+        out = work / f"out-h{args.hidden}-b{blocks}"
+        cmd = [sys.executable, "-m", "effc.cli", "compile", str(folder), "--passes", args.passes]
+        cmd += ["--target", args.target, "-o", str(out), "--force", *shlex.split(args.extra_args)]
+        got = measure(cmd)
+        row = {
+            "blocks": blocks,
+            "params": params,
+            "write_seconds": round(written, 1),
+            **{k: v for k, v in got.items() if k != "tail"},
+            "bytes_per_param": round(got["peak_anon"] / params, 2),
+        }
+        if got["rc"] != 0:
+            row["error"] = got["tail"].strip().splitlines()[-1] if got["tail"].strip() else ""
+        rows.append(row)
+        print(row, flush=True)
+    return {
+        "shape": {k: getattr(args, k) for k in ("hidden", "inter", "heads", "vocab")},
+        "passes": args.passes,
+        "target": args.target,
+        "extra_args": args.extra_args,
+        "threads": os.environ.get("EFFC_THREADS", "default"),
+        "rows": rows,
+    }
+
+
+def markdown(data: dict, command: str) -> str:
+    gib = 1024**3
+    lines = [
+        f"`effc compile` peak memory against blocks: random-weight LLaMA-shaped bf16 folders "
+        f"({data['shape']}), passes `{data['passes']}`, target {data['target']} "
+        f"{data['extra_args']}.",
+        "",
+        f"`{command}`",
+        "",
+        "| blocks | parameters | peak RssAnon GiB | peak VmHWM GiB | bytes/param | seconds | status |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in data["rows"]:
+        status = "ok" if r["rc"] == 0 else f"exit {r['rc']}: {r.get('error', '')}"
+        lines.append(
+            f"| {r['blocks']} | {r['params'] / 1e6:,.0f} M | {r['peak_anon'] / gib:.2f} | "
+            f"{r['peak_hwm'] / gib:.2f} | {r['bytes_per_param']} | {r['seconds']} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", default="2,4,8")
+    ap.add_argument("--hidden", type=int, default=LLAMA_7B["hidden"])
+    ap.add_argument("--inter", type=int, default=LLAMA_7B["inter"])
+    ap.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
+    ap.add_argument("--vocab", type=int, default=LLAMA_7B["vocab"])
+    ap.add_argument("--passes", default="quantize{bits=4,group=16}")
+    ap.add_argument("--target", default="bsr")
+    ap.add_argument("--extra-args", default="")
+    ap.add_argument("--work", default="/tmp/effc-scale")
+    ap.add_argument("--out", default="tools/bench/results/scale")
+    args = ap.parse_args()
+    data = run(args)
+    command = "python -m tools.bench.scale " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(getattr(args, k)))}"
+        for k in ("blocks", "hidden", "inter", "heads", "vocab", "passes", "target")
+    )
+    if args.extra_args:
+        command += f" --extra-args {shlex.quote(args.extra_args)}"
+    save(args.out, data, markdown(data, command))
+
+
+if __name__ == "__main__":
+    main()
