@@ -1,0 +1,483 @@
+"""Streaming compression of HF LLaMA-family folders larger than memory, one block at a time.
+
+The model is built on the ``meta`` device (no memory); its safetensors files are opened
+memory-mapped. The embedding table and the rotary embedding are made real to compute the first
+block's calibration inputs (exactly what the HF model hands its first layer), then each decoder
+layer in turn is read from the files in fp32, compressed by the pipeline's passes (the same pass
+code as in memory, on an FX model of that one block whose layers keep their HF names), written to
+its own shard of the artifact, run on the calibration inputs to give the next block's inputs, and
+dropped. The final norm and ``lm_head`` are the last stage. Peak memory is one block in fp32,
+the passes' statistics for it (GPTQ's Hessians), the calibration hidden states and the embedding
+table while the first inputs are made: it does not grow with the number of blocks.
+
+Each pass calibrates a stage on what the in-memory pass would see: with ``sequential=true`` the
+hidden states through the stages before it as compressed by this pass and every earlier one,
+without it through those stages as the earlier passes left them. One stream of hidden states is
+kept per distinct need (a pipeline of P passes keeps at most P + 1), so streaming gives the same
+weights as the in-memory pipeline (tested), at one stage forward per stream.
+
+Passes that stream: ``group-prune`` (scope row or layer, uniform allocation), ``nm-prune`` and
+``quantize`` (RTN or GPTQ). Any other pass, or an option that needs the whole model at once
+(``scope=global``, ``allocate=sensitivity``), is refused with a one-line error before any work.
+
+The artifact (``--target bsr``): ``config.json``; one safetensors shard per block
+(``model-00001-of-000NN.safetensors``, the embeddings and head in the last), each quantized
+linear layer as its BSR arrays (``<layer>.indptr``, ``.indices``, ``.values``, ``.scales``,
+``.zeros``: ``effc.runtime.format``'s encoding) and every other tensor dense in the source
+dtype; ``model.bsr.index.json`` maps each tensor to its shard and lists the BSR layers with their
+shape, group and bits; ``report.json`` has one record per stage (seconds, peak memory, the passes'
+statistics). ``load`` builds the model from it, memory-mapped, with every BSR layer a
+``BSRLinear``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from effc.errors import InputError, UnsupportedError
+
+STREAMABLE = ("group-prune", "nm-prune", "quantize")
+INDEX = "model.bsr.index.json"
+
+
+# ---------------------------------------------------------------- the source folder
+class SafetensorsSource:
+    """The tensors of an HF folder's safetensors files (one file or an index of shards), opened
+    memory-mapped: a tensor is read from disk only when asked for."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.folder = Path(folder).resolve()
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"{index}: not a safetensors index ({e})") from e
+        elif (self.folder / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise InputError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self._handles = {}
+        for name in files:
+            path = (self.folder / name).resolve()
+            if self.folder not in path.parents:
+                raise InputError(f"{index}: shard {name!r} lies outside the model folder")
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise InputError(f"{path}: not a readable safetensors file ({e})") from e
+        self._where = weight_map or dict.fromkeys(self._handles[files[0]].keys(), files[0])
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise InputError(f"{self.folder}: the checkpoint has no tensor {name!r}")
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def dtype(self) -> torch.dtype:
+        first = next(iter(self._where))
+        return self.get(first).dtype
+
+
+def materialize(module: nn.Module, source: SafetensorsSource, prefix: str) -> None:
+    """Give a meta-device ``module`` real fp32 parameters read from ``source`` (names
+    ``prefix + parameter name``); persistent buffers too."""
+    module.to_empty(device="cpu")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, p in [*params.items(), *module.named_buffers()]:
+            key = prefix + name
+            if name not in params and key not in source:
+                continue  # a buffer its module makes (rotary frequencies)
+            t = source.get(key)
+            if tuple(t.shape) != tuple(p.shape):
+                raise InputError(
+                    f"{source.folder}: {key} is {tuple(t.shape)}, the config says {tuple(p.shape)}"
+                )
+            p.data = t.to(torch.float32)
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's tensors (back to the meta device)."""
+    module.to_empty(device="meta")
+
+
+# ---------------------------------------------------------------- the pipeline check
+def check_streamable(pipeline) -> None:
+    """One-line error for a pass or option that needs the whole model at once."""
+    for p in pipeline.leaves():
+        name = getattr(p, "name", type(p).__name__)
+        if name not in STREAMABLE:
+            raise UnsupportedError(
+                f"pass '{name}' needs the whole model in memory and does not stream; passes "
+                f"that stream: {', '.join(STREAMABLE)}"
+            )
+        o = p.options
+        if getattr(o, "scope", "row") == "global" or getattr(o, "allocate", "") == "sensitivity":
+            raise UnsupportedError(
+                f"pass '{name}': scope=global and allocate=sensitivity compare layers across the "
+                "whole model and do not stream"
+            )
+
+
+def _streams(passes) -> tuple[list[int], list[int]]:
+    """For each pass k (1-based), the calibration stream it reads, and every stream to keep.
+
+    Stream j is the hidden states through the blocks with passes 1..j applied. In memory, a pass
+    with ``sequential=true`` calibrates block i on blocks < i already compressed by itself (and by
+    every earlier pass): stream k; without it, on the model as the earlier passes left it: stream
+    k - 1. Keeping each stream a pass reads (and the last, for tracing) reproduces both exactly."""
+    reads = [
+        k if getattr(p.options, "sequential", False) else k - 1 for k, p in enumerate(passes, 1)
+    ]
+    calibrated = {r for r, p in zip(reads, passes) if p.needs_calibration()}
+    return reads, sorted(calibrated | {len(passes)})
+
+
+def _one_pass(p):
+    """A pipeline of one copy of ``p`` with ``sequential`` off: the stream it reads already holds
+    the compressed blocks before this one."""
+    import copy
+
+    from effc.pipeline import Pipeline
+
+    q = copy.deepcopy(p)
+    if hasattr(q.options, "sequential"):
+        q.options.sequential = False
+    return Pipeline([q])
+
+
+# ---------------------------------------------------------------- stages
+class _Stage(nn.Module):
+    """One decoder layer (or the head) as a model of its own whose submodules keep their HF
+    names (``model.layers.3.self_attn.q_proj``), taking the tensors the HF model gives it."""
+
+    def __init__(self, example: dict[str, torch.Tensor]):
+        super().__init__()
+        self._example = example
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        return self._example
+
+
+class BlockStage(_Stage):
+    def __init__(self, layer: nn.Module, index: int, example):
+        super().__init__(example)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict({str(index): layer})
+        self._index = str(index)
+
+    def forward(self, hidden_states, cos, sin):
+        out = self.model.layers[self._index](
+            hidden_states, attention_mask=None, position_embeddings=(cos, sin), use_cache=False
+        )
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class HeadStage(_Stage):
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, example):
+        super().__init__(example)
+        self.model = nn.Module()
+        self.model.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden_states):
+        return self.lm_head(self.model.norm(hidden_states))
+
+
+def skeleton(folder: Path):
+    """The HF causal LM of ``folder`` on the meta device (no memory) and its config."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise UnsupportedError(
+            "streaming an HF folder needs transformers: pip install 'effc[llm]'"
+        ) from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: unreadable config.json ({e})") from e
+    config._attn_implementation = "sdpa"  # causal attention without a mask tensor, as in memory
+    config.use_cache = False
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+        raise UnsupportedError(
+            f"{folder}: streaming supports LLaMA-family causal LMs (model.embed_tokens, "
+            f"model.layers, model.norm, lm_head); {type(model).__name__} is compressed in memory"
+        )
+    return model.eval(), config
+
+
+def _rss_anon() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def first_inputs(model, source: SafetensorsSource, calibration: list[dict]) -> list[tuple]:
+    """(hidden_states, cos, sin) the first decoder layer receives for each calibration input:
+    the HF model's own forward up to that layer, with only the embedding table and the rotary
+    embedding real."""
+    from effc.ir.calibrate import capture_block_inputs
+
+    inner = model.model
+    materialize(inner.embed_tokens, source, "model.embed_tokens.")
+    with torch.device("cpu"):
+        inner.rotary_emb = type(inner.rotary_emb)(config=model.config)
+    try:
+        for x in calibration:
+            if "input_ids" not in x:
+                raise InputError("streaming calibrates a causal LM on token windows (input_ids)")
+            mask = x.get("attention_mask")
+            if mask is not None and not np.all(np.asarray(mask) == 1):
+                raise UnsupportedError("streaming calibrates on unpadded windows (mask all ones)")
+        inputs = [{"input_ids": np.asarray(x["input_ids"])} for x in calibration]
+        captured = capture_block_inputs(model, inner.layers[0], inputs)
+    finally:
+        release(inner.embed_tokens)
+    out = []
+    for args, kwargs in captured:
+        if kwargs.get("attention_mask") is not None:
+            raise UnsupportedError("streaming calibrates on unpadded windows (no attention mask)")
+        cos, sin = kwargs["position_embeddings"]
+        out.append((args[0], cos, sin))
+    return out
+
+
+def _write_shard(path: Path, tensors: dict, bsr: dict, index: dict) -> None:
+    from safetensors.torch import save_file
+
+    from effc.runtime import format as bsr_format
+
+    meta = {"format": bsr_format.FORMAT, "version": str(bsr_format.VERSION)}
+    for name, m in bsr.items():
+        for key, t in m.tensors().items():
+            tensors[f"{name}.{key}"] = t.contiguous()
+        index["bsr"][name] = {
+            "shard": path.name,
+            "shape": list(m.shape),
+            "group": m.group,
+            "bits": m.bits,
+        }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    index["weight_map"].update(dict.fromkeys(tensors, path.name))
+
+
+def _pack(compression, stage_module: nn.Module, dtype: torch.dtype):
+    """(dense tensors in ``dtype``, BSR matrices) of a compressed stage: every quantized linear
+    (4 or 8 bits) as BSR, the rest dense (pruned-only weights with their zeros)."""
+    from effc.runtime.modules import matrix_from_state
+
+    bsr, dense = {}, {}
+    for fqn, state in compression.quantized().items():
+        if state.bits in (4, 8) and isinstance(stage_module.get_submodule(fqn), nn.Linear):
+            bsr[fqn] = matrix_from_state(state)
+    for name, t in [*stage_module.named_parameters(), *stage_module.named_buffers()]:
+        if name.removesuffix(".weight") in bsr and name.endswith(".weight"):
+            continue
+        if name.split(".")[-1] in ("inv_freq", "original_inv_freq"):
+            continue
+        dense[name] = t.detach().to(dtype)
+    return dense, bsr
+
+
+def stream_compile(
+    folder: str | Path,
+    pipeline,
+    out: str | Path,
+    calibration: list[dict],
+    force: bool = False,
+    console=None,
+) -> dict:
+    """Compress the HF folder ``folder`` stage by stage with ``pipeline`` into the artifact
+    folder ``out`` (written in a temporary folder and renamed); returns the report dict."""
+    from effc import __version__
+    from effc.artifact import prepare_output, write_artifact
+    from effc.progress import bar
+
+    folder = Path(folder)
+    check_streamable(pipeline)
+    prepare_output(Path(out), force)
+    if not calibration and any(
+        getattr(p, "needs_calibration", lambda: False)() for p in pipeline.leaves()
+    ):
+        raise InputError("this pipeline needs calibration inputs (--calib) and none were given")
+    if not calibration:  # one window of token 0..15 to trace each stage with
+        calibration = [{"input_ids": np.arange(16, dtype=np.int64)[None]}]
+    model, config = skeleton(folder)
+    source = SafetensorsSource(folder)
+    dtype = source.dtype() if source.dtype().is_floating_point else torch.float32
+    layers = model.model.layers
+    passes = pipeline.leaves()
+    reads, kept = _streams(passes)
+    stages = [_one_pass(p) for p in passes]
+    records: list[dict] = []
+
+    def build(tmp: Path) -> None:
+        n = len(layers) + 1
+        index = {
+            "metadata": {"format": "effc-bsr-stream", "stages": n},
+            "weight_map": {},
+            "bsr": {},
+        }
+        t0 = time.perf_counter()
+        first = first_inputs(model, source, calibration)
+        streams = dict.fromkeys(kept, first)
+        records.append(
+            {
+                "stage": "embeddings",
+                "seconds": round(time.perf_counter() - t0, 2),
+                "rss_anon": _rss_anon(),
+            }
+        )
+        progress, task = bar(n, "stream: blocks")
+        with progress:
+            for i, layer in enumerate(layers):
+                t0 = time.perf_counter()
+                materialize(layer, source, f"model.layers.{i}.")
+                names = ("hidden_states", "cos", "sin")
+                stage = BlockStage(layer, i, dict(zip(names, streams[kept[-1]][0])))
+                path = tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                streams = run_stage(stage, streams, stages, reads, path, dtype, index, records)
+                records[-1].update(
+                    stage=f"model.layers.{i}", seconds=round(time.perf_counter() - t0, 2)
+                )
+                release(layer)
+                progress.advance(task)
+            t0 = time.perf_counter()
+            inner = model.model
+            materialize(inner.norm, source, "model.norm.")
+            head = "lm_head." if "lm_head.weight" in source else "model.embed_tokens."
+            materialize(model.lm_head, source, head)
+            heads = {j: [x[:1] for x in v] for j, v in streams.items()}
+            stage = HeadStage(inner.norm, model.lm_head, {"hidden_states": heads[kept[-1]][0][0]})
+            path = tmp / f"model-{n:05d}-of-{n:05d}.safetensors"
+            embeddings = {"model.embed_tokens.weight": source.get("model.embed_tokens.weight")}
+            run_stage(stage, heads, stages, reads, path, dtype, index, records, embeddings)
+            records[-1].update(stage="head", seconds=round(time.perf_counter() - t0, 2))
+            progress.advance(task)
+        config.save_pretrained(tmp)
+        (tmp / INDEX).write_text(json.dumps(index, indent=2))
+        report = {"pipeline": pipeline.text, "stream": True, "stages": records}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+
+    manifest = {
+        "effc_version": __version__,
+        "backend": "bsr-stream",
+        "pipeline": pipeline.text,
+        "source": str(folder),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_artifact(Path(out), build, manifest, force=force)
+    return {"pipeline": pipeline.text, "stream": True, "stages": records}
+
+
+def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=None) -> dict:
+    """Compress one stage pass by pass, each pass calibrated on the stream it reads; write its
+    shard; return every kept stream advanced through the stage (stream j through the stage as
+    passes 1..j left it)."""
+    from effc.context import PassContext
+    from effc.pipeline import as_model
+
+    keys = list(stage.example_inputs())
+
+    def advance(module, inputs):
+        with torch.no_grad():
+            outs = [module(*x) for x in inputs]
+        return [(o, *x[1:]) for o, x in zip(outs, inputs)]
+
+    out = {}
+    if 0 in streams:
+        out[0] = advance(stage, streams[0])
+    model, stats = as_model(stage), {}
+    for k, (pipe, j) in enumerate(zip(stages, reads), 1):
+        data = streams.get(j) or streams[max(streams)][:1]
+        ctx = PassContext(calibration=[{n: v.numpy() for n, v in zip(keys, x)} for x in data])
+        result = pipe.run(model, ctx)
+        model = result.model
+        for r in result.report.records:
+            stats[r.name] = {a: b for a, b in r.stats.items() if a != "per_layer"}
+        if k in streams:
+            out[k] = advance(model.runner, streams[k])
+    dense, bsr = _pack(model.compression, stage, dtype)
+    dense.update({k: v.to(dtype) for k, v in (extra or {}).items()})
+    _write_shard(path, dense, bsr, index)
+    records.append({"rss_anon": _rss_anon(), "bsr_layers": len(bsr), "passes": stats})
+    return out
+
+
+# ---------------------------------------------------------------- loading
+def load(out: str | Path, activations: str = "fp32") -> nn.Module:
+    """The causal LM of a streamed artifact: dense tensors read memory-mapped from the shards,
+    every BSR layer a ``BSRLinear`` (its packed arrays, not a dense weight)."""
+    import transformers
+    from safetensors import safe_open
+
+    from effc.runtime.format import BSRMatrix
+    from effc.runtime.modules import BSRLinear
+
+    out = Path(out)
+    try:
+        index = json.loads((out / INDEX).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{out}: not a streamed effc artifact ({e})") from e
+    config = transformers.AutoConfig.from_pretrained(out)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    handles = {
+        s: safe_open(str(out / s), framework="pt") for s in set(index["weight_map"].values())
+    }
+    bsr_keys = {
+        f"{n}.{k}" for n in index["bsr"] for k in ("indptr", "indices", "values", "scales", "zeros")
+    }
+    model.to_empty(device="cpu")
+    state = {}
+    for name, shard in index["weight_map"].items():
+        if name not in bsr_keys:
+            state[name] = handles[shard].get_tensor(name).float()
+    for name, info in index["bsr"].items():
+        h = handles[info["shard"]]
+        parts = {
+            k: h.get_tensor(f"{name}.{k}")
+            for k in ("indptr", "indices", "values", "scales", "zeros")
+        }
+        m = BSRMatrix(tuple(info["shape"]), info["group"], info["bits"], **parts)
+        m.validate()
+        linear = model.get_submodule(name)
+        parent, _, leaf = name.rpartition(".")
+        bias = None if linear.bias is None else nn.Parameter(state.pop(f"{name}.bias"))
+        setattr(
+            model.get_submodule(parent) if parent else model, leaf, BSRLinear(m, bias, activations)
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in bsr_keys and not re.search(r"rotary_emb|inv_freq", k)]
+    if config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise InputError(f"{out}: tensors missing {missing[:3]} or unexpected {unexpected[:3]}")
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    if config.tie_word_embeddings and not isinstance(model.lm_head, BSRLinear):
+        model.tie_weights()
+    return model.eval()
