@@ -26,7 +26,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from effc import __version__, calibration  # noqa: E402
+from effc import __version__, calibration, stream  # noqa: E402
 from effc.artifact import prepare_output, read_manifest  # noqa: E402
 from effc.backends import get_backend  # noqa: E402
 from effc.check import check_models  # noqa: E402
@@ -109,6 +109,8 @@ def cmd_compile(args) -> int:
             "decisions": args.tvm_decisions,
         }
     prepare_output(Path(args.output), args.force)  # fail before loading a large model
+    if _should_stream(args):
+        return _compile_streaming(args, pipeline)
     model = _load(args, args.model)
     progress = ProgressInstrument(_console())
     pipeline.instruments.append(progress)
@@ -127,6 +129,46 @@ def cmd_compile(args) -> int:
         progress.close()
 
     result.report.print(_console())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _should_stream(args) -> bool:
+    folder = Path(args.model)
+    is_hf = folder.is_dir() and (folder / "config.json").is_file()
+    if args.stream and not is_hf:
+        raise EffcError(
+            f"--stream compresses an HF model folder block by block; {args.model} is not one"
+        )
+    if args.stream and args.target != "bsr":
+        raise EffcError(
+            f"--stream writes the bsr target's sharded weights; --target {args.target} needs the "
+            "whole model in memory"
+        )
+    if args.stream or not is_hf or args.target != "bsr":
+        return bool(args.stream)
+    reason = stream.stream_reason(folder)
+    if reason:
+        _console().print(f"streaming block by block: {escape(reason)}")
+    return reason is not None
+
+
+def _compile_streaming(args, pipeline) -> int:
+    ctx = _context(args, stream.StreamInputs())
+    report = stream.stream_compile(
+        args.model, pipeline, args.output, ctx.calibration, args.force, _console()
+    )
+    table = Table(title=f"effc compile --stream: {escape(report['pipeline'])}")
+    for col in ("stage", "seconds", "RssAnon GiB", "BSR layers"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for r in report["stages"]:
+        table.add_row(
+            r["stage"],
+            f"{r['seconds']:.1f}",
+            f"{r['rss_anon'] / 2**30:.2f}",
+            str(r.get("bsr_layers", "")),
+        )
+    _console().print(table)
     print(f"wrote {args.output}")
     return 0
 
@@ -228,7 +270,9 @@ def cmd_run(args) -> int:
     else:
         inputs = random_inputs(specs, args.seed, parse_shapes(args.shape))
     check_inputs(specs, inputs)
-    backend = get_backend(manifest["backend"])
+    backend = stream if manifest["backend"] == stream.NAME else get_backend(manifest["backend"])
+    if backend is stream and args.compare:
+        raise EffcError("--compare is not available for a streamed artifact yet")
     t0 = time.perf_counter()
     outputs = backend.run(folder, inputs, args.threads)
     seconds = time.perf_counter() - t0
@@ -323,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact folder to create")
     p.add_argument("--target", default="onnxruntime")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="HF folder, --target bsr: compress block by block from the memory-mapped files "
+        "(chosen by itself when the model would not fit in memory)",
+    )
     p.add_argument(
         "--calib",
         help="calibration inputs: .npz (arrays stacked as N x input shape), .txt (LM text) or "

@@ -41,8 +41,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from effc import __version__
+from effc.artifact import prepare_output, write_artifact
+from effc.context import PassContext
 from effc.errors import InputError, UnsupportedError
+from effc.ir.calibrate import capture_block_inputs
+from effc.ir.model import InputSpec
+from effc.pipeline import Pipeline, as_model
+from effc.progress import bar
+from effc.runtime import format as bsr_format
+from effc.runtime.format import BSRMatrix
+from effc.runtime.modules import BSRLinear, matrix_from_state
 
+NAME = "bsr-stream"  # the artifact's backend in its manifest (``effc run`` reads it)
 STREAMABLE = ("group-prune", "nm-prune", "quantize")
 INDEX = "model.bsr.index.json"
 
@@ -117,6 +128,52 @@ def release(module: nn.Module) -> None:
     module.to_empty(device="meta")
 
 
+# ---------------------------------------------------------------- when to stream
+IN_MEMORY_FACTOR = 2.5  # the in-memory path's peak, in fp32 copies of the model (measured)
+
+
+def fp32_bytes(folder: str | Path) -> int:
+    """The model's size in fp32, from the safetensors headers (nothing is read)."""
+    source = SafetensorsSource(folder)
+    total = 0
+    for name in source.names():
+        handle = source._handles[source._where[name]]
+        total += 4 * int(np.prod(handle.get_slice(name).get_shape(), dtype=np.int64))
+    return total
+
+
+def mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def stream_reason(folder: str | Path) -> str | None:
+    """Why an HF folder should stream (it would not fit in memory), or None."""
+    need, have = IN_MEMORY_FACTOR * fp32_bytes(folder), mem_available()
+    if have and need > have:
+        return (
+            f"in memory it would take about {need / 2**30:.1f} GiB ({IN_MEMORY_FACTOR}x its fp32 "
+            f"size) and {have / 2**30:.1f} GiB is available"
+        )
+    return None
+
+
+class StreamInputs:
+    """What calibration readers ask of a model (its input names) for a streamed causal LM."""
+
+    def input_specs(self):
+
+        return [
+            InputSpec("input_ids", ["batch", "sequence"], "int64"),
+            InputSpec("attention_mask", ["batch", "sequence"], "int64"),
+        ]
+
+
 # ---------------------------------------------------------------- the pipeline check
 def check_streamable(pipeline) -> None:
     """One-line error for a pass or option that needs the whole model at once."""
@@ -153,8 +210,6 @@ def _one_pass(p):
     """A pipeline of one copy of ``p`` with ``sequential`` off: the stream it reads already holds
     the compressed blocks before this one."""
     import copy
-
-    from effc.pipeline import Pipeline
 
     q = copy.deepcopy(p)
     if hasattr(q.options, "sequential"):
@@ -215,7 +270,7 @@ def skeleton(folder: Path):
     config._attn_implementation = "sdpa"  # causal attention without a mask tensor, as in memory
     config.use_cache = False
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
         raise UnsupportedError(
@@ -239,7 +294,6 @@ def first_inputs(model, source: SafetensorsSource, calibration: list[dict]) -> l
     """(hidden_states, cos, sin) the first decoder layer receives for each calibration input:
     the HF model's own forward up to that layer, with only the embedding table and the rotary
     embedding real."""
-    from effc.ir.calibrate import capture_block_inputs
 
     inner = model.model
     materialize(inner.embed_tokens, source, "model.embed_tokens.")
@@ -268,8 +322,6 @@ def first_inputs(model, source: SafetensorsSource, calibration: list[dict]) -> l
 def _write_shard(path: Path, tensors: dict, bsr: dict, index: dict) -> None:
     from safetensors.torch import save_file
 
-    from effc.runtime import format as bsr_format
-
     meta = {"format": bsr_format.FORMAT, "version": str(bsr_format.VERSION)}
     for name, m in bsr.items():
         for key, t in m.tensors().items():
@@ -287,7 +339,6 @@ def _write_shard(path: Path, tensors: dict, bsr: dict, index: dict) -> None:
 def _pack(compression, stage_module: nn.Module, dtype: torch.dtype):
     """(dense tensors in ``dtype``, BSR matrices) of a compressed stage: every quantized linear
     (4 or 8 bits) as BSR, the rest dense (pruned-only weights with their zeros)."""
-    from effc.runtime.modules import matrix_from_state
 
     bsr, dense = {}, {}
     for fqn, state in compression.quantized().items():
@@ -312,9 +363,6 @@ def stream_compile(
 ) -> dict:
     """Compress the HF folder ``folder`` stage by stage with ``pipeline`` into the artifact
     folder ``out`` (written in a temporary folder and renamed); returns the report dict."""
-    from effc import __version__
-    from effc.artifact import prepare_output, write_artifact
-    from effc.progress import bar
 
     folder = Path(folder)
     check_streamable(pipeline)
@@ -384,7 +432,8 @@ def stream_compile(
 
     manifest = {
         "effc_version": __version__,
-        "backend": "bsr-stream",
+        "backend": NAME,
+        "inputs": [vars(spec) for spec in StreamInputs().input_specs()],
         "pipeline": pipeline.text,
         "source": str(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -397,8 +446,6 @@ def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=
     """Compress one stage pass by pass, each pass calibrated on the stream it reads; write its
     shard; return every kept stream advanced through the stage (stream j through the stage as
     passes 1..j left it)."""
-    from effc.context import PassContext
-    from effc.pipeline import as_model
 
     keys = list(stage.example_inputs())
 
@@ -434,9 +481,6 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
     import transformers
     from safetensors import safe_open
 
-    from effc.runtime.format import BSRMatrix
-    from effc.runtime.modules import BSRLinear
-
     out = Path(out)
     try:
         index = json.loads((out / INDEX).read_text())
@@ -444,7 +488,7 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         raise InputError(f"{out}: not a streamed effc artifact ({e})") from e
     config = transformers.AutoConfig.from_pretrained(out)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     handles = {
         s: safe_open(str(out / s), framework="pt") for s in set(index["weight_map"].values())
     }
@@ -481,3 +525,19 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
     if config.tie_word_embeddings and not isinstance(model.lm_head, BSRLinear):
         model.tie_weights()
     return model.eval()
+
+
+def run(out: str | Path, inputs: dict[str, np.ndarray], threads: int | None = None) -> dict:
+    """``effc run`` on a streamed artifact: the logits for ``input_ids``."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = load(out)
+    ids = torch.from_numpy(np.asarray(inputs["input_ids"], dtype=np.int64))
+    vocab = model.config.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise InputError(f"input_ids must lie in [0, {vocab}) for this model")
+    mask = inputs.get("attention_mask")
+    kwargs = {} if mask is None else {"attention_mask": torch.from_numpy(np.asarray(mask))}
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    return {"logits": logits.numpy()}

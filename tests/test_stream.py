@@ -1,0 +1,158 @@
+"""Streaming compression of an HF LLaMA folder block by block (effc.stream): the same weights as
+the in-memory pipeline, a loadable sharded BSR artifact, and one-line refusals before any work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import effc
+from effc import stream
+from effc.errors import InputError, UnsupportedError
+from effc.runtime.modules import BSRLinear
+from tools.bench.scale import write_llama
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama") / "m"
+    write_llama(path, blocks=3, hidden=64, inter=160, heads=4, vocab=256, kv_heads=2)
+    return path
+
+
+def calibration(n=4, seq=32, seed=0):
+    g = np.random.default_rng(seed)
+    return [
+        {
+            "input_ids": g.integers(0, 256, (1, seq)).astype(np.int64),
+            "attention_mask": np.ones((1, seq), dtype=np.int64),
+        }
+        for _ in range(n)
+    ]
+
+
+def dense_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        n: (m.matrix.to_dense() if isinstance(m, BSRLinear) else m.weight.detach())
+        for n, m in model.named_modules()
+        if isinstance(m, (BSRLinear, torch.nn.Linear))
+    }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "quantize{bits=4,group=16,method=gptq,sequential=true}",
+        # two passes, the first without sequential: each reads its own stream of hidden states
+        "group-prune{sparsity=0.5,score=wanda},quantize{bits=4,group=16,method=gptq,sequential=true}",
+    ],
+)
+def test_streaming_gives_the_in_memory_weights(folder, tmp_path, text):
+    calib = calibration()
+    out = tmp_path / "out"
+    report = stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib)
+    assert [r["stage"] for r in report["stages"]] == [
+        "embeddings",
+        *(f"model.layers.{i}" for i in range(3)),
+        "head",
+    ]
+    streamed = dense_weights(stream.load(out))
+    memory = effc.Pipeline.from_text(text).run(str(folder), effc.PassContext(calibration=calib))
+    quantized = memory.model.compression.quantized()
+    assert len(quantized) == 3 * 7 + 1  # every linear, lm_head too
+    for fqn, state in quantized.items():
+        got = streamed[fqn]
+        assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
+    index = json.loads((out / stream.INDEX).read_text())
+    assert len(index["bsr"]) == 22 and len(set(index["weight_map"].values())) == 4
+
+
+def test_loaded_artifact_runs_like_the_compressed_model(folder, tmp_path, cli):
+    text = "group-prune{sparsity=0.5},quantize{bits=4,group=16}"
+    calib = calibration(2)
+    out = tmp_path / "out"
+    stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib)
+    model = stream.load(out)
+    assert isinstance(model.model.layers[2].mlp.down_proj, BSRLinear)
+    memory = effc.Pipeline.from_text(text).run(str(folder), effc.PassContext(calibration=calib))
+    ids = torch.from_numpy(calib[0]["input_ids"])
+    with torch.no_grad():
+        want = memory.model.module(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the artifact through the CLI: logits of the right shape
+    np.savez(tmp_path / "in.npz", **calib[1])
+    code, outp, _ = cli("run", out, "--inputs", tmp_path / "in.npz", "--out", tmp_path / "o.npz")
+    assert code == 0
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(calib[1]["input_ids"])).logits
+    np.testing.assert_allclose(np.load(tmp_path / "o.npz")["logits"], want.numpy(), rtol=1e-5)
+
+
+def test_cli_streams_on_request_or_when_the_model_would_not_fit(folder, tmp_path, cli, monkeypatch):
+    np.savez(
+        tmp_path / "c.npz", **{k: np.stack([c[k] for c in calibration()]) for k in calibration()[0]}
+    )
+    passes = "quantize{bits=4,group=16,method=gptq}"
+    out = tmp_path / "a"
+    args = ("compile", folder, "--passes", passes, "--target", "bsr", "--calib", tmp_path / "c.npz")
+    code, outp, err = cli(*args, "--stream", "-o", out)
+    assert code == 0 and "head" in err and (out / stream.INDEX).is_file()  # the stage table
+    assert stream.stream_reason(folder) is None  # a few MB fit
+    monkeypatch.setattr(stream, "mem_available", lambda: 1 << 20)
+    reason = stream.stream_reason(folder)
+    assert "GiB is available" in reason and "2.5x its fp32 size" in reason
+    code, _, err = cli(*args, "-o", tmp_path / "b")
+    assert code == 0 and "streaming block by block" in err, err
+    assert (tmp_path / "b" / stream.INDEX).is_file()
+
+
+def test_refusals_come_before_any_work(folder, tmp_path, cli):
+    out = tmp_path / "x"
+    for text, what in (
+        ("block-gates", "does not stream"),
+        ("group-prune{scope=global}", "scope=global"),
+        ("group-prune{allocate=sensitivity}", "allocate=sensitivity"),
+    ):
+        with pytest.raises(UnsupportedError, match=what):
+            stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calibration(1))
+    with pytest.raises(InputError, match="calibration"):
+        stream.stream_compile(folder, effc.Pipeline.from_text("quantize{method=gptq}"), out, [])
+    code, _, err = cli("compile", folder, "--passes", "quantize", "--stream", "-o", out)
+    assert code == 2 and "--target onnxruntime needs the whole model" in err
+    code, _, err = cli(
+        "compile",
+        "builtin:tiny-cnn",
+        "--passes",
+        "quantize",
+        "--stream",
+        "--target",
+        "bsr",
+        "-o",
+        out,
+    )
+    assert code == 2 and "not one" in err
+    assert not out.exists()
+
+
+def test_a_damaged_checkpoint_is_one_line_and_leaves_no_output(folder, tmp_path, cli):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    shard = bad / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    out = tmp_path / "o"
+    code, _, err = cli(
+        "compile", bad, "--passes", "quantize", "--target", "bsr", "--stream", "-o", out
+    )
+    assert code == 2 and "model-00002-of-00004.safetensors" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "../escape.safetensors"
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="outside the model folder"):
+        stream.SafetensorsSource(bad)
