@@ -32,6 +32,8 @@ statistics). ``load`` builds the model from it, memory-mapped, with every BSR la
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import re
 import time
@@ -124,8 +126,26 @@ def materialize(module: nn.Module, source: SafetensorsSource, prefix: str) -> No
 
 
 def release(module: nn.Module) -> None:
-    """Drop a module's tensors (back to the meta device)."""
+    """Drop a module's tensors (back to the meta device) and collect what a stage left: FX graphs
+    are reference cycles, which Python frees only when its cycle collector runs, so without a
+    collection a finished block's weights could outlive it; then hand freed heap pages back to
+    the system (glibc's malloc_trim), so RssAnon shows what is really held."""
     module.to_empty(device="meta")
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 
 
 # ---------------------------------------------------------------- when to stream

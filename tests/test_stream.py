@@ -156,3 +156,35 @@ def test_a_damaged_checkpoint_is_one_line_and_leaves_no_output(folder, tmp_path,
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match="outside the model folder"):
         stream.SafetensorsSource(bad)
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_and_in_memory_sequential_weights_are_identical(tmp_path):
+    """The real SmolLM2-135M (tied embeddings: the head stage reads lm_head from the embedding
+    table), Wanda calibrated on the already pruned blocks, then W4: every one of its 211 layers
+    bit-identical to the in-memory pipeline's."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from effc.errors import UnsupportedError
+    from effc.models.real import smollm2_folder
+    from tools.quality.data import split, windows
+
+    try:
+        folder = smollm2_folder()
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib = [
+        {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, 64), dtype=np.int64)}
+        for w in windows(tokenizer, split()[0], 2, 64)
+    ]
+    text = "group-prune{sparsity=0.5,score=wanda,sequential=true},quantize{bits=4,group=16}"
+    stream.stream_compile(folder, effc.Pipeline.from_text(text), tmp_path / "o", calib)
+    streamed = dense_weights(stream.load(tmp_path / "o"))
+    memory = effc.Pipeline.from_text(text).run(str(folder), effc.PassContext(calibration=calib))
+    quantized = memory.model.compression.quantized()
+    assert len(quantized) == 211 and "lm_head" in quantized
+    for fqn, state in quantized.items():
+        got = streamed[fqn]
+        assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
