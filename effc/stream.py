@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import json
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -373,6 +376,55 @@ def _pack(compression, stage_module: nn.Module, dtype: torch.dtype):
     return dense, bsr
 
 
+def fingerprint(folder: Path) -> str:
+    """A cheap identity of an HF folder's weights and config: every file's name, size and
+    modification time and each safetensors header (the tensor names, shapes and offsets)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in (".json", ".safetensors") or not path.is_file():
+            continue
+        st = path.stat()
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with path.open("rb") as f:
+            if path.suffix == ".safetensors":
+                size = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(size, 1 << 26)))
+            else:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def work_folder(folder: Path, pipeline, out: Path, calibration: list[dict]) -> Path:
+    """Where an interrupted run's finished stages wait: beside the output, keyed by the input,
+    the pipeline text and the calibration data."""
+    h = hashlib.sha256(fingerprint(folder).encode())
+    h.update(pipeline.text.encode())
+    for x in calibration:
+        for k in sorted(x):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(x[k]).tobytes())
+    return out.parent / f".{out.name}.work-{h.hexdigest()[:16]}"
+
+
+def _save_state(work: Path, state: dict, streams: dict) -> None:
+    """Streams, then the state that names them, each written aside and renamed: a run killed at
+    any point leaves the last complete stage's state."""
+    tmp = work / "streams.pt.tmp"
+    torch.save({str(j): [list(x) for x in v] for j, v in streams.items()}, tmp)
+    os.replace(tmp, work / "streams.pt")
+    (work / "state.json.tmp").write_text(json.dumps(state))
+    os.replace(work / "state.json.tmp", work / "state.json")
+
+
+def _load_state(work: Path) -> tuple[dict, dict] | None:
+    try:
+        state = json.loads((work / "state.json").read_text())
+        raw = torch.load(work / "streams.pt", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError):
+        return None
+    return state, {int(j): [tuple(x) for x in v] for j, v in raw.items()}
+
+
 def stream_compile(
     folder: str | Path,
     pipeline,
@@ -382,11 +434,16 @@ def stream_compile(
     console=None,
 ) -> dict:
     """Compress the HF folder ``folder`` stage by stage with ``pipeline`` into the artifact
-    folder ``out`` (written in a temporary folder and renamed); returns the report dict."""
+    folder ``out``; returns the report dict.
 
-    folder = Path(folder)
+    Finished stages go to a work folder beside ``out`` (``.NAME.work-KEY``: the shards, the
+    calibration streams after the last finished stage, the index and records so far). A run that
+    stops (killed, out of disk, an error) leaves it, and the same command continues after the last
+    finished stage; the output folder is created only at the end, from a temporary folder renamed
+    into place, and the work folder is then removed."""
+    folder, out = Path(folder), Path(out)
     check_streamable(pipeline)
-    prepare_output(Path(out), force)
+    prepare_output(out, force)
     if not calibration and any(
         getattr(p, "needs_calibration", lambda: False)() for p in pipeline.leaves()
     ):
@@ -400,51 +457,67 @@ def stream_compile(
     passes = pipeline.leaves()
     reads, kept = _streams(passes)
     stages = [_one_pass(p) for p in passes]
-    records: list[dict] = []
-
-    def build(tmp: Path) -> None:
-        n = len(layers) + 1
+    n = len(layers) + 1
+    work = work_folder(folder, pipeline, out, calibration)
+    work.mkdir(parents=True, exist_ok=True)
+    resumed = _load_state(work)
+    if resumed is not None:
+        state, streams = resumed
+    else:
+        t0 = time.perf_counter()
         index = {
             "metadata": {"format": "effc-bsr-stream", "stages": n},
             "weight_map": {},
             "bsr": {},
         }
-        t0 = time.perf_counter()
-        first = first_inputs(model, source, calibration)
-        streams = dict.fromkeys(kept, first)
+        streams = dict.fromkeys(kept, first_inputs(model, source, calibration))
+        record = {"stage": "embeddings", "seconds": round(time.perf_counter() - t0, 2)}
+        state = {"done": 0, "index": index, "records": [{**record, "rss_anon": _rss_anon()}]}
+        _save_state(work, state, streams)
+    index, records, start = state["index"], state["records"], state["done"]
+    if start:
         records.append(
             {
-                "stage": "embeddings",
-                "seconds": round(time.perf_counter() - t0, 2),
+                "stage": f"resumed after {start} of {n} stages",
+                "seconds": 0.0,
                 "rss_anon": _rss_anon(),
             }
         )
-        progress, task = bar(n, "stream: blocks")
-        with progress:
-            for i, layer in enumerate(layers):
-                t0 = time.perf_counter()
+    progress, task = bar(n, "stream: blocks")
+    with progress:
+        progress.advance(task, start)
+        for i in range(start, n):
+            t0 = time.perf_counter()
+            path = work / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            if i < len(layers):
+                layer = layers[i]
                 materialize(layer, source, f"model.layers.{i}.")
                 names = ("hidden_states", "cos", "sin")
                 stage = BlockStage(layer, i, dict(zip(names, streams[kept[-1]][0])))
-                path = tmp / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
                 streams = run_stage(stage, streams, stages, reads, path, dtype, index, records)
-                records[-1].update(
-                    stage=f"model.layers.{i}", seconds=round(time.perf_counter() - t0, 2)
-                )
+                records[-1]["stage"] = f"model.layers.{i}"
                 release(layer)
-                progress.advance(task)
-            t0 = time.perf_counter()
-            inner = model.model
-            materialize(inner.norm, source, "model.norm.")
-            head = "lm_head." if "lm_head.weight" in source else "model.embed_tokens."
-            materialize(model.lm_head, source, head)
-            heads = {j: [x[:1] for x in v] for j, v in streams.items()}
-            stage = HeadStage(inner.norm, model.lm_head, {"hidden_states": heads[kept[-1]][0][0]})
-            path = tmp / f"model-{n:05d}-of-{n:05d}.safetensors"
-            embeddings = {"model.embed_tokens.weight": source.get("model.embed_tokens.weight")}
-            run_stage(stage, heads, stages, reads, path, dtype, index, records, embeddings)
-            records[-1].update(stage="head", seconds=round(time.perf_counter() - t0, 2))
+            else:
+                inner = model.model
+                materialize(inner.norm, source, "model.norm.")
+                head = "lm_head." if "lm_head.weight" in source else "model.embed_tokens."
+                materialize(model.lm_head, source, head)
+                heads = {j: [x[:1] for x in v] for j, v in streams.items()}
+                stage = HeadStage(
+                    inner.norm, model.lm_head, {"hidden_states": heads[kept[-1]][0][0]}
+                )
+                embeddings = {"model.embed_tokens.weight": source.get("model.embed_tokens.weight")}
+                run_stage(stage, heads, stages, reads, path, dtype, index, records, embeddings)
+                records[-1]["stage"] = "head"
+                release(model.lm_head)
+            records[-1]["seconds"] = round(time.perf_counter() - t0, 2)
+            state["done"] = i + 1
+            _save_state(work, state, streams)
             progress.advance(task)
+
+    def build(tmp: Path) -> None:
+        for shard in sorted(set(index["weight_map"].values())):
+            os.link(work / shard, tmp / shard)
         config.save_pretrained(tmp)
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
         report = {"pipeline": pipeline.text, "stream": True, "stages": records}
@@ -458,7 +531,8 @@ def stream_compile(
         "source": str(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_artifact(Path(out), build, manifest, force=force)
+    write_artifact(out, build, manifest, force=force)
+    shutil.rmtree(work, ignore_errors=True)
     return {"pipeline": pipeline.text, "stream": True, "stages": records}
 
 

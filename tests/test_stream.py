@@ -188,3 +188,41 @@ def test_smollm2_streamed_and_in_memory_sequential_weights_are_identical(tmp_pat
     for fqn, state in quantized.items():
         got = streamed[fqn]
         assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_block(folder, tmp_path, monkeypatch):
+    text = "group-prune{sparsity=0.5,score=wanda},quantize{bits=4,group=16,method=gptq}"
+    calib = calibration(2)
+    fresh = tmp_path / "fresh"
+    stream.stream_compile(folder, effc.Pipeline.from_text(text), fresh, calib)
+    assert not list(tmp_path.glob(".fresh.work-*"))  # removed after success
+
+    real, calls = stream.run_stage, []
+
+    def dies_on_the_third_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(stream, "run_stage", dies_on_the_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib)
+    assert not out.exists()
+    (work,) = tmp_path.glob(".out.work-*")
+    assert json.loads((work / "state.json").read_text())["done"] == 2
+    monkeypatch.setattr(stream, "run_stage", real)
+    calls.clear()
+    report = stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib)
+    assert any(r["stage"] == "resumed after 2 of 4 stages" for r in report["stages"])
+    assert not work.exists()
+    want, got = dense_weights(stream.load(fresh)), dense_weights(stream.load(out))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    # another pipeline (or other calibration data) is another work folder: nothing is mixed
+    other = stream.work_folder(folder, effc.Pipeline.from_text("quantize"), out, calib)
+    assert other != work and other != stream.work_folder(
+        folder, effc.Pipeline.from_text(text), out, calibration(2, seed=1)
+    )
