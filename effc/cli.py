@@ -26,7 +26,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from effc import __version__, calibration, stream  # noqa: E402
+from effc import __version__, calibration, distributed, stream  # noqa: E402
 from effc.artifact import prepare_output, read_manifest  # noqa: E402
 from effc.backends import get_backend  # noqa: E402
 from effc.check import check_models  # noqa: E402
@@ -109,6 +109,8 @@ def cmd_compile(args) -> int:
             "decisions": args.tvm_decisions,
         }
     prepare_output(Path(args.output), args.force)  # fail before loading a large model
+    if distributed.init_from_env() and args.stream:
+        raise EffcError("--stream runs in one process; under torchrun compile in memory")
     if _should_stream(args):
         return _compile_streaming(args, pipeline)
     model = _load(args, args.model)
@@ -128,8 +130,9 @@ def cmd_compile(args) -> int:
     finally:
         progress.close()
 
-    result.report.print(_console())
-    print(f"wrote {args.output}")
+    if distributed.is_main():
+        result.report.print(_console())
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from effc import __version__
+from effc import __version__, distributed
 from effc.artifact import prepare_output, write_artifact
 from effc.backends import get_backend
 from effc.context import PassContext
@@ -63,6 +63,10 @@ def compile_model(
     # writes once per use); after every pass, so no pass edits a weight two nodes now share
     if deduplicate_initializers(final.model):
         report.notes.append("identical weights are stored once in the artifact")
+
+    if not distributed.is_main():  # every process computed the same model; one writes it
+        result.model = final
+        return result
 
     def build(folder: Path) -> None:
         backend.lower(final.model, folder, **(backend_options or {}))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from effc import distributed
 from effc.errors import InputError, UnsupportedError
 from effc.ir.blocks import find_blocks
 from effc.ir.ort import session_for
@@ -276,7 +277,7 @@ def compress_sequentially(model, sites, inputs, acc, compress_site, what: str) -
         return calibrate_sequentially(
             model,
             sites,
-            inputs,
+            distributed.shard(inputs),
             acc,
             lambda stage: [compress_site(site, acc.pop(site.fqn)) for site in stage],
             lambda stage: progress.advance(task, len(stage)),

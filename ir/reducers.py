@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from effc import distributed
 from effc.ir.calibrate import collect_site_inputs
 
 
@@ -34,15 +35,18 @@ class HessianSum:
         self.rows[k] = self.rows.get(k, 0) + x.shape[-2]
 
     def pop(self, fqn: str) -> torch.Tensor:
-        """The site's Hessian, forgotten here (and the shared product, so memory stays low)."""
+        """The site's Hessian, forgotten here (and the shared product, so memory stays low);
+        summed over processes when distributed (``effc.distributed``)."""
         self.last[:] = [None, None]
-        return (2 * self.sums.pop(fqn) / self.rows.pop(fqn)).float()
+        total = distributed.sum_(self.sums.pop(fqn))
+        rows = distributed.sum_(torch.tensor([self.rows.pop(fqn)], dtype=torch.float64))
+        return (2 * total / rows).float()
 
 
 def hessians(model, sites, inputs) -> dict[str, torch.Tensor]:
     """Per-site H = 2 X^T X / rows over the calibration ``inputs``."""
     acc = HessianSum()
-    collect_site_inputs(model, sites, inputs, acc)
+    collect_site_inputs(model, sites, distributed.shard(inputs), acc)
     return {s.fqn: acc.pop(s.fqn) for s in sites}
 
 
@@ -57,12 +61,12 @@ class ColumnNorms:
         self.sq[site.fqn] = self.sq[site.fqn] + s if site.fqn in self.sq else s
 
     def pop(self, fqn: str) -> torch.Tensor:
-        """The site's ||X[:, j]||_2, forgotten here."""
-        return self.sq.pop(fqn).sqrt().float()
+        """The site's ||X[:, j]||_2, forgotten here (over every process's inputs)."""
+        return distributed.sum_(self.sq.pop(fqn)).sqrt().float()
 
 
 def activation_norms(model, sites, inputs) -> dict[str, torch.Tensor]:
     """Per-site ||X[:, j]||_2 over the calibration ``inputs``."""
     acc = ColumnNorms()
-    collect_site_inputs(model, sites, inputs, acc)
+    collect_site_inputs(model, sites, distributed.shard(inputs), acc)
     return {s.fqn: acc.pop(s.fqn) for s in sites}
