@@ -2,8 +2,11 @@
 random-weight LLaMA-shaped HF folders written as bf16 safetensors (issue 29's scale table).
 
     python -m tools.bench.scale [--blocks 2,4,8] [--hidden 4096 --inter 11008 --heads 32]
-        [--passes "quantize{bits=4,group=16}"] [--target bsr] [--extra-args "--stream"]
-        [--work /tmp/effc-scale] [--out tools/bench/results/scale]
+        [--passes "quantize{bits=4,group=16}"] [--target bsr] [--calib-tokens 8x128]
+        [--extra-args "--stream"] [--work /tmp/effc-scale] [--out tools/bench/results/scale]
+
+``--calib-tokens NxT`` writes N random-token windows of T tokens (seed 0, with all-ones attention
+masks) to the work folder and passes them as ``--calib``.
 
 Each folder is written one block at a time (one safetensors shard per block and an index, as
 HF shards large checkpoints), so writing never holds the model. Each compile runs in a child
@@ -25,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -113,6 +117,17 @@ def write_llama(
     return params
 
 
+def calibration_file(work: Path, tokens: str, vocab: int) -> Path:
+    """N random-token windows of T tokens (``tokens`` = "NxT", seed 0) as a calibration .npz."""
+    n, t = (int(v) for v in tokens.split("x"))
+    path = work / f"calib-{n}x{t}-v{vocab}.npz"
+    if not path.is_file():
+        g = np.random.default_rng(0)
+        ids = g.integers(0, vocab, (n, 1, t))
+        np.savez(path, input_ids=ids, attention_mask=np.ones((n, 1, t), dtype=np.int64))
+    return path
+
+
 def _status(pid: int) -> dict[str, int]:
     """RssAnon and VmHWM of a process in bytes (0 when it is gone)."""
     out = {"RssAnon": 0, "VmHWM": 0}
@@ -149,6 +164,7 @@ def measure(cmd: list[str], interval: float = 0.02) -> dict:
 def run(args) -> dict:
     rows = []
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     for blocks in [int(b) for b in args.blocks.split(",")]:
         folder = work / f"llama-h{args.hidden}-b{blocks}"
         t0 = time.perf_counter()
@@ -157,6 +173,8 @@ def run(args) -> dict:
         out = work / f"out-h{args.hidden}-b{blocks}"
         cmd = [sys.executable, "-m", "effc.cli", "compile", str(folder), "--passes", args.passes]
         cmd += ["--target", args.target, "-o", str(out), "--force", *shlex.split(args.extra_args)]
+        if args.calib_tokens:
+            cmd += ["--calib", str(calibration_file(work, args.calib_tokens, args.vocab))]
         got = measure(cmd)
         row = {
             "blocks": blocks,
@@ -174,6 +192,7 @@ def run(args) -> dict:
         "passes": args.passes,
         "target": args.target,
         "extra_args": args.extra_args,
+        "calib_tokens": args.calib_tokens,
         "threads": os.environ.get("EFFC_THREADS", "default"),
         "rows": rows,
     }
@@ -184,7 +203,13 @@ def markdown(data: dict, command: str) -> str:
     lines = [
         f"`effc compile` peak memory against blocks: random-weight LLaMA-shaped bf16 folders "
         f"({data['shape']}), passes `{data['passes']}`, target {data['target']} "
-        f"{data['extra_args']}.",
+        f"{data['extra_args']}"
+        + (
+            f", calibration {data['calib_tokens']} random tokens"
+            if data.get("calib_tokens")
+            else ""
+        )
+        + ".",
         "",
         f"`{command}`",
         "",
@@ -209,6 +234,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=LLAMA_7B["vocab"])
     ap.add_argument("--passes", default="quantize{bits=4,group=16}")
     ap.add_argument("--target", default="bsr")
+    ap.add_argument("--calib-tokens", default="", help="NxT random-token calibration windows")
     ap.add_argument("--extra-args", default="")
     ap.add_argument("--work", default="/tmp/effc-scale")
     ap.add_argument("--out", default="tools/bench/results/scale")
@@ -218,6 +244,8 @@ def main() -> None:
         f"--{k.replace('_', '-')} {shlex.quote(str(getattr(args, k)))}"
         for k in ("blocks", "hidden", "inter", "heads", "vocab", "passes", "target")
     )
+    if args.calib_tokens:
+        command += f" --calib-tokens {args.calib_tokens}"
     if args.extra_args:
         command += f" --extra-args {shlex.quote(args.extra_args)}"
     save(args.out, data, markdown(data, command))
