@@ -114,9 +114,7 @@ class FxModel:
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs on numpy inputs."""
         with self.plain_outputs():
-            outputs = self.runner(
-                **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-            )
+            outputs = self.runner(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
         flat, _ = torch.utils._pytree.tree_flatten(outputs)
         return [t.detach().numpy() for t in flat if isinstance(t, torch.Tensor)]
 
