@@ -32,6 +32,7 @@ statistics). ``load`` builds the model from it, memory-mapped, with every BSR la
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import hashlib
@@ -44,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from effc import __version__
@@ -69,8 +72,6 @@ class SafetensorsSource:
     memory-mapped: a tensor is read from disk only when asked for."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import SafetensorError, safe_open
-
         self.folder = Path(folder).resolve()
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -105,9 +106,21 @@ class SafetensorsSource:
             raise InputError(f"{self.folder}: the checkpoint has no tensor {name!r}")
         return self._handles[self._where[name]].get_tensor(name)
 
+    def _slice(self, name: str):
+        return self._handles[self._where[name]].get_slice(name)
+
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape, from the file header (nothing is read)."""
+        return list(self._slice(name).get_shape())
+
     def dtype(self) -> torch.dtype:
-        first = next(iter(self._where))
-        return self.get(first).dtype
+        """The weights' dtype (of the first ``.weight`` tensor), from the file header."""
+        name = next((n for n in self._where if n.endswith(".weight")), next(iter(self._where)))
+        code = self._slice(name).get_dtype()
+        return _DTYPES.get(code, torch.float32)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def materialize(module: nn.Module, source: SafetensorsSource, prefix: str) -> None:
@@ -158,11 +171,7 @@ IN_MEMORY_FACTOR = 2.5  # the in-memory path's peak, in fp32 copies of the model
 def fp32_bytes(folder: str | Path) -> int:
     """The model's size in fp32, from the safetensors headers (nothing is read)."""
     source = SafetensorsSource(folder)
-    total = 0
-    for name in source.names():
-        handle = source._handles[source._where[name]]
-        total += 4 * int(np.prod(handle.get_slice(name).get_shape(), dtype=np.int64))
-    return total
+    return sum(4 * int(np.prod(source.shape(n), dtype=np.int64)) for n in source.names())
 
 
 def mem_available() -> int:
@@ -232,8 +241,6 @@ def _streams(passes) -> tuple[list[int], list[int]]:
 def _one_pass(p):
     """A pipeline of one copy of ``p`` with ``sequential`` off: the stream it reads already holds
     the compressed blocks before this one."""
-    import copy
-
     q = copy.deepcopy(p)
     if hasattr(q.options, "sequential"):
         q.options.sequential = False
@@ -343,8 +350,6 @@ def first_inputs(model, source: SafetensorsSource, calibration: list[dict]) -> l
 
 
 def _write_shard(path: Path, tensors: dict, bsr: dict, index: dict) -> None:
-    from safetensors.torch import save_file
-
     meta = {"format": bsr_format.FORMAT, "version": str(bsr_format.VERSION)}
     for name, m in bsr.items():
         for key, t in m.tensors().items():
@@ -452,7 +457,7 @@ def stream_compile(
         calibration = [{"input_ids": np.arange(16, dtype=np.int64)[None]}]
     model, config = skeleton(folder)
     source = SafetensorsSource(folder)
-    dtype = source.dtype() if source.dtype().is_floating_point else torch.float32
+    dtype = source.dtype()
     layers = model.model.layers
     passes = pipeline.leaves()
     reads, kept = _streams(passes)
@@ -573,7 +578,6 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
     """The causal LM of a streamed artifact: dense tensors read memory-mapped from the shards,
     every BSR layer a ``BSRLinear`` (its packed arrays, not a dense weight)."""
     import transformers
-    from safetensors import safe_open
 
     out = Path(out)
     try:
