@@ -19,6 +19,17 @@ from effc import distributed
 from effc.errors import InputError
 from tools.bench.scale import write_llama
 
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_hf = pytest.mark.skipif(not _has_transformers(), reason="HF folders: the llm extra")
+
 PIPELINES = [
     "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq}",
     "group-prune{sparsity=0.5,score=wanda,sequential=true},"
@@ -68,6 +79,7 @@ def folder(tmp_path_factory):
     return path
 
 
+@needs_hf
 @pytest.mark.parametrize("text", PIPELINES)
 def test_two_processes_give_the_weights_of_one(folder, tmp_path, text):
     one = compress(folder, text)
@@ -90,6 +102,7 @@ def test_shard_needs_a_sample_per_process(monkeypatch):
         distributed.shard([1])
 
 
+@needs_hf
 def test_torchrun_compiles_with_one_writer(folder, tmp_path):
     np.savez(
         tmp_path / "c.npz", **{k: np.stack([c[k] for c in calibration()]) for k in calibration()[0]}

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 import effc
-from effc import stream
-from effc.errors import InputError, UnsupportedError
-from effc.runtime.modules import BSRLinear
-from tools.bench.scale import write_llama
+
+pytest.importorskip("transformers")  # HF folders: the llm extra
+
+from effc import stream  # noqa: E402
+from effc.errors import InputError, UnsupportedError  # noqa: E402
+from effc.runtime.modules import BSRLinear  # noqa: E402
+from tools.bench.scale import write_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
