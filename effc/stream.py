@@ -310,14 +310,22 @@ def skeleton(folder: Path):
     return model.eval(), config
 
 
-def _rss_anon() -> int:
+def memory(pid: int | str = "self") -> dict[str, int]:
+    """RssAnon (anonymous memory: memory-mapped file pages excluded) and VmHWM (peak resident
+    set) of a process in bytes, from /proc (zeros where there is none or it is gone)."""
+    out = {"RssAnon": 0, "VmHWM": 0}
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in out:
+                out[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
-    return 0
+    return out
+
+
+def _rss_anon() -> int:
+    return memory()["RssAnon"]
 
 
 def first_inputs(model, source: SafetensorsSource, calibration: list[dict]) -> list[tuple]:

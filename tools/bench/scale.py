@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from effc.stream import memory
 from tools.results import save
 
 LLAMA_7B = {"hidden": 4096, "inter": 11008, "heads": 32, "vocab": 32000}
@@ -128,26 +129,13 @@ def calibration_file(work: Path, tokens: str, vocab: int) -> Path:
     return path
 
 
-def _status(pid: int) -> dict[str, int]:
-    """RssAnon and VmHWM of a process in bytes (0 when it is gone)."""
-    out = {"RssAnon": 0, "VmHWM": 0}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in out:
-                out[key] = int(value.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
-
-
 def measure(cmd: list[str], interval: float = 0.02) -> dict:
     """Run ``cmd``; its peak RssAnon and VmHWM (sampled), wall time and exit status."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak_anon = peak_hwm = 0
     while proc.poll() is None:
-        s = _status(proc.pid)
+        s = memory(proc.pid)
         peak_anon, peak_hwm = max(peak_anon, s["RssAnon"]), max(peak_hwm, s["VmHWM"])
         time.sleep(interval)
     wall = time.perf_counter() - t0
