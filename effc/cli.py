@@ -158,9 +158,7 @@ def _should_stream(args) -> bool:
 
 def _compile_streaming(args, pipeline) -> int:
     ctx = _context(args, stream.StreamInputs())
-    report = stream.stream_compile(
-        args.model, pipeline, args.output, ctx.calibration, args.force, _console()
-    )
+    report = stream.stream_compile(args.model, pipeline, args.output, ctx.calibration, args.force)
     table = Table(title=f"effc compile --stream: {escape(report['pipeline'])}")
     for col in ("stage", "seconds", "RssAnon GiB", "BSR layers"):
         table.add_column(col, justify="left" if col == "stage" else "right")

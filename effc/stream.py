@@ -444,7 +444,6 @@ def stream_compile(
     out: str | Path,
     calibration: list[dict],
     force: bool = False,
-    console=None,
 ) -> dict:
     """Compress the HF folder ``folder`` stage by stage with ``pipeline`` into the artifact
     folder ``out``; returns the report dict.
