@@ -6,9 +6,11 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnx_ir as ir
+import pytest
 import torch
 
 import effc
+from effc.errors import UnsupportedError
 from effc.ir.model import OnnxModel
 from effc.numerics import compare_outputs
 from effc.pipeline import eval_inputs
@@ -57,7 +59,21 @@ def random_matrix(out=8, inp=64, group=16, bits=4, density=0.5, seed=0):
     return from_quantized(codes, scales, zeros, mask, bits), (codes, scales, zeros, mask)
 
 
-def token_calibration(n=3, vocab=256, seq=16):
-    """``n`` calibration samples of random token ids for the tiny LLaMA."""
-    rng = np.random.default_rng(0)
-    return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(n)]
+def token_calibration(n=3, vocab=256, seq=16, seed=0, mask=False):
+    """``n`` calibration samples of random token ids for the tiny LLaMA (with all-ones
+    attention masks if ``mask``)."""
+    rng = np.random.default_rng(seed)
+    out = [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(n)]
+    if mask:
+        for x in out:
+            x["attention_mask"] = np.ones((1, seq), dtype=np.int64)
+    return out
+
+
+def real_folder(getter):
+    """The folder of a real model (``effc.models.real``), or skip where it cannot be had."""
+    pytest.importorskip("transformers")
+    try:
+        return getter()
+    except UnsupportedError as e:
+        pytest.skip(str(e))

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import token_calibration
 
 import effc
 from effc import distributed
@@ -44,14 +45,7 @@ def _port() -> int:
 
 
 def calibration(n=4):
-    g = np.random.default_rng(0)
-    return [
-        {
-            "input_ids": g.integers(0, 256, (1, 16)).astype(np.int64),
-            "attention_mask": np.ones((1, 16), dtype=np.int64),
-        }
-        for _ in range(n)
-    ]
+    return token_calibration(n, mask=True)
 
 
 def compress(folder, text) -> dict[str, torch.Tensor]:

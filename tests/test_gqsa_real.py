@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from _helpers import real_folder
 
 import effc
 
@@ -16,18 +17,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("transformers")
     pytest.importorskip("gensim")
+    from effc.models.real import smollm2_folder
+
+    folder = real_folder(smollm2_folder)
     from transformers import AutoTokenizer
 
-    from effc.errors import UnsupportedError
-    from effc.models.real import smollm2_folder
     from tools.quality.data import split, windows
 
-    try:
-        folder = smollm2_folder()
-    except UnsupportedError as e:
-        pytest.skip(str(e))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib_text, eval_text = split()
     return folder, windows(tokenizer, calib_text, 4, 128), windows(tokenizer, eval_text, 4, 256)

@@ -7,19 +7,11 @@ import os
 
 import numpy as np
 import pytest
+from _helpers import real_folder
 
 import effc
-from effc.errors import UnsupportedError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _folder(getter):
-    pytest.importorskip("transformers")
-    try:
-        return getter()
-    except UnsupportedError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +20,7 @@ def minilm_exports(tmp_path_factory):
     from effc.ir.torch_io import export_onnx, load_hf_folder
     from effc.models.real import minilm_folder
 
-    module, inputs = load_hf_folder(_folder(minilm_folder), seq=32)
+    module, inputs = load_hf_folder(real_folder(minilm_folder), seq=32)
     folder = tmp_path_factory.mktemp("minilm")
     paths = {}
     for kind in ("legacy", "dynamo"):
@@ -101,7 +93,7 @@ def test_smollm2_fx_and_onnx_have_the_same_sites_and_30_blocks():
     from effc.ir.torch_io import export_onnx, load_hf_folder
     from effc.models.real import smollm2_folder
 
-    module, inputs = load_hf_folder(_folder(smollm2_folder), seq=8)
+    module, inputs = load_hf_folder(real_folder(smollm2_folder), seq=8)
     fx_sites = weight_sites(FxModel(module, inputs))
     onnx_sites = weight_sites(OnnxModel(export_onnx(module, inputs)))
     assert [s.fqn for s in fx_sites] == [s.fqn for s in onnx_sites]
@@ -120,7 +112,7 @@ def test_smollm2_fx_and_onnx_have_the_same_sites_and_30_blocks():
 def test_text_calibration_from_an_hf_folder(tmp_path, cli):
     from effc.models.real import minilm_folder
 
-    folder = _folder(minilm_folder)
+    folder = real_folder(minilm_folder)
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     code, _, err = cli(

@@ -13,6 +13,8 @@ import effc
 
 pytest.importorskip("transformers")  # HF folders: the llm extra
 
+from _helpers import real_folder, token_calibration  # noqa: E402
+
 from effc import stream  # noqa: E402
 from effc.errors import InputError, UnsupportedError  # noqa: E402
 from effc.runtime.modules import BSRLinear  # noqa: E402
@@ -26,15 +28,8 @@ def folder(tmp_path_factory):
     return path
 
 
-def calibration(n=4, seq=32, seed=0):
-    g = np.random.default_rng(seed)
-    return [
-        {
-            "input_ids": g.integers(0, 256, (1, seq)).astype(np.int64),
-            "attention_mask": np.ones((1, seq), dtype=np.int64),
-        }
-        for _ in range(n)
-    ]
+def calibration(n=4, seed=0):
+    return token_calibration(n, seq=32, seed=seed, mask=True)
 
 
 def dense_weights(model) -> dict[str, torch.Tensor]:
@@ -166,17 +161,12 @@ def test_smollm2_streamed_and_in_memory_sequential_weights_are_identical(tmp_pat
     """The real SmolLM2-135M (tied embeddings: the head stage reads lm_head from the embedding
     table), Wanda calibrated on the already pruned blocks, then W4: every one of its 211 layers
     bit-identical to the in-memory pipeline's."""
-    pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from effc.errors import UnsupportedError
     from effc.models.real import smollm2_folder
     from tools.quality.data import split, windows
 
-    try:
-        folder = smollm2_folder()
-    except UnsupportedError as e:
-        pytest.skip(str(e))
+    folder = real_folder(smollm2_folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib = [
         {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, 64), dtype=np.int64)}
