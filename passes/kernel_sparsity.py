@@ -242,6 +242,7 @@ class KernelSparsity(Pass):
         whole = calibrated and not (o.sequential and o.allocate == "uniform")
         hess = hessians(model, sites, ctx.calibration) if whole else {}
         teacher = copy.deepcopy(model) if o.sequential else None
+        self._teacher_sites = {t.fqn: t for t in weight_sites(teacher)} if teacher else {}
         self._hess, self._patterns = hess, patterns
         norms = activation_norms(model, sites, ctx.calibration) if o.score == "wanda" else {}
         scales = output_scales(model)
@@ -306,7 +307,7 @@ class KernelSparsity(Pass):
         reproduces the dense layer on the dense inputs (Xd): W0 = W Xd^T Xp (Xp^T Xp)^-1 per conv
         group, and Hp = 2 Xp^T Xp / rows, Hd, C = 2 Xp^T Xd / rows for the error."""
         site = la.site
-        (t_site,) = [s for s in weight_sites(teacher) if s.fqn == site.fqn]
+        t_site = self._teacher_sites[site.fqn]
         hp = hd = c = None
         rows = 0
         for x in ctx.calibration:
