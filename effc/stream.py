@@ -456,9 +456,7 @@ def stream_compile(
     folder, out = Path(folder), Path(out)
     check_streamable(pipeline)
     prepare_output(out, force)
-    if not calibration and any(
-        getattr(p, "needs_calibration", lambda: False)() for p in pipeline.leaves()
-    ):
+    if not calibration and any(p.needs_calibration() for p in pipeline.leaves()):
         raise InputError("this pipeline needs calibration inputs (--calib) and none were given")
     if not calibration:  # one window of token 0..15 to trace each stage with
         calibration = [{"input_ids": np.arange(16, dtype=np.int64)[None]}]
