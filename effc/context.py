@@ -26,6 +26,10 @@ class PassContext:
     # set by the pipeline when a later pass distills from the model as it was before the
     # structural passes (cure): those passes keep a frozen copy first
     keep_teacher: bool = False
+    # set by the streaming engine (effc.stream): the model is this one stage of a larger model, a
+    # block ("model.layers.3", which block-wise passes such as gqsa-train's bqpo take as their
+    # only block) or "head"; "" everywhere else
+    stage_block: str = ""
 
     def __post_init__(self) -> None:
         os.environ.setdefault("EFFC_THREADS", str(self.threads))

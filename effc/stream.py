@@ -62,7 +62,7 @@ from effc.runtime.format import BSRMatrix
 from effc.runtime.modules import BSRLinear, matrix_from_state
 
 NAME = "bsr-stream"  # the artifact's backend in its manifest (``effc run`` reads it)
-STREAMABLE = ("group-prune", "nm-prune", "quantize")
+STREAMABLE = ("group-prune", "nm-prune", "quantize", "gqsa-train")
 INDEX = "model.bsr.index.json"
 
 
@@ -217,6 +217,12 @@ def check_streamable(pipeline) -> None:
                 f"that stream: {', '.join(STREAMABLE)}"
             )
         o = p.options
+        if name == "gqsa-train" and (o.stage != "bqpo" or o.target != "local" or o.tail):
+            raise UnsupportedError(
+                "pass 'gqsa-train' streams as stage=bqpo with target=local and tail=false (each "
+                "block against its own original); stage=e2e, target=model and tail=true need the "
+                "whole model or the original model's hidden states and do not stream"
+            )
         if getattr(o, "scope", "row") == "global" or getattr(o, "allocate", "") == "sensitivity":
             raise UnsupportedError(
                 f"pass '{name}': scope=global and allocate=sensitivity compare layers across the "
@@ -231,11 +237,15 @@ def _streams(passes) -> tuple[list[int], list[int]]:
     with ``sequential=true`` calibrates block i on blocks < i already compressed by itself (and by
     every earlier pass): stream k; without it, on the model as the earlier passes left it: stream
     k - 1. Keeping each stream a pass reads (and the last, for tracing) reproduces both exactly."""
-    reads = [
-        k if getattr(p.options, "sequential", False) else k - 1 for k, p in enumerate(passes, 1)
-    ]
+    reads = [k if _sequential(p) else k - 1 for k, p in enumerate(passes, 1)]
     calibrated = {r for r, p in zip(reads, passes) if p.needs_calibration()}
     return reads, sorted(calibrated | {len(passes)})
+
+
+def _sequential(p) -> bool:
+    """Does ``p`` calibrate block i on blocks < i it already compressed? (``sequential=true``;
+    gqsa-train's bqpo always: it trains each block on the outputs of the trained blocks before.)"""
+    return bool(getattr(p.options, "sequential", False)) or getattr(p, "name", "") == "gqsa-train"
 
 
 def _one_pass(p):
@@ -266,6 +276,7 @@ class BlockStage(_Stage):
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({str(index): layer})
         self._index = str(index)
+        self.name = f"model.layers.{index}"
 
     def forward(self, hidden_states, cos, sin):
         out = self.model.layers[self._index](
@@ -280,6 +291,7 @@ class HeadStage(_Stage):
         self.model = nn.Module()
         self.model.norm = norm
         self.lm_head = lm_head
+        self.name = "head"
 
     def forward(self, hidden_states):
         return self.lm_head(self.model.norm(hidden_states))
@@ -564,7 +576,10 @@ def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=
     model, stats = as_model(stage), {}
     for k, (pipe, j) in enumerate(zip(stages, reads), 1):
         data = streams.get(j) or streams[max(streams)][:1]
-        ctx = PassContext(calibration=[{n: v.numpy() for n, v in zip(keys, x)} for x in data])
+        ctx = PassContext(
+            calibration=[{n: v.numpy() for n, v in zip(keys, x)} for x in data],
+            stage_block=stage.name,
+        )
         result = pipe.run(model, ctx)
         model = result.model
         for r in result.report.records:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from effc.errors import InputError, PassOptionError, UnsupportedError
-from effc.ir.blocks import find_blocks
+from effc.ir.blocks import Block, find_blocks
 from effc.ir.calibrate import block_output, capture_block_inputs
 from effc.ir.compression import SiteState
 from effc.pass_base import Pass, PassResult
@@ -263,11 +263,14 @@ class GQSATrain(Pass):
                     "weight_lr": self.options.weight_lr,
                 }
             ),
-            "tokens": int(sum(np.asarray(next(iter(x.values()))).size for x in data)),
+            # token ids (batch, sequence), or a streamed stage's hidden states (.., hidden)
+            "tokens": int(sum(np.prod(np.shape(next(iter(x.values())))[:2]) for x in data)),
         }
         with torch.enable_grad():
             stats.update(
-                self._bqpo(model, data) if self.options.stage == "bqpo" else self._e2e(model, data)
+                self._bqpo(model, data, ctx.stage_block)
+                if self.options.stage == "bqpo"
+                else self._e2e(model, data)
             )
         model.retrace()
         return PassResult(model, True, stats)
@@ -334,8 +337,14 @@ class GQSATrain(Pass):
         )
         return log.losses[0]
 
-    def _bqpo(self, model, data) -> dict:
-        blocks = find_blocks(model)
+    def _bqpo(self, model, data, stage_block: str = "") -> dict:
+        if stage_block:  # one stage of a streamed model: a block, or the head (no block)
+            index = stage_block.rpartition(".")[2]
+            blocks = [Block(stage_block, int(index), [])] if index.isdigit() else []
+            if not blocks:
+                return {"blocks": 0, "block_mse_first_step": 0.0, "block_mse_after": 0.0}
+        else:
+            blocks = find_blocks(model)
         if not blocks:
             raise UnsupportedError("bqpo needs repeated transformer blocks and none were found")
         module = model.module

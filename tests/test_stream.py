@@ -46,6 +46,8 @@ def dense_weights(model) -> dict[str, torch.Tensor]:
         "quantize{bits=4,group=16,method=gptq,sequential=true}",
         # two passes, the first without sequential: each reads its own stream of hidden states
         "group-prune{sparsity=0.5,score=wanda},quantize{bits=4,group=16,method=gptq,sequential=true}",
+        # BQPO trains block i on the trained blocks before it, against its own original
+        "group-prune{sparsity=0.5},quantize{bits=4,group=16},gqsa-train{steps=4,samples=2}",
     ],
 )
 def test_streaming_gives_the_in_memory_weights(folder, tmp_path, text):
@@ -66,6 +68,13 @@ def test_streaming_gives_the_in_memory_weights(folder, tmp_path, text):
         assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
     index = json.loads((out / stream.INDEX).read_text())
     assert len(index["bsr"]) == 22 and len(set(index["weight_map"].values())) == 4
+    if "gqsa-train" in text:  # one block per stage; the losses add up to the in-memory run's
+        trained = [r["passes"]["gqsa-train"] for r in report["stages"][1:4]]
+        assert all(t["blocks"] == 1 and t["tokens"] == 2 * 32 for t in trained)
+        whole = memory.report.records[-1].stats
+        assert sum(t["block_mse_after"] for t in trained) == pytest.approx(
+            whole["block_mse_after"], rel=1e-6
+        )
 
 
 def test_loaded_artifact_runs_like_the_compressed_model(folder, tmp_path, cli):
@@ -114,6 +123,9 @@ def test_refusals_come_before_any_work(folder, tmp_path, cli):
         ("block-gates", "does not stream"),
         ("group-prune{scope=global}", "scope=global"),
         ("group-prune{allocate=sensitivity}", "allocate=sensitivity"),
+        ("quantize,gqsa-train{stage=e2e}", "stage=e2e"),
+        ("quantize,gqsa-train{target=model}", "target=model"),
+        ("quantize,gqsa-train{tail=true}", "tail=true"),
     ):
         with pytest.raises(UnsupportedError, match=what):
             stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calibration(1))
