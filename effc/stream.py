@@ -584,6 +584,7 @@ def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=
         model = result.model
         for r in result.report.records:
             stats[r.name] = {a: b for a, b in r.stats.items() if a != "per_layer"}
+            stats[r.name]["seconds"] = round(r.seconds, 2)
         if k in streams:
             out[k] = advance(model.runner, streams[k])
     dense, bsr = _pack(model.compression, stage, dtype)

@@ -198,3 +198,26 @@ def test_scale_bench_writes_a_loadable_sharded_llama_and_measures_anonymous_memo
     # a child that allocates and touches 300 MB: RssAnon sees it, the exit status comes back
     got = measure([sys.executable, "-c", "b = bytearray(300 << 20); import time; time.sleep(0.3)"])
     assert got["rc"] == 0 and got["peak_anon"] > 290 << 20 and got["peak_hwm"] >= got["peak_anon"]
+
+
+def test_scale_bench_splits_streamed_time_per_block_and_pass():
+    from tools.bench.scale import markdown, time_split
+
+    stage = lambda name, s, q: {"stage": name, "seconds": s, "passes": {"quantize": {"seconds": q}}}  # noqa: E731
+    report = {
+        "stages": [
+            {"stage": "embeddings", "seconds": 1.0},
+            stage("model.layers.0", 10.0, 4.0),
+            stage("model.layers.1", 12.0, 6.0),
+            stage("model.layers.2", 11.0, 5.0),
+            stage("head", 3.0, 2.0),
+        ]
+    }
+    split = time_split(report)
+    assert split == {"block_seconds": 11.0, "pass_seconds": {"quantize": 5.0}}
+    row = {"blocks": 3, "params": 1e6, "peak_anon": 0, "peak_hwm": 0, "bytes_per_param": 0}
+    row.update(rc=0, seconds=40.0, **split)
+    data = {"shape": {}, "passes": "quantize", "target": "bsr", "extra_args": "", "rows": [row]}
+    # 40 s - 3 x 11 s outside the blocks; 32 x 11 + 7 for LLaMA-7B's 32 blocks
+    assert "| 3 | 11.0 | quantize 5.0 | 7.0 | 359 |" in markdown(data, "cmd")
+    assert time_split({"stages": [{"stage": "head", "seconds": 1.0}]}) == {}

@@ -149,6 +149,23 @@ def measure(cmd: list[str], interval: float = 0.02) -> dict:
     }
 
 
+def time_split(report: dict) -> dict:
+    """Where a streamed run's time went: the median seconds of a block stage and of each pass in
+    it."""
+    stages = report.get("stages", [])
+    blocks = [s for s in stages if s["stage"].startswith("model.layers.")]
+    if not blocks:
+        return {}
+    passes = {name for s in blocks for name in s.get("passes", {})}
+    return {
+        "block_seconds": float(np.median([s["seconds"] for s in blocks])),
+        "pass_seconds": {
+            p: float(np.median([s["passes"][p].get("seconds", 0.0) for s in blocks]))
+            for p in sorted(passes)
+        },
+    }
+
+
 def run(args) -> dict:
     rows = []
     work = Path(args.work)
@@ -173,6 +190,8 @@ def run(args) -> dict:
         }
         if got["rc"] != 0:
             row["error"] = got["tail"].strip().splitlines()[-1] if got["tail"].strip() else ""
+        elif (out / "report.json").is_file():
+            row.update(time_split(json.loads((out / "report.json").read_text())))
         rows.append(row)
         print(row, flush=True)
     return {
@@ -210,6 +229,25 @@ def markdown(data: dict, command: str) -> str:
             f"| {r['blocks']} | {r['params'] / 1e6:,.0f} M | {r['peak_anon'] / gib:.2f} | "
             f"{r['peak_hwm'] / gib:.2f} | {r['bytes_per_param']} | {r['seconds']} | {status} |"
         )
+    timed = [r for r in data["rows"] if r.get("block_seconds")]
+    if timed:
+        lines += [
+            "",
+            "Where the time goes (streamed: median per block stage, from each run's report.json; "
+            "the rest is the embeddings, the head and start-up), and the time a 32-block "
+            "(LLaMA-7B) model takes at that rate:",
+            "",
+            "| blocks | s per block | of which, per pass | outside the blocks s | "
+            "32 blocks, extrapolated s |",
+            "|---:|---:|---|---:|---:|",
+        ]
+        for r in timed:
+            split = ", ".join(f"{p} {s:.1f}" for p, s in r["pass_seconds"].items())
+            rest = r["seconds"] - r["blocks"] * r["block_seconds"]
+            lines.append(
+                f"| {r['blocks']} | {r['block_seconds']:.1f} | {split} | {rest:.1f} | "
+                f"{32 * r['block_seconds'] + rest:.0f} |"
+            )
     return "\n".join(lines)
 
 
