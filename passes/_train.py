@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from effc.distributed import sum_, world
 from effc.progress import bar
 
 
@@ -41,10 +42,16 @@ def train(
     cosine: bool = True,
     advance: Callable[[], None] | None = None,
     label: str = "training",
+    data_parallel: bool = False,
 ) -> TrainLog:
     """Minimise ``loss_of(step)`` for ``steps`` Adam steps over ``groups`` (torch parameter
     groups, each may set its own ``lr``). ``advance`` ticks a caller's progress bar after each
-    step; without one the loop shows its own bar named ``label``."""
+    step; without one the loop shows its own bar named ``label``.
+
+    ``data_parallel``: under torch.distributed, ``loss_of`` gives this process's part of the
+    step's loss (its share of the step's samples); the gradients and the loss are summed over
+    the processes (one ``all_reduce`` of all gradients, flattened in parameter order, per step)
+    before Adam steps, so every process takes the same step."""
     opt = torch.optim.Adam(groups, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     own = None
@@ -60,6 +67,8 @@ def train(
                 loss = loss_of(step)
                 opt.zero_grad()
                 loss.backward()
+                if data_parallel and world()[1] > 1:
+                    loss = _all_reduce_grads(groups, loss)
                 opt.step()
                 if schedule is not None:
                     schedule.step()
@@ -69,6 +78,23 @@ def train(
         if own is not None:
             own.stop()
     return TrainLog(losses, lr, time.perf_counter() - t0)
+
+
+def _all_reduce_grads(groups: list[dict], loss: torch.Tensor) -> torch.Tensor:
+    """Sum every parameter's gradient and the loss over the processes in one all_reduce (a
+    parameter without a gradient on this process counts as zeros); returns the summed loss."""
+    params = [p for g in groups for p in g["params"] if p.requires_grad]
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        + [loss.detach().reshape(1).to(params[0].dtype)]
+    )
+    sum_(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+    return flat[-1]
 
 
 def keep_teacher(model, ctx) -> None:

@@ -5,17 +5,20 @@ on calibration activations, learn the kept weights and the per-group scales of e
 linear so the compressed block reproduces the original block:
     minimise || B_orig(h) - B_q(h) ||^2,   B_q's weights  w = s * (clamp(round(W / s) + z) - z) * mask
 with straight-through rounding and the masks fixed (Adam, cosine-annealed learning rate per block;
-the scales may take their own ``scale_lr``). The block inputs h come from the already
-compressed blocks before it (errors do not pile up unseen). The targets come from the original
-blocks (the ``original`` weights recorded by group-prune / quantize): with ``target=local`` the
-original block on the same inputs (each block mimics its original), with ``target=model`` the
-original model's own hidden state after that block (each block also undoes the drift of the
-compressed blocks before it). Compressed sites outside the blocks (lm_head) are trained last,
-when ``tail=true``: their inputs from the compressed model, their targets the original layer on
-the original model's inputs, matched in squared error (``tail_loss=mse``) or, their outputs read
-as logits, in the KL divergence of the next-token distributions (``tail_loss=kd``: a logit error
-then costs in proportion to its token's probability, as in perplexity; the right loss for an
-lm_head whose rows were pruned by that weight, group-prune's ``logit_weight``).
+the scales may take their own ``scale_lr``; each step the mean loss of ``batch`` samples, which
+``torchrun`` processes split between them, their gradients summed by one all_reduce per step, so
+every process takes the one-process step up to float order). The block inputs h come from the
+already compressed blocks before it (errors do not pile up unseen). The targets come from the
+original blocks (the ``original`` weights recorded by group-prune / quantize): with
+``target=local`` the original block on the same inputs (each block mimics its original), with
+``target=model`` the original model's own hidden state after that block (each block also undoes
+the drift of the compressed blocks before it). Compressed sites outside the blocks (lm_head) are
+trained last, when ``tail=true``: their inputs from the compressed model, their targets the
+original layer on the original model's inputs, matched in squared error (``tail_loss=mse``) or,
+their outputs read as logits, in the KL divergence of the next-token distributions
+(``tail_loss=kd``: a logit error then costs in proportion to its token's probability, as in
+perplexity; the right loss for an lm_head whose rows were pruned by that weight, group-prune's
+``logit_weight``).
 
 stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales are trained end to
 end on the calibration tokens, with ``loss=lm`` on the next-token loss (the paper's), with
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from effc.distributed import world
 from effc.errors import InputError, PassOptionError, UnsupportedError
 from effc.ir.blocks import Block, find_blocks
 from effc.ir.calibrate import block_output, capture_block_inputs
@@ -61,6 +65,35 @@ log = logging.getLogger(__name__)
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
+
+
+class _FakeQuant(torch.autograd.Function):
+    """scale * (clamp(round(w / step) + zero, 0, qmax) - zero) * mask over (out, groups, g)
+    weights, with straight-through rounding: the same value and gradients as that expression
+    under autograd (``round_ste``, clamp passing the gradient inside [0, qmax]), in a few passes
+    over the weight instead of one per operation and its saved intermediates (BQPO on a
+    LLaMA-7B block spent most of each step there). ``step`` None: the step is ``scale`` itself,
+    which then also gets the gradient through the rounding."""
+
+    @staticmethod
+    def forward(ctx, w, scale, step, zero, mask, qmax):
+        div = (scale if step is None else step)[..., None]
+        centered = torch.round(w / div).add_(zero[..., None])
+        inside = (centered >= 0) & (centered <= qmax)
+        centered.clamp_(0, qmax).sub_(zero[..., None])  # code - zero
+        ctx.save_for_backward(w, scale, step, mask, centered, inside)
+        return centered * (scale * mask)[..., None]
+
+    @staticmethod
+    def backward(ctx, g):
+        w, scale, step, mask, centered, inside = ctx.saved_tensors
+        div = (scale if step is None else step)[..., None]
+        through = g * (scale * mask)[..., None]  # d out / d code, times g
+        through.mul_(inside)
+        grad_scale = (g * centered).sum(-1).mul_(mask)
+        if step is None:  # d code / d scale = -w / scale^2 (straight through)
+            grad_scale.sub_((through * w).sum(-1) / (scale * scale))
+        return through.div_(div), grad_scale, None, None, None, None
 
 
 class FakeQuantLinear(nn.Module):
@@ -106,8 +139,11 @@ class FakeQuantLinear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         if not self.train_weight:
             return (self.scale[..., None] * self.centered).reshape(self.shape)
-        w = self.scale[..., None] * (self.codes_now() - self.zero[..., None]) * self.mask[..., None]
-        return w.reshape(self.shape)
+        out, inp = self.shape
+        w = self.weight.view(out, inp // self.group, self.group)
+        grid = getattr(self, "grid", None)
+        qmax = 2**self.bits - 1
+        return _FakeQuant.apply(w, self.scale, grid, self.zero, self.mask, qmax).reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized(), self.bias)
@@ -178,6 +214,7 @@ class GQSATrain(Pass):
         steps: int = 50
         lr: float = 1e-4
         samples: int = 8
+        batch: int = 1  # bqpo: samples per step (split over processes under torchrun)
         scale_lr: float = 0.0  # bqpo: the scales' learning rate (0: the same as lr)
         target: Literal["local", "model"] = "local"  # bqpo: see the module docstring
         tail: bool = False  # bqpo: also train compressed sites after the last block (lm_head)
@@ -192,11 +229,13 @@ class GQSATrain(Pass):
 
     def validate(self) -> None:
         o = self.options
-        if o.steps < 1 or o.samples < 1 or o.lr <= 0 or o.scale_lr < 0 or o.weight_lr < 0:
+        if min(o.steps, o.samples, o.batch) < 1 or o.lr <= 0 or o.scale_lr < 0 or o.weight_lr < 0:
             raise PassOptionError(
-                "pass 'gqsa-train': steps and samples must be >= 1, lr > 0, scale_lr >= 0 and "
-                "weight_lr >= 0"
+                "pass 'gqsa-train': steps, samples and batch must be >= 1, lr > 0, scale_lr >= 0 "
+                "and weight_lr >= 0"
             )
+        if o.stage == "e2e" and o.batch != 1:
+            raise PassOptionError("pass 'gqsa-train': batch is an option of stage=bqpo")
         if o.tail_loss != "mse" and not (o.stage == "bqpo" and o.tail):
             raise PassOptionError(
                 "pass 'gqsa-train': tail_loss is an option of bqpo with tail=true"
@@ -216,6 +255,12 @@ class GQSATrain(Pass):
         if not ctx.calibration:
             raise InputError(
                 "pass 'gqsa-train' needs calibration inputs (--calib) and none were given"
+            )
+        processes = world()[1]
+        if self.options.stage == "bqpo" and processes > 1 and self.options.batch < processes:
+            raise PassOptionError(
+                f"pass 'gqsa-train': {processes} processes share each step's samples; give "
+                f"batch >= {processes} (got batch={self.options.batch})"
             )
         if self.options.stage == "e2e" and not any(
             s.quantized for s in model.compression.sites.values()
@@ -251,6 +296,8 @@ class GQSATrain(Pass):
             "lr": self.options.lr,
             **(
                 {
+                    "batch": self.options.batch,
+                    "processes": world()[1],
                     "scale_lr": self.options.scale_lr,
                     "target": self.options.target,
                     "tail": self.options.tail,
@@ -318,9 +365,19 @@ class GQSATrain(Pass):
         return fakes
 
     def _fit(self, fakes: dict, loss_of, count: int, advance) -> float:
-        """Adam with a cosine-annealed lr over ``steps``, cycling through ``count`` samples;
-        ``loss_of(i)`` is sample i's loss. Returns the first step's loss."""
+        """Adam with a cosine-annealed lr over ``steps``, each step the mean loss of the next
+        ``batch`` samples, cycling through ``count``; ``loss_of(i)`` is sample i's loss. Under
+        torchrun each process takes every world-th sample of a step and the gradients are summed
+        (data parallel: the step is the one-process step, up to float order). Returns the first
+        step's loss."""
         scale_lr = self.options.scale_lr or self.options.lr
+        b = self.options.batch
+        rank, size = world()
+
+        def step_loss(step: int) -> torch.Tensor:
+            mine = [(step * b + j) % count for j in range(b)][rank::size]
+            return sum(loss_of(i) for i in mine) / b
+
         groups = [
             {"params": [fq.weight for fq, _ in fakes.values()]},
             {
@@ -330,10 +387,11 @@ class GQSATrain(Pass):
         ]
         log = train(
             groups,
-            lambda step: loss_of(step % count),
+            step_loss,
             self.options.steps,
             self.options.lr,
             advance=advance,
+            data_parallel=True,
         )
         return log.losses[0]
 

@@ -35,6 +35,8 @@ PIPELINES = [
     "group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16,method=gptq}",
     "group-prune{sparsity=0.5,score=wanda,sequential=true},"
     "quantize{bits=4,group=16,method=gptq,sequential=true}",
+    # BQPO data-parallel: each step's 2 samples split over the processes, gradients all-reduced
+    "group-prune{sparsity=0.5},quantize{bits=4,group=16},gqsa-train{steps=4,samples=4,batch=2}",
 ]
 
 
@@ -86,6 +88,17 @@ def test_two_processes_give_the_weights_of_one(folder, tmp_path, text):
     # the Hessians are summed in another order (per process, then across): only a weight whose
     # code or mask a float tie decides may differ; measured: none here
     assert flips <= total * 1e-4, f"{flips} of {total} weights differ"
+
+
+@needs_hf
+def test_bqpo_needs_a_sample_per_process_in_each_step(folder, monkeypatch):
+    from effc.errors import PassOptionError
+    from effc.passes import gqsa_train
+
+    monkeypatch.setattr(gqsa_train, "world", lambda: (0, 2))
+    text = "quantize{bits=4,group=16},gqsa-train{steps=1,samples=2}"
+    with pytest.raises(PassOptionError, match="batch >= 2"):
+        effc.Pipeline.from_text(text).run(str(folder), effc.PassContext(calibration=calibration(2)))
 
 
 def test_shard_needs_a_sample_per_process(monkeypatch):

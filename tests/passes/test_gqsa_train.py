@@ -187,6 +187,7 @@ def test_bqpo_starts_from_the_compensated_weights():
         "gqsa-train{lr=0}",
         "gqsa-train{scale_lr=-1.0}",
         "gqsa-train{stage=e2e,weight_lr=-1.0}",
+        "gqsa-train{batch=0}",
     ],
 )
 def test_bad_training_options_are_clear_errors(text):
@@ -194,7 +195,7 @@ def test_bad_training_options_are_clear_errors(text):
 
     with pytest.raises(
         PassOptionError,
-        match="steps and samples must be >= 1, lr > 0, scale_lr >= 0 and weight_lr >= 0",
+        match="steps, samples and batch must be >= 1, lr > 0, scale_lr >= 0 and weight_lr >= 0",
     ):
         effc.Pipeline.from_text(text)
 
@@ -327,3 +328,36 @@ def test_kd_loss_is_an_e2e_option():
         effc.Pipeline.from_text("gqsa-train{stage=bqpo,norms=true}")
     with pytest.raises(PassOptionError, match="loss, norms and weight_lr are e2e options"):
         effc.Pipeline.from_text("gqsa-train{stage=bqpo,weight_lr=0.001}")
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_fused_fake_quant_matches_the_autograd_expression(grid):
+    """BQPO's one-function fake quantization: the same values and weight gradients as the
+    op-by-op autograd expression (bit for bit), the scale gradient up to summation order; codes
+    on both sides of the clamp, masked groups, and a fixed grid (e2e) or the trained scale."""
+    from effc.passes.gqsa_train import _FakeQuant, round_ste
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(32, 6, 16, generator=g) * 0.06
+    s0 = w0.abs().amax(-1) / 10  # some codes clamp at 0 and 15
+    zero, qmax = torch.full((32, 6), 8.0), 15
+    mask = (torch.rand(32, 6, generator=g) > 0.3).float()
+    step = s0 * 1.1 if grid else None
+    upstream = torch.randn(32, 6, 16, generator=g)
+
+    def expression(w, scale, step, zero, mask, qmax):
+        div = scale if step is None else step
+        codes = torch.clamp(round_ste(w / div[..., None]) + zero[..., None], 0, qmax)
+        return scale[..., None] * (codes - zero[..., None]) * mask[..., None]
+
+    got = []
+    for f in (expression, _FakeQuant.apply):
+        w, s = w0.clone().requires_grad_(), s0.clone().requires_grad_()
+        out = f(w, s, step, zero, mask, qmax)
+        (out * upstream).sum().backward()
+        got.append((out.detach(), w.grad, s.grad))
+    (out, gw, gs), (out2, gw2, gs2) = got
+    assert torch.equal(out, out2) and torch.equal(gw, gw2)
+    assert (gw == 0).any() and (gw != 0).any()  # clamped and masked weights get no gradient
+    # the scale's gradient sums two terms that partly cancel: compare at its own scale
+    assert float((gs2 - gs).abs().max()) <= 1e-5 * float(gs.abs().max())

@@ -273,7 +273,7 @@ def main() -> None:
     if args.calib_tokens:
         command += f" --calib-tokens {args.calib_tokens}"
     if args.extra_args:
-        command += f" --extra-args {shlex.quote(args.extra_args)}"
+        command += f" --extra-args={shlex.quote(args.extra_args)}"  # "=": argparse takes "--stream" for an option
     save(args.out, data, markdown(data, command))
 
 
