@@ -160,14 +160,16 @@ def _compile_streaming(args, pipeline) -> int:
     ctx = _context(args, stream.StreamInputs())
     report = stream.stream_compile(args.model, pipeline, args.output, ctx.calibration, args.force)
     table = Table(title=f"effc compile --stream: {escape(report['pipeline'])}")
-    for col in ("stage", "seconds", "RssAnon GiB", "BSR layers"):
+    for col in ("stage", "seconds", "RssAnon GiB", "BSR layers", "output error"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for r in report["stages"]:
+        error = r.get("output_error")
         table.add_row(
             r["stage"],
             f"{r['seconds']:.1f}",
             f"{r['rss_anon'] / 2**30:.2f}",
             str(r.get("bsr_layers", "")),
+            "" if error is None else f"{error:.3g}",
         )
     _console().print(table)
     print(f"wrote {args.output}")

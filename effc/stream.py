@@ -62,6 +62,7 @@ from effc.runtime.format import BSRMatrix
 from effc.runtime.modules import BSRLinear, matrix_from_state
 
 NAME = "bsr-stream"  # the artifact's backend in its manifest (``effc run`` reads it)
+VERIFY_SAMPLES = 4  # calibration inputs each stage's output error is measured on
 STREAMABLE = ("group-prune", "nm-prune", "quantize", "gqsa-train")
 INDEX = "model.bsr.index.json"
 
@@ -561,7 +562,11 @@ def stream_compile(
 def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=None) -> dict:
     """Compress one stage pass by pass, each pass calibrated on the stream it reads; write its
     shard; return every kept stream advanced through the stage (stream j through the stage as
-    passes 1..j left it)."""
+    passes 1..j left it).
+
+    Verification streams too: on the first ``VERIFY_SAMPLES`` inputs of the compressed model's
+    stream, the stage's output after the passes against the original stage's on the same inputs,
+    as a relative squared error (``output_error`` in the stage's record)."""
 
     keys = list(stage.example_inputs())
 
@@ -573,6 +578,9 @@ def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=
     out = {}
     if 0 in streams:
         out[0] = advance(stage, streams[0])
+    checked = streams[max(streams)][:VERIFY_SAMPLES]
+    with torch.no_grad():
+        reference = [stage(*x) for x in checked]
     model, stats = as_model(stage), {}
     for k, (pipe, j) in enumerate(zip(stages, reads), 1):
         data = streams.get(j) or streams[max(streams)][:1]
@@ -587,10 +595,23 @@ def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=
             stats[r.name]["seconds"] = round(r.seconds, 2)
         if k in streams:
             out[k] = advance(model.runner, streams[k])
+    with torch.no_grad():
+        got = [model.runner(*x) for x in checked]
+    error = sum(float(((g - r).double() ** 2).sum()) for g, r in zip(got, reference)) / max(
+        sum(float((r.double() ** 2).sum()) for r in reference), 1e-30
+    )
+    del got, reference
     dense, bsr = _pack(model.compression, stage, dtype)
     dense.update({k: v.to(dtype) for k, v in (extra or {}).items()})
     _write_shard(path, dense, bsr, index)
-    records.append({"rss_anon": _rss_anon(), "bsr_layers": len(bsr), "passes": stats})
+    records.append(
+        {
+            "rss_anon": _rss_anon(),
+            "bsr_layers": len(bsr),
+            "output_error": float(f"{error:.4g}"),
+            "passes": stats,
+        }
+    )
     return out
 
 

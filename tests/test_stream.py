@@ -68,6 +68,9 @@ def test_streaming_gives_the_in_memory_weights(folder, tmp_path, text):
         assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
     index = json.loads((out / stream.INDEX).read_text())
     assert len(index["bsr"]) == 22 and len(set(index["weight_map"].values())) == 4
+    # verification streams: each stage's output against its original's on the same inputs
+    errors = [r["output_error"] for r in report["stages"][1:]]
+    assert len(errors) == 4 and all(0 < e < 0.5 for e in errors), errors
     if "gqsa-train" in text:  # one block per stage; the losses add up to the in-memory run's
         trained = [r["passes"]["gqsa-train"] for r in report["stages"][1:4]]
         assert all(t["blocks"] == 1 and t["tokens"] == 2 * 32 for t in trained)
@@ -90,6 +93,17 @@ def test_loaded_artifact_runs_like_the_compressed_model(folder, tmp_path, cli):
         want = memory.model.module(input_ids=ids).logits
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the decode loop over the memory-mapped artifact: the greedy tokens of the model itself
+    from effc.runtime.decode import StaticDecoder
+
+    prompt = ids[:, :8]
+    tokens = StaticDecoder(model, 32).generate(prompt, 8).tokens
+    seq = torch.cat([prompt, torch.tensor([tokens])], 1)
+    with torch.no_grad():
+        logits = model(input_ids=seq).logits[0, 7:-1]  # the positions that chose each token
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    # each token is the model's argmax (random weights: near-ties only up to float order)
+    assert (logits.max(-1).values - chosen).max() <= 1e-4 * logits.abs().max()
     # the artifact through the CLI: logits of the right shape
     np.savez(tmp_path / "in.npz", **calib[1])
     code, outp, _ = cli("run", out, "--inputs", tmp_path / "in.npz", "--out", tmp_path / "o.npz")
