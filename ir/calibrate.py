@@ -151,6 +151,23 @@ class _Stop(Exception):
     pass
 
 
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _no_cache(kwargs: dict) -> dict:
+    """A block's keyword arguments without its KV cache: an HF model run with ``use_cache`` hands
+    every layer a live cache that each call appends its keys and values to, so a block called
+    again on the captured arguments (calibration, BQPO's training steps) would attend over the
+    keys of every earlier call, and backpropagate into their freed graphs."""
+    out = dict(kwargs)
+    for name in CACHE_KWARGS:
+        if out.get(name) is not None:
+            out[name] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
 def capture_block_inputs(module, block, inputs: list[dict]) -> list[tuple]:
     """(args, kwargs) that ``block`` (a submodule of ``module``) receives for each calibration
     input; the model stops there, so only the layers before the block run."""
@@ -158,7 +175,7 @@ def capture_block_inputs(module, block, inputs: list[dict]) -> list[tuple]:
 
     def hook(_mod, args, kwargs):
         captured.append(
-            (tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs))
+            (tuple(a.detach() if torch.is_tensor(a) else a for a in args), _no_cache(kwargs))
         )
         raise _Stop
 

@@ -20,6 +20,12 @@ their outputs read as logits, in the KL divergence of the next-token distributio
 perplexity; the right loss for an lm_head whose rows were pruned by that weight, group-prune's
 ``logit_weight``).
 
+Blocks that share weights (share-blocks, FoldGPT) are trained group by group: a group is one
+unit whose loss is the mean of its blocks' squared errors (each block after the first on the
+output of the one before as it is now, against its own original on that input), so a shared
+weight is trained once against every block that reads it, not block by block with the last
+writer winning; each block keeps its own norms.
+
 stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales are trained end to
 end on the calibration tokens, with ``loss=lm`` on the next-token loss (the paper's), with
 ``loss=kd`` on the KL divergence from the original model's next-token distribution (a teacher
@@ -268,17 +274,6 @@ class GQSATrain(Pass):
             raise UnsupportedError(
                 "gqsa-train{stage=e2e} trains quantization scales: run quantize first"
             )
-        if self.options.stage == "bqpo":
-            module = model.module
-            shared = [
-                f for f in self._sites(model) if len(_readers(module, module.get_submodule(f))) > 1
-            ]
-            if shared:
-                raise UnsupportedError(
-                    f"pass 'gqsa-train{{stage=bqpo}}' trains block by block, and {shared[0]} is "
-                    "shared by several blocks (share-blocks): use stage=e2e, which trains a shared "
-                    "weight once against every block that reads it"
-                )
         if not any(self._trainable(s) for s in model.compression.sites.values()):
             raise UnsupportedError(
                 "pass 'gqsa-train' trains compressed weights: run quantize, group-prune or "
@@ -419,44 +414,73 @@ class GQSATrain(Pass):
         )
         if tail:  # their targets: the original layers on the original model's inputs
             tail_targets = self._tail_targets(model, tail, data)
-        progress, task = bar((len(blocks) + bool(tail)) * self.options.steps, "bqpo")
+        units = [(stage_block, [stage_block])] if stage_block else self._units(model, blocks)
+        progress, task = bar((len(units) + bool(tail)) * self.options.steps, "bqpo")
         first_loss = last_loss = 0.0
         with progress:
-            for block in blocks:
-                student = module.get_submodule(block.fqn)
-                sites = self._sites(model, block.fqn + ".")
-                teacher = _original_copy(student, sites, block.fqn + ".")
-                with torch.no_grad():
-                    if self.options.target == "model":
-                        reference = [
-                            block_output(teacher(h, *a[1:], **k))
-                            for h, (a, k) in zip(reference, inputs)
-                        ]
-                        targets = reference
-                    else:
-                        targets = [block_output(teacher(*a, **k)) for a, k in inputs]
+            for leader, members in units:
+                sites = self._sites(model, leader + ".")
+                students = [module.get_submodule(m) for m in members]
+                teachers = [_original_copy(b, sites, leader + ".") for b in students]
+                with torch.no_grad():  # the targets known before training
+                    if self.options.target == "model":  # the original model's chain
+                        chain = []
+                        for teacher in teachers:
+                            reference = [
+                                block_output(teacher(h, *a[1:], **k))
+                                for h, (a, k) in zip(reference, inputs)
+                            ]
+                            chain.append(reference)
+                    else:  # the first block's original on its (fixed) inputs
+                        chain = [[block_output(teachers[0](*a, **k)) for a, k in inputs]]
                 fakes = self._fakes(model, sites)
 
-                def block_loss(i, student=student, targets=targets, inputs=inputs):
+                def unit_loss(i, students=students, teachers=teachers, chain=chain, inputs=inputs):
+                    """The mean over the unit's blocks (one, or a group sharing weights) of each
+                    block's squared error; a block after the first gets the output of the one
+                    before as it is now, and (target=local) its original's output on it."""
                     args, kwargs = inputs[i]
-                    return nn.functional.mse_loss(
-                        block_output(student(*args, **kwargs)), targets[i]
-                    )
+                    h, total = args[0], 0.0
+                    for pos, (student, teacher) in enumerate(zip(students, teachers)):
+                        out = block_output(student(h, *args[1:], **kwargs))
+                        if pos < len(chain):
+                            target = chain[pos][i]
+                        else:
+                            with torch.no_grad():
+                                target = block_output(teacher(h.detach(), *args[1:], **kwargs))
+                        total = total + nn.functional.mse_loss(out, target)
+                        h = out.detach()
+                    return total / len(students)
 
-                first_loss += self._fit(
-                    fakes, block_loss, len(inputs), lambda: progress.advance(task)
+                first_loss += len(members) * self._fit(  # summed over blocks, as below
+                    fakes, unit_loss, len(inputs), lambda: progress.advance(task)
                 )
                 for fqn, (fq, linear) in fakes.items():
                     self._finish(model, fqn, fq, linear)
                 with torch.no_grad():  # one forward gives the next block's inputs and the loss
-                    outputs = [block_output(student(*a, **k)) for a, k in inputs]
-                    last_loss += sum(
-                        float(nn.functional.mse_loss(o, t)) for o, t in zip(outputs, targets)
-                    ) / len(inputs)
-                    inputs = [((o, *a[1:]), k) for o, (a, k) in zip(outputs, inputs)]
-                    del outputs
+                    hidden = [a[0] for a, _ in inputs]
+                    for pos, (student, teacher) in enumerate(zip(students, teachers)):
+                        outputs = [
+                            block_output(student(h, *a[1:], **k))
+                            for h, (a, k) in zip(hidden, inputs)
+                        ]
+                        targets = (
+                            chain[pos]
+                            if pos < len(chain)
+                            else [
+                                block_output(teacher(h, *a[1:], **k))
+                                for h, (a, k) in zip(hidden, inputs)
+                            ]
+                        )
+                        last_loss += sum(
+                            float(nn.functional.mse_loss(o, t)) for o, t in zip(outputs, targets)
+                        ) / len(inputs)
+                        hidden = outputs
+                    inputs = [((o, *a[1:]), k) for o, (a, k) in zip(hidden, inputs)]
+                    del outputs, hidden
             stats = {
-                "blocks": len(blocks),
+                "blocks": sum(len(m) for _, m in units),
+                "shared_groups": sum(len(m) > 1 for _, m in units),
                 "block_mse_first_step": first_loss,
                 "block_mse_after": last_loss,
             }
@@ -467,6 +491,25 @@ class GQSATrain(Pass):
                     )
                 )
         return stats
+
+    @staticmethod
+    def _units(model, blocks) -> list[tuple[str, list[str]]]:
+        """(leader, members) in model order: each block with the blocks after it that read its
+        weights (share-blocks), trained as one unit so a shared weight is trained once against
+        every block that uses it; a unit of one block without sharing."""
+        shared = {f: b.shares_with for f, b in model.compression.blocks.items() if b.shares_with}
+        if not shared:
+            return [(b.fqn, [b.fqn]) for b in blocks]
+        container = blocks[0].fqn.rpartition(".")[0]
+        units: list[tuple[str, list[str]]] = []
+        for i in range(len(model.module.get_submodule(container))):
+            fqn = f"{container}.{i}"
+            leader = shared.get(fqn, fqn)
+            if units and units[-1][0] == leader:
+                units[-1][1].append(fqn)
+            else:
+                units.append((leader, [fqn]))
+        return units
 
     @staticmethod
     def _site_inputs(model, fqns, data) -> dict[str, list[torch.Tensor]]:

@@ -187,7 +187,11 @@ def test_sequential_calibration_refuses_shared_weights():
         ).run(_llama(), effc.PassContext(calibration=_calib()))
 
 
-def test_e2e_trains_a_shared_weight_against_every_block_and_bqpo_refuses(monkeypatch):
+@pytest.mark.parametrize("stage", ["e2e", "bqpo"])
+def test_training_trains_a_shared_weight_once_against_every_block(monkeypatch, stage):
+    """e2e and bqpo: one stand-in for the weight the blocks of a group share, so it is trained
+    once against every block that reads it (bqpo: the group is one unit whose loss sums its
+    blocks, not block by block with the last writer winning), and it stays shared."""
     from effc.passes import gqsa_train
 
     model = _llama()
@@ -195,26 +199,43 @@ def test_e2e_trains_a_shared_weight_against_every_block_and_bqpo_refuses(monkeyp
     first = effc.Pipeline.from_text("share-blocks{group=2},quantize{bits=4,group=16}").run(
         model, effc.PassContext(calibration=data)
     )
-    seen = {}
+    seen = []
     real_train = gqsa_train.train
 
     def spy(groups, loss_of, steps, lr, **kw):
-        layers = model.model.layers
-        seen["same"] = layers[0].mlp.up_proj is layers[1].mlp.up_proj
-        seen["kind"] = type(layers[1].mlp.up_proj).__name__
+        layers = model.model.layers  # per group (0-1, 2-3): one stand-in read by both?
+        seen.append(
+            tuple(
+                layers[a].mlp.up_proj is layers[a + 1].mlp.up_proj
+                and type(layers[a].mlp.up_proj).__name__ == "FakeQuantLinear"
+                for a in (0, 2)
+            )
+        )
         return real_train(groups, loss_of, steps, lr, **kw)
 
     monkeypatch.setattr(gqsa_train, "train", spy)
-    result = effc.Pipeline.from_text("gqsa-train{stage=e2e,steps=3,samples=2}").run(
+    result = effc.Pipeline.from_text(f"gqsa-train{{stage={stage},steps=3,samples=2}}").run(
         first.model, effc.PassContext(calibration=data)
     )
-    assert seen == {"same": True, "kind": "FakeQuantLinear"}
+    # e2e: one run over the model; bqpo: one per group (blocks 0-1, then 2-3)
+    assert seen == ([(True, True)] if stage == "e2e" else [(True, False), (False, True)])
     layers = model.model.layers
     assert type(layers[1].mlp.up_proj) is torch.nn.Linear
     assert layers[0].mlp.up_proj.weight is layers[1].mlp.up_proj.weight  # still shared
     state = result.model.compression.sites["model.layers.0.mlp.up_proj"]
     torch.testing.assert_close(layers[1].mlp.up_proj.weight.detach(), state.dequantized())
-    with pytest.raises(UnsupportedError, match="stage=e2e"):
-        effc.Pipeline.from_text("gqsa-train{stage=bqpo,steps=2,samples=2}").run(
-            result.model, effc.PassContext(calibration=data)
-        )
+    if stage == "bqpo":
+        stats = result.report.records[-1].stats
+        assert stats["blocks"] == 4 and stats["shared_groups"] == 2
+
+        def after(lr: float) -> float:  # the 4 blocks' summed error after 20 steps
+            ctx = effc.PassContext(calibration=data)
+            text = "share-blocks{group=2},quantize{bits=4,group=16}"
+            quantized = effc.Pipeline.from_text(text).run(_llama(), ctx).model
+            trained = effc.Pipeline.from_text(f"gqsa-train{{steps=20,samples=2,lr={lr}}}").run(
+                quantized, ctx
+            )
+            return trained.report.records[-1].stats["block_mse_after"]
+
+        # trained for real against both blocks (measured 0.0226 vs 0.0234: a random tiny model)
+        assert after(1e-3) < 0.98 * after(1e-9)
