@@ -172,6 +172,11 @@ def _compile_streaming(args, pipeline) -> int:
             "" if error is None else f"{error:.3g}",
         )
     _console().print(table)
+    if report.get("spill"):
+        _console().print(
+            "calibration streams were kept on disk in the work folder (they would have taken "
+            f"over {stream.SPILL_FRACTION:.0%} of the available memory)"
+        )
     print(f"wrote {args.output}")
     return 0
 

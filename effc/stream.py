@@ -185,6 +185,54 @@ def mem_available() -> int:
     return 0
 
 
+SPILL_FRACTION = 0.25  # streams above this share of MemAvailable go to disk
+
+
+class Spill:
+    """Calibration streams on disk: each hidden-state tensor a ``.npy`` file in the work folder,
+    read back memory-mapped (file pages the kernel can drop, not anonymous memory), so the
+    streams' size is bounded by the disk, not by memory. A stage's files are deleted once the
+    state after the next stage names the new ones."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.names: dict[int, str] = {}  # id of a mapped tensor -> its file
+        self._alive: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}.npy"
+        tmp = path.with_suffix(".tmp.npy")
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(t.shape))
+        array[...] = t.detach().float().numpy()
+        array.flush()
+        del array
+        os.replace(tmp, path)
+        return self.get(path.name)
+
+    def get(self, name: str) -> torch.Tensor:
+        # copy-on-write: a tensor torch may treat as writable; nothing writes to it
+        t = torch.from_numpy(np.load(self.folder / name, mmap_mode="c"))
+        self.names[id(t)], self._alive[name] = name, t
+        return t
+
+    def forget(self, keep: set[str]) -> None:
+        """Delete every stream file not in ``keep`` (the names the saved state refers to)."""
+        for name in [n for n in self._alive if n not in keep]:
+            self.names.pop(id(self._alive.pop(name)), None)
+        for f in self.folder.glob("*.npy"):
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+
+
+def should_spill(calibration: list[dict], hidden: int, streams: int) -> bool:
+    """Would ``streams`` fp32 hidden-state streams over ``calibration`` take more than
+    SPILL_FRACTION of the memory available?"""
+    tokens = sum(int(np.asarray(x["input_ids"]).size) for x in calibration)
+    available = mem_available()
+    return bool(available) and tokens * hidden * 4 * streams > SPILL_FRACTION * available
+
+
 def stream_reason(folder: str | Path) -> str | None:
     """Why an HF folder should stream (it would not fit in memory), or None."""
     need, have = IN_MEMORY_FACTOR * fp32_bytes(folder), mem_available()
@@ -432,23 +480,32 @@ def work_folder(folder: Path, pipeline, out: Path, calibration: list[dict]) -> P
     return out.parent / f".{out.name}.work-{h.hexdigest()[:16]}"
 
 
-def _save_state(work: Path, state: dict, streams: dict) -> None:
+def _save_state(work: Path, state: dict, streams: dict, spill: Spill | None = None) -> None:
     """Streams, then the state that names them, each written aside and renamed: a run killed at
-    any point leaves the last complete stage's state."""
+    any point leaves the last complete stage's state. Spilled tensors are saved as their file
+    names; files no stream refers to any more are then deleted."""
+    names = spill.names if spill else {}
+    saved = {str(j): [[names.get(id(t), t) for t in x] for x in v] for j, v in streams.items()}
     tmp = work / "streams.pt.tmp"
-    torch.save({str(j): [list(x) for x in v] for j, v in streams.items()}, tmp)
+    torch.save(saved, tmp)
     os.replace(tmp, work / "streams.pt")
     (work / "state.json.tmp").write_text(json.dumps(state))
     os.replace(work / "state.json.tmp", work / "state.json")
+    if spill:
+        spill.forget({t for v in saved.values() for x in v for t in x if isinstance(t, str)})
 
 
-def _load_state(work: Path) -> tuple[dict, dict] | None:
+def _load_state(work: Path, spill: Spill) -> tuple[dict, dict] | None:
     try:
         state = json.loads((work / "state.json").read_text())
         raw = torch.load(work / "streams.pt", weights_only=True)
+        streams = {
+            int(j): [tuple(spill.get(t) if isinstance(t, str) else t for t in x) for x in v]
+            for j, v in raw.items()
+        }
     except (OSError, ValueError, RuntimeError, EOFError):
         return None
-    return state, {int(j): [tuple(x) for x in v] for j, v in raw.items()}
+    return state, streams
 
 
 def stream_compile(
@@ -457,9 +514,13 @@ def stream_compile(
     out: str | Path,
     calibration: list[dict],
     force: bool = False,
+    spill: bool | None = None,
 ) -> dict:
     """Compress the HF folder ``folder`` stage by stage with ``pipeline`` into the artifact
     folder ``out``; returns the report dict.
+
+    ``spill``: keep the calibration streams on disk in the work folder (memory-mapped), not in
+    memory; by default when they would take more than SPILL_FRACTION of the memory available.
 
     Finished stages go to a work folder beside ``out`` (``.NAME.work-KEY``: the shards, the
     calibration streams after the last finished stage, the index and records so far). A run that
@@ -483,20 +544,28 @@ def stream_compile(
     n = len(layers) + 1
     work = work_folder(folder, pipeline, out, calibration)
     work.mkdir(parents=True, exist_ok=True)
-    resumed = _load_state(work)
+    spiller = Spill(work / "streams")
+    resumed = _load_state(work, spiller)
     if resumed is not None:
         state, streams = resumed
+        spill = state.get("spill", False)
     else:
+        if spill is None:
+            spill = should_spill(calibration, config.hidden_size, len(kept))
         t0 = time.perf_counter()
         index = {
             "metadata": {"format": "effc-bsr-stream", "stages": n},
             "weight_map": {},
             "bsr": {},
         }
-        streams = dict.fromkeys(kept, first_inputs(model, source, calibration))
+        first = first_inputs(model, source, calibration)
+        if spill:
+            first = [(spiller.put(f"embeddings-{k}", x[0]), *x[1:]) for k, x in enumerate(first)]
+        streams = dict.fromkeys(kept, first)
         record = {"stage": "embeddings", "seconds": round(time.perf_counter() - t0, 2)}
         state = {"done": 0, "index": index, "records": [{**record, "rss_anon": _rss_anon()}]}
-        _save_state(work, state, streams)
+        state["spill"] = spill
+        _save_state(work, state, streams, spiller)
     index, records, start = state["index"], state["records"], state["done"]
     if start:
         records.append(
@@ -517,7 +586,17 @@ def stream_compile(
                 materialize(layer, source, f"model.layers.{i}.")
                 names = ("hidden_states", "cos", "sin")
                 stage = BlockStage(layer, i, dict(zip(names, streams[kept[-1]][0])))
-                streams = run_stage(stage, streams, stages, reads, path, dtype, index, records)
+                streams = run_stage(
+                    stage,
+                    streams,
+                    stages,
+                    reads,
+                    path,
+                    dtype,
+                    index,
+                    records,
+                    spill=spiller if spill else None,
+                )
                 records[-1]["stage"] = f"model.layers.{i}"
                 release(layer)
             else:
@@ -535,7 +614,7 @@ def stream_compile(
                 release(model.lm_head)
             records[-1]["seconds"] = round(time.perf_counter() - t0, 2)
             state["done"] = i + 1
-            _save_state(work, state, streams)
+            _save_state(work, state, streams, spiller)
             progress.advance(task)
 
     def build(tmp: Path) -> None:
@@ -543,7 +622,7 @@ def stream_compile(
             os.link(work / shard, tmp / shard)
         config.save_pretrained(tmp)
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
-        report = {"pipeline": pipeline.text, "stream": True, "stages": records}
+        report = {"pipeline": pipeline.text, "stream": True, "spill": spill, "stages": records}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
 
     manifest = {
@@ -556,28 +635,35 @@ def stream_compile(
     }
     write_artifact(out, build, manifest, force=force)
     shutil.rmtree(work, ignore_errors=True)
-    return {"pipeline": pipeline.text, "stream": True, "stages": records}
+    return {"pipeline": pipeline.text, "stream": True, "spill": spill, "stages": records}
 
 
-def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=None) -> dict:
+def run_stage(
+    stage, streams, stages, reads, path, dtype, index, records, extra=None, spill=None
+) -> dict:
     """Compress one stage pass by pass, each pass calibrated on the stream it reads; write its
     shard; return every kept stream advanced through the stage (stream j through the stage as
     passes 1..j left it).
 
     Verification streams too: on the first ``VERIFY_SAMPLES`` inputs of the compressed model's
     stream, the stage's output after the passes against the original stage's on the same inputs,
-    as a relative squared error (``output_error`` in the stage's record)."""
+    as a relative squared error (``output_error`` in the stage's record). With ``spill`` (a
+    Spill) each output goes to disk as it is made, so one is in memory at a time."""
 
     keys = list(stage.example_inputs())
+    tag = stage.name.replace(".", "_")
 
-    def advance(module, inputs):
+    def advance(module, inputs, j):
+        out = []
         with torch.no_grad():
-            outs = [module(*x) for x in inputs]
-        return [(o, *x[1:]) for o, x in zip(outs, inputs)]
+            for k, x in enumerate(inputs):
+                o = module(*x)
+                out.append((spill.put(f"{tag}-{j}-{k}", o) if spill else o, *x[1:]))
+        return out
 
     out = {}
     if 0 in streams:
-        out[0] = advance(stage, streams[0])
+        out[0] = advance(stage, streams[0], 0)
     checked = streams[max(streams)][:VERIFY_SAMPLES]
     with torch.no_grad():
         reference = [stage(*x) for x in checked]
@@ -594,7 +680,7 @@ def run_stage(stage, streams, stages, reads, path, dtype, index, records, extra=
             stats[r.name] = {a: b for a, b in r.stats.items() if a != "per_layer"}
             stats[r.name]["seconds"] = round(r.seconds, 2)
         if k in streams:
-            out[k] = advance(model.runner, streams[k])
+            out[k] = advance(model.runner, streams[k], k)
     with torch.no_grad():
         got = [model.runner(*x) for x in checked]
     error = sum(float(((g - r).double() ** 2).sum()) for g, r in zip(got, reference)) / max(

@@ -123,12 +123,16 @@ def test_cli_streams_on_request_or_when_the_model_would_not_fit(folder, tmp_path
     code, outp, err = cli(*args, "--stream", "-o", out)
     assert code == 0 and "head" in err and (out / stream.INDEX).is_file()  # the stage table
     assert stream.stream_reason(folder) is None  # a few MB fit
-    monkeypatch.setattr(stream, "mem_available", lambda: 1 << 20)
+    monkeypatch.setattr(stream, "mem_available", lambda: 1 << 14)  # 16 KiB
     reason = stream.stream_reason(folder)
     assert "GiB is available" in reason and "2.5x its fp32 size" in reason
     code, _, err = cli(*args, "-o", tmp_path / "b")
     assert code == 0 and "streaming block by block" in err, err
     assert (tmp_path / "b" / stream.INDEX).is_file()
+    # and its calibration streams would not fit either: they went to disk
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["spill"] is True
+    assert "calibration streams were kept on disk" in " ".join(err.split())
+    assert json.loads((out / "report.json").read_text())["spill"] is False
 
 
 def test_refusals_come_before_any_work(folder, tmp_path, cli):
@@ -209,11 +213,16 @@ def test_smollm2_streamed_and_in_memory_sequential_weights_are_identical(tmp_pat
         assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
 
 
-def test_an_interrupted_run_resumes_after_its_last_finished_block(folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spill", [False, True])
+def test_an_interrupted_run_resumes_after_its_last_finished_block(
+    folder, tmp_path, monkeypatch, spill
+):
+    """Also with the calibration streams spilled to disk: the resumed run reads them back
+    memory-mapped, and gives the weights of an uninterrupted run that kept them in memory."""
     text = "group-prune{sparsity=0.5,score=wanda},quantize{bits=4,group=16,method=gptq}"
     calib = calibration(2)
     fresh = tmp_path / "fresh"
-    stream.stream_compile(folder, effc.Pipeline.from_text(text), fresh, calib)
+    stream.stream_compile(folder, effc.Pipeline.from_text(text), fresh, calib, spill=False)
     assert not list(tmp_path.glob(".fresh.work-*"))  # removed after success
 
     real, calls = stream.run_stage, []
@@ -227,14 +236,21 @@ def test_an_interrupted_run_resumes_after_its_last_finished_block(folder, tmp_pa
     out = tmp_path / "out"
     monkeypatch.setattr(stream, "run_stage", dies_on_the_third_block)
     with pytest.raises(KeyboardInterrupt):
-        stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib)
+        stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib, spill=spill)
     assert not out.exists()
     (work,) = tmp_path.glob(".out.work-*")
-    assert json.loads((work / "state.json").read_text())["done"] == 2
+    state = json.loads((work / "state.json").read_text())
+    assert state["done"] == 2 and state["spill"] is spill
+    # spilled: the hidden states after block 1, one file per kept stream and sample, no others
+    spilled = sorted(f.name for f in (work / "streams").glob("*")) if spill else []
+    assert spilled == (
+        [f"model_layers_1-{j}-{k}.npy" for j in (0, 1, 2) for k in (0, 1)] if spill else []
+    )
     monkeypatch.setattr(stream, "run_stage", real)
     calls.clear()
     report = stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib)
     assert any(r["stage"] == "resumed after 2 of 4 stages" for r in report["stages"])
+    assert report["spill"] is spill  # the resumed run keeps the interrupted one's choice
     assert not work.exists()
     want, got = dense_weights(stream.load(fresh)), dense_weights(stream.load(out))
     assert want.keys() == got.keys()
