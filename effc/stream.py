@@ -491,7 +491,7 @@ def _save_state(work: Path, state: dict, streams: dict, spill: Spill | None = No
     os.replace(tmp, work / "streams.pt")
     (work / "state.json.tmp").write_text(json.dumps(state))
     os.replace(work / "state.json.tmp", work / "state.json")
-    if spill:
+    if names:  # something was spilled: drop the files the saved state no longer names
         spill.forget({t for v in saved.values() for x in v for t in x if isinstance(t, str)})
 
 

@@ -74,7 +74,7 @@ def train(
                 opt.zero_grad()
                 loss.backward()
                 if data_parallel and world()[1] > 1:
-                    loss = _all_reduce_grads(groups, loss)
+                    loss = _all_reduce_grads(params, loss)
                 opt.step()
                 if schedule is not None:
                     schedule.step()
@@ -86,10 +86,10 @@ def train(
     return TrainLog(losses, lr, time.perf_counter() - t0)
 
 
-def _all_reduce_grads(groups: list[dict], loss: torch.Tensor) -> torch.Tensor:
+def _all_reduce_grads(params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
     """Sum every parameter's gradient and the loss over the processes in one all_reduce (a
     parameter without a gradient on this process counts as zeros); returns the summed loss."""
-    params = [p for g in groups for p in g["params"] if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     flat = torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         + [loss.detach().reshape(1).to(params[0].dtype)]

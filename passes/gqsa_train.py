@@ -414,7 +414,7 @@ class GQSATrain(Pass):
         )
         if tail:  # their targets: the original layers on the original model's inputs
             tail_targets = self._tail_targets(model, tail, data)
-        units = [(stage_block, [stage_block])] if stage_block else self._units(model, blocks)
+        units = self._units(model, blocks)
         progress, task = bar((len(units) + bool(tail)) * self.options.steps, "bqpo")
         first_loss = last_loss = 0.0
         with progress:
@@ -435,20 +435,24 @@ class GQSATrain(Pass):
                         chain = [[block_output(teachers[0](*a, **k)) for a, k in inputs]]
                 fakes = self._fakes(model, sites)
 
-                def unit_loss(i, students=students, teachers=teachers, chain=chain, inputs=inputs):
+                def target_of(pos, i, h, teachers=teachers, chain=chain, inputs=inputs):
+                    """Block ``pos``'s target on sample i: known before training, or (a block
+                    after the first, target=local) its original on the input ``h`` it gets now."""
+                    if pos < len(chain):
+                        return chain[pos][i]
+                    args, kwargs = inputs[i]
+                    with torch.no_grad():
+                        return block_output(teachers[pos](h.detach(), *args[1:], **kwargs))
+
+                def unit_loss(i, students=students, inputs=inputs, target_of=target_of):
                     """The mean over the unit's blocks (one, or a group sharing weights) of each
                     block's squared error; a block after the first gets the output of the one
-                    before as it is now, and (target=local) its original's output on it."""
+                    before as it is now."""
                     args, kwargs = inputs[i]
                     h, total = args[0], 0.0
-                    for pos, (student, teacher) in enumerate(zip(students, teachers)):
+                    for pos, student in enumerate(students):
                         out = block_output(student(h, *args[1:], **kwargs))
-                        if pos < len(chain):
-                            target = chain[pos][i]
-                        else:
-                            with torch.no_grad():
-                                target = block_output(teacher(h.detach(), *args[1:], **kwargs))
-                        total = total + nn.functional.mse_loss(out, target)
+                        total = total + nn.functional.mse_loss(out, target_of(pos, i, h))
                         h = out.detach()
                     return total / len(students)
 
@@ -459,19 +463,12 @@ class GQSATrain(Pass):
                     self._finish(model, fqn, fq, linear)
                 with torch.no_grad():  # one forward gives the next block's inputs and the loss
                     hidden = [a[0] for a, _ in inputs]
-                    for pos, (student, teacher) in enumerate(zip(students, teachers)):
+                    for pos, student in enumerate(students):
                         outputs = [
                             block_output(student(h, *a[1:], **k))
                             for h, (a, k) in zip(hidden, inputs)
                         ]
-                        targets = (
-                            chain[pos]
-                            if pos < len(chain)
-                            else [
-                                block_output(teacher(h, *a[1:], **k))
-                                for h, (a, k) in zip(hidden, inputs)
-                            ]
-                        )
+                        targets = [target_of(pos, i, h) for i, h in enumerate(hidden)]
                         last_loss += sum(
                             float(nn.functional.mse_loss(o, t)) for o, t in zip(outputs, targets)
                         ) / len(inputs)
