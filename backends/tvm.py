@@ -9,7 +9,9 @@ meta-schedule tuning database, ``tuning=DIR``) and writes:
     model.so       x86_64 / aarch64: the compiled relax VM executable (a shared library)
     model.wasm     wasm32: a WASI module, effc's executor linked with the compiled kernels,
                    with plan.txt and weights.bin beside it (backends/tvm_aot.py)
-    tvm.json       target, TVM version, input/output order, tuning database used
+    tvm.json       target, TVM version, input/output order, tuning database used, and each
+                   candidate layer for effc's kernels (block-sparse 1x1 convs, depthwise
+                   and KxK convs: backends/tvm_sparse.py, backends/tvm_conv.py) with its choice
 
 ``run`` loads ``model.so`` into TVM's relax VM when the artifact's target is this machine's
 (x86_64). An aarch64 artifact on an x86_64 machine runs for real under ``qemu-aarch64``: effc's
@@ -36,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 import effc.backends.tvm_aot as tvm_aot
+import effc.backends.tvm_conv as tvm_conv
 import effc.backends.tvm_sparse as tvm_sparse
 from effc.backends.onnxruntime import lower as save_reference
 from effc.cache import cache_dir
@@ -176,15 +179,31 @@ def _which(cmd: str) -> bool:
 
 
 def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
-    """How each sparse layer is chosen: a pinned decision file; on this machine's own target a
-    measurement (sparse where it is faster than TVM's dense operator by more than 5% and 2 µs);
-    for wasm32 the same measurement in the WebAssembly runtime (wasmtime, effc's executor) where
-    the toolchain is installed; on another cross target the cost model (sparse where at most
-    COST_MODEL_MAX_DENSITY of the blocks are kept)."""
+    """How each layer is chosen, as (decide, decide_conv) for ``tvm_sparse.sparsify``: a
+    pinned decision file; on this machine's own target a measurement (effc's kernel where it is
+    faster than TVM's dense operator, built alone with the layer's bias and clamp and the tuning
+    database, by more than 5% and 2 µs); for wasm32 the same measurement in the WebAssembly
+    runtime (wasmtime, effc's executor) where the toolchain is installed; on another cross target
+    a cost model (a sparse 1x1 conv where at most COST_MODEL_MAX_DENSITY of the blocks are kept;
+    effc's direct conv kernel everywhere, see docs/targets.md)."""
     pinned = tvm_sparse.load_decisions(decisions) if decisions else {}
     measure = tvm_target == _host_target() or (tvm_target == "wasm32" and tvm_aot.can_run_wasm())
+    lanes = tvm_sparse.lanes_for(target)
 
-    def decide(cand, w2d, n, c, pixels) -> str:
+    def wins(dense_us: float, kernel_us: float) -> bool:
+        return dense_us - kernel_us > max(0.05 * dense_us, 2.0)
+
+    def wasm_ms(dense_mod) -> tuple[float, float]:
+        """(dense, kernel) µs of a one-layer module in the WebAssembly runtime."""
+        kernel_mod, _ = tvm_sparse.sparsify(
+            dense_mod, target, lambda *a: "sparse", decide_conv=lambda *a: "kernel"
+        )
+        return tuple(
+            tvm_aot.time_module(fused(m, target), target, "wasm32") * 1e3
+            for m in (dense_mod, kernel_mod)
+        )
+
+    def decide(cand, w2d, n, c, pixels, ep) -> str:
         if cand.key in pinned:
             cand.why = "decision file"
             return pinned[cand.key]
@@ -192,22 +211,37 @@ def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
             cand.why = f"cost model (density <= {tvm_sparse.COST_MODEL_MAX_DENSITY})"
             return "sparse" if cand.density <= tvm_sparse.COST_MODEL_MAX_DENSITY else "dense"
         if tvm_target == "wasm32":  # in the WebAssembly runtime, through effc's executor
-            dense, _ = tvm_sparse.pointwise_module(w2d, n, c, pixels)
-            sparse, _ = tvm_sparse.sparsify(dense, target, lambda *a: "sparse")
-            cand.dense_us, cand.sparse_us = (
-                tvm_aot.time_module(fused(m, target), target, "wasm32") * 1e3
-                for m in (dense, sparse)
+            cand.dense_us, cand.sparse_us = wasm_ms(
+                tvm_sparse.pointwise_module(w2d, n, c, pixels, ep)[0]
             )
             cand.why = "measured under wasmtime"
         else:
             cand.dense_us, cand.sparse_us = tvm_sparse.measure_pointwise(
-                lambda m: build(m, target, tuning), target, w2d, n, c, pixels, cand.rows
+                lambda m: build(m, target, tuning), target, w2d, n, c, pixels, cand.rows, ep
             )
             cand.why = "measured"
-        faster = cand.dense_us - cand.sparse_us
-        return "sparse" if faster > max(0.05 * cand.dense_us, 2.0) else "dense"
+        return "sparse" if wins(cand.dense_us, cand.sparse_us) else "dense"
 
-    return decide
+    def decide_conv(cand, w, shape, ep) -> str:
+        if cand.key in pinned:
+            cand.why = "decision file"
+            return pinned[cand.key]
+        if not measure:
+            cand.why = "cost model (the kernel everywhere)"
+            return "kernel"
+        if tvm_target == "wasm32":
+            n, _, h, wd, _, _, s, p, groups = shape
+            mod, _ = tvm_conv.conv_module(w, n, h, wd, s, p, groups, ep)
+            cand.dense_us, cand.kernel_us = wasm_ms(mod)
+            cand.why = "measured under wasmtime"
+        else:
+            cand.dense_us, cand.kernel_us = tvm_conv.measure_conv(
+                lambda m: build(m, target, tuning), target, lanes, w, shape, ep
+            )
+            cand.why = "measured"
+        return "kernel" if wins(cand.dense_us, cand.kernel_us) else "dense"
+
+    return decide, decide_conv
 
 
 def lower(
@@ -221,17 +255,23 @@ def lower(
 ) -> list[Path]:
     """Build ``model`` for ``tvm_target`` into ``out_dir`` (see the module docstring).
     ``kernel_everywhere`` runs every plain 1x1 conv through effc's block kernel, dense ones
-    included (a benchmark baseline: the same kernel on dense weights)."""
+    included, and every depthwise and KxK conv through effc's direct kernel (a benchmark baseline:
+    the same kernels on dense weights)."""
     t = tvm()
     target = target_for(tvm_target)
     files = save_reference(model, out_dir)
     mod = import_onnx(model)
     candidates = []
     if sparse:
-        decide = decider(target, tvm_target, tuning, decisions)
+        decide, decide_conv = decider(target, tvm_target, tuning, decisions)
         if kernel_everywhere:
             decide = lambda cand, *a: "sparse"  # noqa: E731
-        mod, candidates = tvm_sparse.sparsify(mod, target, decide, dense=kernel_everywhere)
+            decide_conv = lambda cand, *a: "kernel"  # noqa: E731
+        mod, candidates = tvm_sparse.sparsify(
+            mod, target, decide, dense=kernel_everywhere, decide_conv=decide_conv
+        )
+    convs = [c for c in candidates if isinstance(c, tvm_conv.ConvCandidate)]
+    pointwise = [c for c in candidates if not isinstance(c, tvm_conv.ConvCandidate)]
     lib = out_dir / LIB_FILE[tvm_target]
     extra = {}
     if tvm_target == "wasm32":
@@ -247,7 +287,8 @@ def lower(
         "inputs": [v.name for v in model.graph.inputs],
         "outputs": [v.name for v in model.graph.outputs],
         "tuning": str(tuning) if tuning else None,
-        "sparse_layers": [{k: v for k, v in vars(c).items() if v is not None} for c in candidates],
+        "sparse_layers": [{k: v for k, v in vars(c).items() if v is not None} for c in pointwise],
+        "conv_layers": [{k: v for k, v in vars(c).items() if v is not None} for c in convs],
         **extra,
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -256,29 +297,36 @@ def lower(
     return [*files, lib, *aot_files, out_dir / META_FILE, out_dir / DECISIONS_FILE]
 
 
+def _layer_note(layers: list[dict], what: str, chosen_as: str) -> str:
+    """One report line for a build's candidates of one kind (not one per layer: the layers are
+    in decisions.json and tvm.json)."""
+    chosen = [c for c in layers if c["choice"] != "dense"]
+    line = f"{what}: {len(chosen)} of {len(layers)} candidates {chosen_as}"
+    timed = [c for c in layers if "dense_us" in c]
+    if timed:
+        dense = sum(c["dense_us"] for c in timed)
+        fast = sum(c["dense_us" if c["choice"] == "dense" else "sparse_us"] for c in timed)
+        line += (
+            f" ({timed[0]['why']}: the candidates take {fast / 1e3:.2f} ms as chosen "
+            f"against {dense / 1e3:.2f} ms dense)"
+        )
+    else:
+        line += f" ({layers[0]['why']})"
+    return line + f"; per layer in {DECISIONS_FILE}"
+
+
 def describe(out_dir: Path) -> list[str]:
     """Report notes on what the build chose (read back from tvm.json)."""
     meta = json.loads((Path(out_dir) / META_FILE).read_text())
-    layers = meta.get("sparse_layers", [])
-    sparse = [c for c in layers if c["choice"] == "sparse"]
     notes = [
         f"tvm {meta['tvm_version']} build for {meta['tvm_target']} ({meta['target']})"
         + (f" with tuning database {meta['tuning']}" if meta.get("tuning") else ", untuned")
     ]
-    if layers:
-        # one line per build, not per layer: the layers are in decisions.json and tvm.json
-        timed = [c for c in layers if "dense_us" in c]
-        line = f"block-sparse 1x1 convs: {len(sparse)} of {len(layers)} candidates run sparse"
-        if timed:
-            dense = sum(c["dense_us"] for c in timed)
-            chosen = sum(c[f"{c['choice']}_us"] for c in timed)
-            line += (
-                f" ({timed[0]['why']}: the candidates take {chosen / 1e3:.2f} ms as chosen "
-                f"against {dense / 1e3:.2f} ms dense)"
-            )
-        else:
-            line += f" ({layers[0]['why']})"
-        notes.append(line + f"; per layer in {DECISIONS_FILE}")
+    if meta.get("sparse_layers"):
+        notes.append(_layer_note(meta["sparse_layers"], "block-sparse 1x1 convs", "run sparse"))
+    convs = [{**c, "sparse_us": c.get("kernel_us")} for c in meta.get("conv_layers", [])]
+    if convs:
+        notes.append(_layer_note(convs, "depthwise and KxK convs", "run by effc's kernel"))
     return notes
 
 

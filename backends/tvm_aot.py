@@ -302,7 +302,7 @@ def execute(
         for i, (x, shape, dtype) in enumerate(
             zip(inputs, aot["input_shapes"], aot["input_dtypes"])
         ):
-            x = np.ascontiguousarray(x)
+            x = np.asarray(x, order="C")  # (ascontiguousarray makes a 0-d input 1-d)
             if list(x.shape) != shape or str(x.dtype) != dtype:
                 raise UnsupportedError(
                     f"input {i} must be {dtype} {tuple(shape)}, got {x.dtype} {x.shape}"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import effc.backends.tvm_conv as tvm_conv
 from effc.errors import InputError
 
 # a cross target cannot be timed here (timings under qemu mean nothing): the sparse kernel is
@@ -80,9 +81,7 @@ def pack(w2d: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data), cols.astype(np.int32), indptr
 
 
-# TVM keeps a constant-size CPU allocation on the stack only below this many bytes
-# (runtime::kMaxStackAlloca); a larger one becomes a workspace call and lives in memory
-STACK_BYTES = 1024
+STACK_BYTES = tvm_conv.STACK_BYTES  # accumulators must stay below it (see tvm_conv)
 
 
 def tile_for(r: int, lanes: int, pixels: int) -> int:
@@ -107,6 +106,7 @@ def pointwise_nchw(
     lanes: int = 16,
     lo: float = -math.inf,
     hi: float = math.inf,
+    residual: bool = False,
 ):
     """The TensorIR kernel (see the module docstring) for one layer's shapes.
 
@@ -119,10 +119,12 @@ def pointwise_nchw(
     bounds and column are read inline: a scalar bound with a ``let`` becomes a buffer in TVM
     0.27, which keeps the accumulators in memory. The epilogue adds the per-channel ``bias`` and
     clamps to [lo, hi] as the tile is stored (a conv's bias and a ReLU/ReLU6 fused: no extra
-    pass over the output)."""
+    pass over the output); with ``residual`` it adds ``res`` (a residual connection, shaped as
+    the output) between the two. Without, ``res`` is a one-value placeholder, never read."""
     from tvm.script import tirx as T
 
     ob_count = o // r
+    res_shape = (n, o, pixels) if residual else (1,)
     tile = tile_for(r, lanes, pixels)
     tiles = (pixels + tile - 1) // tile
 
@@ -133,6 +135,7 @@ def pointwise_nchw(
         indices: T.Buffer((nnz,), "int32"),
         indptr: T.Buffer((ob_count + 1,), "int32"),
         bias: T.Buffer((o,), "float32"),
+        res: T.Buffer(res_shape, "float32"),
         out: T.Buffer((n, o, pixels), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
@@ -154,14 +157,33 @@ def pointwise_nchw(
                             )
                 for i in T.unroll(r):
                     for p in T.vectorized(tile):
-                        out[
-                            b,
-                            task % ob_count * r + i,
-                            T.min(task // ob_count * tile, pixels - tile) + p,
-                        ] = T.min(
-                            T.max(acc[i, p] + bias[task % ob_count * r + i], T.float32(lo)),
-                            T.float32(hi),
-                        )
+                        if residual:
+                            out[
+                                b,
+                                task % ob_count * r + i,
+                                T.min(task // ob_count * tile, pixels - tile) + p,
+                            ] = T.min(
+                                T.max(
+                                    acc[i, p]
+                                    + bias[task % ob_count * r + i]
+                                    + res[
+                                        b,
+                                        task % ob_count * r + i,
+                                        T.min(task // ob_count * tile, pixels - tile) + p,
+                                    ],
+                                    T.float32(lo),
+                                ),
+                                T.float32(hi),
+                            )
+                        else:
+                            out[
+                                b,
+                                task % ob_count * r + i,
+                                T.min(task // ob_count * tile, pixels - tile) + p,
+                            ] = T.min(
+                                T.max(acc[i, p] + bias[task % ob_count * r + i], T.float32(lo)),
+                                T.float32(hi),
+                            )
 
     return kernel
 
@@ -185,12 +207,13 @@ def lanes_for(target) -> int:
 
 # ---------------------------------------------------------------- decisions
 def load_decisions(path: str | Path) -> dict[str, str]:
-    """A pinned decision file: {"layers": {weight key: "sparse" | "dense"}}."""
+    """A pinned decision file: {"layers": {weight key: "sparse" | "kernel" | "dense"}} ("sparse"
+    for a block-sparse 1x1 conv, "kernel" for a conv run by effc's direct kernel)."""
     try:
         doc = json.loads(Path(path).read_text())
         layers = doc["layers"]
-        if not all(v in ("sparse", "dense") for v in layers.values()):
-            raise ValueError("choices must be sparse or dense")
+        if not all(v in ("sparse", "dense", "kernel") for v in layers.values()):
+            raise ValueError("choices must be sparse, kernel or dense")
         return {k: str(v) for k, v in layers.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path} is not a decision file ({e})") from e
@@ -221,10 +244,12 @@ def _is_plain_pointwise(call) -> bool:
 @dataclass
 class Epilogue:
     """What follows a candidate conv and runs inside the kernel: a per-channel bias, then a
-    clamp (ReLU: lo 0; ReLU6: lo 0, hi 6), each used only by the next."""
+    residual add (another tensor of the output's shape), then a clamp (ReLU: lo 0; ReLU6: lo 0,
+    hi 6), each used only by the next."""
 
     end: object  # the last fused call (its binding gets the kernel's result)
     bias: np.ndarray | None = None
+    residual: object = None  # the relax expression added
     lo: float = -math.inf
     hi: float = math.inf
 
@@ -237,6 +262,13 @@ def _scalar(e) -> float | None:
         if v.size == 1:
             return float(v.reshape(()))
     return None
+
+
+def _same_shape(a, b) -> bool:
+    try:
+        return [int(d) for d in a.ty.shape.values] == [int(d) for d in b.ty.shape.values]
+    except (TypeError, AttributeError):  # symbolic or unknown
+        return False
 
 
 def epilogues(func, conv_op) -> dict:
@@ -295,6 +327,8 @@ def epilogues(func, conv_op) -> dict:
             kind = call.op.name.split(".")[-1]
             if kind == "add" and isinstance(other, tvm.ir.expr.Constant):
                 return ("add", other.value.numpy(), nxt)
+            if kind == "add" and isinstance(other, relax.Var) and _same_shape(other, var):
+                return ("residual", other, nxt)
             v = _scalar(other)
             return (kind, v, nxt) if v is not None and kind != "add" else None
         return None
@@ -309,6 +343,9 @@ def epilogues(func, conv_op) -> dict:
         if s and s[0] == "add" and o and s[1].size == o and s[1].shape in ((1, o, 1, 1), (o, 1, 1)):
             ep.bias, ep.end, cur = s[1].reshape(o).astype(np.float32), value_of[s[2]], s[2]
             s = step(cur)
+        if s and s[0] == "residual":
+            ep.residual, ep.end, cur = s[1], value_of[s[2]], s[2]
+            s = step(cur)
         while s and s[0] in ("maximum", "minimum", "clip"):
             if s[0] == "maximum":
                 ep.lo = max(ep.lo, s[1])
@@ -322,11 +359,14 @@ def epilogues(func, conv_op) -> dict:
     return found
 
 
-def sparsify(mod, target, decide, dense: bool = False):
-    """Replace the 1x1 convs ``decide(candidate, weight2d, n, c, pixels)`` picks "sparse" by
-    ``call_tir`` of ``pointwise_nchw``, with the bias add and ReLU/ReLU6 clamp that follow each
-    fused into the kernel (``epilogues``); returns (module, candidates in graph order). With
-    ``dense`` a weight without zero blocks is a candidate too (the kernel's dense baseline)."""
+def sparsify(mod, target, decide, dense: bool = False, decide_conv=None):
+    """Replace the 1x1 convs ``decide(candidate, weight2d, n, c, pixels, epilogue)`` picks
+    "sparse" by ``call_tir`` of ``pointwise_nchw``, and (where ``decide_conv(candidate, weight,
+    shape, epilogue)`` is given and picks "kernel") the depthwise and KxK convs by
+    ``tvm_conv.conv_nchw``, with the bias add and ReLU/ReLU6 clamp that follow each fused into
+    the kernel (``epilogues``); returns (module, candidates in graph order: sparse ``Candidate``
+    and ``tvm_conv.ConvCandidate``). With ``dense`` a weight without zero blocks is a
+    candidate too (the kernel's dense baseline)."""
     import tvm
     from tvm import relax
 
@@ -340,10 +380,16 @@ def sparsify(mod, target, decide, dense: bool = False):
             chains.update(epilogues(func, conv))
     ends = {ep.end.__chandle__(): (call, ep) for call, ep in chains.items()}
 
-    def replace(call, ep: Epilogue, x):
-        """The kernel call for conv ``call`` (input ``x``, already rewritten) with ``ep`` fused;
-        None where the conv stays dense."""
+    def _placeholder():
+        return relax.const(np.zeros(1, np.float32))
+
+    def replace(call, ep: Epilogue, x, res):
+        """The kernel call for conv ``call`` (input ``x`` and residual ``res``, already
+        rewritten) with ``ep`` fused; None where the conv stays dense."""
         w = call.args[1].value.numpy() if isinstance(call.args[1], tvm.ir.expr.Constant) else None
+        direct = tvm_conv.conv_shape(call) if w is not None and decide_conv else None
+        if direct is not None:
+            return replace_conv(w, direct, ep, x, res)
         shape = call.args[0].ty.shape
         if w is None or w.shape[2:] != (1, 1) or not _is_plain_pointwise(call) or shape is None:
             return None
@@ -358,19 +404,40 @@ def sparsify(mod, target, decide, dense: bool = False):
         blocks = (w2d != 0).reshape(w.shape[0] // r, r, -1).any(1)
         cand = Candidate(weight_key(w2d), tuple(w.shape), h * wd, r, float(blocks.mean()))
         candidates.append(cand)
-        cand.choice = decide(cand, w2d, n, c, h * wd)
+        cand.choice = decide(cand, w2d, n, c, h * wd, ep)
         if cand.choice != "sparse":
             return None
         o = w.shape[0]
         data, indices, indptr = pack(w2d, r)
         bias = ep.bias if ep.bias is not None else np.zeros(o, np.float32)
-        kernel = pointwise_nchw(n, c, o, h * wd, r, len(indices), lanes, ep.lo, ep.hi)
+        kernel = pointwise_nchw(
+            n, c, o, h * wd, r, len(indices), lanes, ep.lo, ep.hi, res is not None
+        )
         name = f"effc_bsr_pointwise_{len(candidates)}"
         gv = rewriter.builder_.add_func(kernel.with_attr("global_symbol", name), name)
         args = [relax.op.reshape(x, (n, c, h * wd)), relax.const(data), relax.const(indices)]
         args += [relax.const(indptr), relax.const(bias)]
+        args.append(relax.op.reshape(res, (n, o, h * wd)) if res is not None else _placeholder())
         out = relax.call_tir(gv, args, relax.TensorType((n, o, h * wd), "float32"))
         return relax.op.reshape(out, (n, o, h, wd))
+
+    def replace_conv(w, shape, ep: Epilogue, x, res):
+        n, c, h, wd, o, k, s, p, groups = shape
+        cand = tvm_conv.ConvCandidate(weight_key(w), tuple(w.shape), groups, s, p, h * wd)
+        candidates.append(cand)
+        cand.choice = decide_conv(cand, w, shape, ep)
+        if cand.choice != "kernel":
+            return None
+        kernel = tvm_conv.conv_nchw(
+            n, c, h, wd, o, k, s, p, groups, lanes, ep.lo, ep.hi, res is not None
+        )
+        name = f"effc_conv_{len(candidates)}"
+        gv = rewriter.builder_.add_func(kernel.with_attr("global_symbol", name), name)
+        bias = ep.bias if ep.bias is not None else np.zeros(o, np.float32)
+        args = [x, relax.const(np.ascontiguousarray(w)), relax.const(bias)]
+        args.append(res if res is not None else _placeholder())
+        oh, ow = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+        return relax.call_tir(gv, args, relax.TensorType((n, o, oh, ow), "float32"))
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
@@ -383,57 +450,55 @@ def sparsify(mod, target, decide, dense: bool = False):
             if hit is None:
                 return new
             conv_call, ep = hit
-            fused = replace(conv_call, ep, self.visit_expr(conv_call.args[0]))
+            res = self.visit_expr(ep.residual) if ep.residual is not None else None
+            try:
+                fused = replace(conv_call, ep, self.visit_expr(conv_call.args[0]), res)
+            except Exception as e:  # TVM's FFI would turn it into a RuntimeError
+                raised.append(e)
+                return new
             return new if fused is None else fused
 
+    raised: list[Exception] = []
     rewriter = Rewriter(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+            if raised:  # a decision failed (its own error type, e.g. a bad tuning database)
+                raise raised[0]
     # the replaced convs, bias adds and clamps have no users left
     return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), candidates
 
 
-def pointwise_module(w2d, n, c, pixels):
-    """A relax module of one 1x1 conv (``w2d`` as its weight) on an (n, c, h, w) input with
-    h * w = pixels: what a layer's dense and sparse forms are measured on."""
-    from tvm import relax
-
+def pointwise_module(w2d, n, c, pixels, ep=None):
+    """A relax module of one 1x1 conv (``w2d`` as its weight, ``ep`` its epilogue as
+    ``tvm_conv.conv_module`` writes it) on an (n, c, h, w) input with h * w = pixels: what a
+    layer's dense and sparse forms are measured on. Returns (module, input shapes)."""
     o = w2d.shape[0]
     side = int(round(pixels**0.5))
     h, wd = (side, side) if side * side == pixels else (1, pixels)
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((n, c, h, wd), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w2d.reshape(o, c, 1, 1))))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get(), (n, c, h, wd)
+    return tvm_conv.conv_module(w2d.reshape(o, c, 1, 1), n, h, wd, ep=ep)
 
 
-def measure_pointwise(build, target, w2d, n, c, pixels, r, repeat=20) -> tuple[float, float]:
-    """(dense µs, sparse µs) of one layer on this machine: TVM's conv2d built alone by
-    ``build(module)`` (the target's build, with its tuning database) and the sparse kernel,
-    medians of ``repeat`` timings of 10 runs."""
+def measure_pointwise(
+    build, target, w2d, n, c, pixels, r, ep=None, repeat=20
+) -> tuple[float, float]:
+    """(dense µs, sparse µs) of one layer with its epilogue ``ep`` on this machine: TVM's conv2d
+    built alone by ``build(module)`` (the target's build, with its tuning database, which covers
+    the layer where the module has the model's form) and the sparse kernel, medians of
+    ``repeat`` timings of 10 runs."""
     import tvm
-    from tvm import relax
 
     o = w2d.shape[0]
-    mod, (n, c, h, wd) = pointwise_module(w2d, n, c, pixels)
-    dense = build(mod)
-    dev = tvm.cpu()
-    xs = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((n, c, h, wd), np.float32))
-    vm = relax.VirtualMachine(dense, dev)
-    dense_s = vm.time_evaluator("main", dev, number=10, repeat=repeat)(xs).median
+    mod, shapes = pointwise_module(w2d, n, c, pixels, ep)
+    bounds = [v for v in (ep.lo, ep.hi) if abs(v) != math.inf] if ep is not None else []
+    dense_us, xs = tvm_conv.time_dense(build, mod, shapes, bounds, repeat)
     data, indices, indptr = pack(w2d, r)
-    kernel = pointwise_nchw(n, c, o, pixels, r, len(indices), lanes_for(target))
+    lo, hi = (ep.lo, ep.hi) if ep is not None else (-math.inf, math.inf)
+    kernel = pointwise_nchw(n, c, o, pixels, r, len(indices), lanes_for(target), lo, hi)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
-    bias = np.zeros(o, np.float32)
-    args = [
-        tvm.runtime.tensor(a)
-        for a in (xs.numpy().reshape(n, c, pixels), data, indices, indptr, bias)
-    ]
+    bias = ep.bias if ep is not None and ep.bias is not None else np.zeros(o, np.float32)
+    args = [xs.reshape(n, c, pixels), data, indices, indptr, bias, np.zeros(1, np.float32)]
+    args = [tvm.runtime.tensor(a) for a in args]
     args.append(tvm.runtime.tensor(np.zeros((n, o, pixels), np.float32)))
-    sparse_s = lib.mod.time_evaluator("main", dev, number=10, repeat=repeat)(*args).median
-    return dense_s * 1e6, sparse_s * 1e6
+    sparse_s = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=repeat)(*args).median
+    return dense_us, sparse_s * 1e6

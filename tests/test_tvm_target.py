@@ -74,7 +74,8 @@ def test_sparse_kernel_is_exact_on_ragged_shapes(pixels, r):
     x = rng.standard_normal((2, c, pixels)).astype(np.float32)
     out = tvm.runtime.tensor(np.full((2, o, pixels), np.nan, np.float32))
     bias = rng.standard_normal(o).astype(np.float32)
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr, bias)), out)
+    none = np.zeros(1, np.float32)  # no residual
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, data, indices, indptr, bias, none)), out)
     want = np.einsum("oc,ncp->nop", w, x) + bias[:, None]
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
@@ -92,7 +93,7 @@ def test_bias_and_clamps_fuse_into_the_sparse_kernel_only_where_safe(tmp_path):
 
         def forward(self, pixels):
             y = torch.nn.functional.relu6(self.expand(pixels))  # bias + ReLU6: fused
-            z = self.project(y) + pixels  # bias fused; the residual add stays
+            z = self.project(y) + pixels  # bias and the residual add fused
             s = self.side(z)  # its pre-activation is also an output: nothing fused
             return torch.relu(s), s
 
@@ -107,8 +108,9 @@ def test_bias_and_clamps_fuse_into_the_sparse_kernel_only_where_safe(tmp_path):
     mod = tvm_backend.import_onnx(ir.load(str(out / "model.onnx")))
     conv = tvm.ir.Op.get("relax.nn.conv2d")
     eps = tvm_sparse.epilogues(tvm.relax.transform.FoldConstant()(mod)["main"], conv)
-    got = sorted((e.bias is not None, e.lo, e.hi) for e in eps.values())
-    assert got == [(True, -np.inf, np.inf), (True, -np.inf, np.inf), (True, 0.0, 6.0)]
+    got = sorted((e.bias is not None, e.residual is not None, e.lo, e.hi) for e in eps.values())
+    want = [(True, False, -np.inf, np.inf), (True, False, 0.0, 6.0), (True, True, -np.inf, np.inf)]
+    assert got == want
     x = {"pixels": np.random.default_rng(4).standard_normal((1, 8, 6, 6)).astype(np.float32)}
     ref = run_file(out / "model.onnx", x)
     tv = get_backend("tvm").run(out, x)
@@ -130,9 +132,14 @@ def test_sparse_layers_follow_the_decision_file_and_stay_exact(tmp_path):
     passes = "kernel-sparsity{sparsity=0.5,patterns=[pointwise:4x1,linear:dense,conv:dense]}"
     _compile(model, passes, tmp_path / "auto")
     decisions = json.loads((tmp_path / "auto" / "decisions.json").read_text())
-    assert len(decisions["layers"]) == 2  # TinyCNN's two pointwise convs
-    assert all("dense_us" in m and "sparse_us" in m for m in decisions["measured"])
-    forced = {k: "sparse" for k in decisions["layers"]}
+    auto = json.loads((tmp_path / "auto" / "tvm.json").read_text())
+    assert len(auto["sparse_layers"]) == 2  # TinyCNN's two pointwise convs
+    assert len(auto["conv_layers"]) == 3  # and its three 3x3 convs, for the direct kernel
+    assert len(decisions["layers"]) == 5  # all of them, measured
+    assert all("dense_us" in m for m in decisions["measured"])
+    assert all("sparse_us" in m for m in auto["sparse_layers"])
+    assert all("kernel_us" in m for m in auto["conv_layers"])
+    forced = {c["key"]: "sparse" for c in auto["sparse_layers"]}
     pinned = tmp_path / "pinned.json"
     pinned.write_text(json.dumps({"layers": forced}))
     result = _compile(TinyCNN(), passes, tmp_path / "sparse", decisions=str(pinned))
@@ -275,7 +282,7 @@ def test_sparse_kernel_is_exact_in_webassembly(tmp_path, pixels):
     keep[1] = False  # an empty row block
     w *= np.repeat(keep, r, 0)
     target = tvm_backend.target_for("wasm32")
-    dense, shape = tvm_sparse.pointwise_module(w, 1, c, pixels)
+    dense, (shape,) = tvm_sparse.pointwise_module(w, 1, c, pixels)
     sparse, cands = tvm_sparse.sparsify(dense, target, lambda *a: "sparse")
     assert [k.choice for k in cands] == ["sparse"]
     x = rng.standard_normal(shape).astype(np.float32)
@@ -299,7 +306,7 @@ def test_aot_executor_matches_the_vm_and_refuses_what_it_cannot_run(tmp_path):
     target = tvm_backend.target_for("x86")
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     w[8:, 2:5] = 0
-    dense, shape = tvm_sparse.pointwise_module(w, 1, 8, 20)
+    dense, (shape,) = tvm_sparse.pointwise_module(w, 1, 8, 20)
     mod, _ = tvm_sparse.sparsify(dense, target, lambda *a: "sparse")
     aot = tvm_aot.write(tvm_backend.fused(mod, target), target, tmp_path, "x86", "run")
     meta = {"tvm_target": "x86", "aot": aot}
