@@ -465,8 +465,11 @@ def sparsify(mod, target, decide, dense: bool = False, decide_conv=None):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
             if raised:  # a decision failed (its own error type, e.g. a bad tuning database)
                 raise raised[0]
-    # the replaced convs, bias adds and clamps have no users left
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), candidates
+    # the replaced convs, bias adds and clamps have no users left; a kernel's (n, o, pixels)
+    # output reshaped to NCHW and back for the next sparse kernel is one reshape less (fused
+    # together, TVM would copy the tensor)
+    mod = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return relax.transform.RemoveRedundantReshape()(mod), candidates
 
 
 def pointwise_module(w2d, n, c, pixels, ep=None):

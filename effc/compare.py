@@ -49,7 +49,7 @@ def compare_artifact(
 
         want = ref.run(None, inputs)
         got = art_run()
-        ms = interleaved_medians([lambda: ref.run(None, inputs), art_run], trials)
+        ms = interleaved_medians([lambda: ref.run(None, inputs), art_run], trials, paired=True)
         error = compare_outputs([np.asarray(a) for a in want], [np.asarray(b) for b in got])
         return [
             {"model": "reference", "bytes": model_files(ref_path), "ms": ms[0], "speedup": 1.0},

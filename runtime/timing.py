@@ -40,14 +40,23 @@ def copies_for(nbytes: int, rotate: int, cap: int = 256) -> int:
     return max(2, min(cap, math.ceil(rotate / max(nbytes, 1))))
 
 
-def interleaved_medians(calls: list[Callable[[], None]], trials: int = 9) -> list[float]:
+def interleaved_medians(
+    calls: list[Callable[[], None]], trials: int = 9, paired: bool = False
+) -> list[float]:
     """Milliseconds of each call: the median of ``trials`` timings, the calls interleaved so that
-    machine noise hits them alike (after one warm-up call each)."""
+    machine noise hits them alike (after one warm-up call each). With ``paired`` (calls into
+    different engines) each timed call follows an untimed call of the same callable: engines'
+    worker threads spin for a while after a parallel section (onnxruntime's intra-op pool, TVM's
+    thread pool), and a call started meanwhile shares the cores with them (measured here with 2
+    threads on 2 cores: a TVM build timed right after onnxruntime ran 9x slower), so the untimed
+    call takes that hit and the timed one runs as it would alone."""
     for call in calls:
         call()
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(trials):
         for i, call in enumerate(calls):
+            if paired:
+                call()
             t0 = time.perf_counter()
             call()
             times[i].append((time.perf_counter() - t0) * 1e3)

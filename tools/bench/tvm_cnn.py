@@ -1,18 +1,22 @@
 """Mobile CNN latency on this CPU: onnxruntime dense, TVM dense (default build, and with a
 meta-schedule tuning database where one is committed), MNN dense and MNN with its sparse
 convolutions (the engine SparseByteNN compares with; ``mnnconvert --detectSparseSpeedUp`` on the
-same pruned graphs), and effc's TVM build at 30/50/70% kernel sparsity (1x1 convs as 8x1 blocks,
-sparse kernels where they measured faster than TVM's dense operator, the other layers dense and
-tuned), side by side in one process, same threads.
+same pruned graphs), effc's TVM build with its own kernels on the dense weights, and effc's TVM
+build at 30/50/70% kernel sparsity (1x1 convs as 8x1 blocks, sparse kernels where they measured
+faster than TVM's dense operator; depthwise and 3x3 convs by effc's direct conv kernel where it
+measured faster than TVM's tuned operator; the other layers TVM's, tuned), side by side in one
+process, same threads.
 
     python -m tools.bench.tvm_cnn [--models mobilenet-v2,mobilenet-v1] [--levels 0.3,0.5,0.7] \\
         [--trials 20] [--out tools/bench/results/tvm_cnn]
 
-Each figure is the median of interleaved runs (warm-up first). The floor beside it is the bytes
+Each figure is the median of interleaved runs (warm-up first; each timed run follows an untimed
+run of the same engine, so no engine is timed while another's worker threads still spin). The floor beside it is the bytes
 the graph moves (every intermediate written and read once, weights read once; sparse weights
 counted at their kept values plus one int32 index per 8-value block) over the read bandwidth
-measured in the same run. Per-layer ratios (dense / sparse time of each candidate 1x1 conv, as
-the build measured them) are in the JSON and the second table. A plot of latency against
+measured in the same run (it counts every intermediate at memory bandwidth, while small ones
+stay in the caches, so a build can beat it). Per-layer ratios (TVM / effc time of each
+candidate layer, as the build measured them) are in the JSON and the second table. A plot of latency against
 sparsity is written next to the table.
 """
 
@@ -128,17 +132,21 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
             tuning = (
                 TUNING / name if (TUNING / name / "database_tuning_record.json").is_file() else None
             )
-            variants = {"tvm dense (default build)": ("cleanup", None, False, 0.0)}
+            dense = {"sparse": False}
+            variants = {"tvm dense (default build)": ("cleanup", None, dense, 0.0)}
             if tuning:
-                variants["tvm dense (tuned)"] = ("cleanup", tuning, False, 0.0)
+                variants["tvm dense (tuned)"] = ("cleanup", tuning, dense, 0.0)
+            # effc's kernels on the dense weights: what the direct conv kernel buys by itself
+            everywhere = {"kernel_everywhere": True}
+            variants["effc tvm kernels, dense weights"] = ("cleanup", tuning, everywhere, 0.0)
             for sp in levels:
                 text = f"kernel-sparsity{{sparsity={sp},{PATTERN}}}"
-                variants[f"effc tvm sparse {sp:.0%}"] = (text, tuning, True, sp)
+                variants[f"effc tvm sparse {sp:.0%}"] = (text, tuning, {}, sp)
             folders, seconds = {}, {}
-            for label, (text, db, sparse, _) in variants.items():
+            for label, (text, db, options, _) in variants.items():
                 folder = Path(tmp) / f"{name}-{len(folders)}"
                 tuning = str(db) if db else None
-                seconds[label] = build(ref, text, folder, tuning=tuning, sparse=sparse)
+                seconds[label] = build(ref, text, folder, tuning=tuning, **options)
                 folders[label] = folder
                 print(f"built {name} {label} in {seconds[label]:.0f} s", flush=True)
             first = next(iter(folders.values()))
@@ -162,12 +170,14 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                 np.testing.assert_allclose(call().reshape(want.shape), want, atol=1e-3)
                 calls[label] = call
                 folders[label] = folder
-            ms = dict(zip(calls, interleaved_medians(list(calls.values()), trials)))
+            ms = dict(zip(calls, interleaved_medians(list(calls.values()), trials, paired=True)))
             base_tuned = ms.get("tvm dense (tuned)")
             for label, t in ms.items():
                 folder = folders.get(label, first)
                 meta = json.loads((folder / "tvm.json").read_text())
                 chosen = [c for c in meta["sparse_layers"] if c["choice"] == "sparse"]
+                convs = meta.get("conv_layers", [])
+                kernel = [c for c in convs if c["choice"] == "kernel"]
                 rows.append(
                     {
                         "model": name,
@@ -179,11 +189,34 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                         "sparse_layers": f"{len(chosen)}/{len(meta['sparse_layers'])}"
                         if label.startswith("effc")
                         else "",
+                        "conv_kernels": f"{len(kernel)}/{len(convs)}"
+                        if label.startswith("effc")
+                        else "",
                         "floor_ms": moved_bytes(folder) / bw * 1e3,
                         "build_s": round(seconds.get(label, 0.0), 1),
                     }
                 )
                 if label.startswith("effc"):
+                    for c in convs:
+                        if "dense_us" in c:
+                            kind = (
+                                "depthwise"
+                                if c["groups"] > 1
+                                else f"{c['shape'][2]}x{c['shape'][2]}"
+                            )
+                            layers.append(
+                                {
+                                    "model": name,
+                                    "variant": label,
+                                    "layer": f"{kind} {c['shape'][0]} s{c['stride']} "
+                                    f"@{c['pixels']}px",
+                                    "density": 1.0,
+                                    "dense_us": c["dense_us"],
+                                    "sparse_us": c["kernel_us"],
+                                    "ratio": c["dense_us"] / c["kernel_us"],
+                                    "choice": c["choice"],
+                                }
+                            )
                     for c in meta["sparse_layers"]:
                         if "dense_us" in c:
                             layers.append(
@@ -208,22 +241,26 @@ def markdown(data: dict, command: str) -> str:
         "",
         f"`{command}`",
         "",
-        "| model | variant | ms | floor ms | vs onnxruntime | vs TVM tuned | sparse layers | build s |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| model | variant | ms | floor ms | vs onnxruntime | vs TVM tuned | sparse layers "
+        "| conv kernels | build s |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in data["rows"]:
         tuned = f"{r['vs_tvm_tuned']:.2f}x" if r["vs_tvm_tuned"] else "-"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['ms']:.2f} | {r['floor_ms']:.3f} | "
-            f"{r['vs_ort']:.2f}x | {tuned} | {r['sparse_layers']} | {r['build_s']} |"
+            f"{r['vs_ort']:.2f}x | {tuned} | {r['sparse_layers']} | {r.get('conv_kernels', '')} "
+            f"| {r['build_s']} |"
         )
     if data["layers"]:
         lines += [
             "",
-            "Per-layer (each candidate 1x1 conv alone, as the build measured it: TVM's dense "
-            "operator with the same tuning database vs the sparse kernel):",
+            "Per-layer (each candidate alone with its bias and clamp, as the build measured "
+            "it: TVM's operator built with the same tuning database, which covers it where the "
+            "layer's form matches the model's, vs effc's kernel: the direct conv kernel for "
+            "depthwise and 3x3 convs, the sparse kernel for 1x1 convs):",
             "",
-            "| model | variant | layer | kept blocks | dense us | sparse us | dense/sparse | choice |",
+            "| model | variant | layer | kept blocks | dense us | effc us | dense/effc | choice |",
             "|---|---|---|---:|---:|---:|---:|---|",
         ]
         for r in data["layers"]:
