@@ -10,10 +10,11 @@ Variants:
 - ``tvm dense (default schedule)``: TVM 0.27's default build of every operator, no tuning (a
   meta-schedule database for wasm32 would need tuning runs inside the WebAssembly runtime).
 - ``effc kernel, dense weights``: every 1x1 conv through effc's block kernel with all blocks
-  kept, the other operators as above: the same code as the sparse rows, so the ratio to it is
-  what sparsity alone buys.
-- ``effc sparse N%``: kernel-sparsity (1x1 convs as 8x1 blocks); each candidate layer runs
-  sparse where it measured faster than TVM's dense operator under wasmtime at build time.
+  kept, every depthwise and 3x3 conv through effc's direct conv kernel, the other operators as
+  above: the same code as the sparse rows, so the ratio to it is what sparsity alone buys.
+- ``effc sparse N%``: kernel-sparsity (1x1 convs as 8x1 blocks); each candidate layer (sparse
+  1x1 conv, direct depthwise/3x3 conv) runs effc's kernel where it measured faster than TVM's
+  operator under wasmtime at build time.
 - ``onnxruntime-web dense`` (with ``--ort-web DIR``, a folder where
   ``npm install --prefix DIR onnxruntime-web@1.22.0`` ran): the engine a web user would pick,
   WebAssembly with SIMD on one thread, under node (``tools/bench/node/ort_web.js``), on the
@@ -113,6 +114,8 @@ def run(
             for label, folder in folders.items():
                 meta = json.loads((folder / "tvm.json").read_text())
                 chosen = [c for c in meta["sparse_layers"] if c["choice"] == "sparse"]
+                convs = meta.get("conv_layers", [])
+                direct = [c for c in convs if c["choice"] == "kernel"]
                 web = label.startswith("onnxruntime-web")
                 rows.append(
                     {
@@ -126,6 +129,7 @@ def run(
                         "sparse_layers": ""
                         if web
                         else f"{len(chosen)}/{len(meta['sparse_layers'])}",
+                        "conv_kernels": "" if web else f"{len(direct)}/{len(convs)}",
                         "max_diff": diffs[label],
                         "build_s": round(seconds[label], 1),
                     }
@@ -148,15 +152,15 @@ def markdown(data: dict, command: str) -> str:
         f"`{command}`",
         "",
         "| model | variant | ms | floor ms | vs TVM dense | vs effc kernel dense | "
-        "kernel layers | max diff | build s |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+        "sparse layers | conv kernels | max diff | build s |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in data["rows"]:
         diff = "-" if r["max_diff"] is None else f"{r['max_diff']:.1e}"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['ms']:.1f} | {r['floor_ms']:.2f} | "
             f"{r['vs_tvm_dense']:.2f}x | {r['vs_kernel_dense']:.2f}x | {r['sparse_layers']} | "
-            f"{diff} | {r['build_s']} |"
+            f"{r.get('conv_kernels', '')} | {diff} | {r['build_s']} |"
         )
     return "\n".join(lines)
 
