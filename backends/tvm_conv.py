@@ -283,21 +283,24 @@ def conv_nchw(
 
 def conv_module(w4d, n, h, w, stride=1, padding=0, groups=1, ep=None):
     """A relax module of one conv (``w4d`` its OIHW weight) on an (n, C, h, w) input, with its
-    epilogue ``ep`` (an ``Epilogue``: bias, clamp bounds) in the form TVM's ONNX importer writes
-    (a bias add of a (1, O, 1, 1) constant, clamp bounds as 0-d tensors, here inputs), so a tuning
-    database made on the whole model covers it: what a layer's dense form is measured on.
-    Returns (module, input shapes)."""
+    epilogue ``ep`` (an ``Epilogue``: bias, residual, clamp bounds) in the form TVM's ONNX
+    importer writes (a bias add of a (1, O, 1, 1) constant, the residual and the clamp bounds as
+    tensors, here inputs after ``x``), so a tuning database made on the whole model covers it:
+    what a layer's dense form is measured on. Returns (module, input shapes)."""
     import numpy as np
     from tvm import relax
 
-    o, c = w4d.shape[0], w4d.shape[1] * groups
+    o, c, k = w4d.shape[0], w4d.shape[1] * groups, w4d.shape[2]
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     bias = ep.bias if ep is not None else None
     lo = ep.lo if ep is not None and ep.lo != -math.inf else None
     hi = ep.hi if ep is not None and ep.hi != math.inf else None
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((n, c, h, w), "float32"))
+    res = relax.Var("res", relax.TensorType((n, o, oh, ow), "float32"))
     bounds = [relax.Var(name, relax.TensorType((), "float32")) for name in ("lo", "hi")]
-    used = [b for b, v in zip(bounds, (lo, hi)) if v is not None]
+    used = [res] if ep is not None and ep.residual is not None else []
+    used += [b for b, v in zip(bounds, (lo, hi)) if v is not None]
     with bb.function("main", [x, *used]):
         with bb.dataflow():
             conv = relax.op.nn.conv2d(
@@ -306,26 +309,32 @@ def conv_module(w4d, n, h, w, stride=1, padding=0, groups=1, ep=None):
             y = bb.emit(conv)
             if bias is not None:
                 y = bb.emit(relax.op.add(y, relax.const(np.asarray(bias).reshape(1, o, 1, 1))))
+            if res in used:
+                y = bb.emit(relax.op.add(*((res, y) if ep.residual_first else (y, res))))
             if lo is not None:
                 y = bb.emit(relax.op.maximum(y, bounds[0]))
             if hi is not None:
                 y = bb.emit(relax.op.minimum(y, bounds[1]))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    return bb.get(), [(n, c, h, w)] + [()] * len(used)
+    return bb.get(), [tuple(int(d) for d in v.ty.shape.values) for v in (x, *used)]
 
 
-def time_dense(build, mod, shapes, values, repeat=20) -> tuple[float, object]:
-    """(median µs of ``build(mod)`` run 10 times per timing, its input tensors): the first input
-    random, the 0-d ones the given ``values``."""
+def time_dense(build, mod, shapes, values, repeat=20) -> tuple[float, list]:
+    """(median µs of ``build(mod)`` run 10 times per timing, its inputs as numpy arrays): the
+    inputs of ``shapes`` random, the 0-d ones the given ``values`` in order."""
     import numpy as np
     import tvm
     from tvm import relax
 
     dev = tvm.cpu()
-    xs = np.random.default_rng(0).standard_normal(shapes[0], np.float32)
-    args = [tvm.runtime.tensor(xs)] + [tvm.runtime.tensor(np.float32(v)) for v in values]
+    rng, scalars = np.random.default_rng(0), iter(values)
+    xs = [
+        np.float32(next(scalars)) if len(s) == 0 else rng.standard_normal(s, np.float32)
+        for s in shapes
+    ]
     vm = relax.VirtualMachine(build(mod), dev)
+    args = [tvm.runtime.tensor(np.asarray(a)) for a in xs]
     return vm.time_evaluator("main", dev, number=10, repeat=repeat)(*args).median * 1e6, xs
 
 
@@ -340,11 +349,13 @@ def measure_conv(build, target, lanes, w4d, shape, ep, repeat=20) -> tuple[float
     mod, shapes = conv_module(w4d, n, h, w, s, p, groups, ep)
     bounds = [v for v in (ep.lo, ep.hi) if abs(v) != math.inf]
     dense_us, xs = time_dense(build, mod, shapes, bounds, repeat)
-    kernel = conv_nchw(n, c, h, w, o, k, s, p, groups, lanes, ep.lo, ep.hi)
+    fused = ep.residual is not None
+    kernel = conv_nchw(n, c, h, w, o, k, s, p, groups, lanes, ep.lo, ep.hi, fused)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
     oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     bias = ep.bias if ep.bias is not None else np.zeros(o, np.float32)
-    args = [tvm.runtime.tensor(a) for a in (xs, w4d, bias, np.zeros(1, np.float32))]
+    res = xs[1] if fused else np.zeros(1, np.float32)
+    args = [tvm.runtime.tensor(a) for a in (xs[0], w4d, bias, res)]
     args.append(tvm.runtime.tensor(np.zeros((n, o, oh, ow), np.float32)))
     kernel_s = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=repeat)(*args).median
     return dense_us, kernel_s * 1e6

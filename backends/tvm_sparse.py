@@ -250,6 +250,7 @@ class Epilogue:
     end: object  # the last fused call (its binding gets the kernel's result)
     bias: np.ndarray | None = None
     residual: object = None  # the relax expression added
+    residual_first: bool = False  # the add's first operand (as the model writes it)
     lo: float = -math.inf
     hi: float = math.inf
 
@@ -328,7 +329,7 @@ def epilogues(func, conv_op) -> dict:
             if kind == "add" and isinstance(other, tvm.ir.expr.Constant):
                 return ("add", other.value.numpy(), nxt)
             if kind == "add" and isinstance(other, relax.Var) and _same_shape(other, var):
-                return ("residual", other, nxt)
+                return ("residual", (other, args[1].same_as(var)), nxt)
             v = _scalar(other)
             return (kind, v, nxt) if v is not None and kind != "add" else None
         return None
@@ -344,7 +345,7 @@ def epilogues(func, conv_op) -> dict:
             ep.bias, ep.end, cur = s[1].reshape(o).astype(np.float32), value_of[s[2]], s[2]
             s = step(cur)
         if s and s[0] == "residual":
-            ep.residual, ep.end, cur = s[1], value_of[s[2]], s[2]
+            (ep.residual, ep.residual_first), ep.end, cur = s[1], value_of[s[2]], s[2]
             s = step(cur)
         while s and s[0] in ("maximum", "minimum", "clip"):
             if s[0] == "maximum":
@@ -485,10 +486,10 @@ def pointwise_module(w2d, n, c, pixels, ep=None):
 def measure_pointwise(
     build, target, w2d, n, c, pixels, r, ep=None, repeat=20
 ) -> tuple[float, float]:
-    """(dense µs, sparse µs) of one layer with its epilogue ``ep`` on this machine: TVM's conv2d
-    built alone by ``build(module)`` (the target's build, with its tuning database, which covers
-    the layer where the module has the model's form) and the sparse kernel, medians of
-    ``repeat`` timings of 10 runs."""
+    """(dense µs, sparse µs) of one layer with its epilogue ``ep`` (bias, residual, clamp) on
+    this machine: TVM's conv2d built alone by ``build(module)`` (the target's build, with its
+    tuning database, which covers the layer where the module has the model's form) and the
+    sparse kernel, medians of ``repeat`` timings of 10 runs."""
     import tvm
 
     o = w2d.shape[0]
@@ -497,10 +498,12 @@ def measure_pointwise(
     dense_us, xs = tvm_conv.time_dense(build, mod, shapes, bounds, repeat)
     data, indices, indptr = pack(w2d, r)
     lo, hi = (ep.lo, ep.hi) if ep is not None else (-math.inf, math.inf)
-    kernel = pointwise_nchw(n, c, o, pixels, r, len(indices), lanes_for(target), lo, hi)
+    fused = ep is not None and ep.residual is not None
+    kernel = pointwise_nchw(n, c, o, pixels, r, len(indices), lanes_for(target), lo, hi, fused)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
     bias = ep.bias if ep is not None and ep.bias is not None else np.zeros(o, np.float32)
-    args = [xs.reshape(n, c, pixels), data, indices, indptr, bias, np.zeros(1, np.float32)]
+    res = xs[1].reshape(n, o, pixels) if fused else np.zeros(1, np.float32)
+    args = [xs[0].reshape(n, c, pixels), data, indices, indptr, bias, res]
     args = [tvm.runtime.tensor(a) for a in args]
     args.append(tvm.runtime.tensor(np.zeros((n, o, pixels), np.float32)))
     sparse_s = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=repeat)(*args).median

@@ -6,6 +6,7 @@ onnxruntime. Marker ``tvm``."""
 
 import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from effc.backends import tvm as tvm_backend
 from effc.backends import tvm_conv, tvm_sparse
 from effc.backends.onnxruntime import run_file
 from effc.compile import compile_model
+
+TUNING = Path(__file__).parents[1] / "tools/bench/results/tvm_tuning/mobilenet-v2"
 
 pytestmark = [
     pytest.mark.tvm,
@@ -173,3 +176,34 @@ def test_pinned_dense_keeps_tvms_operator(tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({"layers": {keys[0]: "fast"}}))
         tvm_sparse.load_decisions(bad)
+
+
+def test_measured_layers_are_the_tuning_databases_workloads():
+    """The per-layer dense modules (conv + bias + clamp bounds as 0-d inputs, or + a residual in
+    the model's operand order) are the fused workloads of the committed MobileNetV2 tuning
+    database, so the build compares its kernels with TVM's tuned operators."""
+    import tvm
+
+    db = tvm_backend.load_database(TUNING)
+    target = tvm_backend.target_for("x86")
+    six = tvm_sparse.Epilogue(end=None, bias=np.ones(144, np.float32), lo=0.0, hi=6.0)
+    depthwise, _ = tvm_conv.conv_module(
+        np.ones((144, 1, 3, 3), np.float32), 1, 56, 56, 1, 1, 144, six
+    )
+    res = tvm_sparse.Epilogue(end=None, bias=np.ones(24, np.float32), residual=object())
+    res.residual_first = True  # torchvision's x + conv(x)
+    project, _ = tvm_sparse.pointwise_module(np.ones((24, 144), np.float32), 1, 144, 3136, res)
+    res.residual_first = False
+    swapped, _ = tvm_sparse.pointwise_module(np.ones((24, 144), np.float32), 1, 144, 3136, res)
+
+    def covered(mod):
+        funcs = tvm_backend.fused(mod, target).functions.items()
+        prim = [f for gv, f in funcs if isinstance(f, tvm.tirx.PrimFunc)]
+        return [
+            db.has_workload(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}))
+            for f in prim
+        ]
+
+    assert covered(depthwise) == [True]
+    assert covered(project) == [True]
+    assert covered(swapped) == [False]  # the check can fail: another form is another workload

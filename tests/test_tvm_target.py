@@ -111,6 +111,7 @@ def test_bias_and_clamps_fuse_into_the_sparse_kernel_only_where_safe(tmp_path):
     got = sorted((e.bias is not None, e.residual is not None, e.lo, e.hi) for e in eps.values())
     want = [(True, False, -np.inf, np.inf), (True, False, 0.0, 6.0), (True, True, -np.inf, np.inf)]
     assert got == want
+    assert [e.residual_first for e in eps.values() if e.residual is not None] == [False]
     x = {"pixels": np.random.default_rng(4).standard_normal((1, 8, 6, 6)).astype(np.float32)}
     ref = run_file(out / "model.onnx", x)
     tv = get_backend("tvm").run(out, x)
