@@ -193,7 +193,7 @@ def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
     def wins(dense_us: float, kernel_us: float) -> bool:
         return dense_us - kernel_us > max(0.05 * dense_us, 2.0)
 
-    def wasm_ms(dense_mod) -> tuple[float, float]:
+    def wasm_us(dense_mod) -> tuple[float, float]:
         """(dense, kernel) µs of a one-layer module in the WebAssembly runtime."""
         kernel_mod, _ = tvm_sparse.sparsify(
             dense_mod, target, lambda *a: "sparse", decide_conv=lambda *a: "kernel"
@@ -211,7 +211,7 @@ def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
             cand.why = f"cost model (density <= {tvm_sparse.COST_MODEL_MAX_DENSITY})"
             return "sparse" if cand.density <= tvm_sparse.COST_MODEL_MAX_DENSITY else "dense"
         if tvm_target == "wasm32":  # in the WebAssembly runtime, through effc's executor
-            cand.dense_us, cand.sparse_us = wasm_ms(
+            cand.dense_us, cand.sparse_us = wasm_us(
                 tvm_sparse.pointwise_module(w2d, n, c, pixels, ep)[0]
             )
             cand.why = "measured under wasmtime"
@@ -232,7 +232,7 @@ def decider(target, tvm_target: str, tuning=None, decisions: str | None = None):
         if tvm_target == "wasm32":
             n, _, h, wd, _, _, s, p, groups = shape
             mod, _ = tvm_conv.conv_module(w, n, h, wd, s, p, groups, ep)
-            cand.dense_us, cand.kernel_us = wasm_ms(mod)
+            cand.dense_us, cand.kernel_us = wasm_us(mod)
             cand.why = "measured under wasmtime"
         else:
             cand.dense_us, cand.kernel_us = tvm_conv.measure_conv(
@@ -297,15 +297,15 @@ def lower(
     return [*files, lib, *aot_files, out_dir / META_FILE, out_dir / DECISIONS_FILE]
 
 
-def _layer_note(layers: list[dict], what: str, chosen_as: str) -> str:
-    """One report line for a build's candidates of one kind (not one per layer: the layers are
-    in decisions.json and tvm.json)."""
+def _layer_note(layers: list[dict], what: str, chosen_as: str, kernel_us: str) -> str:
+    """One report line for a build's candidates of one kind, ``kernel_us`` the key of effc's
+    kernel time (not one line per layer: the layers are in decisions.json and tvm.json)."""
     chosen = [c for c in layers if c["choice"] != "dense"]
     line = f"{what}: {len(chosen)} of {len(layers)} candidates {chosen_as}"
     timed = [c for c in layers if "dense_us" in c]
     if timed:
         dense = sum(c["dense_us"] for c in timed)
-        fast = sum(c["dense_us" if c["choice"] == "dense" else "sparse_us"] for c in timed)
+        fast = sum(c["dense_us" if c["choice"] == "dense" else kernel_us] for c in timed)
         line += (
             f" ({timed[0]['why']}: the candidates take {fast / 1e3:.2f} ms as chosen "
             f"against {dense / 1e3:.2f} ms dense)"
@@ -323,10 +323,12 @@ def describe(out_dir: Path) -> list[str]:
         + (f" with tuning database {meta['tuning']}" if meta.get("tuning") else ", untuned")
     ]
     if meta.get("sparse_layers"):
-        notes.append(_layer_note(meta["sparse_layers"], "block-sparse 1x1 convs", "run sparse"))
-    convs = [{**c, "sparse_us": c.get("kernel_us")} for c in meta.get("conv_layers", [])]
-    if convs:
-        notes.append(_layer_note(convs, "depthwise and KxK convs", "run by effc's kernel"))
+        layers = meta["sparse_layers"]
+        notes.append(_layer_note(layers, "block-sparse 1x1 convs", "run sparse", "sparse_us"))
+    if meta.get("conv_layers"):
+        layers = meta["conv_layers"]
+        what = "depthwise and KxK convs"
+        notes.append(_layer_note(layers, what, "run by effc's kernel", "kernel_us"))
     return notes
 
 

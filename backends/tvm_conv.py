@@ -110,6 +110,22 @@ def conv_shape(call) -> tuple[int, ...] | None:
     return n, c, h, w, o, kh, strides[0], pads[0], groups
 
 
+def epilogue(acc, bias, res, lo: float, hi: float, lanes: int = 1):
+    """``acc + bias (+ res)`` clamped to [lo, hi], as TensorIR: what effc's TVM kernels store
+    (a conv's bias, a residual connection, a ReLU/ReLU6), built in Python while TVMScript parses
+    a kernel. ``res`` is None without a residual; ``lanes`` > 1 for vector values (the scalars
+    broadcast)."""
+    from tvm.script import tirx as T
+
+    def wide(v):
+        return T.Broadcast(v, lanes) if lanes > 1 else v
+
+    value = acc + wide(bias)
+    if res is not None:
+        value = value + res
+    return T.min(T.max(value, wide(T.float32(lo))), wide(T.float32(hi)))
+
+
 def conv_nchw(
     n: int,
     c: int,
@@ -128,7 +144,9 @@ def conv_nchw(
     """The TensorIR kernel (see the module docstring) for one layer's shapes: inputs x (n, c, h,
     w), weight (o, c / groups, k, k), bias (o,), res (the output's shape with ``residual``: a
     residual connection added before the clamp; else one value, never read); output (n, o, oh,
-    ow). A task is one output row of R output channels (``rows_for``) of one group."""
+    ow). A task is one output row of R output channels (``rows_for``) of one group. The index
+    expressions are Python functions inlined as the kernel is parsed (a ``let`` would turn a
+    scalar into a buffer in TVM 0.27, see ``tvm_sparse.pointwise_nchw``)."""
     from tvm.script import tirx as T
 
     cpg, opg = c // groups, o // groups
@@ -141,6 +159,24 @@ def conv_nchw(
     nl, nr = ilo, ow - ihi
     keep = [j * s for j in range(V)]  # every s-th lane of s contiguous vectors
     res_shape = (n, o, oh, ow) if residual else (1,)
+
+    def batch(task):
+        return task // (oh * ob_n)
+
+    def channel(task, i):  # output channel i of the task's R
+        return task // oh % ob_n * R + i
+
+    def source(task, j):  # input channel j of the task's group
+        return task // oh % ob_n * R // opg * cpg + j
+
+    def in_row(task, kh):
+        return task % oh * s + kh - p
+
+    def first(t):  # the first column of interior tile t (the last one shifted back)
+        return T.min(ilo + t * tile, ihi - tile)
+
+    def border(e):  # border column e: the left ones, then the right ones
+        return T.Select(e < nl, e, e - nl + ihi)
 
     @T.prim_func
     def kernel(
@@ -159,26 +195,22 @@ def conv_nchw(
                         acc[i, T.Ramp(q * V, 1, V)] = T.Broadcast(T.float32(0), V)
                 for j in range(cpg):
                     for kh in T.unroll(k):
-                        if task % oh * s + kh - p >= 0 and task % oh * s + kh - p < h:
+                        if in_row(task, kh) >= 0 and in_row(task, kh) < h:
                             for kw in T.unroll(k):
                                 for q in T.unroll(m):
                                     for i in T.unroll(R):
                                         acc[i, T.Ramp(q * V, 1, V)] = acc[
                                             i, T.Ramp(q * V, 1, V)
                                         ] + T.Broadcast(
-                                            wt[task // oh % ob_n * R + i, j, kh, kw], V
+                                            wt[channel(task, i), j, kh, kw], V
                                         ) * T.Shuffle(
                                             [
                                                 x[
-                                                    task // (oh * ob_n),
-                                                    task // oh % ob_n * R // opg * cpg + j,
-                                                    task % oh * s + kh - p,
+                                                    batch(task),
+                                                    source(task, j),
+                                                    in_row(task, kh),
                                                     T.Ramp(
-                                                        (T.min(ilo + t * tile, ihi - tile) + q * V)
-                                                        * s
-                                                        + kw
-                                                        - p
-                                                        + r * V,
+                                                        (first(t) + q * V) * s + kw - p + r * V,
                                                         1,
                                                         V,
                                                     ),
@@ -189,94 +221,59 @@ def conv_nchw(
                                         )
                 for i in T.unroll(R):
                     for q in T.unroll(m):
-                        if residual:
-                            out[
-                                task // (oh * ob_n),
-                                task // oh % ob_n * R + i,
+                        out[
+                            batch(task),
+                            channel(task, i),
+                            task % oh,
+                            T.Ramp(first(t) + q * V, 1, V),
+                        ] = epilogue(
+                            acc[i, T.Ramp(q * V, 1, V)],
+                            bias[channel(task, i)],
+                            res[
+                                batch(task),
+                                channel(task, i),
                                 task % oh,
-                                T.Ramp(T.min(ilo + t * tile, ihi - tile) + q * V, 1, V),
-                            ] = T.min(
-                                T.max(
-                                    acc[i, T.Ramp(q * V, 1, V)]
-                                    + T.Broadcast(bias[task // oh % ob_n * R + i], V)
-                                    + res[
-                                        task // (oh * ob_n),
-                                        task // oh % ob_n * R + i,
-                                        task % oh,
-                                        T.Ramp(T.min(ilo + t * tile, ihi - tile) + q * V, 1, V),
-                                    ],
-                                    T.Broadcast(T.float32(lo), V),
-                                ),
-                                T.Broadcast(T.float32(hi), V),
-                            )
-                        else:
-                            out[
-                                task // (oh * ob_n),
-                                task // oh % ob_n * R + i,
-                                task % oh,
-                                T.Ramp(T.min(ilo + t * tile, ihi - tile) + q * V, 1, V),
-                            ] = T.min(
-                                T.max(
-                                    acc[i, T.Ramp(q * V, 1, V)]
-                                    + T.Broadcast(bias[task // oh % ob_n * R + i], V),
-                                    T.Broadcast(T.float32(lo), V),
-                                ),
-                                T.Broadcast(T.float32(hi), V),
-                            )
-            for e in range(nl + nr):  # border columns: left ones, then right ones
+                                T.Ramp(first(t) + q * V, 1, V),
+                            ]
+                            if residual
+                            else None,
+                            lo,
+                            hi,
+                            V,
+                        )
+            for e in range(nl + nr):
                 for i in T.unroll(R):
                     acc[i, 0] = T.float32(0)
                 for j in range(cpg):
                     for kh in T.unroll(k):
                         for kw in T.unroll(k):
                             if (
-                                task % oh * s + kh - p >= 0
-                                and task % oh * s + kh - p < h
-                                and T.Select(e < nl, e, e - nl + ihi) * s + kw - p >= 0
-                                and T.Select(e < nl, e, e - nl + ihi) * s + kw - p < w
+                                in_row(task, kh) >= 0
+                                and in_row(task, kh) < h
+                                and border(e) * s + kw - p >= 0
+                                and border(e) * s + kw - p < w
                             ):
                                 for i in T.unroll(R):
                                     acc[i, 0] = (
                                         acc[i, 0]
-                                        + wt[task // oh % ob_n * R + i, j, kh, kw]
+                                        + wt[channel(task, i), j, kh, kw]
                                         * x[
-                                            task // (oh * ob_n),
-                                            task // oh % ob_n * R // opg * cpg + j,
-                                            task % oh * s + kh - p,
-                                            T.Select(e < nl, e, e - nl + ihi) * s + kw - p,
+                                            batch(task),
+                                            source(task, j),
+                                            in_row(task, kh),
+                                            border(e) * s + kw - p,
                                         ]
                                     )
                 for i in T.unroll(R):
-                    if residual:
-                        out[
-                            task // (oh * ob_n),
-                            task // oh % ob_n * R + i,
-                            task % oh,
-                            T.Select(e < nl, e, e - nl + ihi),
-                        ] = T.min(
-                            T.max(
-                                acc[i, 0]
-                                + bias[task // oh % ob_n * R + i]
-                                + res[
-                                    task // (oh * ob_n),
-                                    task // oh % ob_n * R + i,
-                                    task % oh,
-                                    T.Select(e < nl, e, e - nl + ihi),
-                                ],
-                                T.float32(lo),
-                            ),
-                            T.float32(hi),
-                        )
-                    else:
-                        out[
-                            task // (oh * ob_n),
-                            task // oh % ob_n * R + i,
-                            task % oh,
-                            T.Select(e < nl, e, e - nl + ihi),
-                        ] = T.min(
-                            T.max(acc[i, 0] + bias[task // oh % ob_n * R + i], T.float32(lo)),
-                            T.float32(hi),
-                        )
+                    out[batch(task), channel(task, i), task % oh, border(e)] = epilogue(
+                        acc[i, 0],
+                        bias[channel(task, i)],
+                        res[batch(task), channel(task, i), task % oh, border(e)]
+                        if residual
+                        else None,
+                        lo,
+                        hi,
+                    )
 
     return kernel
 
@@ -320,17 +317,19 @@ def conv_module(w4d, n, h, w, stride=1, padding=0, groups=1, ep=None):
     return bb.get(), [tuple(int(d) for d in v.ty.shape.values) for v in (x, *used)]
 
 
-def time_dense(build, mod, shapes, values, repeat=20) -> tuple[float, list]:
-    """(median µs of ``build(mod)`` run 10 times per timing, its inputs as numpy arrays): the
-    inputs of ``shapes`` random, the 0-d ones the given ``values`` in order."""
+def time_dense(build, mod, shapes, ep, repeat=20) -> tuple[float, list]:
+    """(median µs of ``build(mod)`` run 10 times per timing, its inputs as numpy arrays) for a
+    module from ``conv_module``: the inputs of ``shapes`` random, the 0-d ones ``ep``'s clamp
+    bounds."""
     import numpy as np
     import tvm
     from tvm import relax
 
     dev = tvm.cpu()
-    rng, scalars = np.random.default_rng(0), iter(values)
+    rng = np.random.default_rng(0)
+    bounds = iter([] if ep is None else [v for v in (ep.lo, ep.hi) if abs(v) != math.inf])
     xs = [
-        np.float32(next(scalars)) if len(s) == 0 else rng.standard_normal(s, np.float32)
+        np.float32(next(bounds)) if len(s) == 0 else rng.standard_normal(s, np.float32)
         for s in shapes
     ]
     vm = relax.VirtualMachine(build(mod), dev)
@@ -338,24 +337,30 @@ def time_dense(build, mod, shapes, values, repeat=20) -> tuple[float, list]:
     return vm.time_evaluator("main", dev, number=10, repeat=repeat)(*args).median * 1e6, xs
 
 
+def time_kernel(kernel, target, inputs, out_shape, repeat=20) -> float:
+    """Median µs of effc's TensorIR ``kernel`` compiled for ``target`` on the numpy ``inputs``
+    and a float32 output of ``out_shape``, 10 runs per timing."""
+    import numpy as np
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
+    args = [tvm.runtime.tensor(np.asarray(a)) for a in inputs]
+    args.append(tvm.runtime.tensor(np.zeros(out_shape, np.float32)))
+    return lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=repeat)(*args).median * 1e6
+
+
 def measure_conv(build, target, lanes, w4d, shape, ep, repeat=20) -> tuple[float, float]:
     """(dense µs, kernel µs) of one layer (``shape`` from ``conv_shape``) with its epilogue ``ep``
     on this machine: TVM's conv built alone by ``build(module)`` (the target's build, with its
     tuning database) and the kernel, medians of ``repeat`` timings of 10 runs."""
     import numpy as np
-    import tvm
 
     n, c, h, w, o, k, s, p, groups = shape
     mod, shapes = conv_module(w4d, n, h, w, s, p, groups, ep)
-    bounds = [v for v in (ep.lo, ep.hi) if abs(v) != math.inf]
-    dense_us, xs = time_dense(build, mod, shapes, bounds, repeat)
+    dense_us, xs = time_dense(build, mod, shapes, ep, repeat)
     fused = ep.residual is not None
     kernel = conv_nchw(n, c, h, w, o, k, s, p, groups, lanes, ep.lo, ep.hi, fused)
-    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     bias = ep.bias if ep.bias is not None else np.zeros(o, np.float32)
     res = xs[1] if fused else np.zeros(1, np.float32)
-    args = [tvm.runtime.tensor(a) for a in (xs[0], w4d, bias, res)]
-    args.append(tvm.runtime.tensor(np.zeros((n, o, oh, ow), np.float32)))
-    kernel_s = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=repeat)(*args).median
-    return dense_us, kernel_s * 1e6
+    out = (n, o, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+    return dense_us, time_kernel(kernel, target, [xs[0], w4d, bias, res], out, repeat)

@@ -157,33 +157,23 @@ def pointwise_nchw(
                             )
                 for i in T.unroll(r):
                     for p in T.vectorized(tile):
-                        if residual:
-                            out[
+                        out[
+                            b,
+                            task % ob_count * r + i,
+                            T.min(task // ob_count * tile, pixels - tile) + p,
+                        ] = tvm_conv.epilogue(
+                            acc[i, p],
+                            bias[task % ob_count * r + i],
+                            res[
                                 b,
                                 task % ob_count * r + i,
                                 T.min(task // ob_count * tile, pixels - tile) + p,
-                            ] = T.min(
-                                T.max(
-                                    acc[i, p]
-                                    + bias[task % ob_count * r + i]
-                                    + res[
-                                        b,
-                                        task % ob_count * r + i,
-                                        T.min(task // ob_count * tile, pixels - tile) + p,
-                                    ],
-                                    T.float32(lo),
-                                ),
-                                T.float32(hi),
-                            )
-                        else:
-                            out[
-                                b,
-                                task % ob_count * r + i,
-                                T.min(task // ob_count * tile, pixels - tile) + p,
-                            ] = T.min(
-                                T.max(acc[i, p] + bias[task % ob_count * r + i], T.float32(lo)),
-                                T.float32(hi),
-                            )
+                            ]
+                            if residual
+                            else None,
+                            lo,
+                            hi,
+                        )
 
     return kernel
 
@@ -490,21 +480,14 @@ def measure_pointwise(
     this machine: TVM's conv2d built alone by ``build(module)`` (the target's build, with its
     tuning database, which covers the layer where the module has the model's form) and the
     sparse kernel, medians of ``repeat`` timings of 10 runs."""
-    import tvm
-
     o = w2d.shape[0]
     mod, shapes = pointwise_module(w2d, n, c, pixels, ep)
-    bounds = [v for v in (ep.lo, ep.hi) if abs(v) != math.inf] if ep is not None else []
-    dense_us, xs = tvm_conv.time_dense(build, mod, shapes, bounds, repeat)
+    dense_us, xs = tvm_conv.time_dense(build, mod, shapes, ep, repeat)
     data, indices, indptr = pack(w2d, r)
     lo, hi = (ep.lo, ep.hi) if ep is not None else (-math.inf, math.inf)
     fused = ep is not None and ep.residual is not None
     kernel = pointwise_nchw(n, c, o, pixels, r, len(indices), lanes_for(target), lo, hi, fused)
-    lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
     bias = ep.bias if ep is not None and ep.bias is not None else np.zeros(o, np.float32)
     res = xs[1].reshape(n, o, pixels) if fused else np.zeros(1, np.float32)
-    args = [xs[0].reshape(n, c, pixels), data, indices, indptr, bias, res]
-    args = [tvm.runtime.tensor(a) for a in args]
-    args.append(tvm.runtime.tensor(np.zeros((n, o, pixels), np.float32)))
-    sparse_s = lib.mod.time_evaluator("main", tvm.cpu(), number=10, repeat=repeat)(*args).median
-    return dense_us, sparse_s * 1e6
+    inputs = [xs[0].reshape(n, c, pixels), data, indices, indptr, bias, res]
+    return dense_us, tvm_conv.time_kernel(kernel, target, inputs, (n, o, pixels), repeat)
