@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import torch
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from torch import nn
 
 from effc.errors import PassOptionError, UnsupportedError
@@ -93,7 +93,10 @@ def residual_stream(model, blocks) -> list[ir.Value]:
     """The hidden states between ONNX blocks: [entry of block 0, exit of block 0 (= entry of
     block 1), ..., exit of the last]. Each exit is the value an Add of block i produces that
     the next block (or the nodes after the blocks) reads, with the hidden size as its last dim;
-    block 0's entry is the value of that size from outside every block that block 0 reads."""
+    block 0's entry is the value of that size from outside every block that block 0 reads.
+    Shapes are inferred first where the graph lacks them (a legacy torch export writes none)."""
+    if any(v.shape is None for node in model.model.graph for v in node.outputs):
+        ShapeInferencePass(strict_mode=False)(model.model)
     container = blocks[0].fqn.rpartition(".")[0]
     hidden = blocks[0].sites[0].in_features
     owner = {id(n): _block_of(n, container) for n in model.model.graph}

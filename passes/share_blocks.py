@@ -1,13 +1,15 @@
 """share-blocks: FoldGPT's group parameter sharing. Consecutive transformer blocks are grouped
 (``group`` blocks each, the last group may be smaller); inside a group every block's linear
-weights (and biases) become one shared ``nn.Parameter``, while each block keeps its own norms
-(and anything else that is not a linear layer), which a cure fine-tune re-adapts.
+weights become one shared ``nn.Parameter``, while each block keeps its own norms, its own biases
+(a BERT's; a few hundred numbers a layer, as cheap to keep as the norms, and what the ONNX form
+keeps, since there a bias is an Add after the weight's MatMul) and anything else that is not a
+linear weight, all of which a cure fine-tune re-adapts.
 
 ``choose``: ``first`` shares the first block's weights; ``mean`` shares the element-wise mean
 of the group's weights. On FX (a torch model, edited in place) modules stay distinct, so an HF
 model keeps a KV-cache slot per layer and still generates; the parameters are shared, so the
 state dict, a saved file and an export hold each shared weight once. On ONNX the blocks' weight
-nodes read the same initializers (the others go: the file shrinks); biases stay per block there. The compression state
+nodes read the same initializers (the others go: the file shrinks). The compression state
 records, per block, the block whose weights it reads (``shares_with``); the report gives the
 groups and the unique parameter count before and after.
 """
@@ -136,16 +138,13 @@ class ShareBlocks(Pass):
             linears = [_linears(layers[i]) for i in members]
             for name in linears[0]:
                 mods = [lin[name] for lin in linears]
-                for attr in ("weight", "bias"):
-                    params = [getattr(m, attr) for m in mods]
-                    if params[0] is None:
-                        continue
-                    stack = torch.stack([p.detach() for p in params])
-                    value = stack[0] if o.choose == "first" else stack.mean(0)
-                    shared = nn.Parameter(value.clone(), requires_grad=params[0].requires_grad)
-                    for m, p in zip(mods, params):
-                        drift.append(float((p - value).norm() / p.norm().clamp_min(1e-30)))
-                        setattr(m, attr, shared)
+                params = [m.weight for m in mods]
+                stack = torch.stack([p.detach() for p in params])
+                value = stack[0] if o.choose == "first" else stack.mean(0)
+                shared = nn.Parameter(value.clone(), requires_grad=params[0].requires_grad)
+                for m, p in zip(mods, params):
+                    drift.append(float((p - value).norm() / p.norm().clamp_min(1e-30)))
+                    m.weight = shared
             for i in members[1:]:
                 model.compression.block(
                     f"{container}.{i}"

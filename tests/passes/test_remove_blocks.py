@@ -151,10 +151,8 @@ def test_onnx_removal_finds_the_same_blocks_and_equals_fx(tmp_path, count):
     assert sum(1 for _ in onnx_result.model.model.graph) < before
 
 
-def test_bert_family_blocks_are_removed_and_shared():
-    """An HF BERT (encoder.layer.N, BertLayer returning a tuple): removal gives the smaller
-    model, sharing keeps LayerNorms per block."""
-    config = transformers.BertConfig(
+def _bert_config():
+    return transformers.BertConfig(
         vocab_size=128,
         hidden_size=64,
         num_hidden_layers=4,
@@ -162,8 +160,23 @@ def test_bert_family_blocks_are_removed_and_shared():
         intermediate_size=128,
         max_position_embeddings=64,
     )
+
+
+def _bert():
     torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = transformers.BertModel(_bert_config()).eval()
+    with torch.no_grad():  # non-zero biases, so keeping them per block is seen
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_bert_family_blocks_are_removed_and_shared():
+    """An HF BERT (encoder.layer.N, BertLayer returning a tuple): removal gives the smaller
+    model, sharing keeps LayerNorms and biases per block."""
+    config = _bert_config()
+    model = _bert()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     result = effc.Pipeline.from_text(
         "remove-blocks{count=1,score=random},share-blocks{group=3}"
@@ -174,6 +187,7 @@ def test_bert_family_blocks_are_removed_and_shared():
     layers = model.encoder.layer
     assert layers[0].attention.self.query.weight is layers[2].attention.self.query.weight
     assert layers[0].output.LayerNorm.weight is not layers[1].output.LayerNorm.weight
+    assert layers[0].attention.self.query.bias is not layers[2].attention.self.query.bias
     small = transformers.BertModel(
         transformers.BertConfig(**{**config.to_dict(), "num_hidden_layers": 3})
     ).eval()
@@ -188,10 +202,39 @@ def test_bert_family_blocks_are_removed_and_shared():
     small.load_state_dict(state)
     with torch.no_grad():  # what sharing the group of three with choose=first means
         for name, p in small.named_parameters():
-            if name.startswith("encoder.layer.") and "LayerNorm" not in name:
+            if name.startswith("encoder.layer.") and name.endswith("dense.weight") | (
+                name.rpartition(".")[0].rsplit(".", 1)[-1] in ("query", "key", "value")
+                and name.endswith(".weight")
+            ):
                 first = name.replace(f"encoder.layer.{name.split('.')[2]}.", "encoder.layer.0.", 1)
                 p.copy_(dict(small.named_parameters())[first])
     ids = torch.tensor([[5, 9, 3, 7, 1, 2]])
     torch.testing.assert_close(
         model(input_ids=ids).last_hidden_state, small(input_ids=ids).last_hidden_state
+    )
+
+
+def test_bert_legacy_onnx_export_without_shapes_equals_fx(tmp_path):
+    """A legacy (TorchScript) export writes no intermediate shapes; the residual stream is still
+    found (shapes inferred first), and removal then sharing on the ONNX file computes what the
+    same pipeline computes on the torch model."""
+    from effc.ir.onnx_io import save_onnx
+    from effc.ir.torch_io import export_onnx
+
+    ids = torch.tensor([[5, 9, 3, 7, 1, 2, 8, 4]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    path = tmp_path / "bert.onnx"
+    save_onnx(export_onnx(_bert(), inputs, legacy=True, opset=14), path)
+    graph = effc.load(str(path)).model.graph
+    assert any(v.shape is None for node in graph for v in node.outputs)  # the case under test
+    calib = [{k: v.numpy() for k, v in inputs.items()}]
+    text = "remove-blocks{count=1,score=cosine},share-blocks{group=2}"
+    onnx_result = effc.Pipeline.from_text(text).run(str(path), effc.PassContext(calibration=calib))
+    fx_result = effc.Pipeline.from_text(text).run(_bert(), effc.PassContext(calibration=calib))
+    a, b = (r.report.records[0].stats for r in (onnx_result, fx_result))
+    assert a["removed"] == b["removed"]
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+    feeds = calib[0]
+    np.testing.assert_allclose(
+        onnx_result.model.run(feeds)[0], fx_result.model.run(feeds)[0], rtol=1e-4, atol=1e-4
     )
