@@ -131,3 +131,37 @@ def hidden_state(value) -> torch.Tensor | None:
 def logits_of(out) -> torch.Tensor:
     """The logits of a model's output (an HF output object, or the tensor itself)."""
     return getattr(out, "logits", out)
+
+
+def model_output(out) -> tuple[torch.Tensor, bool]:
+    """(tensor, is_logits) of a model's output: a language model's next-token logits (an HF
+    output's ``logits``, or a plain tensor), or an encoder's output hidden states (BERT's
+    ``last_hidden_state``), which have no vocabulary to distil over."""
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits, True
+    if isinstance(out, torch.Tensor):
+        return out, True
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = hidden_state(out)
+    if hidden is None:
+        raise TypeError(f"no logits or hidden states in a model output of type {type(out)}")
+    return hidden, False
+
+
+def output_distance(student_out, teacher_out) -> torch.Tensor:
+    """How far a model's output is from its teacher's: the KL divergence of the next-token
+    distributions (every position but the last) where the outputs are logits; for an encoder,
+    the mean squared error of the output hidden states over the teacher's mean square."""
+    s, is_logits = model_output(student_out)
+    t = model_output(teacher_out)[0].detach()
+    if not is_logits:
+        return ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+    s, t = s[:, :-1], t[:, :-1]
+    return torch.nn.functional.kl_div(
+        s.reshape(-1, s.shape[-1]).log_softmax(-1),
+        t.reshape(-1, t.shape[-1]).log_softmax(-1),
+        log_target=True,
+        reduction="batchmean",
+    )

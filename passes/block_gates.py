@@ -3,8 +3,11 @@ on its contribution to the residual stream, ``y = x + g * (block(x) - x)``; the 
 jointly (every weight frozen) on calibration text, so the ranking they give models the coupling
 between blocks that one-at-a-time scores (``remove-blocks{score=cosine}``) cannot see.
 
-Loss: next-token cross-entropy of the gated model (``loss=lm``) or its KL divergence from the
-ungated model (``loss=kd``), plus a polarizing regulariser ``lam * (t * sum|g| - sum|g - mean g|)``
+Loss: next-token cross-entropy of the gated model (``loss=lm``) or its distance from the ungated
+model (``loss=kd``: KL divergence of the next-token distributions; for an encoder such as BERT,
+which has no logits, the mean squared error of the output hidden states over the ungated one's
+mean square); ``loss=auto`` (default) is ``lm`` for a language model and ``kd`` for an encoder;
+plus a polarizing regulariser ``lam * (t * sum|g| - sum|g - mean g|)``
 (Zhuang et al. 2020: it drives some gates to 0 and keeps the others up, instead of shrinking all
 alike) and a budget term ``budget * (mean g - (1 - rate))^2`` that pulls the total gate mass to the
 blocks kept at removal rate ``rate`` (blocks have equal FLOPs, so this is the FLOPs constraint).
@@ -25,7 +28,7 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import block_layers
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import hidden_state, logits_of, train
+from effc.passes._train import hidden_state, model_output, output_distance, train
 from effc.registry import register
 
 
@@ -45,7 +48,7 @@ class BlockGates(Pass):
         lam: float = 0.01  # polarizing regulariser weight
         t: float = 1.2  # its balance (> 1: shrink overall; the - |g - mean| term polarizes)
         budget: float = 1.0  # weight of the gate-mass (FLOPs) term
-        loss: Literal["lm", "kd"] = "lm"
+        loss: Literal["auto", "lm", "kd"] = "auto"
 
     def needs_calibration(self) -> bool:
         return True
@@ -99,25 +102,31 @@ class BlockGates(Pass):
             p.requires_grad_(False)
         handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers)]
         task_loss: list[float] = []
+        used: set[str] = set()
 
         def loss_of(step: int) -> torch.Tensor:
             clip()  # after the previous step
             x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[step % len(data)].items()}
-            logits = logits_of(module(**x))[:, :-1]
-            flat = logits.reshape(-1, logits.shape[-1])
-            if o.loss == "kd":
+            output = module(**x)
+            logits, is_logits = model_output(output)
+            kind = o.loss if o.loss != "auto" else ("lm" if is_logits else "kd")
+            used.add(kind)
+            if kind == "lm" and not is_logits:
+                raise UnsupportedError(
+                    "pass 'block-gates': loss=lm needs next-token logits and this model (an "
+                    "encoder) has none; use loss=kd"
+                )
+            if kind == "kd":
                 state["on"] = False
                 with torch.no_grad():
-                    target = logits_of(module(**x))[:, :-1].reshape(flat.shape)
+                    target = module(**x)
                 state["on"] = True
-                task = nn.functional.kl_div(
-                    flat.log_softmax(-1),
-                    target.log_softmax(-1),
-                    log_target=True,
-                    reduction="batchmean",
-                )
+                task = output_distance(output, target)
             else:
-                task = nn.functional.cross_entropy(flat, x["input_ids"][:, 1:].reshape(-1))
+                logits = logits[:, :-1]
+                task = nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), x["input_ids"][:, 1:].reshape(-1)
+                )
             task_loss.append(float(task.detach()))
             g = gates
             polar = o.t * g.abs().sum() - (g - g.mean()).abs().sum()
@@ -141,12 +150,13 @@ class BlockGates(Pass):
         for i, v in enumerate(values):
             model.compression.block(f"{container}.{i}").gate = v
         ranking = sorted(range(n), key=lambda i: values[i])
+        kind = "".join(used) or o.loss  # what loss=auto resolved to
         stats = {
             "gates": [round(v, 4) for v in values],
             "ranking_weakest_first": ranking,
-            "loss": o.loss,
-            f"{o.loss}_loss_first": task_loss[0],
-            f"{o.loss}_loss_last": sum(task_loss[-4:]) / len(task_loss[-4:]),
+            "loss": kind,
+            f"{kind}_loss_first": task_loss[0],
+            f"{kind}_loss_last": sum(task_loss[-4:]) / len(task_loss[-4:]),
             **log.budget(),
         }
         return PassResult(model, False, stats)

@@ -1,10 +1,13 @@
 """cure: FoldGPT's short fine-tune after depth compression. The model that ``remove-blocks`` /
 ``share-blocks`` changed learns from the model as it was before them (the teacher they keep):
-KL divergence of the next-token distributions (``distill=logits``), and/or the mean squared
+KL divergence of the next-token distributions (``distill=logits``; an encoder such as BERT has
+no logits, so there its output hidden states are matched, by mean squared error over the
+teacher's mean square), and/or the mean squared
 error between the hidden states leaving the student's last ``layers`` blocks and the teacher's
 last ``layers`` blocks (``distill=tail``, normalised by the teacher's mean square), or both.
 
-What trains: every norm weight of the blocks (each block keeps its own, shared or not) and
+What trains: every norm weight and linear bias of the blocks (each block keeps its own, shared
+or not) and
 either the blocks' linear weights (``lora_rank=0``, full fine-tune; a shared Parameter trains
 once, its gradient summed over the blocks that read it) or a rank-r LoRA adapter per distinct
 weight (``lora_rank=r``; one adapter per shared weight, merged into it afterwards, so sharing
@@ -24,7 +27,7 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import block_layers
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import hidden_state, logits_of, train
+from effc.passes._train import hidden_state, output_distance, train
 from effc.registry import register
 
 
@@ -108,6 +111,8 @@ class Cure(Pass):
             for name, lin in list(block.named_modules()):
                 if not isinstance(lin, nn.Linear):
                     continue
+                if lin.bias is not None:  # per block, as the norms (share-blocks keeps them)
+                    trained[id(lin.bias)] = lin.bias
                 if o.lora_rank == 0:
                     trained[id(lin.weight)] = lin.weight
                     continue
@@ -148,16 +153,11 @@ class Cure(Pass):
             captured["student"].clear()
             captured["teacher"].clear()
             with torch.no_grad():
-                target = logits_of(teacher(**x))[:, :-1]
-            logits = logits_of(module(**x))[:, :-1]
+                target = teacher(**x)
+            output = module(**x)
             loss = torch.zeros(())
             if o.distill in ("logits", "both"):
-                kl = nn.functional.kl_div(
-                    logits.reshape(-1, logits.shape[-1]).log_softmax(-1),
-                    target.reshape(-1, target.shape[-1]).log_softmax(-1),
-                    log_target=True,
-                    reduction="batchmean",
-                )
+                kl = output_distance(output, target)
                 parts["logits"].append(float(kl.detach()))
                 loss = loss + kl
             if o.distill in ("tail", "both"):

@@ -99,3 +99,42 @@ def test_foldgpt_composes_with_gqsa_to_the_bsr_target(tmp_path):
     assert len(layers) == 15, [r["layer"] for r in layers]
     (out,) = bsr.run(tmp_path / "o", data[0]).values()
     assert np.isfinite(out).all()
+
+
+def test_an_encoder_is_cured_on_its_output_hidden_states():
+    """BERT (no logits): the output term matches the output hidden states; the gap to the model
+    before sharing shrinks, and each block's biases train (they stay per block)."""
+    from test_block_gates import _bert_calib
+    from test_remove_blocks import _bert
+
+    original, model = _bert(), _bert()
+    data = _bert_calib(4)
+    bias = model.encoder.layer[1].attention.self.query.bias.detach().clone()
+
+    def gap(m):
+        with torch.no_grad():
+            return sum(
+                float(
+                    (
+                        m(**{k: torch.from_numpy(v) for k, v in x.items()}).last_hidden_state
+                        - original(
+                            **{k: torch.from_numpy(v) for k, v in x.items()}
+                        ).last_hidden_state
+                    )
+                    .pow(2)
+                    .mean()
+                )
+                for x in data
+            )
+
+    uncured = _bert()
+    effc.Pipeline.from_text("share-blocks{group=2}").run(uncured)
+    result = effc.Pipeline.from_text("share-blocks{group=2},cure{steps=30,lr=0.001}").run(
+        model, effc.PassContext(calibration=data)
+    )
+    stats = result.report.records[-1].stats
+    assert stats["logits_loss_last"] < stats["logits_loss_first"]
+    assert gap(model) < gap(uncured)
+    layers = model.encoder.layer
+    assert layers[0].attention.self.query.weight is layers[1].attention.self.query.weight
+    assert not torch.equal(layers[1].attention.self.query.bias, bias)  # trained
