@@ -43,3 +43,49 @@ def test_block_gates_on_real_text_rank_every_block(smollm2):  # noqa: F811
     assert len(stats["gates"]) == 30 and sorted(stats["ranking_weakest_first"]) == list(range(30))
     assert all(0 <= g <= 1 for g in stats["gates"])
     assert stats["lm_loss_first"] > 0
+
+
+def test_minilm_removal_on_its_legacy_onnx_export_equals_fx_and_keeps_quality(tmp_path):
+    """all-MiniLM-L6-v2 (real weights), as a TorchScript export with no intermediate shapes and
+    as a torch model: cosine removal of one block picks the same block on both, the two results
+    agree, and the embeddings of the Lee documents stay close (bounds below the committed
+    tools/quality/results/minilm_fold table: Lee Pearson 0.68, cosine 0.93 to fp32)."""
+    import numpy as np
+    from _helpers import real_folder
+    from transformers import AutoTokenizer
+
+    import effc
+    from effc.ir import FxModel
+    from effc.ir.onnx_io import save_onnx
+    from effc.ir.torch_io import export_onnx, load_hf_folder
+    from effc.models.real import minilm_folder
+    from tools.quality.data import split, windows
+    from tools.quality.norms import embed, lee
+
+    pytest.importorskip("gensim")
+    folder = real_folder(minilm_folder)
+    seq = 128
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    docs, ratings = lee()
+    encoded = []
+    for d in docs:
+        t = tokenizer(d, max_length=seq, padding="max_length", truncation=True, return_tensors="np")
+        encoded.append({k: t[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
+    calib = [
+        {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, seq), np.int64)}
+        for w in windows(tokenizer, split()[0], 8, seq)
+    ]
+    module, inputs = load_hf_folder(folder, seq=seq)
+    save_onnx(export_onnx(module, inputs, legacy=True, opset=14), tmp_path / "m.onnx")
+    base = embed(FxModel(module, inputs), encoded)
+    text = "remove-blocks{count=1,score=cosine}"
+    ctx = effc.PassContext(calibration=calib)
+    onnx_result = effc.Pipeline.from_text(text).run(str(tmp_path / "m.onnx"), ctx)
+    fx_result = effc.Pipeline.from_text(text).run(FxModel(*load_hf_folder(folder, seq=seq)), ctx)
+    removed = [r.report.records[0].stats["removed"] for r in (onnx_result, fx_result)]
+    assert removed[0] == removed[1] and len(removed[0]) == 1
+    emb = [embed(r.model, encoded) for r in (onnx_result, fx_result)]
+    np.testing.assert_allclose(emb[0], emb[1], atol=1e-4)
+    iu = np.triu_indices(len(docs), 1)
+    pearson = float(np.corrcoef((emb[0] @ emb[0].T)[iu], ratings[iu])[0, 1])
+    assert (emb[0] * base).sum(1).mean() > 0.88 and pearson > 0.62, pearson
