@@ -30,7 +30,10 @@ stage=e2e (E2E-OQP): weights, codes and masks frozen; only the per-group scales 
 end on the calibration tokens, with ``loss=lm`` on the next-token loss (the paper's), with
 ``loss=kd`` on the KL divergence from the original model's next-token distribution (a teacher
 copy of the model with the original weights back in; every token then carries a whole
-distribution, not one label, which matters when calibration data is small). ``norms=true`` also
+distribution, not one label, which matters when calibration data is small). An encoder (BERT)
+has no next-token logits: there ``loss=kd`` matches the original model's output hidden states
+(mean squared error over their mean square) and ``loss=auto``, the default, picks it (``lm`` for
+a language model). ``norms=true`` also
 trains the norm layers' weights (RMSNorm / LayerNorm gains: a few thousand fp32 numbers the
 compressed model keeps as they are), beyond the paper's E2E-OQP. ``weight_lr > 0`` also trains
 the kept weights end to end at that learning rate (straight-through rounding as in bqpo, so codes
@@ -62,7 +65,7 @@ from effc.ir.blocks import Block, find_blocks
 from effc.ir.calibrate import block_output, capture_block_inputs
 from effc.ir.compression import SiteState
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import logits_of, train
+from effc.passes._train import logits_of, model_output, output_distance, train
 from effc.progress import bar
 from effc.registry import register
 
@@ -225,7 +228,9 @@ class GQSATrain(Pass):
         target: Literal["local", "model"] = "local"  # bqpo: see the module docstring
         tail: bool = False  # bqpo: also train compressed sites after the last block (lm_head)
         tail_loss: Literal["mse", "kd"] = "mse"  # bqpo with tail=true: see the module docstring
-        loss: Literal["lm", "kd"] = "lm"  # e2e: next-token loss, or KL to the original model
+        loss: Literal["auto", "lm", "kd"] = (
+            "auto"  # e2e: next-token loss, or KD (auto: lm for an LM)
+        )
         norms: bool = False  # e2e: also train the norm layers' weights (not in the paper)
         # e2e: > 0 also trains the kept weights at this lr (not in the paper)
         weight_lr: float = 0.0
@@ -251,7 +256,7 @@ class GQSATrain(Pass):
                 "pass 'gqsa-train': target and tail are bqpo options (stage=e2e trains scales "
                 "end to end)"
             )
-        if o.stage == "bqpo" and (o.loss != "lm" or o.norms or o.weight_lr):
+        if o.stage == "bqpo" and (o.loss != "auto" or o.norms or o.weight_lr):
             raise PassOptionError(
                 "pass 'gqsa-train': loss, norms and weight_lr are e2e options (bqpo matches each "
                 "block's output and always trains the kept weights, at lr)"
@@ -300,7 +305,6 @@ class GQSATrain(Pass):
                 }
                 if self.options.stage == "bqpo"
                 else {
-                    "loss": self.options.loss,
                     "norms": self.options.norms,
                     "weight_lr": self.options.weight_lr,
                 }
@@ -585,7 +589,16 @@ class GQSATrain(Pass):
 
     def _e2e(self, model, data) -> dict:
         module = model.module
-        teacher = _original_copy(module, self._sites(model)) if self.options.loss == "kd" else None
+        with torch.no_grad():  # a language model's logits, or an encoder's hidden states?
+            x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[0].items()}
+            has_logits = model_output(module(**x))[1]
+        kind = self.options.loss if self.options.loss != "auto" else "lm" if has_logits else "kd"
+        if kind == "lm" and not has_logits:
+            raise UnsupportedError(
+                "pass 'gqsa-train': loss=lm needs next-token logits and this model (an encoder) "
+                "has none; use loss=kd"
+            )
+        teacher = _original_copy(module, self._sites(model)) if kind == "kd" else None
         fakes = {}
         for fqn, state in self._sites(model).items():
             if not state.quantized:
@@ -606,7 +619,12 @@ class GQSATrain(Pass):
 
         def loss_of(step: int) -> torch.Tensor:
             x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[step % len(data)].items()}
-            logits = logits_of(module(**x))
+            output = module(**x)
+            logits, is_logits = model_output(output)
+            if not is_logits:  # an encoder: its output hidden states against the original's
+                with torch.no_grad():
+                    target = teacher(**x)
+                return output_distance(output, target)
             flat = logits[:, :-1].reshape(-1, logits.shape[-1])
             next_token = nn.functional.cross_entropy(flat, x["input_ids"][:, 1:].reshape(-1))
             lm.append(float(next_token.detach()))
@@ -625,12 +643,9 @@ class GQSATrain(Pass):
                 self._finish(model, fqn, fq, linear)
             for p, w in zip(norms, was):
                 p.requires_grad_(w)
-        stats = {
-            "layers": len(fakes),
-            "norm_weights_trained": len(norms),
-            "lm_loss_first_step": lm[0],
-            "lm_loss_last_step": lm[-1],
-        }
+        stats = {"loss": kind, "layers": len(fakes), "norm_weights_trained": len(norms)}
+        if lm:
+            stats.update(lm_loss_first_step=lm[0], lm_loss_last_step=lm[-1])
         if teacher is not None:
             stats.update(kd_loss_first_step=losses[0], kd_loss_last_step=losses[-1])
         return stats

@@ -361,3 +361,30 @@ def test_fused_fake_quant_matches_the_autograd_expression(grid):
     assert (gw == 0).any() and (gw != 0).any()  # clamped and masked weights get no gradient
     # the scale's gradient sums two terms that partly cancel: compare at its own scale
     assert float((gs2 - gs).abs().max()) <= 1e-5 * float(gs.abs().max())
+
+
+def test_e2e_on_an_encoder_distils_its_output_hidden_states():
+    """BERT has no next-token logits: E2E-OQP's default loss there is KD on the output hidden
+    states (scales train, codes stay); loss=lm is a one-line error."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_block_gates import _bert_calib
+    from test_remove_blocks import _bert
+
+    ctx = effc.PassContext(calibration=_bert_calib(2))
+    text = "group-prune{sparsity=0.5,score=magnitude,group=16},quantize{bits=4,group=16}"
+    result = effc.Pipeline.from_text(text).run(_bert(), ctx)
+    codes = {k: v.codes.clone() for k, v in result.model.compression.sites.items()}
+    trained = effc.Pipeline.from_text("gqsa-train{stage=e2e,steps=16,lr=0.0003}").run(
+        result.model, ctx
+    )
+    stats = trained.report.records[0].stats
+    assert stats["loss"] == "kd" and "lm_loss_first_step" not in stats
+    assert stats["kd_loss_last_step"] < stats["kd_loss_first_step"]
+    for name, c in codes.items():
+        assert torch.equal(trained.model.compression.sites[name].codes, c), name
+    result = effc.Pipeline.from_text("quantize{bits=4,group=16}").run(_bert(), ctx)
+    with pytest.raises(UnsupportedError, match="loss=kd"):
+        effc.Pipeline.from_text("gqsa-train{stage=e2e,steps=2,loss=lm}").run(result.model, ctx)
