@@ -124,7 +124,7 @@ def _run_engine(engine_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, n
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            t = torch.from_numpy(np.ascontiguousarray(inputs[name])).cuda()
+            t = torch.from_numpy(np.asarray(inputs[name], order="C")).cuda()  # 0-d stays 0-d
             context.set_input_shape(name, tuple(t.shape))
             buffers[name] = t
     for i in range(engine.num_io_tensors):

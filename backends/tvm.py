@@ -474,7 +474,8 @@ def load(out_dir: Path, threads: int | None = None):
 
 def call(vm, meta: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     t = tvm()
-    args = [t.runtime.tensor(np.ascontiguousarray(inputs[name])) for name in meta["inputs"]]
+    # np.asarray(order="C"), not ascontiguousarray: that makes a 0-d input (Silero's sr) 1-d
+    args = [t.runtime.tensor(np.asarray(inputs[name], order="C")) for name in meta["inputs"]]
     out = vm["main"](*args)
     outs = [out] if hasattr(out, "numpy") else list(out)
     return {name: o.numpy() for name, o in zip(meta["outputs"], outs)}

@@ -379,3 +379,20 @@ def test_minilm_runs_under_tvm(tmp_path):
         tmp_path / "out",
         lambda specs: random_inputs(specs, 0),
     )
+
+
+def test_a_0d_input_stays_0d_in_the_vm(tmp_path):
+    """A scalar input (Silero VAD's sample rate) reaches TVM's VM as a 0-d tensor: numpy's
+    ascontiguousarray would make it 1-d, and the VM refuses that (ndim check)."""
+    model = from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x, float s) => (float[1, 4] y) {
+            y = Mul (x, s)
+        }
+        """
+    )
+    _compile(model, "cleanup", tmp_path / "out")
+    x = {"x": np.arange(4, dtype=np.float32)[None], "s": np.array(3.0, np.float32)}
+    got = next(iter(get_backend("tvm").run(tmp_path / "out", x).values()))
+    np.testing.assert_array_equal(got, x["x"] * 3.0)

@@ -65,7 +65,9 @@ def run_entry(entry, work: Path) -> dict:
                 "cleanup",
                 out,
                 "tvm",
-                PassContext(shapes=shapes),
+                # a file's own inputs verify too (random ones may take a branch no real input
+                # takes: Silero's If on its sample rate)
+                PassContext(shapes=shapes, calibration=[inputs] if entry.inputs else []),
                 force=True,
                 backend_options={"sparse": False},
             )
@@ -80,13 +82,14 @@ def run_entry(entry, work: Path) -> dict:
         )
     except Exception as e:
         row["effc"] = _first_line(e)
-    return {**row, **run_kernels(path, inputs, work / f"{entry.name}-kernels")}
+    calib = [inputs] if entry.inputs else []
+    return {**row, **run_kernels(path, inputs, calib, work / f"{entry.name}-kernels")}
 
 
 KERNEL_PASSES = "cleanup,kernel-sparsity{sparsity=0.3}"
 
 
-def run_kernels(path: Path, inputs: dict, out: Path) -> dict:
+def run_kernels(path: Path, inputs: dict, calib: list, out: Path) -> dict:
     """effc's sparse 1x1 and direct conv kernels on every layer they take, against onnxruntime
     on the same compressed graph (the artifact's reference model.onnx)."""
     shapes = {k: list(v.shape) for k, v in inputs.items()}
@@ -97,7 +100,7 @@ def run_kernels(path: Path, inputs: dict, out: Path) -> dict:
                 KERNEL_PASSES,
                 out,
                 "tvm",
-                PassContext(shapes=shapes),
+                PassContext(shapes=shapes, calibration=calib),
                 force=True,
                 backend_options={"kernel_everywhere": True},
             )
