@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from effc.distributed import sum_, world
+from effc.errors import UnsupportedError
 from effc.progress import bar
 
 
@@ -150,6 +152,28 @@ def model_output(out) -> tuple[torch.Tensor, bool]:
     return hidden, False
 
 
+def resolve_loss(module, sample: dict, asked: str, what: str) -> str:
+    """The loss a training pass uses: ``asked``, or for ``auto`` ``lm`` where the model has
+    next-token logits and ``kd`` where it has none (an encoder), from one no-grad forward of
+    ``sample``. ``lm`` on an encoder is a one-line error, before any training."""
+    with torch.no_grad():
+        x = {k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()}
+        has_logits = model_output(module(**x))[1]
+    kind = asked if asked != "auto" else "lm" if has_logits else "kd"
+    if kind == "lm" and not has_logits:
+        raise UnsupportedError(
+            f"pass '{what}': loss=lm needs next-token logits and this model (an encoder) has "
+            "none; use loss=kd"
+        )
+    return kind
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the teacher's mean square (no gradient through the teacher)."""
+    t = teacher.detach()
+    return ((student - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+
+
 def output_distance(student_out, teacher_out) -> torch.Tensor:
     """How far a model's output is from its teacher's: the KL divergence of the next-token
     distributions (every position but the last) where the outputs are logits; for an encoder,
@@ -157,7 +181,7 @@ def output_distance(student_out, teacher_out) -> torch.Tensor:
     s, is_logits = model_output(student_out)
     t = model_output(teacher_out)[0].detach()
     if not is_logits:
-        return ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+        return relative_mse(s, t)
     s, t = s[:, :-1], t[:, :-1]
     return torch.nn.functional.kl_div(
         s.reshape(-1, s.shape[-1]).log_softmax(-1),

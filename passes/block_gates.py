@@ -28,7 +28,13 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import block_layers
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import hidden_state, model_output, output_distance, train
+from effc.passes._train import (
+    hidden_state,
+    model_output,
+    output_distance,
+    resolve_loss,
+    train,
+)
 from effc.registry import register
 
 
@@ -97,25 +103,18 @@ class BlockGates(Pass):
             return fn
 
         data = ctx.calibration[: o.samples]
+        with model.plain_outputs():  # before the gates hook in: the model as it is
+            kind = resolve_loss(module, data[0], o.loss, self.name)
         frozen = [(p, p.requires_grad) for p in module.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
         handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers)]
         task_loss: list[float] = []
-        used: set[str] = set()
 
         def loss_of(step: int) -> torch.Tensor:
             clip()  # after the previous step
             x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[step % len(data)].items()}
             output = module(**x)
-            logits, is_logits = model_output(output)
-            kind = o.loss if o.loss != "auto" else ("lm" if is_logits else "kd")
-            used.add(kind)
-            if kind == "lm" and not is_logits:
-                raise UnsupportedError(
-                    "pass 'block-gates': loss=lm needs next-token logits and this model (an "
-                    "encoder) has none; use loss=kd"
-                )
             if kind == "kd":
                 state["on"] = False
                 with torch.no_grad():
@@ -123,7 +122,7 @@ class BlockGates(Pass):
                 state["on"] = True
                 task = output_distance(output, target)
             else:
-                logits = logits[:, :-1]
+                logits = model_output(output)[0][:, :-1]
                 task = nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), x["input_ids"][:, 1:].reshape(-1)
                 )
@@ -150,7 +149,6 @@ class BlockGates(Pass):
         for i, v in enumerate(values):
             model.compression.block(f"{container}.{i}").gate = v
         ranking = sorted(range(n), key=lambda i: values[i])
-        kind = "".join(used) or o.loss  # what loss=auto resolved to
         stats = {
             "gates": [round(v, 4) for v in values],
             "ranking_weakest_first": ranking,

@@ -27,7 +27,7 @@ from torch import nn
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.blocks import block_layers
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import hidden_state, output_distance, train
+from effc.passes._train import hidden_state, output_distance, relative_mse, train
 from effc.registry import register
 
 
@@ -162,8 +162,7 @@ class Cure(Pass):
                 loss = loss + kl
             if o.distill in ("tail", "both"):
                 mse = sum(
-                    ((s - t.detach()) ** 2).mean() / (t.detach() ** 2).mean().clamp_min(1e-12)
-                    for s, t in zip(captured["student"], captured["teacher"])
+                    relative_mse(s, t) for s, t in zip(captured["student"], captured["teacher"])
                 ) / max(tail, 1)
                 parts["tail"].append(float(mse.detach()))
                 loss = loss + o.alpha * mse

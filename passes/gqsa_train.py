@@ -65,7 +65,7 @@ from effc.ir.blocks import Block, find_blocks
 from effc.ir.calibrate import block_output, capture_block_inputs
 from effc.ir.compression import SiteState
 from effc.pass_base import Pass, PassResult
-from effc.passes._train import logits_of, model_output, output_distance, train
+from effc.passes._train import logits_of, model_output, output_distance, resolve_loss, train
 from effc.progress import bar
 from effc.registry import register
 
@@ -589,15 +589,7 @@ class GQSATrain(Pass):
 
     def _e2e(self, model, data) -> dict:
         module = model.module
-        with torch.no_grad():  # a language model's logits, or an encoder's hidden states?
-            x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[0].items()}
-            has_logits = model_output(module(**x))[1]
-        kind = self.options.loss if self.options.loss != "auto" else "lm" if has_logits else "kd"
-        if kind == "lm" and not has_logits:
-            raise UnsupportedError(
-                "pass 'gqsa-train': loss=lm needs next-token logits and this model (an encoder) "
-                "has none; use loss=kd"
-            )
+        kind = resolve_loss(module, data[0], self.options.loss, self.name)
         teacher = _original_copy(module, self._sites(model)) if kind == "kd" else None
         fakes = {}
         for fqn, state in self._sites(model).items():

@@ -59,22 +59,12 @@ def test_minilm_removal_on_its_legacy_onnx_export_equals_fx_and_keeps_quality(tm
     from effc.ir.onnx_io import save_onnx
     from effc.ir.torch_io import export_onnx, load_hf_folder
     from effc.models.real import minilm_folder
-    from tools.quality.data import split, windows
-    from tools.quality.norms import embed, lee
+    from tools.quality.norms import embed, lee_inputs, lee_pearson
 
     pytest.importorskip("gensim")
     folder = real_folder(minilm_folder)
     seq = 128
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    docs, ratings = lee()
-    encoded = []
-    for d in docs:
-        t = tokenizer(d, max_length=seq, padding="max_length", truncation=True, return_tensors="np")
-        encoded.append({k: t[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
-    calib = [
-        {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, seq), np.int64)}
-        for w in windows(tokenizer, split()[0], 8, seq)
-    ]
+    encoded, ratings, calib = lee_inputs(AutoTokenizer.from_pretrained(folder), seq, 8)
     module, inputs = load_hf_folder(folder, seq=seq)
     save_onnx(export_onnx(module, inputs, legacy=True, opset=14), tmp_path / "m.onnx")
     base = embed(FxModel(module, inputs), encoded)
@@ -86,6 +76,5 @@ def test_minilm_removal_on_its_legacy_onnx_export_equals_fx_and_keeps_quality(tm
     assert removed[0] == removed[1] and len(removed[0]) == 1
     emb = [embed(r.model, encoded) for r in (onnx_result, fx_result)]
     np.testing.assert_allclose(emb[0], emb[1], atol=1e-4)
-    iu = np.triu_indices(len(docs), 1)
-    pearson = float(np.corrcoef((emb[0] @ emb[0].T)[iu], ratings[iu])[0, 1])
+    pearson = lee_pearson(emb[0], ratings)
     assert (emb[0] * base).sum(1).mean() > 0.88 and pearson > 0.62, pearson

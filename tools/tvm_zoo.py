@@ -55,25 +55,13 @@ def run_entry(entry, work: Path) -> dict:
         row["raw"] = str(e).removeprefix("TVM's ONNX importer refused the graph: ")[:160]
     except Exception as e:  # the importer fails in many ways
         row["raw"] = _first_line(e)
+    # a file's own inputs verify too (random ones may take a branch no real input takes:
+    # Silero's If on its sample rate)
+    calib = [inputs] if entry.inputs else []
     out = work / entry.name
     t0 = time.perf_counter()
-    shapes = {k: list(v.shape) for k, v in inputs.items()}
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            compile_model(
-                str(path),
-                "cleanup",
-                out,
-                "tvm",
-                # a file's own inputs verify too (random ones may take a branch no real input
-                # takes: Silero's If on its sample rate)
-                PassContext(shapes=shapes, calibration=[inputs] if entry.inputs else []),
-                force=True,
-                backend_options={"sparse": False},
-            )
-        got = list(tvm_backend.run(out, inputs).values())
-        want = list(run_file(path, inputs).values())
-        err = compare_outputs([np.asarray(w) for w in want], [np.asarray(g) for g in got])
+        err = _build_and_compare(path, "cleanup", out, inputs, calib, {"sparse": False}, path)
         row.update(
             effc="runs",
             max_abs=err.get("max_abs"),
@@ -82,41 +70,40 @@ def run_entry(entry, work: Path) -> dict:
         )
     except Exception as e:
         row["effc"] = _first_line(e)
-    calib = [inputs] if entry.inputs else []
-    return {**row, **run_kernels(path, inputs, calib, work / f"{entry.name}-kernels")}
+    # effc's sparse 1x1 and direct conv kernels on every layer they take, against onnxruntime
+    # on the same compressed graph (the artifact's reference model.onnx)
+    out = work / f"{entry.name}-kernels"
+    try:
+        options = {"kernel_everywhere": True}
+        err = _build_and_compare(
+            path, KERNEL_PASSES, out, inputs, calib, options, out / "model.onnx"
+        )
+        meta = json.loads((out / tvm_backend.META_FILE).read_text())
+        row.update(
+            kernels="runs",
+            sparse_1x1=sum(c["choice"] == "sparse" for c in meta["sparse_layers"]),
+            conv_kernel=sum(c["choice"] == "kernel" for c in meta["conv_layers"]),
+            kernels_max_abs=err.get("max_abs"),
+            kernels_max_rel=err.get("max_rel"),
+        )
+    except Exception as e:
+        row["kernels"] = _first_line(e)
+    return row
 
 
 KERNEL_PASSES = "cleanup,kernel-sparsity{sparsity=0.3}"
 
 
-def run_kernels(path: Path, inputs: dict, calib: list, out: Path) -> dict:
-    """effc's sparse 1x1 and direct conv kernels on every layer they take, against onnxruntime
-    on the same compressed graph (the artifact's reference model.onnx)."""
+def _build_and_compare(source, passes, out, inputs, calib, options, reference) -> dict:
+    """Build ``source`` with ``passes`` for the tvm target into ``out``, run it, and return its
+    error against onnxruntime running ``reference`` on the same inputs."""
     shapes = {k: list(v.shape) for k, v in inputs.items()}
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            compile_model(
-                str(path),
-                KERNEL_PASSES,
-                out,
-                "tvm",
-                PassContext(shapes=shapes, calibration=calib),
-                force=True,
-                backend_options={"kernel_everywhere": True},
-            )
-        meta = json.loads((out / tvm_backend.META_FILE).read_text())
-        got = list(tvm_backend.run(out, inputs).values())
-        want = list(run_file(out / "model.onnx", inputs).values())
-        err = compare_outputs([np.asarray(w) for w in want], [np.asarray(g) for g in got])
-        return {
-            "kernels": "runs",
-            "sparse_1x1": sum(c["choice"] == "sparse" for c in meta["sparse_layers"]),
-            "conv_kernel": sum(c["choice"] == "kernel" for c in meta["conv_layers"]),
-            "kernels_max_abs": err.get("max_abs"),
-            "kernels_max_rel": err.get("max_rel"),
-        }
-    except Exception as e:
-        return {"kernels": _first_line(e)}
+    with contextlib.redirect_stderr(io.StringIO()):
+        ctx = PassContext(shapes=shapes, calibration=calib)
+        compile_model(str(source), passes, out, "tvm", ctx, force=True, backend_options=options)
+    got = list(tvm_backend.run(out, inputs).values())
+    want = list(run_file(reference, inputs).values())
+    return compare_outputs([np.asarray(w) for w in want], [np.asarray(g) for g in got])
 
 
 def to_markdown(rows: list[dict], command: str) -> str:

@@ -58,24 +58,13 @@ def test_lm_loss_trains_on_the_text():
     assert [round(gates[f"model.layers.{i}"].gate, 4) for i in range(4)] == stats["gates"]
 
 
-def _bert_calib(n=2, seq=12):
-    g = np.random.default_rng(0)
-    return [
-        {
-            "input_ids": g.integers(0, 128, (1, seq)).astype(np.int64),
-            "attention_mask": np.ones((1, seq), np.int64),
-        }
-        for _ in range(n)
-    ]
-
-
 def test_an_encoder_trains_its_gates_on_its_output_hidden_states():
     """BERT has no next-token logits: loss=auto distils the output hidden states (the gates
     move and the distance they add is reported); loss=lm is a one-line error."""
     from test_remove_blocks import _bert
 
     result = effc.Pipeline.from_text("block-gates{steps=12,rate=0.25}").run(
-        _bert(), effc.PassContext(calibration=_bert_calib())
+        _bert(), effc.PassContext(calibration=_calib(seq=12))
     )
     stats = result.report.records[0].stats
     assert stats["loss"] == "kd" and len(stats["gates"]) == 4
@@ -83,5 +72,5 @@ def test_an_encoder_trains_its_gates_on_its_output_hidden_states():
     assert stats["kd_loss_first"] >= 0 and np.isfinite(stats["kd_loss_last"])
     with pytest.raises(UnsupportedError, match="loss=kd"):
         effc.Pipeline.from_text("block-gates{steps=2,loss=lm}").run(
-            _bert(), effc.PassContext(calibration=_bert_calib())
+            _bert(), effc.PassContext(calibration=_calib(seq=12))
         )

@@ -104,11 +104,10 @@ def test_foldgpt_composes_with_gqsa_to_the_bsr_target(tmp_path):
 def test_an_encoder_is_cured_on_its_output_hidden_states():
     """BERT (no logits): the output term matches the output hidden states; the gap to the model
     before sharing shrinks, and each block's biases train (they stay per block)."""
-    from test_block_gates import _bert_calib
     from test_remove_blocks import _bert
 
     original, model = _bert(), _bert()
-    data = _bert_calib(4)
+    data = _calib(4, seq=12)
     bias = model.encoder.layer[1].attention.self.query.bias.detach().clone()
 
     def gap(m):

@@ -366,14 +366,9 @@ def test_fused_fake_quant_matches_the_autograd_expression(grid):
 def test_e2e_on_an_encoder_distils_its_output_hidden_states():
     """BERT has no next-token logits: E2E-OQP's default loss there is KD on the output hidden
     states (scales train, codes stay); loss=lm is a one-line error."""
-    import sys
-    from pathlib import Path
+    from test_remove_blocks import _bert, _calib
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_block_gates import _bert_calib
-    from test_remove_blocks import _bert
-
-    ctx = effc.PassContext(calibration=_bert_calib(2))
+    ctx = effc.PassContext(calibration=_calib(2, seq=12))
     text = "group-prune{sparsity=0.5,score=magnitude,group=16},quantize{bits=4,group=16}"
     result = effc.Pipeline.from_text(text).run(_bert(), ctx)
     codes = {k: v.codes.clone() for k, v in result.model.compression.sites.items()}

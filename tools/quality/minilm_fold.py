@@ -74,21 +74,10 @@ def run(seq: int, n_calib: int, cure_steps: int, trials: int) -> dict:
     from effc.models.real import minilm_folder
     from effc.pipeline import lower_to_onnx
     from effc.runtime.timing import interleaved_medians
-    from tools.quality.data import split, windows
-    from tools.quality.norms import lee
+    from tools.quality.norms import lee_inputs, lee_pearson, pooled
 
     folder = minilm_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    docs, ratings = lee()
-    encoded = []
-    for d in docs:
-        t = tokenizer(d, max_length=seq, padding="max_length", truncation=True, return_tensors="np")
-        encoded.append({k: t[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
-    calib = [
-        {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, seq), np.int64)}
-        for w in windows(tokenizer, split()[0], n_calib, seq)
-    ]
-    iu = np.triu_indices(len(docs), 1)
+    encoded, ratings, calib = lee_inputs(AutoTokenizer.from_pretrained(folder), seq, n_calib)
     results, base = [], None
     sessions: dict[tuple[int, int], object] = {}  # one timed session per distinct graph
     for label, text in rows():
@@ -112,13 +101,12 @@ def run(seq: int, n_calib: int, cure_steps: int, trials: int) -> dict:
             session_options(THREADS, spinning=False),
         )
         names = [i.name for i in session.get_inputs()]
-        emb = []
-        for feeds in encoded:
-            hidden = session.run(None, {k: feeds[k] for k in names})[0][0]
-            mask = feeds["attention_mask"][0][:, None].astype(np.float32)
-            e = (hidden * mask).sum(0) / mask.sum()
-            emb.append(e / np.linalg.norm(e))
-        emb = np.stack(emb)
+        emb = np.stack(
+            [
+                pooled(session.run(None, {k: f[k] for k in names})[0][0], f["attention_mask"][0])
+                for f in encoded
+            ]
+        )
         base = emb if base is None else base
         cos = (emb * base).sum(1)
         removed = (
@@ -136,7 +124,7 @@ def run(seq: int, n_calib: int, cure_steps: int, trials: int) -> dict:
             "blocks": len(model.module.encoder.layer),
             "block_params": block_params,
             "onnx_bytes": nbytes,
-            "lee_pearson": float(np.corrcoef((emb @ emb.T)[iu], ratings[iu])[0, 1]),
+            "lee_pearson": lee_pearson(emb, ratings),
             "cosine_mean": float(cos.mean()),
             "cosine_min": float(cos.min()),
             "seconds": round(seconds, 1),

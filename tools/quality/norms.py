@@ -129,14 +129,39 @@ def lee() -> tuple[list[str], np.ndarray]:
     return docs, ratings
 
 
+def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A sentence embedding: the (seq, hidden) states mean-pooled over the real tokens of
+    ``mask`` (seq,), L2-normalised."""
+    m = mask[:, None].astype(np.float32)
+    e = (hidden * m).sum(0) / m.sum()
+    return e / np.linalg.norm(e)
+
+
 def embed(model, encoded: list[dict]) -> np.ndarray:
-    out = []
-    for feeds in encoded:
-        hidden = model.run(feeds)[0][0]
-        mask = feeds["attention_mask"][0][:, None].astype(np.float32)
-        e = (hidden * mask).sum(0) / mask.sum()
-        out.append(e / np.linalg.norm(e))
-    return np.stack(out)
+    return np.stack([pooled(model.run(f)[0][0], f["attention_mask"][0]) for f in encoded])
+
+
+def lee_inputs(tokenizer, seq: int, n_calib: int) -> tuple[list[dict], np.ndarray, list[dict]]:
+    """The Lee documents tokenized to ``seq`` tokens (padded), their human ratings, and
+    ``n_calib`` calibration windows of ``seq`` tokens of the Wikipedia calibration articles."""
+    from tools.quality.data import split, windows
+
+    docs, ratings = lee()
+    encoded = []
+    for d in docs:
+        t = tokenizer(d, max_length=seq, padding="max_length", truncation=True, return_tensors="np")
+        encoded.append({k: t[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
+    calib = [
+        {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, seq), np.int64)}
+        for w in windows(tokenizer, split()[0], n_calib, seq)
+    ]
+    return encoded, ratings, calib
+
+
+def lee_pearson(emb: np.ndarray, ratings: np.ndarray) -> float:
+    """Pearson correlation of the embeddings' pairwise cosines with the human ratings."""
+    iu = np.triu_indices(len(emb), 1)
+    return float(np.corrcoef((emb @ emb.T)[iu], ratings[iu])[0, 1])
 
 
 def minilm_rows(steps: int, seq: int = 256) -> list[dict]:
@@ -145,28 +170,9 @@ def minilm_rows(steps: int, seq: int = 256) -> list[dict]:
     from effc.ir import FxModel, OnnxModel
     from effc.ir.torch_io import export_onnx, load_hf_folder
     from effc.models.real import minilm_folder
-    from tools.quality.data import split, windows
 
     folder = minilm_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    docs, ratings = lee()
-
-    def encode(text):
-        t = tokenizer(
-            text, max_length=seq, padding="max_length", truncation=True, return_tensors="np"
-        )
-        return {
-            "input_ids": t["input_ids"].astype(np.int64),
-            "attention_mask": t["attention_mask"].astype(np.int64),
-        }
-
-    encoded = [encode(d) for d in docs]
-    calib_ids = windows(tokenizer, split()[0], 16, seq)
-    calib = [
-        {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, seq), np.int64)}
-        for w in calib_ids
-    ]
-    iu = np.triu_indices(len(docs), 1)
+    encoded, ratings, calib = lee_inputs(AutoTokenizer.from_pretrained(folder), seq, 16)
     rows, base = [], None
     for name, text in ROWS.items():
         module, inputs = load_hf_folder(folder, seq=seq)
@@ -181,7 +187,7 @@ def minilm_rows(steps: int, seq: int = 256) -> list[dict]:
         emb = embed(ir_model, encoded)
         base = emb if base is None else base
         cos = (emb * base).sum(1)
-        pearson = float(np.corrcoef((emb @ emb.T)[iu], ratings[iu])[0, 1])
+        pearson = lee_pearson(emb, ratings)
         rows.append(
             {
                 "setting": name,
