@@ -158,7 +158,9 @@ def _should_stream(args) -> bool:
 
 def _compile_streaming(args, pipeline) -> int:
     ctx = _context(args, stream.StreamInputs())
-    report = stream.stream_compile(args.model, pipeline, args.output, ctx.calibration, args.force)
+    report = stream.stream_compile(
+        args.model, pipeline, args.output, ctx.calibration, args.force, seed=ctx.seed
+    )
     table = Table(title=f"effc compile --stream: {escape(report['pipeline'])}")
     for col in ("stage", "seconds", "RssAnon GiB", "BSR layers", "output error"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -172,6 +174,13 @@ def _compile_streaming(args, pipeline) -> int:
             "" if error is None else f"{error:.3g}",
         )
     _console().print(table)
+    for r in report["stages"]:
+        if "removed" in r:
+            scores = ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(r["scores"]))
+            _console().print(
+                f"removed blocks {', '.join(map(str, r['removed']))} of {len(r['scores'])} "
+                f"(scores {scores})"
+            )
     if report.get("spill"):
         _console().print(
             "calibration streams were kept on disk in the work folder (they would have taken "

@@ -16,9 +16,14 @@ without it through those stages as the earlier passes left them. One stream of h
 kept per distinct need (a pipeline of P passes keeps at most P + 1), so streaming gives the same
 weights as the in-memory pipeline (tested), at one stage forward per stream.
 
-Passes that stream: ``group-prune`` (scope row or layer, uniform allocation), ``nm-prune`` and
-``quantize`` (RTN or GPTQ). Any other pass, or an option that needs the whole model at once
-(``scope=global``, ``allocate=sensitivity``), is refused with a one-line error before any work.
+Passes that stream: ``group-prune`` (scope row or layer, uniform allocation), ``nm-prune``,
+``quantize`` (RTN or GPTQ), ``gqsa-train`` as BQPO, and ``remove-blocks`` as the first pass with
+``score=cosine`` or ``random``: a first sweep reads each original block once and runs the
+calibration inputs through it to score it (the in-memory pass's cosine of the hidden state
+entering and leaving it), then the compression sweep skips the removed blocks and writes the rest
+renumbered, with ``num_hidden_layers`` (and ``layer_types``) in the written config to match. Any
+other pass, or an option that needs the whole model at once (``scope=global``,
+``allocate=sensitivity``, block gates), is refused with a one-line error before any work.
 
 The artifact (``--target bsr``): ``config.json``; one safetensors shard per block
 (``model-00001-of-000NN.safetensors``, the embeddings and head in the last), each quantized
@@ -55,6 +60,7 @@ from effc.context import PassContext
 from effc.errors import InputError, UnsupportedError
 from effc.ir.calibrate import capture_block_inputs
 from effc.ir.model import InputSpec
+from effc.passes.remove_blocks import chosen, random_scores, renumber_config, token_cosines
 from effc.pipeline import Pipeline, as_model
 from effc.progress import bar
 from effc.runtime import format as bsr_format
@@ -63,7 +69,7 @@ from effc.runtime.modules import BSRLinear, matrix_from_state
 
 NAME = "bsr-stream"  # the artifact's backend in its manifest (``effc run`` reads it)
 VERIFY_SAMPLES = 4  # calibration inputs each stage's output error is measured on
-STREAMABLE = ("group-prune", "nm-prune", "quantize", "gqsa-train")
+STREAMABLE = ("remove-blocks", "group-prune", "nm-prune", "quantize", "gqsa-train")
 INDEX = "model.bsr.index.json"
 
 
@@ -260,6 +266,14 @@ def check_streamable(pipeline) -> None:
     """One-line error for a pass or option that needs the whole model at once."""
     for p in pipeline.leaves():
         name = getattr(p, "name", type(p).__name__)
+        if name == "remove-blocks" and (
+            p is not pipeline.leaves()[0] or p.options.score == "gates"
+        ):
+            raise UnsupportedError(
+                "pass 'remove-blocks' streams as the first pass with score=cosine or random (a "
+                "sweep over the original blocks picks them); score=gates needs block-gates, which "
+                "needs the whole model"
+            )
         if name not in STREAMABLE:
             raise UnsupportedError(
                 f"pass '{name}' needs the whole model in memory and does not stream; passes "
@@ -418,6 +432,33 @@ def first_inputs(model, source: SafetensorsSource, calibration: list[dict]) -> l
     return out
 
 
+@torch.no_grad()
+def removal_scores(layers, source: SafetensorsSource, removal, first: list[tuple], seed: int):
+    """``remove-blocks``' score of every block, in a sweep over the original blocks before any
+    is compressed: cosine (the mean over tokens of cos(input, output) of each block, on the first
+    ``samples`` calibration inputs flowing through the original blocks, as the in-memory pass
+    measures it) or random (the same seeded draw)."""
+    o = removal.options
+    if o.score == "random":
+        return random_scores(len(layers), seed)
+    states, scores = list(first[: o.samples]), []
+    progress, task = bar(len(layers), "remove-blocks: cosine scores")
+    with progress:
+        for i, layer in enumerate(layers):
+            materialize(layer, source, f"model.layers.{i}.")
+            stage = BlockStage(layer, i, {})
+            total, count = 0.0, 0
+            for k, (x, cos, sin) in enumerate(states):
+                y = stage(x, cos, sin)
+                a, b = token_cosines(x, y)
+                total, count = total + a, count + b
+                states[k] = (y, cos, sin)
+            scores.append(total / count)
+            release(layer)
+            progress.advance(task)
+    return scores
+
+
 def _write_shard(path: Path, tensors: dict, bsr: dict, index: dict) -> None:
     meta = {"format": bsr_format.FORMAT, "version": str(bsr_format.VERSION)}
     for name, m in bsr.items():
@@ -515,6 +556,7 @@ def stream_compile(
     calibration: list[dict],
     force: bool = False,
     spill: bool | None = None,
+    seed: int = 0,
 ) -> dict:
     """Compress the HF folder ``folder`` stage by stage with ``pipeline`` into the artifact
     folder ``out``; returns the report dict.
@@ -539,9 +581,12 @@ def stream_compile(
     dtype = source.dtype()
     layers = model.model.layers
     passes = pipeline.leaves()
+    removal = passes[0] if getattr(passes[0], "name", "") == "remove-blocks" else None
+    if removal is not None:
+        passes = passes[1:]
+        removal.count(len(layers))  # a one-line error before any work
     reads, kept = _streams(passes)
     stages = [_one_pass(p) for p in passes]
-    n = len(layers) + 1
     work = work_folder(folder, pipeline, out, calibration)
     work.mkdir(parents=True, exist_ok=True)
     spiller = Spill(work / "streams")
@@ -553,20 +598,43 @@ def stream_compile(
         if spill is None:
             spill = should_spill(calibration, config.hidden_size, len(kept))
         t0 = time.perf_counter()
-        index = {
-            "metadata": {"format": "effc-bsr-stream", "stages": n},
-            "weight_map": {},
-            "bsr": {},
-        }
         first = first_inputs(model, source, calibration)
+        records = [
+            {
+                "stage": "embeddings",
+                "seconds": round(time.perf_counter() - t0, 2),
+                "rss_anon": _rss_anon(),
+            }
+        ]
+        removed = []
+        if removal is not None:  # a sweep over the original blocks scores them first
+            t0 = time.perf_counter()
+            scores = removal_scores(layers, source, removal, first, seed)
+            removed = sorted(chosen(removal.options.score, scores, removal.count(len(layers))))
+            records.append(
+                {
+                    "stage": "remove-blocks",
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "rss_anon": _rss_anon(),
+                    "removed": removed,
+                    "scores": [round(x, 6) for x in scores],
+                }
+            )
         if spill:
             first = [(spiller.put(f"embeddings-{k}", x[0]), *x[1:]) for k, x in enumerate(first)]
         streams = dict.fromkeys(kept, first)
-        record = {"stage": "embeddings", "seconds": round(time.perf_counter() - t0, 2)}
-        state = {"done": 0, "index": index, "records": [{**record, "rss_anon": _rss_anon()}]}
+        index = {
+            "metadata": {"format": "effc-bsr-stream", "stages": len(layers) - len(removed) + 1},
+            "weight_map": {},
+            "bsr": {},
+        }
+        state = {"done": 0, "index": index, "records": records, "removed": removed}
         state["spill"] = spill
         _save_state(work, state, streams, spiller)
     index, records, start = state["index"], state["records"], state["done"]
+    order = [i for i in range(len(layers)) if i not in set(state["removed"])]
+    renumber_config(config, len(layers), order)
+    n = len(order) + 1
     if start:
         records.append(
             {
@@ -581,9 +649,9 @@ def stream_compile(
         for i in range(start, n):
             t0 = time.perf_counter()
             path = work / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            if i < len(layers):
-                layer = layers[i]
-                materialize(layer, source, f"model.layers.{i}.")
+            if i < len(order):  # block order[i] of the source is block i of the output
+                layer = layers[order[i]]
+                materialize(layer, source, f"model.layers.{order[i]}.")
                 names = ("hidden_states", "cos", "sin")
                 stage = BlockStage(layer, i, dict(zip(names, streams[kept[-1]][0])))
                 streams = run_stage(
@@ -597,7 +665,8 @@ def stream_compile(
                     records,
                     spill=spiller if spill else None,
                 )
-                records[-1]["stage"] = f"model.layers.{i}"
+                was = f" (was {order[i]})" if order[i] != i else ""
+                records[-1]["stage"] = f"model.layers.{i}{was}"
                 release(layer)
             else:
                 inner = model.model

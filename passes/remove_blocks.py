@@ -18,6 +18,9 @@ a removed block's exit is replaced by its entry, and every node only it needed g
 blocks share, such as an attention mask computed in block 0, stays); cosine scores come from one
 onnxruntime session that also returns the stream. Compression records follow their blocks'
 new numbers; the report lists the removed blocks by their original index with every score.
+Streaming (``--stream``, ``effc.stream``) runs it as the first pass of a pipeline, with
+``score=cosine`` or ``random``: a sweep over the original blocks scores them the same way, and the
+kept ones are compressed and written renumbered.
 """
 
 from __future__ import annotations
@@ -42,6 +45,24 @@ from effc.progress import bar
 from effc.registry import register
 
 
+def token_cosines(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(sum over tokens of cos(x, y), number of tokens) of two hidden states of one shape."""
+    cos = torch.nn.functional.cosine_similarity(
+        x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double(), dim=-1
+    )
+    return float(cos.sum()), cos.numel()
+
+
+def chosen(score: str, scores: list[float], n: int) -> set[int]:
+    """The ``n`` blocks to remove: the most similar (cosine), the lowest (gates, random)."""
+    sign = -1.0 if score == "cosine" else 1.0
+    return set(sorted(range(len(scores)), key=lambda i: sign * scores[i])[:n])
+
+
+def random_scores(blocks: int, seed: int) -> list[float]:
+    return [float(v) for v in np.random.default_rng(seed).random(blocks)]
+
+
 @torch.no_grad()
 def cosine_scores(model, layers: nn.ModuleList, data: list[dict]) -> list[float]:
     """Per block, the mean over tokens and samples of cos(input hidden, output hidden)."""
@@ -54,11 +75,9 @@ def cosine_scores(model, layers: nn.ModuleList, data: list[dict]) -> list[float]
             y = hidden_state(output)
             if x is None or y is None or x.shape != y.shape:
                 return
-            cos = torch.nn.functional.cosine_similarity(
-                x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double(), dim=-1
-            )
-            sums[i] += float(cos.sum())
-            counts[i] += cos.numel()
+            total, count = token_cosines(x, y)
+            sums[i] += total
+            counts[i] += count
 
         return fn
 
@@ -213,15 +232,21 @@ def remove(model, container: str, drop: set[int]) -> None:
                 sub.layer_idx = new
     config = getattr(module, "config", None)
     if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if getattr(text, "num_hidden_layers", None) == len(layers):
-            text.num_hidden_layers = len(keep)
-        types = getattr(text, "layer_types", None)
-        if isinstance(types, list) and len(types) == len(layers):
-            text.layer_types = [types[i] for i in keep]
+        renumber_config(config, len(layers), keep)
     old_to_new = {old: new for new, old in enumerate(keep)}
     _renumber_records(model.compression, container, old_to_new)
     model.retrace()
+
+
+def renumber_config(config, blocks: int, keep: list[int]) -> None:
+    """An HF config of ``blocks`` layers describes the ``keep`` ones (``num_hidden_layers``,
+    ``layer_types``)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "num_hidden_layers", None) == blocks:
+        text.num_hidden_layers = len(keep)
+    types = getattr(text, "layer_types", None)
+    if isinstance(types, list) and len(types) == blocks:
+        text.layer_types = [types[i] for i in keep]
 
 
 def _renumber_records(state, container: str, old_to_new: dict[int, int]) -> None:
@@ -280,11 +305,7 @@ class RemoveBlocks(Pass):
     def requires(self, model, ctx) -> None:
         super().requires(model, ctx)
         container, layers, _ = self._blocks(model)
-        n = self._count(len(layers))
-        if not 1 <= n < len(layers):
-            raise PassOptionError(
-                f"pass 'remove-blocks': would remove {n} of {len(layers)} blocks; keep at least one"
-            )
+        self.count(len(layers))
         if self.options.score == "gates":
             missing = [
                 f"{container}.{i}"
@@ -297,6 +318,15 @@ class RemoveBlocks(Pass):
                     "none: run block-gates first"
                 )
 
+    def count(self, blocks: int) -> int:
+        """How many of ``blocks`` blocks go; a one-line error unless at least one stays."""
+        n = self._count(blocks)
+        if not 1 <= n < blocks:
+            raise PassOptionError(
+                f"pass 'remove-blocks': would remove {n} of {blocks} blocks; keep at least one"
+            )
+        return n
+
     def _count(self, blocks: int) -> int:
         o = self.options
         return o.count if o.count else int(math.floor(o.rate * blocks + 0.5))
@@ -308,18 +338,13 @@ class RemoveBlocks(Pass):
         stream = residual_stream(model, blocks) if model.kind == "onnx" else None
         if o.score == "cosine" and stream is not None:
             scores = onnx_cosine_scores(model, stream, ctx.calibration[: o.samples])
-            order = sorted(range(len(layers)), key=lambda i: -scores[i])
         elif o.score == "cosine":
             scores = cosine_scores(model, layers, ctx.calibration[: o.samples])
-            order = sorted(range(len(layers)), key=lambda i: -scores[i])  # most similar first
         elif o.score == "gates":
             scores = [model.compression.blocks[f"{container}.{i}"].gate for i in range(len(layers))]
-            order = sorted(range(len(layers)), key=lambda i: scores[i])  # lowest gate first
         else:
-            rng = np.random.default_rng(ctx.seed)
-            scores = [float(v) for v in rng.random(len(layers))]
-            order = sorted(range(len(layers)), key=lambda i: scores[i])
-        drop = set(order[:n])
+            scores = random_scores(len(layers), ctx.seed)
+        drop = chosen(o.score, scores, n)
         if stream is not None:
             remove_onnx(model, blocks, stream, drop)
         else:

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")  # HF folders: the llm extra
 from _helpers import real_folder, token_calibration  # noqa: E402
 
 from effc import stream  # noqa: E402
-from effc.errors import InputError, UnsupportedError  # noqa: E402
+from effc.errors import InputError, PassOptionError, UnsupportedError  # noqa: E402
 from effc.runtime.modules import BSRLinear  # noqa: E402
 from tools.bench.scale import write_llama  # noqa: E402
 
@@ -78,6 +78,55 @@ def test_streaming_gives_the_in_memory_weights(folder, tmp_path, text):
         assert sum(t["block_mse_after"] for t in trained) == pytest.approx(
             whole["block_mse_after"], rel=1e-6
         )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "remove-blocks{count=1},quantize{bits=4,group=16,method=gptq,sequential=true}",
+        "remove-blocks{count=2,score=random},group-prune{sparsity=0.5},quantize{bits=4,group=16}",
+    ],
+)
+def test_streamed_block_removal_removes_and_compresses_as_in_memory(folder, tmp_path, text, cli):
+    """remove-blocks streams as a first sweep over the original blocks (cosine scores on the
+    calibration inputs, or the seeded random draw), then the kept blocks are compressed and
+    renumbered: the same blocks go, with the same scores, and the rest get the in-memory weights."""
+    calib = calibration()
+    out = tmp_path / "out"
+    report = stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calib)
+    memory = effc.Pipeline.from_text(text).run(str(folder), effc.PassContext(calibration=calib))
+    want = memory.report.records[0].stats
+    record = report["stages"][1]
+    assert record["stage"] == "remove-blocks" and record["removed"] == want["removed"]
+    assert record["scores"] == pytest.approx(want["scores"], rel=1e-5, abs=1e-6)
+    kept = [i for i in range(3) if i not in want["removed"]]
+    assert [r["stage"] for r in report["stages"][2:]] == [
+        f"model.layers.{new}" + (f" (was {old})" if old != new else "")
+        for new, old in enumerate(kept)
+    ] + ["head"]
+    loaded = stream.load(out)
+    assert loaded.config.num_hidden_layers == len(kept) == len(loaded.model.layers)
+    streamed = dense_weights(loaded)
+    quantized = memory.model.compression.quantized()
+    assert len(quantized) == 7 * len(kept) + 1
+    for fqn, state in quantized.items():
+        got = streamed[fqn]
+        assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
+    # the kept blocks' norms came from their original blocks, renumbered
+    norm = f"model.layers.{len(kept) - 1}.input_layernorm.weight"
+    want_norm = memory.model.module.get_submodule(norm.removesuffix(".weight")).weight
+    assert torch.equal(dict(loaded.named_parameters())[norm], want_norm.detach())
+    ids = torch.as_tensor(calib[0]["input_ids"])
+    with torch.no_grad():
+        logits = loaded(input_ids=ids, use_cache=False).logits
+        ref = memory.model.module(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    if "random" in text:  # no calibration needed: the CLI names the removed blocks
+        cheap = "remove-blocks{count=2,score=random},quantize{bits=4,group=16}"
+        args = ("compile", folder, "--passes", cheap, "--stream", "--target", "bsr")
+        code, _, err = cli(*args, "-o", tmp_path / "cli")
+        removed = ", ".join(map(str, want["removed"]))
+        assert code == 0 and f"removed blocks {removed} of 3" in err, err
 
 
 def test_loaded_artifact_runs_like_the_compressed_model(folder, tmp_path, cli):
@@ -144,11 +193,17 @@ def test_refusals_come_before_any_work(folder, tmp_path, cli):
         ("quantize,gqsa-train{stage=e2e}", "stage=e2e"),
         ("quantize,gqsa-train{target=model}", "target=model"),
         ("quantize,gqsa-train{tail=true}", "tail=true"),
+        ("quantize,remove-blocks{count=1}", "first pass"),
+        ("remove-blocks{count=1,score=gates}", "score=gates"),
     ):
         with pytest.raises(UnsupportedError, match=what):
             stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calibration(1))
     with pytest.raises(InputError, match="calibration"):
         stream.stream_compile(folder, effc.Pipeline.from_text("quantize{method=gptq}"), out, [])
+    with pytest.raises(PassOptionError, match="would remove 3 of 3 blocks"):
+        stream.stream_compile(
+            folder, effc.Pipeline.from_text("remove-blocks{count=3,score=random}"), out, []
+        )
     code, _, err = cli("compile", folder, "--passes", "quantize", "--stream", "-o", out)
     assert code == 2 and "--target onnxruntime needs the whole model" in err
     code, _, err = cli(
@@ -189,8 +244,9 @@ def test_a_damaged_checkpoint_is_one_line_and_leaves_no_output(folder, tmp_path,
 @pytest.mark.slow
 def test_smollm2_streamed_and_in_memory_sequential_weights_are_identical(tmp_path):
     """The real SmolLM2-135M (tied embeddings: the head stage reads lm_head from the embedding
-    table), Wanda calibrated on the already pruned blocks, then W4: every one of its 211 layers
-    bit-identical to the in-memory pipeline's."""
+    table): 3 of its 30 blocks removed by cosine score, Wanda calibrated on the already pruned
+    blocks, then W4: the same blocks removed and every one of the 190 layers left bit-identical
+    to the in-memory pipeline's."""
     from transformers import AutoTokenizer
 
     from effc.models.real import smollm2_folder
@@ -202,12 +258,16 @@ def test_smollm2_streamed_and_in_memory_sequential_weights_are_identical(tmp_pat
         {"input_ids": w[None].numpy(), "attention_mask": np.ones((1, 64), dtype=np.int64)}
         for w in windows(tokenizer, split()[0], 2, 64)
     ]
-    text = "group-prune{sparsity=0.5,score=wanda,sequential=true},quantize{bits=4,group=16}"
-    stream.stream_compile(folder, effc.Pipeline.from_text(text), tmp_path / "o", calib)
+    text = (
+        "remove-blocks{count=3},group-prune{sparsity=0.5,score=wanda,sequential=true},"
+        "quantize{bits=4,group=16}"
+    )
+    report = stream.stream_compile(folder, effc.Pipeline.from_text(text), tmp_path / "o", calib)
     streamed = dense_weights(stream.load(tmp_path / "o"))
     memory = effc.Pipeline.from_text(text).run(str(folder), effc.PassContext(calibration=calib))
+    assert report["stages"][1]["removed"] == memory.report.records[0].stats["removed"]
     quantized = memory.model.compression.quantized()
-    assert len(quantized) == 211 and "lm_head" in quantized
+    assert len(quantized) == 190 and "lm_head" in quantized
     for fqn, state in quantized.items():
         got = streamed[fqn]
         assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
