@@ -147,8 +147,10 @@ def swap_linears(
     activations: str = "fp32",
 ) -> list[dict]:
     """Replace every quantized ``nn.Linear`` of ``module`` by a ``BSRLinear``; return one record per
-    layer. Layers sharing one weight Parameter (``share-blocks``) get one shared ``BSRLinear``
-    (per-layer biases of shared weights are shared too: share-blocks shares them). With ``decide``, a layer whose BSR kernel is slower than dense ``F.linear`` at ``batch``
+    layer. Layers sharing one weight Parameter (``share-blocks``) share one packed copy of it:
+    one ``BSRLinear`` for all of them where they share the bias too (or have none), else one per
+    bias over the same packed arrays (share-blocks keeps biases per block). With ``decide``, a
+    layer whose BSR kernel is slower than dense ``F.linear`` at ``batch``
     rows stays dense (its fake-quantized fp32 weight), and the record says so with both timings.
     ``activations`` picks the kernel's activation mode (``BSRLinear``)."""
     records = []
@@ -171,12 +173,16 @@ def swap_linears(
             measure_choice(bsr.matrix, batch, activations) if decide else {"choice": "sparse"}
         )
         if record["choice"] == "sparse":
-            # every layer reading this weight (blocks sharing parameters) gets the same module:
-            # one copy of the packed weight in memory
-            readers = [n for n, m in module.named_modules() if _reads(m, linear.weight)]
-            for name in readers:
+            # every layer reading this weight (blocks sharing parameters) reads the same packed
+            # arrays: one copy in memory; a layer with a bias of its own gets its own module
+            readers = [(n, m) for n, m in module.named_modules() if _reads(m, linear.weight)]
+            made = {id(linear.bias): bsr}
+            for name, m in readers:
+                if id(m.bias) not in made:
+                    made[id(m.bias)] = BSRLinear(bsr.matrix, m.bias, activations)
                 parent, _, leaf = name.rpartition(".")
-                setattr(module.get_submodule(parent) if parent else module, leaf, bsr)
+                setattr(module.get_submodule(parent) if parent else module, leaf, made[id(m.bias)])
+            readers = [n for n, _ in readers]
             if len(readers) > 1:
                 record["shared_by"] = readers
         records.append(record)

@@ -214,6 +214,30 @@ def test_bert_family_blocks_are_removed_and_shared():
     )
 
 
+def test_bsr_layers_of_a_shared_weight_keep_their_blocks_biases():
+    """After share-blocks and W4 on a BERT (a bias per block), swap_linears packs each shared
+    weight once, and each block's layer adds its own bias: the BSR model computes what the
+    dequantized shared model computes."""
+    from effc.runtime.modules import BSRLinear, swap_linears
+
+    model = _bert()
+    result = effc.Pipeline.from_text("share-blocks{group=2},quantize{bits=4,group=16}").run(
+        model, effc.PassContext()
+    )
+    x = {"input_ids": torch.randint(0, 128, (1, 12))}
+    with torch.no_grad():
+        want = model(**x).last_hidden_state
+    records = swap_linears(model, result.model.compression, decide=False)
+    assert sum("shared_by" in r for r in records) == 12  # 6 linears in each of the 2 pairs
+    a, b = (model.encoder.layer[i].attention.self.query for i in (0, 1))
+    assert isinstance(a, BSRLinear) and isinstance(b, BSRLinear)
+    assert a.values.data_ptr() == b.values.data_ptr()  # one packed copy
+    assert not torch.equal(a.bias, b.bias)  # each block's bias
+    with torch.no_grad():
+        got = model(**x).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_bert_legacy_onnx_export_without_shapes_equals_fx(tmp_path):
     """A legacy (TorchScript) export writes no intermediate shapes; the residual stream is still
     found (shapes inferred first), and removal then sharing on the ONNX file computes what the
