@@ -140,14 +140,21 @@ def _is_silu_mlp(mlp: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+def _tensors_read(module: nn.Module) -> tuple[int, int]:
+    """Identity of the weight and bias a linear module computes with: modules that read the
+    same tensors (Parameters shared by share-blocks, or one packed BSR copy) compute alike."""
+    weight = module.values if isinstance(module, BSRLinear) else module.weight
+    return id(weight), id(module.bias)
+
+
 def _add_layer(plan, layer: nn.Module, memo: dict | None = None) -> None:
     """Add one decoder layer to the compiled plan, or raise UnsupportedError naming what it lacks.
-    ``memo``: stacked weights already built for these modules (layers sharing their linear
-    modules, after share-blocks and swap_linears, share one stacked copy)."""
+    ``memo``: stacked weights already built for these modules' tensors (layers sharing their
+    weights and biases after share-blocks, dense or swapped to BSR, share one stacked copy)."""
     memo = {} if memo is None else memo
 
     def stacked(modules):
-        key = tuple(id(m) for m in modules)
+        key = tuple(_tensors_read(m) for m in modules)
         if key not in memo:
             memo[key] = stacked_specs(modules)
         return memo[key]

@@ -6,6 +6,7 @@ import torch
 
 import effc
 from effc.errors import UnsupportedError
+from effc.runtime import decode
 from effc.runtime.decode import StaticDecoder
 from effc.runtime.modules import BSRLinear, swap_linears
 
@@ -281,7 +282,7 @@ def test_plan_carries_biases(kind):
         )
 
 
-def test_shared_blocks_keep_one_copy_and_decode_the_dequantized_tokens():
+def test_shared_blocks_keep_one_copy_and_decode_the_dequantized_tokens(monkeypatch):
     """share-blocks, then W4S50: the blocks of a group get one BSRLinear per shared weight (one
     packed copy in memory, one stacked copy in the fused plan), and decoding gives the tokens of
     the dequantized shared model."""
@@ -307,7 +308,13 @@ def test_shared_blocks_keep_one_copy_and_decode_the_dequantized_tokens():
         "share-blocks{group=2},group-prune{sparsity=0.5,score=magnitude},quantize{bits=4,group=16}"
     ).run(model, effc.PassContext(calibration=calib))
     prompt = torch.arange(5)
-    dense = StaticDecoder(model, 40).generate(prompt, 16).tokens
+    stacks = []
+    real = decode.stacked_specs
+    monkeypatch.setattr(decode, "stacked_specs", lambda m: stacks.append(m) or real(m))
+    decoder = StaticDecoder(model, 40)
+    dense = decoder.generate(prompt, 16).tokens
+    if decoder.fused:  # the dense shared weights are stacked once per pair too
+        assert len(stacks) == 2 * 2, "q/k/v and gate/up, once per pair of blocks"
     records = swap_linears(model, result.model.compression, decide=False)
     layers = model.model.layers
     assert isinstance(layers[0].mlp.up_proj, BSRLinear)
