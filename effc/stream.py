@@ -1,14 +1,17 @@
-"""Streaming compression of HF LLaMA-family folders larger than memory, one block at a time.
+"""Streaming compression of HF folders larger than memory, one block at a time: LLaMA-family
+causal LMs (``CausalLM``) and BERT-family encoders (``Encoder``).
 
 The model is built on the ``meta`` device (no memory); its safetensors files are opened
-memory-mapped. The embedding table and the rotary embedding are made real to compute the first
-block's calibration inputs (exactly what the HF model hands its first layer), then each decoder
+memory-mapped. The embeddings (and a causal LM's rotary embedding) are made real to compute the
+first block's calibration inputs (exactly what the HF model hands its first layer), then each
 layer in turn is read from the files in fp32, compressed by the pipeline's passes (the same pass
 code as in memory, on an FX model of that one block whose layers keep their HF names), written to
 its own shard of the artifact, run on the calibration inputs to give the next block's inputs, and
-dropped. The final norm and ``lm_head`` are the last stage. Peak memory is one block in fp32,
-the passes' statistics for it (GPTQ's Hessians), the calibration hidden states and the embedding
-table while the first inputs are made: it does not grow with the number of blocks.
+dropped. The last stage is a causal LM's final norm and ``lm_head``, or an encoder's pooler
+(none where the checkpoint has no pooler). Encoders stream on unpadded windows, so their layers
+run without a mask, as the HF model runs them on an all-ones mask. Peak memory is one block in
+fp32, the passes' statistics for it (GPTQ's Hessians), the calibration hidden states and the
+embeddings while the first inputs are made: it does not grow with the number of blocks.
 
 Each pass calibrates a stage on what the in-memory pass would see: with ``sequential=true`` the
 hidden states through the stages before it as compressed by this pass and every earlier one,
@@ -132,8 +135,10 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 def materialize(module: nn.Module, source: SafetensorsSource, prefix: str) -> None:
     """Give a meta-device ``module`` real fp32 parameters read from ``source`` (names
-    ``prefix + parameter name``); persistent buffers too."""
-    module.to_empty(device="cpu")
+    ``prefix + parameter name``); buffers too where the checkpoint has them (integer ones keep
+    their dtype). A module already on the CPU keeps the buffers it made."""
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        module.to_empty(device="cpu")
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, p in [*params.items(), *module.named_buffers()]:
@@ -145,7 +150,7 @@ def materialize(module: nn.Module, source: SafetensorsSource, prefix: str) -> No
                 raise InputError(
                     f"{source.folder}: {key} is {tuple(t.shape)}, the config says {tuple(p.shape)}"
                 )
-            p.data = t.to(torch.float32)
+            p.data = t.to(torch.float32) if t.is_floating_point() else t
 
 
 def release(module: nn.Module) -> None:
@@ -334,6 +339,8 @@ class _Stage(nn.Module):
 
 
 class BlockStage(_Stage):
+    """One decoder layer of a causal LM: (hidden_states, cos, sin) -> hidden_states."""
+
     def __init__(self, layer: nn.Module, index: int, example):
         super().__init__(example)
         self.model = nn.Module()
@@ -345,6 +352,22 @@ class BlockStage(_Stage):
         out = self.model.layers[self._index](
             hidden_states, attention_mask=None, position_embeddings=(cos, sin), use_cache=False
         )
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class EncoderStage(_Stage):
+    """One encoder layer of a BERT-family model on unpadded inputs (no mask): hidden_states ->
+    hidden_states."""
+
+    def __init__(self, layer: nn.Module, index: int, example):
+        super().__init__(example)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleDict({str(index): layer})
+        self._index = str(index)
+        self.name = f"encoder.layer.{index}"
+
+    def forward(self, hidden_states):
+        out = self.encoder.layer[self._index](hidden_states, attention_mask=None)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -360,8 +383,140 @@ class HeadStage(_Stage):
         return self.lm_head(self.model.norm(hidden_states))
 
 
+class PoolerStage(_Stage):
+    """A BERT pooler (dense + tanh of the first token's state)."""
+
+    def __init__(self, pooler: nn.Module, example):
+        super().__init__(example)
+        self.pooler = pooler
+        self.name = "head"
+
+    def forward(self, hidden_states):
+        return self.pooler(hidden_states)
+
+
+def _check_windows(calibration: list[dict]) -> list[dict]:
+    """The token windows streaming calibrates on (input_ids only: unpadded, so no mask)."""
+    for x in calibration:
+        if "input_ids" not in x:
+            raise InputError("streaming calibrates on token windows (input_ids)")
+        mask = x.get("attention_mask")
+        if mask is not None and not np.all(np.asarray(mask) == 1):
+            raise UnsupportedError("streaming calibrates on unpadded windows (mask all ones)")
+    return [{"input_ids": np.asarray(x["input_ids"])} for x in calibration]
+
+
+class CausalLM:
+    """A LLaMA-family causal LM: model.embed_tokens, model.layers, model.norm, lm_head."""
+
+    kind = "causal-lm"
+    container = "model.layers"
+    inputs = ("hidden_states", "cos", "sin")
+
+    def __init__(self, model, source: SafetensorsSource):
+        self.model, self.source = model, source
+        self.layers = model.model.layers
+
+    def block(self, i: int, index: int, example: tuple) -> _Stage:
+        """Block ``i`` of the source, read from it, as block ``index`` of the output."""
+        layer = self.layers[i]
+        materialize(layer, self.source, f"{self.container}.{i}.")
+        return BlockStage(layer, index, dict(zip(self.inputs, example)))
+
+    def first_inputs(self, calibration: list[dict]) -> list[tuple]:
+        """(hidden_states, cos, sin) the first decoder layer receives for each calibration
+        input: the HF model's own forward up to that layer, with only the embedding table and
+        the rotary embedding real."""
+        inner = self.model.model
+        inputs = _check_windows(calibration)
+        materialize(inner.embed_tokens, self.source, "model.embed_tokens.")
+        with torch.device("cpu"):
+            inner.rotary_emb = type(inner.rotary_emb)(config=self.model.config)
+        try:
+            captured = capture_block_inputs(self.model, self.layers[0], inputs)
+        finally:
+            release(inner.embed_tokens)
+        out = []
+        for args, kwargs in captured:
+            if kwargs.get("attention_mask") is not None:
+                raise UnsupportedError("streaming calibrates on unpadded windows (no mask)")
+            cos, sin = kwargs["position_embeddings"]
+            out.append((args[0], cos, sin))
+        return out
+
+    def head(self, example: torch.Tensor) -> tuple[_Stage, dict]:
+        """The last stage (final norm and lm_head, read from the source) and the tensors outside
+        every stage its shard also holds (the embedding table)."""
+        model, source = self.model, self.source
+        materialize(model.model.norm, source, "model.norm.")
+        head = "lm_head." if "lm_head.weight" in source else "model.embed_tokens."
+        materialize(model.lm_head, source, head)
+        stage = HeadStage(model.model.norm, model.lm_head, {"hidden_states": example})
+        return stage, {"model.embed_tokens.weight": source.get("model.embed_tokens.weight")}
+
+
+class Encoder:
+    """A BERT-family encoder (BertModel and kin): embeddings, encoder.layer, an optional pooler.
+    Checkpoint names may carry the base model's prefix (``bert.``) when saved from a task model."""
+
+    kind = "encoder"
+    container = "encoder.layer"
+    inputs = ("hidden_states",)
+
+    def __init__(self, model, source: SafetensorsSource):
+        self.model, self.source = model, source
+        self.layers = model.encoder.layer
+        base = f"{getattr(model, 'base_model_prefix', '')}."
+        self.prefix = base if f"{base}embeddings.word_embeddings.weight" in source else ""
+
+    def block(self, i: int, index: int, example: tuple) -> _Stage:
+        layer = self.layers[i]
+        materialize(layer, self.source, f"{self.prefix}{self.container}.{i}.")
+        return EncoderStage(layer, index, dict(zip(self.inputs, example)))
+
+    def first_inputs(self, calibration: list[dict]) -> list[tuple]:
+        """The hidden states the first encoder layer receives (the embeddings' output)."""
+        inputs = _check_windows(calibration)
+        with torch.device("cpu"):  # made on the CPU: the buffers it makes (position ids) are real
+            self.model.embeddings = type(self.model.embeddings)(self.model.config).eval()
+        materialize(self.model.embeddings, self.source, f"{self.prefix}embeddings.")
+        try:
+            captured = capture_block_inputs(self.model, self.layers[0], inputs)
+        finally:
+            release(self.model.embeddings)
+        out = []
+        for args, kwargs in captured:
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            if mask is not None:
+                raise UnsupportedError("streaming calibrates on unpadded windows (no mask)")
+            out.append((args[0] if args else kwargs["hidden_states"],))
+        return out
+
+    def has_pooler(self) -> bool:
+        return f"{self.prefix}pooler.dense.weight" in self.source
+
+    def head(self, example: torch.Tensor) -> tuple[_Stage | None, dict]:
+        """The pooler stage (None where the checkpoint has no pooler) and the embeddings."""
+        extra = {
+            k: self.source.get(self.prefix + k)
+            for k in self.model.state_dict()
+            if k.startswith("embeddings.") and self.prefix + k in self.source
+        }
+        if not self.has_pooler():
+            return None, extra
+        materialize(self.model.pooler, self.source, f"{self.prefix}pooler.")
+        return PoolerStage(self.model.pooler, {"hidden_states": example}), extra
+
+
+def _is_causal(config) -> bool:
+    """The in-memory loader's rule (``ir.torch_io.load_hf_folder``): a causal LM where the
+    config names a CausalLM architecture."""
+    return any("CausalLM" in a for a in getattr(config, "architectures", None) or [])
+
+
 def skeleton(folder: Path):
-    """The HF causal LM of ``folder`` on the meta device (no memory) and its config."""
+    """The HF model of ``folder`` on the meta device (no memory), its config and its family
+    (``CausalLM`` or ``Encoder``, not yet bound to a source)."""
     try:
         import transformers
     except ImportError as e:
@@ -374,15 +529,25 @@ def skeleton(folder: Path):
         raise InputError(f"{folder}: unreadable config.json ({e})") from e
     config._attn_implementation = "sdpa"  # causal attention without a mask tensor, as in memory
     config.use_cache = False
+    causal = _is_causal(config)
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = cls.from_config(config, dtype=torch.float32)
     inner = getattr(model, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
-        raise UnsupportedError(
-            f"{folder}: streaming supports LLaMA-family causal LMs (model.embed_tokens, "
-            f"model.layers, model.norm, lm_head); {type(model).__name__} is compressed in memory"
-        )
-    return model.eval(), config
+    if (
+        causal
+        and inner is not None
+        and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm"))
+    ):
+        return model.eval(), config, CausalLM
+    encoder = getattr(model, "encoder", None)
+    if not causal and hasattr(model, "embeddings") and hasattr(encoder, "layer"):
+        return model.eval(), config, Encoder
+    raise UnsupportedError(
+        f"{folder}: streaming supports LLaMA-family causal LMs (model.embed_tokens, model.layers, "
+        f"model.norm, lm_head) and BERT-family encoders (embeddings, encoder.layer); "
+        f"{type(model).__name__} is compressed in memory"
+    )
 
 
 def memory(pid: int | str = "self") -> dict[str, int]:
@@ -403,58 +568,28 @@ def _rss_anon() -> int:
     return memory()["RssAnon"]
 
 
-def first_inputs(model, source: SafetensorsSource, calibration: list[dict]) -> list[tuple]:
-    """(hidden_states, cos, sin) the first decoder layer receives for each calibration input:
-    the HF model's own forward up to that layer, with only the embedding table and the rotary
-    embedding real."""
-
-    inner = model.model
-    materialize(inner.embed_tokens, source, "model.embed_tokens.")
-    with torch.device("cpu"):
-        inner.rotary_emb = type(inner.rotary_emb)(config=model.config)
-    try:
-        for x in calibration:
-            if "input_ids" not in x:
-                raise InputError("streaming calibrates a causal LM on token windows (input_ids)")
-            mask = x.get("attention_mask")
-            if mask is not None and not np.all(np.asarray(mask) == 1):
-                raise UnsupportedError("streaming calibrates on unpadded windows (mask all ones)")
-        inputs = [{"input_ids": np.asarray(x["input_ids"])} for x in calibration]
-        captured = capture_block_inputs(model, inner.layers[0], inputs)
-    finally:
-        release(inner.embed_tokens)
-    out = []
-    for args, kwargs in captured:
-        if kwargs.get("attention_mask") is not None:
-            raise UnsupportedError("streaming calibrates on unpadded windows (no attention mask)")
-        cos, sin = kwargs["position_embeddings"]
-        out.append((args[0], cos, sin))
-    return out
-
-
 @torch.no_grad()
-def removal_scores(layers, source: SafetensorsSource, removal, first: list[tuple], seed: int):
+def removal_scores(family, removal, first: list[tuple], seed: int) -> list[float]:
     """``remove-blocks``' score of every block, in a sweep over the original blocks before any
     is compressed: cosine (the mean over tokens of cos(input, output) of each block, on the first
     ``samples`` calibration inputs flowing through the original blocks, as the in-memory pass
     measures it) or random (the same seeded draw)."""
-    o = removal.options
+    o, blocks = removal.options, len(family.layers)
     if o.score == "random":
-        return random_scores(len(layers), seed)
+        return random_scores(blocks, seed)
     states, scores = list(first[: o.samples]), []
-    progress, task = bar(len(layers), "remove-blocks: cosine scores")
+    progress, task = bar(blocks, "remove-blocks: cosine scores")
     with progress:
-        for i, layer in enumerate(layers):
-            materialize(layer, source, f"model.layers.{i}.")
-            stage = BlockStage(layer, i, {})
+        for i in range(blocks):
+            stage = family.block(i, i, states[0])
             total, count = 0.0, 0
-            for k, (x, cos, sin) in enumerate(states):
-                y = stage(x, cos, sin)
-                a, b = token_cosines(x, y)
+            for k, x in enumerate(states):
+                y = stage(*x)
+                a, b = token_cosines(x[0], y)
                 total, count = total + a, count + b
-                states[k] = (y, cos, sin)
+                states[k] = (y, *x[1:])
             scores.append(total / count)
-            release(layer)
+            release(family.layers[i])
             progress.advance(task)
     return scores
 
@@ -576,10 +711,11 @@ def stream_compile(
         raise InputError("this pipeline needs calibration inputs (--calib) and none were given")
     if not calibration:  # one window of token 0..15 to trace each stage with
         calibration = [{"input_ids": np.arange(16, dtype=np.int64)[None]}]
-    model, config = skeleton(folder)
+    model, config, kind = skeleton(folder)
     source = SafetensorsSource(folder)
+    family = kind(model, source)
     dtype = source.dtype()
-    layers = model.model.layers
+    layers = family.layers
     passes = pipeline.leaves()
     removal = passes[0] if getattr(passes[0], "name", "") == "remove-blocks" else None
     if removal is not None:
@@ -598,7 +734,7 @@ def stream_compile(
         if spill is None:
             spill = should_spill(calibration, config.hidden_size, len(kept))
         t0 = time.perf_counter()
-        first = first_inputs(model, source, calibration)
+        first = family.first_inputs(calibration)
         records = [
             {
                 "stage": "embeddings",
@@ -609,7 +745,7 @@ def stream_compile(
         removed = []
         if removal is not None:  # a sweep over the original blocks scores them first
             t0 = time.perf_counter()
-            scores = removal_scores(layers, source, removal, first, seed)
+            scores = removal_scores(family, removal, first, seed)
             removed = sorted(chosen(removal.options.score, scores, removal.count(len(layers))))
             records.append(
                 {
@@ -624,7 +760,11 @@ def stream_compile(
             first = [(spiller.put(f"embeddings-{k}", x[0]), *x[1:]) for k, x in enumerate(first)]
         streams = dict.fromkeys(kept, first)
         index = {
-            "metadata": {"format": "effc-bsr-stream", "stages": len(layers) - len(removed) + 1},
+            "metadata": {
+                "format": "effc-bsr-stream",
+                "family": family.kind,
+                "stages": len(layers) - len(removed) + 1,
+            },
             "weight_map": {},
             "bsr": {},
         }
@@ -650,10 +790,7 @@ def stream_compile(
             t0 = time.perf_counter()
             path = work / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             if i < len(order):  # block order[i] of the source is block i of the output
-                layer = layers[order[i]]
-                materialize(layer, source, f"model.layers.{order[i]}.")
-                names = ("hidden_states", "cos", "sin")
-                stage = BlockStage(layer, i, dict(zip(names, streams[kept[-1]][0])))
+                stage = family.block(order[i], i, streams[kept[-1]][0])
                 streams = run_stage(
                     stage,
                     streams,
@@ -666,21 +803,18 @@ def stream_compile(
                     spill=spiller if spill else None,
                 )
                 was = f" (was {order[i]})" if order[i] != i else ""
-                records[-1]["stage"] = f"model.layers.{i}{was}"
-                release(layer)
+                records[-1]["stage"] = f"{family.container}.{i}{was}"
+                release(layers[order[i]])
             else:
-                inner = model.model
-                materialize(inner.norm, source, "model.norm.")
-                head = "lm_head." if "lm_head.weight" in source else "model.embed_tokens."
-                materialize(model.lm_head, source, head)
                 heads = {j: [x[:1] for x in v] for j, v in streams.items()}
-                stage = HeadStage(
-                    inner.norm, model.lm_head, {"hidden_states": heads[kept[-1]][0][0]}
-                )
-                embeddings = {"model.embed_tokens.weight": source.get("model.embed_tokens.weight")}
-                run_stage(stage, heads, stages, reads, path, dtype, index, records, embeddings)
-                records[-1]["stage"] = "head"
-                release(model.lm_head)
+                stage, extra = family.head(heads[kept[-1]][0][0])
+                if stage is None:  # nothing to compress after the blocks: the rest as it is
+                    _write_shard(path, {k: v.to(dtype) for k, v in extra.items()}, {}, index)
+                    records.append({"stage": "head", "rss_anon": _rss_anon()})
+                else:
+                    run_stage(stage, heads, stages, reads, path, dtype, index, records, extra)
+                    records[-1]["stage"] = "head"
+                    release(stage)
             records[-1]["seconds"] = round(time.perf_counter() - t0, 2)
             state["done"] = i + 1
             _save_state(work, state, streams, spiller)
@@ -782,8 +916,17 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
     except (OSError, ValueError) as e:
         raise InputError(f"{out}: not a streamed effc artifact ({e})") from e
     config = transformers.AutoConfig.from_pretrained(out)
+    causal = index["metadata"].get("family", "causal-lm") == "causal-lm"
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if causal:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            pooled = any(k.startswith("pooler.") for k in index["weight_map"]) or any(
+                k.startswith("pooler.") for k in index["bsr"]
+            )
+            model = transformers.AutoModel.from_config(
+                config, dtype=torch.float32, add_pooling_layer=pooled
+            )
     handles = {
         s: safe_open(str(out / s), framework="pt") for s in set(index["weight_map"].values())
     }
@@ -791,6 +934,9 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         f"{n}.{k}" for n in index["bsr"] for k in ("indptr", "indices", "values", "scales", "zeros")
     }
     model.to_empty(device="cpu")
+    if not causal:  # its embeddings made on the CPU: the buffers they make (position ids) are real
+        with torch.device("cpu"):
+            model.embeddings = type(model.embeddings)(config).eval()
     state = {}
     for name, shard in index["weight_map"].items():
         if name not in bsr_keys:
@@ -805,7 +951,7 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         m.validate()
         linear = model.get_submodule(name)
         parent, _, leaf = name.rpartition(".")
-        bias = None if linear.bias is None else nn.Parameter(state.pop(f"{name}.bias"))
+        bias = None if linear.bias is None else state[f"{name}.bias"]
         setattr(
             model.get_submodule(parent) if parent else model, leaf, BSRLinear(m, bias, activations)
         )
@@ -815,15 +961,17 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise InputError(f"{out}: tensors missing {missing[:3]} or unexpected {unexpected[:3]}")
-    with torch.device("cpu"):
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    if config.tie_word_embeddings and not isinstance(model.lm_head, BSRLinear):
-        model.tie_weights()
+    if causal:
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        if config.tie_word_embeddings and not isinstance(model.lm_head, BSRLinear):
+            model.tie_weights()
     return model.eval()
 
 
 def run(out: str | Path, inputs: dict[str, np.ndarray], threads: int | None = None) -> dict:
-    """``effc run`` on a streamed artifact: the logits for ``input_ids``."""
+    """``effc run`` on a streamed artifact: the logits for ``input_ids`` (a causal LM), or the
+    last hidden state and pooled output (an encoder)."""
     if threads:
         torch.set_num_threads(threads)
     model = load(out)
@@ -831,8 +979,16 @@ def run(out: str | Path, inputs: dict[str, np.ndarray], threads: int | None = No
     vocab = model.config.vocab_size
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise InputError(f"input_ids must lie in [0, {vocab}) for this model")
-    mask = inputs.get("attention_mask")
-    kwargs = {} if mask is None else {"attention_mask": torch.from_numpy(np.asarray(mask))}
+    kwargs = {
+        k: torch.from_numpy(np.asarray(inputs[k], dtype=np.int64))
+        for k in ("attention_mask", "token_type_ids")
+        if inputs.get(k) is not None
+    }
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
-    return {"logits": logits.numpy()}
+        if hasattr(model, "lm_head"):
+            return {"logits": model(input_ids=ids, use_cache=False, **kwargs).logits.numpy()}
+        result = model(input_ids=ids, **kwargs)
+    outputs = {"last_hidden_state": result.last_hidden_state.numpy()}
+    if getattr(result, "pooler_output", None) is not None:
+        outputs["pooler_output"] = result.pooler_output.numpy()
+    return outputs

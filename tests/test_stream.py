@@ -129,6 +129,80 @@ def test_streamed_block_removal_removes_and_compresses_as_in_memory(folder, tmp_
         assert code == 0 and f"removed blocks {removed} of 3" in err, err
 
 
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A random BERT encoder folder (BertModel with a pooler, non-zero biases), as bf16 shards."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        architectures=["BertModel"],
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("bert") / "m"
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "quantize{bits=4,group=16,method=gptq,sequential=true}",
+        "remove-blocks{count=1},group-prune{sparsity=0.5,score=wanda},quantize{bits=4,group=16}",
+    ],
+)
+def test_a_bert_encoder_streams_to_the_in_memory_weights(bert_folder, tmp_path, text, cli):
+    """BERT-family folders stream too: the embeddings' output feeds encoder.layer.0, each layer
+    is compressed as a stage of its own, the pooler is the last: every quantized layer (pooler
+    included) equals the in-memory pipeline's, and the loaded artifact computes the compressed
+    model's hidden states and pooled output."""
+    calib = calibration()
+    out = tmp_path / "out"
+    report = stream.stream_compile(bert_folder, effc.Pipeline.from_text(text), out, calib)
+    memory = effc.Pipeline.from_text(text).run(
+        str(bert_folder), effc.PassContext(calibration=calib)
+    )
+    blocks = 2 if "remove-blocks" in text else 3
+    stages = [r["stage"] for r in report["stages"]]
+    assert (
+        stages[0] == "embeddings"
+        and stages[-1] == "head"
+        and len(stages) == blocks + 2 + (blocks == 2)
+    )
+    assert all(s.startswith("encoder.layer.") for s in stages[1 + (blocks == 2) : -1])
+    loaded = stream.load(out)
+    streamed = dense_weights(loaded)
+    quantized = memory.model.compression.quantized()
+    assert len(quantized) == 6 * blocks + 1 and "pooler.dense" in quantized
+    for fqn, state in quantized.items():
+        got = streamed[fqn]
+        assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
+    ids = torch.as_tensor(calib[0]["input_ids"])
+    with torch.no_grad():
+        got, want = loaded(input_ids=ids), memory.model.module(input_ids=ids)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=1e-4, atol=1e-4)
+    # effc run on it: the hidden states and the pooled output
+    np.savez(tmp_path / "in.npz", **calib[1])
+    code, _, err = cli("run", out, "--inputs", tmp_path / "in.npz", "--out", tmp_path / "o.npz")
+    assert code == 0, err
+    saved = np.load(tmp_path / "o.npz")
+    assert set(saved.files) == {"last_hidden_state", "pooler_output"}
+    with torch.no_grad():
+        ref = loaded(input_ids=torch.from_numpy(calib[1]["input_ids"])).last_hidden_state
+    np.testing.assert_allclose(saved["last_hidden_state"], ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_loaded_artifact_runs_like_the_compressed_model(folder, tmp_path, cli):
     text = "group-prune{sparsity=0.5},quantize{bits=4,group=16}"
     calib = calibration(2)
@@ -271,6 +345,35 @@ def test_smollm2_streamed_and_in_memory_sequential_weights_are_identical(tmp_pat
     for fqn, state in quantized.items():
         got = streamed[fqn]
         assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
+
+
+@pytest.mark.slow
+def test_real_minilm_streams_to_the_in_memory_weights(tmp_path):
+    """The real all-MiniLM-L6-v2 folder (a sentence-transformers BertModel whose checkpoint also
+    holds its int64 position ids): 1 of 6 blocks removed by cosine score and GPTQ W4 on the rest,
+    streamed and in memory, give the same blocks and every quantized layer bit-identical."""
+    from transformers import AutoTokenizer
+
+    from effc.models.real import minilm_folder
+    from tools.quality.norms import lee_inputs
+
+    folder = real_folder(minilm_folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calib = lee_inputs(tokenizer, 64, 4)[2]  # 4 windows of 64 tokens of the calibration text
+    text = "remove-blocks{count=1},quantize{bits=4,group=16,method=gptq,sequential=true}"
+    report = stream.stream_compile(folder, effc.Pipeline.from_text(text), tmp_path / "o", calib)
+    memory = effc.Pipeline.from_text(text).run(str(folder), effc.PassContext(calibration=calib))
+    assert report["stages"][1]["removed"] == memory.report.records[0].stats["removed"]
+    loaded = stream.load(tmp_path / "o")
+    streamed = dense_weights(loaded)
+    quantized = memory.model.compression.quantized()
+    assert len(quantized) == 5 * 6 + 1
+    for fqn, state in quantized.items():
+        assert torch.equal(streamed[fqn], state.dequantized().reshape(streamed[fqn].shape)), fqn
+    ids = torch.as_tensor(calib[0]["input_ids"])
+    with torch.no_grad():
+        got, want = loaded(input_ids=ids), memory.model.module(input_ids=ids)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("spill", [False, True])
