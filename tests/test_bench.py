@@ -221,3 +221,66 @@ def test_scale_bench_splits_streamed_time_per_block_and_pass():
     # 40 s - 3 x 11 s outside the blocks; 32 x 11 + 7 for LLaMA-7B's 32 blocks
     assert "| 3 | 11.0 | quantize 5.0 | 7.0 | 359 |" in markdown(data, "cmd")
     assert time_split({"stages": [{"stage": "head", "seconds": 1.0}]}) == {}
+
+
+def test_decode_bench_counts_a_shared_weight_per_read_and_once_resident():
+    """FoldGPT rows of tools/bench/decode: a weight two blocks share is read by both each token,
+    but held once; swapped to BSR, the same."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import effc
+    from effc.runtime.modules import swap_linears
+    from tools.bench.decode import FOLD_PIPELINES, linear_bytes, pipelines, resident_bytes
+
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    dense = linear_bytes(model)
+    assert resident_bytes(model) == dense
+    block = sum(
+        p.numel() * 4 for n, p in model.model.layers[0].named_parameters() if "norm" not in n
+    )
+    result = effc.Pipeline.from_text("share-blocks{group=2},quantize{bits=8,group=16}").run(
+        model, effc.PassContext()
+    )
+    assert linear_bytes(model) == dense and resident_bytes(model) == dense - 2 * block
+    swap_linears(model, result.model.compression, decide=False)
+    packed = linear_bytes(model)
+    assert packed < dense / 2 and resident_bytes(model) < 0.6 * packed
+    assert pipelines(None, fold=True) == FOLD_PIPELINES and "custom" in pipelines("quantize")
+
+
+def test_pareto_reads_a_rows_format_and_marks_the_front():
+    """tools/quality/pareto: the decode speed a row takes is its stored format's (blocks removed,
+    sharing, bits, group, group sparsity), and a dominated row is off the front."""
+    from tools.quality.pareto import format_of, front
+
+    assert format_of("-") == (0, 0, None, None, 0.0)
+    assert format_of("group-prune{sparsity=0.5,score=obs},quantize{bits=4,group=16}") == (
+        0,
+        0,
+        4,
+        16,
+        0.5,
+    )
+    assert format_of("remove-blocks{count=6,samples=16},share-blocks{group=2},quantize") == (
+        6,
+        2,
+        4,
+        16,
+        0.0,
+    )
+    # trained or not, the same stored format decodes at the same speed
+    trained = "group-prune{sparsity=0.5},quantize{bits=4,group=16},gqsa-train{stage=e2e,steps=8}"
+    assert format_of(trained) == format_of("group-prune{sparsity=0.5},quantize{bits=4,group=16}")
+    # (bytes, perplexity): the second is dominated by the first (fewer bytes, lower perplexity)
+    assert front([(50, 10.0), (60, 12.0), (40, 30.0)], more_is_better=False) == [True, False, True]
+    assert front([(2.0, 10.0), (1.0, 12.0)], more_is_better=True) == [True, False]

@@ -1,8 +1,12 @@
 """End-to-end greedy decoding of SmolLM2-135M: dense fp32 against GQSA-compressed BSR weights.
 
     python -m tools.bench.decode [--new-tokens 64] [--prompt-tokens 32] [--rounds 3]
-                                 [--pipeline TEXT]
+                                 [--pipeline TEXT | --fold]
                                  [--out tools/bench/results/decode_smollm2]
+
+``--fold`` runs FoldGPT's depth recipes instead of the GQSA settings (6 of 30 blocks removed by
+cosine score; the rest shared in pairs; each with and without W4 g16), into
+``decode_smollm2_fold``; a recipe without quantization decodes its fp32 weights.
 
 One process, 2 threads (torch and OpenMP). The same prompt (the start of the evaluation text) is
 decoded greedily by:
@@ -41,22 +45,47 @@ DEFAULT_PIPELINES = {
 }
 
 
-def pipelines(text: str | None) -> dict[str, str]:
-    """The compressed settings to run: the defaults, or one given on the command line."""
-    return {"custom": text} if text else dict(DEFAULT_PIPELINES)
+# FoldGPT's depth recipes (issue 27): 6 of 30 blocks removed by cosine score, the 24 left shared
+# in pairs, then W4 g16 on top
+FOLD_PIPELINES = {
+    "remove 6": "remove-blocks{count=6,samples=16}",
+    "remove 6 + share pairs": "remove-blocks{count=6,samples=16},share-blocks{group=2}",
+    "remove 6 + share pairs + W4": "remove-blocks{count=6,samples=16},share-blocks{group=2},"
+    "quantize{bits=4,group=16}",
+    "remove 6 + W4": "remove-blocks{count=6,samples=16},quantize{bits=4,group=16}",
+}
+
+
+def pipelines(text: str | None, fold: bool = False) -> dict[str, str]:
+    """The compressed settings to run: the defaults (or FoldGPT's with ``fold``), or one given on
+    the command line."""
+    if text:
+        return {"custom": text}
+    return dict(FOLD_PIPELINES if fold else DEFAULT_PIPELINES)
+
+
+def _linear_tensors(model):
+    """(name, tensors) of every linear layer by the name it is called under: a layer of a shared
+    weight appears once per block that calls it."""
+    from effc.runtime.modules import BSRLinear
+
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, BSRLinear):
+            yield name, list(module.matrix.tensors().values())
+        elif isinstance(module, torch.nn.Linear):
+            yield name, [module.weight]
 
 
 def linear_bytes(model) -> int:
-    """Bytes the linear layers of ``model`` read per token (dense fp32 weights or BSR buffers)."""
-    from effc.runtime.modules import BSRLinear
+    """Bytes the linear layers of ``model`` read per token (dense fp32 weights or BSR buffers; a
+    shared weight once per block that reads it)."""
+    return sum(t.numel() * t.element_size() for _, ts in _linear_tensors(model) for t in ts)
 
-    total = 0
-    for module in model.modules():
-        if isinstance(module, BSRLinear):
-            total += sum(module.matrix.nbytes().values())
-        elif isinstance(module, torch.nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
-    return total
+
+def resident_bytes(model) -> int:
+    """Bytes the linear layers' weights take in memory (a shared weight once)."""
+    seen = {id(t): t for _, ts in _linear_tensors(model) for t in ts}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
@@ -90,9 +119,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--pipeline", help="one effc pipeline instead of the defaults")
+    parser.add_argument(
+        "--fold",
+        action="store_true",
+        help="FoldGPT's recipes (removal, sharing, with W4) instead of the GQSA defaults",
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip the HF generate() rows")
-    parser.add_argument("--out", default="tools/bench/results/decode_smollm2")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    default_out = "tools/bench/results/decode_smollm2" + ("_fold" if args.fold else "")
+    args.out = args.out or default_out
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
 
@@ -114,7 +150,7 @@ def main() -> None:
     bw = bandwidth(kernels())
     configs = {"fp32 (dense)": fp32}
     compress_info = {}
-    for label, text in pipelines(args.pipeline).items():
+    for label, text in pipelines(args.pipeline, args.fold).items():
         compressed = load()
         compressed.config.use_cache = False
         t0 = time.perf_counter()
@@ -123,6 +159,10 @@ def main() -> None:
             FxModel(compressed, {"input_ids": ids}), effc.PassContext(calibration=calibration)
         )
         compressed.config.use_cache = True
+        if not result.model.compression.quantized():  # removal / sharing alone: fp32 weights
+            compress_info[label] = {"pipeline": text, "compress_s": time.perf_counter() - t0}
+            configs[f"{label} (fp32)"] = compressed
+            continue
         bsr = copy.deepcopy(compressed)
         choices = swap_linears(bsr, result.model.compression, batch=1)
         compress_info[label] = {
@@ -138,8 +178,8 @@ def main() -> None:
         configs[f"{label} BSR int8 x (effc kernels)"] = bsr8
 
     max_len = args.prompt_tokens + args.new_tokens
-    hf_names = [n for n in configs if n == "fp32 (dense)" or n.endswith("BSR (effc kernels)")]
-    unfused = [n for n in configs if n == "fp32 (dense)" or n.endswith("BSR (effc kernels)")]
+    hf_names = [n for n in configs if n.endswith(("(dense)", "(fp32)", "BSR (effc kernels)"))]
+    unfused = list(hf_names)
     rounds: dict[str, list] = {name: [] for name in configs}
     tokens: dict[str, list[int]] = {}
     torch_rounds: dict[str, list] = {name: [] for name in unfused}
@@ -172,6 +212,7 @@ def main() -> None:
             "tokens_per_s": rate,
             "ms_per_token": 1e3 / rate,
             "linear_MB": nbytes / 1e6,
+            "resident_MB": resident_bytes(configs[name]) / 1e6,
             "floor_ms": floor_ms,
             "x_floor": (1e3 / rate) / floor_ms,
             "speedup_vs_fp32": rate / base,
@@ -191,6 +232,8 @@ def main() -> None:
         ]
     checks = {}
     for label in compress_info:
+        if f"{label} BSR (effc kernels)" not in tokens:
+            continue
         ref, got = (
             tokens[f"{label} dequantized dense (fp32 math)"],
             tokens[f"{label} BSR (effc kernels)"],
@@ -217,8 +260,9 @@ def main() -> None:
     meta = {
         "command": "python -m tools.bench.decode"
         + (f" --pipeline '{args.pipeline}'" if args.pipeline else "")
+        + (" --fold" if args.fold else "")
         + (" --no-hf" if args.no_hf else "")
-        + (f" --out {args.out}" if args.out != parser.get_default("out") else ""),
+        + (f" --out {args.out}" if args.out != default_out else ""),
         "model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF)",
         "compressed": compress_info,
         "prompt_tokens": args.prompt_tokens,
@@ -238,7 +282,8 @@ def main() -> None:
 
 def to_markdown(meta: dict, checks: dict, rows: list[dict]) -> str:
     lines = [
-        "# SmolLM2-135M greedy decoding: fp32 vs GQSA BSR",
+        "# SmolLM2-135M greedy decoding: fp32 vs "
+        + ("FoldGPT's depth recipes" if "--fold" in meta["command"] else "GQSA BSR"),
         "",
         f"Command: `{meta['command']}`  ",
         f"Prompt {meta['prompt_tokens']} tokens, {meta['new_tokens']} new tokens, median of "
@@ -250,21 +295,27 @@ def to_markdown(meta: dict, checks: dict, rows: list[dict]) -> str:
         "",
     ]
     for label, info in meta["compressed"].items():
-        lines.append(
-            f"- {label}: `{info['pipeline']}`, compressed in {info['compress_s']:.0f} s; sparse "
-            f"kernel chosen for {info['sparse_layers']} layers"
-            + (f" (dense: {', '.join(info['dense_fallback'])})" if info["dense_fallback"] else "")
-        )
+        line = f"- {label}: `{info['pipeline']}`, compressed in {info['compress_s']:.0f} s"
+        if "sparse_layers" in info:
+            line += f"; sparse kernel chosen for {info['sparse_layers']} layers"
+        if info.get("dense_fallback"):
+            line += f" (dense: {', '.join(info['dense_fallback'])})"
+        lines.append(line)
     lines += [
         "",
-        "| loop | model | tokens/s | ms/token | linear MB/token | floor ms | x floor | speedup vs fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "Linear MB/token: the bytes the linear layers read per token (a shared weight once per "
+        "block that reads it); resident MB: what they take in memory (a shared weight once).",
+        "",
+        "| loop | model | tokens/s | ms/token | linear MB/token | resident MB | floor ms | x floor "
+        "| speedup vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        resident = r.get("resident_MB")
         lines.append(
             f"| {r['loop']} | {r['config']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | "
-            f"{r['linear_MB']:.1f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
-            f"{r['speedup_vs_fp32']:.2f}x |"
+            f"{r['linear_MB']:.1f} | {'' if resident is None else f'{resident:.1f}'} | "
+            f"{r['floor_ms']:.2f} | {r['x_floor']:.2f} | {r['speedup_vs_fp32']:.2f}x |"
         )
     lines += ["", "Checks:", ""] + [f"- {k}: {v}" for k, v in checks.items()]
     lines += ["", f"Prompt: {meta['prompt']!r}", ""]
