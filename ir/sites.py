@@ -281,6 +281,44 @@ def write_weight(site: WeightSite, value: torch.Tensor) -> None:
 COMPRESSED = "effc.compressed"
 
 
+def write_weight_lazy(site: WeightSite, make) -> None:
+    """``write_weight(site, make())``, except that on ONNX the new initializer is an onnx_ir
+    ``LazyTensor`` computing ``make()`` each time it is read (a serialization, an onnxruntime
+    session): a pass that keeps what makes the weight (codes and scales) does not also hold it in
+    fp32, so a compressed model whose weights came from external data stays about the size of its
+    codes in memory. ``make`` must keep returning the same tensor."""
+    if isinstance(site.handle, torch.Tensor):
+        write_weight(site, make())
+        return
+    old, transposed = site.handle
+    dtype, shape = old.const_value.dtype, old.const_value.shape
+    if tuple(shape) != (tuple(site.shape)[::-1] if transposed else tuple(site.shape)):
+        raise ValueError(f"site {site.fqn}: initializer shape {tuple(shape)} != {site.shape}")
+
+    def evaluate():
+        data = make().detach().cpu().numpy().astype(dtype.numpy())
+        return ir.tensor(np.ascontiguousarray(data.T if transposed else data))
+
+    old.const_value = ir.LazyTensor(evaluate, dtype=dtype, shape=ir.Shape(shape), name=old.name)
+    old.metadata_props[COMPRESSED] = "true"
+
+
+def file_view(site: WeightSite) -> torch.Tensor | None:
+    """The site's weight (out, in[, k...]) as a tensor over its external-data file, mapped
+    copy-on-write (file pages, not anonymous memory), where an ONNX initializer still reads from
+    one in float32; else None."""
+    if isinstance(site.handle, torch.Tensor):
+        return None
+    value, transposed = site.handle
+    t = value.const_value
+    if not isinstance(t, ir.ExternalTensor) or t.dtype != ir.DataType.FLOAT:
+        return None
+    shape = tuple(int(d) for d in t.shape)
+    array = np.memmap(t.path, dtype=np.float32, mode="c", offset=t.offset or 0, shape=shape)
+    w = torch.from_numpy(array)
+    return w.T if transposed else w
+
+
 def untie(model, site: WeightSite) -> bool:
     """Give a tied site (lm_head sharing the embedding) its own copy of the weight, so editing it
     leaves the other use alone. Returns whether it was tied. Collect sites again afterwards."""

@@ -24,7 +24,14 @@ import torch
 from effc.errors import PassOptionError, UnsupportedError
 from effc.ir.calibrate import compress_sequentially
 from effc.ir.reducers import HessianSum, hessians
-from effc.ir.sites import compressible_sites, embedding_sites, read_weight, write_weight
+from effc.ir.sites import (
+    compressible_sites,
+    embedding_sites,
+    file_view,
+    read_weight,
+    write_weight,
+    write_weight_lazy,
+)
 from effc.pass_base import Pass, PassResult
 from effc.passes._obs import inverse_hessian_factor, obs_sweep
 from effc.registry import register
@@ -167,14 +174,14 @@ class Quantize(Pass):
             deq = dequantize(codes, scale, zero, mask)
             err[0] += float(((deq - w) ** 2).sum())
             err[1] += float((w**2).sum())
-            if state.original is None:
-                state.original = w.clone()
-            write_weight(site, deq)
-            state.codes, state.scale, state.zero = (
-                codes.to(torch.uint8),
-                scale,
-                zero.to(torch.uint8),
-            )
+            if state.original is None:  # a weight still in its external-data file stays there
+                view = file_view(site)
+                state.original = w.clone() if view is None else view
+            codes, zero = codes.to(torch.uint8), zero.to(torch.uint8)
+            del deq, w
+            # ONNX: the fp32 weight is made from the codes when read, not held beside them
+            write_weight_lazy(site, lambda: dequantize(codes.float(), scale, zero.float(), mask))
+            state.codes, state.scale, state.zero = codes, scale, zero
             state.bits, state.group = o.bits, o.group
 
         if o.sequential:

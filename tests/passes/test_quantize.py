@@ -107,3 +107,46 @@ def test_nm_prune_obs_keeps_n_of_m_and_beats_wanda_on_the_layer_output():
     wanda = w * nm_mask(w.abs() * x.norm(dim=0)[None, :], 2, 4)
     err = lambda p: float(((x @ (p - w).T) ** 2).sum())  # noqa: E731
     assert err(obs) < 0.95 * err(wanda)
+
+
+def test_onnx_weights_in_external_data_stay_out_of_memory(tmp_path):
+    """An ONNX model whose weights are in external data: quantize keeps each weight's original
+    as a copy-on-write map of the file (no copy in memory) and writes the fake-quantized weight
+    as a LazyTensor made from the codes when read: its values are the codes' dequantization, the
+    file is untouched, and the written model runs under onnxruntime as the same weights would."""
+    import onnx_ir as ir
+
+    from effc.backends import onnxruntime as ort_backend
+    from effc.compile import compile_model
+    from tools.bench.scale import write_onnx_mlp
+
+    write_onnx_mlp(tmp_path / "m", blocks=2, hidden=64, inter=128, tokens=4)
+    data = (tmp_path / "m" / "model.onnx.data").read_bytes()
+    model = effc.load(str(tmp_path / "m" / "model.onnx"))
+    result = effc.Pipeline.from_text("quantize{bits=4,group=16}").run(model, effc.PassContext())
+    states = result.model.compression.sites
+    assert len(states) == 4
+    for site in weight_sites(result.model):
+        const = site.handle[0].const_value
+        assert isinstance(const, ir.LazyTensor), site.fqn
+        state = states[site.fqn]
+        assert _mapped_file(state.original.data_ptr()).endswith("model.onnx.data")
+        np.testing.assert_array_equal(read_weight(site).numpy(), state.dequantized().numpy())
+        assert not torch.equal(state.original, state.dequantized())
+    assert (tmp_path / "m" / "model.onnx.data").read_bytes() == data
+    compile_model(str(tmp_path / "m" / "model.onnx"), "quantize{bits=4,group=16}", tmp_path / "o")
+    x = {"x": np.random.default_rng(0).standard_normal((1, 4, 64), dtype=np.float32)}
+    (got,) = ort_backend.run(tmp_path / "o", x).values()
+    want = result.model.run(x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at ``address`` in this process ('' for anonymous memory)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return ""

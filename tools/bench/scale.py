@@ -118,6 +118,63 @@ def write_llama(
     return params
 
 
+def write_onnx_mlp(
+    folder: Path, blocks: int, hidden: int, inter: int, seed: int = 0, tokens: int = 16
+) -> int:
+    """``folder/model.onnx``: ``blocks`` residual MLP blocks (x + Relu(x W_up) W_down, fp32,
+    random weights) over a (1, tokens, hidden) input, every weight in external data
+    (``model.onnx.data``), written one tensor at a time so writing never holds the model; returns
+    its parameter count. Reuses a complete file written with the same arguments."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    params = blocks * 2 * hidden * inter
+    path, data = folder / "model.onnx", folder / "model.onnx.data"
+    stamp = folder / "args.json"
+    args = {"blocks": blocks, "hidden": hidden, "inter": inter, "seed": seed, "tokens": tokens}
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args:
+        return params
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    initializers, nodes, offset = [], [], 0
+    x = "x"
+    with data.open("wb") as f:
+        for i in range(blocks):
+            for name, shape in ((f"up.{i}", (hidden, inter)), (f"down.{i}", (inter, hidden))):
+                w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).tobytes()
+                f.write(w)
+                t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", offset), ("length", len(w))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                initializers.append(t)
+                offset += len(w)
+                del w
+            nodes += [
+                helper.make_node("MatMul", [x, f"up.{i}"], [f"h.{i}"], name=f"blocks.{i}.up"),
+                helper.make_node("Relu", [f"h.{i}"], [f"r.{i}"], name=f"blocks.{i}.relu"),
+                helper.make_node(
+                    "MatMul", [f"r.{i}", f"down.{i}"], [f"d.{i}"], name=f"blocks.{i}.down"
+                ),
+                helper.make_node("Add", [x, f"d.{i}"], [f"y.{i}"], name=f"blocks.{i}.add"),
+            ]
+            x = f"y.{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, hidden])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(str(path))
+    stamp.write_text(json.dumps(args))
+    return params
+
+
 def calibration_file(work: Path, tokens: str, vocab: int) -> Path:
     """N random-token windows of T tokens (``tokens`` = "NxT", seed 0) as a calibration .npz."""
     n, t = (int(v) for v in tokens.split("x"))
@@ -171,12 +228,18 @@ def run(args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for blocks in [int(b) for b in args.blocks.split(",")]:
-        folder = work / f"llama-h{args.hidden}-b{blocks}"
         t0 = time.perf_counter()
-        params = write_llama(folder, blocks, args.hidden, args.inter, args.heads, args.vocab)
+        if args.onnx:
+            folder = work / f"mlp-h{args.hidden}-b{blocks}"
+            params = write_onnx_mlp(folder, blocks, args.hidden, args.inter)
+            model = folder / "model.onnx"
+        else:
+            folder = work / f"llama-h{args.hidden}-b{blocks}"
+            params = write_llama(folder, blocks, args.hidden, args.inter, args.heads, args.vocab)
+            model = folder
         written = time.perf_counter() - t0
-        out = work / f"out-h{args.hidden}-b{blocks}"
-        cmd = [sys.executable, "-m", "effc.cli", "compile", str(folder), "--passes", args.passes]
+        out = work / f"out-{folder.name}"
+        cmd = [sys.executable, "-m", "effc.cli", "compile", str(model), "--passes", args.passes]
         cmd += ["--target", args.target, "-o", str(out), "--force", *shlex.split(args.extra_args)]
         if args.calib_tokens:
             cmd += ["--calib", str(calibration_file(work, args.calib_tokens, args.vocab))]
@@ -195,6 +258,7 @@ def run(args) -> dict:
         rows.append(row)
         print(row, flush=True)
     return {
+        "onnx": bool(args.onnx),
         "shape": {k: getattr(args, k) for k in ("hidden", "inter", "heads", "vocab")},
         "passes": args.passes,
         "target": args.target,
@@ -207,9 +271,15 @@ def run(args) -> dict:
 
 def markdown(data: dict, command: str) -> str:
     gib = 1024**3
+    model = (
+        "ONNX files of residual MLP blocks (fp32, every weight in external data; "
+        f"hidden {data['shape']['hidden']}, inner {data['shape']['inter']})"
+        if data.get("onnx")
+        else f"LLaMA-shaped bf16 folders ({data['shape']})"
+    )
     lines = [
-        f"`effc compile` peak memory against blocks: random-weight LLaMA-shaped bf16 folders "
-        f"({data['shape']}), passes `{data['passes']}`, target {data['target']} "
+        f"`effc compile` peak memory against blocks: random-weight {model}, "
+        f"passes `{data['passes']}`, target {data['target']} "
         f"{data['extra_args']}"
         + (
             f", calibration {data['calib_tokens']} random tokens"
@@ -262,6 +332,11 @@ def main() -> None:
     ap.add_argument("--target", default="bsr")
     ap.add_argument("--calib-tokens", default="", help="NxT random-token calibration windows")
     ap.add_argument("--extra-args", default="")
+    ap.add_argument(
+        "--onnx",
+        action="store_true",
+        help="ONNX files with external data (residual MLP blocks) instead of HF folders",
+    )
     ap.add_argument("--work", default="/tmp/effc-scale")
     ap.add_argument("--out", default="tools/bench/results/scale")
     args = ap.parse_args()
@@ -272,6 +347,8 @@ def main() -> None:
     )
     if args.calib_tokens:
         command += f" --calib-tokens {args.calib_tokens}"
+    if args.onnx:
+        command += " --onnx"
     if args.extra_args:
         command += f" --extra-args={shlex.quote(args.extra_args)}"  # "=": argparse takes "--stream" for an option
     save(args.out, data, markdown(data, command))
