@@ -90,7 +90,12 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path} is not a valid ONNX model: {first}") from e
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
+    if _tensors_with_external_data(proto):  # saved the same way (save_onnx)
+        model.meta[EXTERNAL_SOURCE] = True
     return model
+
+
+EXTERNAL_SOURCE = "effc.external_data_source"  # model.meta key: loaded from external data
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -102,15 +107,22 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, external: bool | None = 
 
     ``external=None`` moves weights to ``<name>.data`` beside the model when the model would
     exceed protobuf's 2 GiB limit or its weights came from external data (a user's external-data
-    file stays external, copied: never referenced from where it was). External data always lands
+    file stays external, copied: never referenced from where it was; a model loaded from external
+    data is saved with external data even when its passes replaced every weight, so no protobuf
+    of all the weights is built in memory). External data always lands
     in the model's own folder. Files are written into a temporary folder beside ``path`` and
     renamed into place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
-        external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
-            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        external = (
+            model.meta.get(EXTERNAL_SOURCE, False)
+            or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+            or any(
+                isinstance(v.const_value, ir.ExternalTensor)
+                for v in model.graph.initializers.values()
+            )
         )
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".effc-", dir=path.parent) as tmp:

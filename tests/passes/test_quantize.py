@@ -135,6 +135,8 @@ def test_onnx_weights_in_external_data_stay_out_of_memory(tmp_path):
         assert not torch.equal(state.original, state.dequantized())
     assert (tmp_path / "m" / "model.onnx.data").read_bytes() == data
     compile_model(str(tmp_path / "m" / "model.onnx"), "quantize{bits=4,group=16}", tmp_path / "o")
+    # saved the way it came: the packed weights in external data, not one protobuf of them all
+    assert (tmp_path / "o" / "model.onnx.data").stat().st_size > 4 * 64 * 128 // 2
     x = {"x": np.random.default_rng(0).standard_normal((1, 4, 64), dtype=np.float32)}
     (got,) = ort_backend.run(tmp_path / "o", x).values()
     want = result.model.run(x)[0]
