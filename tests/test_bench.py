@@ -284,3 +284,10 @@ def test_pareto_reads_a_rows_format_and_marks_the_front():
     # (bytes, perplexity): the second is dominated by the first (fewer bytes, lower perplexity)
     assert front([(50, 10.0), (60, 12.0), (40, 30.0)], more_is_better=False) == [True, False, True]
     assert front([(2.0, 10.0), (1.0, 12.0)], more_is_better=True) == [True, False]
+    # the committed decode tables: each format takes its own row ("remove 6 + W4", whose name
+    # starts like "remove 6"'s)
+    from tools.quality.pareto import speeds
+
+    found = speeds()
+    assert found[(6, 0, 4, 16, 0.0)]["source"].endswith("remove 6 + W4 BSR (effc kernels)")
+    assert found[(6, 0, None, None, 0.0)]["source"].endswith("remove 6 (fp32)")

@@ -95,6 +95,14 @@ ROWS = {
     "remove 6 blocks (cosine) + cure 96 steps": "remove-blocks{count=6,samples=16},"
     "cure{steps=96,samples=16,lr=0.0001}",
     "remove 6 blocks (cosine) + share pairs": "remove-blocks{count=6,samples=16},share-blocks{group=2}",
+    # the combined recipe against GQSA alone at about the same bytes: 27 blocks at W4 g32 take the
+    # bytes of 30 at W4 g64 (73.5 MB); 24 cured blocks at W4 g16 about those of 30 at W4 g32
+    "remove 6 blocks (cosine) + W4 g16 RTN": "remove-blocks{count=6,samples=16},"
+    "quantize{bits=4,group=16}",
+    "remove 3 blocks (cosine) + W4 g32 GPTQ": "remove-blocks{count=3,samples=16},"
+    "quantize{bits=4,group=32,method=gptq}",
+    "remove 6 blocks (cosine) + cure 96 steps + W4 g16 GPTQ": "remove-blocks{count=6,samples=16},"
+    "cure{steps=96,samples=16,lr=0.0001},quantize{bits=4,group=16,method=gptq}",
     "remove 6 blocks (cosine) + share triples": "remove-blocks{count=6,samples=16},"
     "share-blocks{group=3}",
     "remove 6 blocks (cosine) + share pairs + cure": "remove-blocks{count=6,samples=16},"
