@@ -291,3 +291,21 @@ def test_pareto_reads_a_rows_format_and_marks_the_front():
     found = speeds()
     assert found[(6, 0, 4, 16, 0.0)]["source"].endswith("remove 6 + W4 BSR (effc kernels)")
     assert found[(6, 0, None, None, 0.0)]["source"].endswith("remove 6 (fp32)")
+
+
+def test_mobilenet_merge_puts_committed_rows_in_one_table_and_refuses_mixed_settings(tmp_path):
+    import json
+
+    from tools.quality.mobilenet import merge
+
+    row = {"sparsity": 0.3, "method": "rearrange + obs + recover", "achieved": 0.3}
+    row.update(top1=0.5, top5=0.7, kl=1.0, seconds=1.0)
+    for name, crops in (("a", 1000), ("b", 1000), ("c", 500)):
+        data = {"model": "m", "eval_crops": crops, "calib_crops": 128, "rows": [row]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        (tmp_path / f"{name}.md").write_text(f"x\n\n`python -m tools.quality.mobilenet --{name}`\n")
+    data, text = merge([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert len(data["rows"]) == 2 and "| 30% | rearrange + obs + recover | yes | yes |" in text
+    assert "`python -m tools.quality.mobilenet --b`" in text
+    with pytest.raises(SystemExit, match="different settings"):
+        merge([str(tmp_path / "a"), str(tmp_path / "c")])

@@ -9,6 +9,11 @@ in the pruned model's top 5.
 
     python -m tools.quality.mobilenet [--eval 1000] [--calib 256] [--levels 0.3,0.5,0.7] \\
         [--methods "obs + sensitivity;..."] [--out tools/quality/results/mobilenet_v2_sparsity]
+    python -m tools.quality.mobilenet --merge A,B,... [--out tools/quality/results/mobilenet_v2_quality]
+
+``--merge`` runs nothing: it puts the rows of committed tables (results files without their
+``.json``) into one table by sparsity, with whether each method rearranges and recovers, and the
+command that made each row.
 """
 
 from __future__ import annotations
@@ -126,6 +131,49 @@ def markdown(data: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str]) -> tuple[dict, str]:
+    """One table of the rows of several committed results (same model, crops and patterns)."""
+    import json
+    from pathlib import Path
+
+    tables = []
+    for path in paths:
+        data = json.loads(Path(path + ".json").read_text())
+        text = Path(path + ".md").read_text().splitlines()
+        command = next((line.strip("`") for line in text if line.startswith("`python")), "")
+        tables.append((Path(path).name, data, command))
+    settings = {(d["model"], d["eval_crops"], d["calib_crops"]) for _, d, _ in tables}
+    if len(settings) != 1:
+        raise SystemExit(f"the tables were made with different settings: {sorted(settings)}")
+    rows = [{**r, "table": name} for name, d, _ in tables for r in d["rows"]]
+    rows.sort(key=lambda r: (r["sparsity"], r["top1"], r["kl"] * -1))
+    first = tables[0][1]
+    data = {**{k: v for k, v in first.items() if k != "rows"}, "rows": rows}
+    lines = [
+        f"MobileNetV2 kernel sparsity ({PATTERNS}; depthwise dense), every committed row in one "
+        f"table: agreement with the dense model on {first['eval_crops']} crops of held-out "
+        f"photographs, calibration/recovery on {first['calib_crops']} crops of other photographs "
+        "(no ImageNet labels offline; the gap to the 99% goal is the calibration data, see "
+        "docs/results.md).",
+        "",
+        "`python -m tools.quality.mobilenet --merge " + ",".join(paths) + "`",
+        "",
+        "| sparsity | method | rearranged | recovered | top-1 agreement | top-5 | KL | seconds "
+        "| table |",
+        "|---:|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sparsity']:.0%} | {r['method']} | "
+            f"{'yes' if 'rearrange' in r['method'] else 'no'} | "
+            f"{'yes' if 'recover' in r['method'] else 'no'} | {r['top1']:.1%} | "
+            f"{r['top5']:.1%} | {r['kl']:.3f} | {r['seconds']} | {r['table']} |"
+        )
+    lines += ["", "Tables and the commands that made them:", ""]
+    lines += [f"- `{name}`: `{command}`" for name, _, command in tables]
+    return data, "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=int, default=1000)
@@ -133,8 +181,14 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=300)
     ap.add_argument("--levels", default="0.3,0.5,0.7")
     ap.add_argument("--methods", default="", help="';'-separated method labels (all by default)")
-    ap.add_argument("--out", default="tools/quality/results/mobilenet_v2_sparsity")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--merge", default="", help="','-separated committed results to put together")
     args = ap.parse_args()
+    if args.merge:
+        data, text = merge(args.merge.split(","))
+        save(args.out or "tools/quality/results/mobilenet_v2_quality", data, text)
+        return
+    args.out = args.out or "tools/quality/results/mobilenet_v2_sparsity"
     levels = [float(v) for v in args.levels.split(",")]
     methods = [m.strip() for m in args.methods.split(";") if m.strip()]
     data = run(levels, args.eval, args.calib, args.recover_steps, methods)
