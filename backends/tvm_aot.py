@@ -119,9 +119,17 @@ def plan(mod) -> tuple[Plan, object]:
     def arg(e) -> int:
         if isinstance(e, tvm.ir.expr.Constant):
             return constant(e)
-        if isinstance(e, relax.Var) and e in value_of:
+        if isinstance(e, relax.Var) and isinstance(value_of.get(e), int):
             return value_of[e]
         raise UnsupportedError(f"the wasm32 executor cannot pass {type(e).__name__} to a kernel")
+
+    def fields(e) -> list[int]:
+        """The views of a tuple (a Tuple expression or a Var bound to one), or of one tensor."""
+        if isinstance(e, relax.Tuple):
+            return [arg(f) for f in e.fields]
+        if isinstance(e, relax.Var) and isinstance(value_of.get(e), list):
+            return value_of[e]
+        return [arg(e)]
 
     for i, param in enumerate(main.params):
         dtype, shape = _tensor_info(param.ty)
@@ -146,17 +154,23 @@ def plan(mod) -> tuple[Plan, object]:
                         f"the wasm32 executor cannot pass symbolic values to {gv.name_hint}"
                     )
                 ins = [arg(a) for a in value.args[1].fields]
-                dtype, shape = _tensor_info(var.ty)
-                out = view(storage(nbytes(dtype, shape), "t"), dtype, shape)
-                value_of[var] = out
+                # a kernel writing several tensors (Split) returns a tuple: one view each
+                types = list(var.ty.fields) if isinstance(var.ty, relax.TupleType) else [var.ty]
+                outs = []
+                for ty in types:
+                    dtype, shape = _tensor_info(ty)
+                    outs.append(view(storage(nbytes(dtype, shape), "t"), dtype, shape))
+                value_of[var] = outs if isinstance(var.ty, relax.TupleType) else outs[0]
                 k = kernels.setdefault(gv.name_hint, len(kernels))
-                p.steps.append((k, [*ins, out], [p.views[out][0]], []))
+                p.steps.append((k, [*ins, *outs], [p.views[o][0] for o in outs], []))
+            elif isinstance(value, relax.Tuple):
+                value_of[var] = [arg(f) for f in value.fields]
+            elif isinstance(value, relax.TupleGetItem):
+                value_of[var] = fields(value.tuple_value)[value.index]
             else:
                 what = value.op.name if isinstance(value, relax.Call) else type(value).__name__
                 raise UnsupportedError(f"the wasm32 executor cannot run {what} (only kernels)")
-    result = body.body
-    outs = list(result.fields) if isinstance(result, relax.Tuple) else [result]
-    p.outputs = [arg(o) for o in outs]
+    p.outputs = fields(body.body)
     for i, v in enumerate(p.outputs):  # outputs live from their first write to the end
         n, kind, _ = p.storages[p.views[v][0]]
         if kind != "t":

@@ -398,6 +398,37 @@ def test_a_0d_input_stays_0d_in_the_vm(tmp_path):
     np.testing.assert_array_equal(got, x["x"] * 3.0)
 
 
+class _SplitHeads(torch.nn.Module):
+    """A conv whose output is split in two (one kernel writing a tuple), two graph outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, pixels):
+        a, b = self.conv(pixels).split([3, 5], dim=1)
+        return torch.relu(a), b * 2
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        return {"pixels": torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+
+
+@needs_wasm
+def test_wasm32_executor_runs_kernels_writing_tuples_and_several_outputs(tmp_path):
+    """YOLO and PicoDet heads split tensors: the plan gives each field of a kernel's tuple its
+    own tensor and returns several outputs (they failed with 'needs static tensors' and
+    'cannot run Tuple' before)."""
+    torch.manual_seed(0)
+    _compile(_SplitHeads().eval(), "cleanup", tmp_path / "w", tvm_target="wasm32")
+    meta = json.loads((tmp_path / "w" / "tvm.json").read_text())
+    x = _inputs(size=16)
+    got = tvm_backend.run_wasm(tmp_path / "w", meta, x)[0]
+    want = run_file(tmp_path / "w" / "model.onnx", x)
+    assert len(got) == 2
+    for g, w in zip(got.values(), want.values()):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 @needs_wasm
 def test_a_third_party_cnn_runs_as_webassembly_with_effcs_kernels(tmp_path):
     """tools/tvm_zoo --wasm on the zoo's smallest CNN (PaddleOCR's text direction classifier,
