@@ -5,6 +5,7 @@ from there afterwards."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -57,6 +58,23 @@ def build_key() -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _build_lock(build: Path):
+    """Hold an exclusive ``flock`` on the build folder while torch builds or loads there.
+
+    torch guards a build with a lock *file* that the builder deletes when done; a build that was
+    killed (Ctrl-C, a CI timeout) leaves it, and every later process waits for it forever. The
+    kernel drops an ``flock`` when its holder dies, so with ours held no other effc process is
+    building here, and a torch lock file found now is stale: it is removed."""
+    with open(build / "effc.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            log.warning("removing a stale build lock left by a killed build: %s", stale)
+            stale.unlink(missing_ok=True)
+        yield
+
+
 @functools.cache
 def kernels():
     """Build (about a minute, the first time on a machine and environment; a spinner shows it)
@@ -68,7 +86,7 @@ def kernels():
     log.info("building/loading the BSR CPU kernels in %s", build)
     try:
         building = "building effc's BSR CPU kernels (once per machine and environment)"
-        with spinner(building)[0] if fresh else contextlib.nullcontext():
+        with _build_lock(build), spinner(building)[0] if fresh else contextlib.nullcontext():
             return cpp_extension.load(
                 name=f"effc_bsr_cpu_{key}",
                 sources=[str(p) for p in SOURCES],

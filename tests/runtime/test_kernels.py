@@ -298,3 +298,21 @@ def test_int8_activations_propagate_nan_and_inf(a8_kernels):
         assert not one.isfinite().any()
     one = kernels.bsr_linear_a8(x[:1], m.indptr, m.indices, m.values, m.scales, m.zeros, 16, 16)
     torch.testing.assert_close(one, y[:1], rtol=1e-5, atol=1e-4)
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next(kernels):
+    """torch marks a build in progress with a lock file the builder deletes; a build killed
+    mid-way leaves it and every later process used to wait for it forever. effc holds an flock
+    (released by the kernel when its holder dies) and removes a lock file found under it."""
+    import subprocess
+    import sys
+
+    from effc.cache import cache_dir
+    from effc.runtime.cpu import build_key
+
+    build = cache_dir() / "torch_extensions" / f"bsr_cpu-{build_key()}"
+    (build / "lock").write_text("")  # what a killed build leaves
+    code = "from effc.runtime.cpu import kernels; kernels(); print('loaded')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
+    assert not (build / "lock").exists()
