@@ -261,9 +261,15 @@ def read_weight(site: WeightSite) -> torch.Tensor:
     return torch.from_numpy(np.array(read_weight_onnx(site), copy=True))
 
 
-def write_weight(site: WeightSite, value: torch.Tensor) -> None:
+def write_weight(site: WeightSite, value: torch.Tensor, remake=None) -> None:
     """Write a new (out, in[, k...]) weight. On FX it is copied into the module's parameter
-    (every use of a tied parameter sees it); on ONNX it replaces the initializer's data."""
+    (every use of a tied parameter sees it); on ONNX it replaces the initializer's data.
+
+    ``remake`` (ONNX): a function returning ``value`` again. The initializer then holds no copy:
+    it is an onnx_ir ``LazyTensor`` calling ``remake`` each time it is read (a serialization, an
+    onnxruntime session), so a pass that keeps what makes the weight (codes and scales) does not
+    also hold it in fp32, and a model whose weights came from external data stays about the size
+    of its codes in memory."""
     if tuple(value.shape) != tuple(site.shape):
         raise ValueError(f"site {site.fqn}: new weight shape {tuple(value.shape)} != {site.shape}")
     if isinstance(site.handle, torch.Tensor):
@@ -271,36 +277,25 @@ def write_weight(site: WeightSite, value: torch.Tensor) -> None:
             site.handle.copy_(value)
         return
     old, transposed = site.handle
-    data = value.detach().cpu().numpy().astype(old.const_value.numpy().dtype)
-    old.const_value = ir.tensor(np.ascontiguousarray(data.T if transposed else data), name=old.name)
+    dtype = old.const_value.dtype  # from the header: reading the data is not needed for it
+
+    def initializer(v: torch.Tensor) -> ir.Tensor:
+        data = v.detach().cpu().numpy().astype(dtype.numpy())
+        return ir.tensor(np.ascontiguousarray(data.T if transposed else data), name=old.name)
+
+    if remake is None:
+        old.const_value = initializer(value)
+    else:
+        shape = ir.Shape(old.const_value.shape)
+        old.const_value = ir.LazyTensor(
+            lambda: initializer(remake()), dtype=dtype, shape=shape, name=old.name
+        )
     # a compressed weight sits on its quantization grid / sparsity pattern: rewrites that would
     # fold other factors into it (fuse's affine and linear-chain rules) leave it alone
     old.metadata_props[COMPRESSED] = "true"
 
 
 COMPRESSED = "effc.compressed"
-
-
-def write_weight_lazy(site: WeightSite, make) -> None:
-    """``write_weight(site, make())``, except that on ONNX the new initializer is an onnx_ir
-    ``LazyTensor`` computing ``make()`` each time it is read (a serialization, an onnxruntime
-    session): a pass that keeps what makes the weight (codes and scales) does not also hold it in
-    fp32, so a compressed model whose weights came from external data stays about the size of its
-    codes in memory. ``make`` must keep returning the same tensor."""
-    if isinstance(site.handle, torch.Tensor):
-        write_weight(site, make())
-        return
-    old, transposed = site.handle
-    dtype, shape = old.const_value.dtype, old.const_value.shape
-    if tuple(shape) != (tuple(site.shape)[::-1] if transposed else tuple(site.shape)):
-        raise ValueError(f"site {site.fqn}: initializer shape {tuple(shape)} != {site.shape}")
-
-    def evaluate():
-        data = make().detach().cpu().numpy().astype(dtype.numpy())
-        return ir.tensor(np.ascontiguousarray(data.T if transposed else data))
-
-    old.const_value = ir.LazyTensor(evaluate, dtype=dtype, shape=ir.Shape(shape), name=old.name)
-    old.metadata_props[COMPRESSED] = "true"
 
 
 def file_view(site: WeightSite) -> torch.Tensor | None:

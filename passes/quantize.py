@@ -30,7 +30,6 @@ from effc.ir.sites import (
     file_view,
     read_weight,
     write_weight,
-    write_weight_lazy,
 )
 from effc.pass_base import Pass, PassResult
 from effc.passes._obs import inverse_hessian_factor, obs_sweep
@@ -178,9 +177,10 @@ class Quantize(Pass):
                 view = file_view(site)
                 state.original = w.clone() if view is None else view
             codes, zero = codes.to(torch.uint8), zero.to(torch.uint8)
-            del deq, w
             # ONNX: the fp32 weight is made from the codes when read, not held beside them
-            write_weight_lazy(site, lambda: dequantize(codes.float(), scale, zero.float(), mask))
+            write_weight(
+                site, deq, remake=lambda: dequantize(codes.float(), scale, zero.float(), mask)
+            )
             state.codes, state.scale, state.zero = codes, scale, zero
             state.bits, state.group = o.bits, o.group
 
