@@ -269,11 +269,10 @@ class StreamInputs:
 # ---------------------------------------------------------------- the pipeline check
 def check_streamable(pipeline) -> None:
     """One-line error for a pass or option that needs the whole model at once."""
-    for p in pipeline.leaves():
+    leaves = pipeline.leaves()
+    for p in leaves:
         name = getattr(p, "name", type(p).__name__)
-        if name == "remove-blocks" and (
-            p is not pipeline.leaves()[0] or p.options.score == "gates"
-        ):
+        if name == "remove-blocks" and (p is not leaves[0] or p.options.score == "gates"):
             raise UnsupportedError(
                 "pass 'remove-blocks' streams as the first pass with score=cosine or random (a "
                 "sweep over the original blocks picks them); score=gates needs block-gates, which "
@@ -455,6 +454,14 @@ class CausalLM:
         return stage, {"model.embed_tokens.weight": source.get("model.embed_tokens.weight")}
 
 
+def _cpu_embeddings(model) -> None:
+    """Give an encoder embeddings built on the CPU (in eval mode), so the buffers they make
+    (position and token type ids, absent from many checkpoints) are real; the weights are read
+    into them afterwards."""
+    with torch.device("cpu"):
+        model.embeddings = type(model.embeddings)(model.config).eval()
+
+
 class Encoder:
     """A BERT-family encoder (BertModel and kin): embeddings, encoder.layer, an optional pooler.
     Checkpoint names may carry the base model's prefix (``bert.``) when saved from a task model."""
@@ -477,8 +484,7 @@ class Encoder:
     def first_inputs(self, calibration: list[dict]) -> list[tuple]:
         """The hidden states the first encoder layer receives (the embeddings' output)."""
         inputs = _check_windows(calibration)
-        with torch.device("cpu"):  # made on the CPU: the buffers it makes (position ids) are real
-            self.model.embeddings = type(self.model.embeddings)(self.model.config).eval()
+        _cpu_embeddings(self.model)
         materialize(self.model.embeddings, self.source, f"{self.prefix}embeddings.")
         try:
             captured = capture_block_inputs(self.model, self.layers[0], inputs)
@@ -720,7 +726,7 @@ def stream_compile(
     removal = passes[0] if getattr(passes[0], "name", "") == "remove-blocks" else None
     if removal is not None:
         passes = passes[1:]
-        removal.count(len(layers))  # a one-line error before any work
+        dropping = removal.count(len(layers))  # a one-line error before any work
     reads, kept = _streams(passes)
     stages = [_one_pass(p) for p in passes]
     work = work_folder(folder, pipeline, out, calibration)
@@ -746,7 +752,7 @@ def stream_compile(
         if removal is not None:  # a sweep over the original blocks scores them first
             t0 = time.perf_counter()
             scores = removal_scores(family, removal, first, seed)
-            removed = sorted(chosen(removal.options.score, scores, removal.count(len(layers))))
+            removed = sorted(chosen(removal.options.score, scores, dropping))
             records.append(
                 {
                     "stage": "remove-blocks",
@@ -921,9 +927,7 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         if causal:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         else:
-            pooled = any(k.startswith("pooler.") for k in index["weight_map"]) or any(
-                k.startswith("pooler.") for k in index["bsr"]
-            )
+            pooled = any(k.startswith("pooler.") for k in index["weight_map"])  # BSR arrays too
             model = transformers.AutoModel.from_config(
                 config, dtype=torch.float32, add_pooling_layer=pooled
             )
@@ -934,9 +938,8 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         f"{n}.{k}" for n in index["bsr"] for k in ("indptr", "indices", "values", "scales", "zeros")
     }
     model.to_empty(device="cpu")
-    if not causal:  # its embeddings made on the CPU: the buffers they make (position ids) are real
-        with torch.device("cpu"):
-            model.embeddings = type(model.embeddings)(config).eval()
+    if not causal:
+        _cpu_embeddings(model)
     state = {}
     for name, shard in index["weight_map"].items():
         if name not in bsr_keys:

@@ -320,21 +320,18 @@ class RemoveBlocks(Pass):
 
     def count(self, blocks: int) -> int:
         """How many of ``blocks`` blocks go; a one-line error unless at least one stays."""
-        n = self._count(blocks)
+        o = self.options
+        n = o.count if o.count else int(math.floor(o.rate * blocks + 0.5))
         if not 1 <= n < blocks:
             raise PassOptionError(
                 f"pass 'remove-blocks': would remove {n} of {blocks} blocks; keep at least one"
             )
         return n
 
-    def _count(self, blocks: int) -> int:
-        o = self.options
-        return o.count if o.count else int(math.floor(o.rate * blocks + 0.5))
-
     def run(self, model, ctx) -> PassResult:
         o = self.options
         container, layers, blocks = self._blocks(model)
-        n = self._count(len(layers))
+        n = self.count(len(layers))
         stream = residual_stream(model, blocks) if model.kind == "onnx" else None
         if o.score == "cosine" and stream is not None:
             scores = onnx_cosine_scores(model, stream, ctx.calibration[: o.samples])
