@@ -88,8 +88,7 @@ def run_entry(entry, work: Path) -> dict:
         meta = json.loads((out / tvm_backend.META_FILE).read_text())
         row.update(
             kernels="runs",
-            sparse_1x1=sum(c["choice"] == "sparse" for c in meta["sparse_layers"]),
-            conv_kernel=sum(c["choice"] == "kernel" for c in meta["conv_layers"]),
+            **_kernel_counts(meta),
             kernels_max_abs=err.get("max_abs"),
             kernels_max_rel=err.get("max_rel"),
         )
@@ -101,13 +100,26 @@ def run_entry(entry, work: Path) -> dict:
 KERNEL_PASSES = "cleanup,kernel-sparsity{sparsity=0.3}"
 
 
-def _build_and_compare(source, passes, out, inputs, calib, options, reference) -> dict:
-    """Build ``source`` with ``passes`` for the tvm target into ``out``, run it, and return its
-    error against onnxruntime running ``reference`` on the same inputs."""
+def _kernel_counts(meta: dict) -> dict:
+    """How many layers of a tvm build run effc's sparse 1x1 kernel and its direct conv kernel."""
+    return {
+        "sparse_1x1": sum(c["choice"] == "sparse" for c in meta["sparse_layers"]),
+        "conv_kernel": sum(c["choice"] == "kernel" for c in meta.get("conv_layers", [])),
+    }
+
+
+def _build_and_compare(
+    source, passes, out, inputs, calib, options, reference, verify: bool = True
+) -> dict:
+    """Build ``source`` with ``passes`` for the tvm target into ``out``, run it (a wasm32 build
+    under wasmtime), and return its error against onnxruntime running ``reference`` on the same
+    inputs."""
     shapes = {k: list(v.shape) for k, v in inputs.items()}
     with contextlib.redirect_stderr(io.StringIO()):
         ctx = PassContext(shapes=shapes, calibration=calib)
-        compile_model(str(source), passes, out, "tvm", ctx, force=True, backend_options=options)
+        compile_model(
+            str(source), passes, out, "tvm", ctx, force=True, verify=verify, backend_options=options
+        )
     got = list(tvm_backend.run(out, inputs).values())
     want = list(run_file(reference, inputs).values())
     return compare_outputs([np.asarray(w) for w in want], [np.asarray(g) for g in got])
@@ -162,30 +174,16 @@ def wasm_entry(entry, work: Path, trials: int, repeat: int) -> dict:
         return {**row, "status": "not installed"}
     specs = load_model(str(path)).input_specs()
     inputs = entry.inputs(specs) if entry.inputs else random_inputs(specs, 0)
-    shapes = {k: list(v.shape) for k, v in inputs.items()}
+    calib = [inputs] if entry.inputs else []
     runs = {}
     for label, (passes, options) in WASM_VARIANTS.items():
         out = work / f"{entry.name}-wasm-{len(runs)}"
         t0 = time.perf_counter()
         try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                ctx = PassContext(shapes=shapes, calibration=[inputs] if entry.inputs else [])
-                compile_model(
-                    str(path),
-                    passes,
-                    out,
-                    "tvm",
-                    ctx,
-                    force=True,
-                    verify=False,
-                    backend_options={"tvm_target": "wasm32", **options},
-                )
+            wasm = {"tvm_target": "wasm32", **options}
+            reference = out / "model.onnx"
+            err = _build_and_compare(path, passes, out, inputs, calib, wasm, reference, False)
             meta = json.loads((out / tvm_backend.META_FILE).read_text())
-            got, _ = tvm_backend.run_wasm(out, meta, inputs, 1)
-            want = list(run_file(out / "model.onnx", inputs).values())
-            err = compare_outputs(
-                [np.asarray(w) for w in want], [np.asarray(g) for g in got.values()]
-            )
         except Exception as e:
             row[label] = {"status": _first_line(e)}
             continue
@@ -193,8 +191,7 @@ def wasm_entry(entry, work: Path, trials: int, repeat: int) -> dict:
             "status": "runs",
             "build_s": round(time.perf_counter() - t0, 1),
             "max_abs": err.get("max_abs"),
-            "sparse_1x1": sum(c["choice"] == "sparse" for c in meta["sparse_layers"]),
-            "conv_kernel": sum(c["choice"] == "kernel" for c in meta.get("conv_layers", [])),
+            **_kernel_counts(meta),
             "times": [],
         }
         runs[label] = (out, meta)
