@@ -164,5 +164,25 @@ def check_inputs(specs: list[InputSpec], inputs: dict[str, np.ndarray], sizes: b
             raise InputError(
                 f"input '{name}' has shape {list(arr.shape)}, the model wants {spec.shape}"
             )
-        if arr.dtype != np.dtype(spec.dtype):
-            raise InputError(f"input '{name}' has dtype {arr.dtype}, the model wants {spec.dtype}")
+        if _dtype_name(arr.dtype) != _dtype_name(spec.dtype):
+            raise InputError(
+                f"input '{name}' has dtype {_dtype_name(arr.dtype)}, the model wants "
+                f"{_dtype_name(spec.dtype)}"
+            )
+
+
+def as_arrays(sample: dict) -> dict:
+    """A sample with its torch tensors as numpy arrays (bfloat16 ones, which numpy lacks, stay
+    tensors): the Python API takes either."""
+    return {
+        k: v.detach().cpu().numpy()
+        if hasattr(v, "detach") and str(v.dtype) != "torch.bfloat16"
+        else v
+        for k, v in sample.items()
+    }
+
+
+def _dtype_name(dtype) -> str:
+    """A numpy or torch dtype (or its name) by name: torch.float32 and np.float32 are both
+    'float32' (calibration samples may be torch tensors)."""
+    return str(dtype).removeprefix("torch.")

@@ -16,7 +16,7 @@ from torch import nn
 import effc.passes  # noqa: F401  (registers the built-in passes)
 from effc.context import PassContext
 from effc.errors import EffcError, InputError, PassFailedError, PassOptionError, did_you_mean
-from effc.inputs import check_inputs, describe, random_inputs
+from effc.inputs import as_arrays, check_inputs, describe, random_inputs
 from effc.instruments import (
     DumpInstrument,
     Instrument,
@@ -223,6 +223,7 @@ class Pipeline(Pass):
                 f"pass '{needy[0]}' needs calibration inputs (--calib FILE: .npz of the model's "
                 "inputs stacked as N x shape, or .txt for an HF language model) and none were given"
             )
+        ctx.calibration = [as_arrays(sample) for sample in ctx.calibration]
         for i, sample in enumerate(ctx.calibration):
             try:
                 check_inputs(model.input_specs(), sample, sizes=model.kind == "onnx")

@@ -324,8 +324,8 @@ def row_orders(scores: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- BatchNorm output scales
 def _bn_scale(gamma: torch.Tensor | None, var: torch.Tensor, eps: float) -> torch.Tensor:
-    s = 1.0 / torch.sqrt(var.double() + eps)
-    return (s if gamma is None else gamma.double().abs() * s).float()
+    s = 1.0 / torch.sqrt(var.detach().double() + eps)  # gamma is a Parameter: no autograd graph
+    return (s if gamma is None else gamma.detach().double().abs() * s).float()
 
 
 def output_scales(model) -> dict[str, torch.Tensor]:

@@ -183,8 +183,32 @@ def test_preflight_checks_run_before_any_pass(tiny_cnn, monkeypatch):
     nan = [{"pixels": np.full((1, 3, 32, 32), np.nan, np.float32)}]
     with pytest.raises(InputError, match="NaN or Inf values"):
         effc.Pipeline.from_text("group-prune").run(model, effc.PassContext(calibration=nan))
+    wrong = [{"pixels": torch.zeros((1, 3, 32, 32), dtype=torch.float64)}]
+    with pytest.raises(InputError, match="'pixels' has dtype float64, the model wants float32"):
+        effc.Pipeline.from_text("group-prune").run(model, effc.PassContext(calibration=wrong))
     with torch.no_grad():
         model.classifier.weight[0, 0] = float("nan")
     with pytest.raises(InputError, match="NaN or Inf weights: classifier.weight"):
         effc.Pipeline.from_text("cleanup").run(model)
     assert runs == []
+
+
+def test_calibration_may_be_torch_tensors(tiny_cnn):
+    """The Python API takes calibration samples as torch tensors as well as numpy arrays, with
+    the same result."""
+    import copy
+
+    import torch
+
+    x = [tiny_cnn.example_inputs() for _ in range(2)]  # torch tensors
+    ref = effc.Pipeline.from_text("kernel-sparsity{sparsity=0.5,score=obs}").run(
+        copy.deepcopy(tiny_cnn),
+        effc.PassContext(calibration=[{k: v.numpy() for k, v in s.items()} for s in x]),
+    )
+    got = effc.Pipeline.from_text("kernel-sparsity{sparsity=0.5,score=obs}").run(
+        copy.deepcopy(tiny_cnn), effc.PassContext(calibration=x)
+    )
+    from effc.ir.sites import read_weight, weight_sites
+
+    pairs = list(zip(weight_sites(ref.model), weight_sites(got.model)))
+    assert pairs and all(torch.equal(read_weight(a), read_weight(b)) for a, b in pairs)
