@@ -432,24 +432,32 @@ def run_emulated(out_dir: Path, meta: dict, inputs: dict[str, np.ndarray]) -> di
     with tempfile.TemporaryDirectory(prefix="effc-qemu-") as tmp:
         args = [qemu, str(exe), str(Path(out_dir) / LIB_FILE[arch]), f"{tmp}/out"]
         for i, name in enumerate(meta["inputs"]):
-            x = np.ascontiguousarray(inputs[name])
-            if x.dtype != np.float32:
+            x = np.asarray(inputs[name], order="C")
+            code = _DLPACK_CODES.get(x.dtype.kind)
+            if code is None:
                 raise UnsupportedError(
-                    f"the {arch} host program takes float32 inputs; {name} is {x.dtype}"
+                    f"the {arch} host program takes numeric inputs; {name} is {x.dtype}"
                 )
             x.tofile(f"{tmp}/in{i}.bin")
-            args += [f"{tmp}/in{i}.bin", ",".join(str(d) for d in x.shape)]
+            dims = ",".join(str(d) for d in x.shape)
+            args += [f"{tmp}/in{i}.bin", f"{code},{x.dtype.itemsize * 8}:{dims}"]
         env = {**os.environ, "QEMU_LD_PREFIX": sysroot, "LD_LIBRARY_PATH": str(runtime)}
         done = subprocess.run(args, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise UnsupportedError(f"the {arch} run under {qemu} failed: {done.stderr[-300:]}")
         outs = {}
         for i, name in enumerate(meta["outputs"]):
-            shape = [
-                int(d) for d in Path(f"{tmp}/out{i}.shape").read_text().split(",") if d.strip()
-            ]
-            outs[name] = np.fromfile(f"{tmp}/out{i}.bin", np.float32).reshape(shape)
+            dtype, _, dims = Path(f"{tmp}/out{i}.shape").read_text().strip().partition(":")
+            code, bits = (int(v) for v in dtype.split(","))
+            kind = next(k for k, c in _DLPACK_CODES.items() if c == code)
+            shape = [int(d) for d in dims.split(",") if d.strip()]
+            kind_dtype = np.dtype(bool) if kind == "b" else np.dtype(f"{kind}{bits // 8}")
+            outs[name] = np.fromfile(f"{tmp}/out{i}.bin", kind_dtype).reshape(shape)
         return outs
+
+
+# numpy dtype kinds and their DLPack type codes (what the host program reads and writes)
+_DLPACK_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}
 
 
 def load(out_dir: Path, threads: int | None = None):

@@ -9,12 +9,17 @@ onnxruntime running the same compressed graph.
 
     python -m tools.tvm_zoo [--quick] [--out tools/bench/results/tvm_zoo]
     python -m tools.tvm_zoo --wasm [--trials 3 --repeat 3] [--out tools/bench/results/tvm_zoo_wasm]
+    python -m tools.tvm_zoo --aarch64 [--out tools/bench/results/tvm_zoo_aarch64]
 
 ``--wasm``: every file as WebAssembly (wasm32 + SIMD128, one thread, under wasmtime, effc's
 ahead-of-time executor): TVM's default build of the dense file against effc's kernels on the same
 file at 30% kernel sparsity (``kernel_everywhere``), each checked against onnxruntime on its own
 graph and timed in interleaved rounds (the median round of the executor's median of ``repeat``
 runs).
+
+``--aarch64``: every file built for aarch64 (NEON) in the same two variants and run for real under
+``qemu-aarch64`` by effc's host program, each checked against onnxruntime (x86) on its own graph;
+no timings (under emulation they mean nothing).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import contextlib
 import io
 import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -159,15 +165,16 @@ def to_markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-WASM_VARIANTS = {
+CROSS_VARIANTS = {
     "tvm dense (default schedule)": ("cleanup", {"sparse": False}),
     "effc kernels, 30% kernel sparsity": (KERNEL_PASSES, {"kernel_everywhere": True}),
 }
 
 
-def wasm_entry(entry, work: Path, trials: int, repeat: int) -> dict:
-    """One zoo file as wasm32 under wasmtime: each variant's build, error against onnxruntime
-    on its own graph, and median time."""
+def cross_entry(entry, work: Path, target: str, trials: int = 0, repeat: int = 1) -> dict:
+    """One zoo file built for ``target`` (wasm32 under wasmtime, aarch64 under qemu): each
+    variant's build and error against onnxruntime on its own graph, and for wasm32 its median
+    time over ``trials`` interleaved rounds."""
     path = entry.file()
     row = {"file": entry.name, "what": entry.what}
     if path is None:
@@ -176,13 +183,13 @@ def wasm_entry(entry, work: Path, trials: int, repeat: int) -> dict:
     inputs = entry.inputs(specs) if entry.inputs else random_inputs(specs, 0)
     calib = [inputs] if entry.inputs else []
     runs = {}
-    for label, (passes, options) in WASM_VARIANTS.items():
-        out = work / f"{entry.name}-wasm-{len(runs)}"
+    for label, (passes, options) in CROSS_VARIANTS.items():
+        out = work / f"{entry.name}-{target}-{len(runs)}"
         t0 = time.perf_counter()
         try:
-            wasm = {"tvm_target": "wasm32", **options}
+            cross = {"tvm_target": target, **options}
             reference = out / "model.onnx"
-            err = _build_and_compare(path, passes, out, inputs, calib, wasm, reference, False)
+            err = _build_and_compare(path, passes, out, inputs, calib, cross, reference, False)
             meta = json.loads((out / tvm_backend.META_FILE).read_text())
         except Exception as e:
             row[label] = {"status": _first_line(e)}
@@ -195,13 +202,14 @@ def wasm_entry(entry, work: Path, trials: int, repeat: int) -> dict:
             "times": [],
         }
         runs[label] = (out, meta)
-    for _ in range(trials):  # interleaved rounds
+    for _ in range(trials if target == "wasm32" else 0):  # interleaved rounds
         for label, (out, meta) in runs.items():
             row[label]["times"].append(
                 tvm_backend.run_wasm(out, meta, inputs, repeat)[1]["median_ms"]
             )
     for label in runs:
-        row[label]["ms"] = float(np.median(row[label]["times"]))
+        if row[label]["times"]:
+            row[label]["ms"] = float(np.median(row[label]["times"]))
     return row
 
 
@@ -212,36 +220,54 @@ def _cell(v: dict, key: str, fmt: str) -> str:
     return fmt.format(v[key]) if v.get(key) is not None else "-"
 
 
-def wasm_markdown(rows: list[dict], command: str, runtime: str) -> str:
-    dense, kernels = WASM_VARIANTS
+CROSS_TITLES = {
+    "wasm32": "as WebAssembly",
+    "aarch64": "built for aarch64 and run under qemu",
+}
+
+
+def cross_markdown(rows: list[dict], command: str, target: str, runtime: str) -> str:
+    """The table of ``cross_entry`` rows: errors for both targets, times for wasm32 only."""
+    dense, kernels = CROSS_VARIANTS
+    timed = target == "wasm32"
     lines = [
-        "# The zoo's third-party ONNX files as WebAssembly",
+        f"# The zoo's third-party ONNX files {CROSS_TITLES[target]}",
         "",
-        f"Command: `{command}`. {runtime}; effc's ahead-of-time "
-        "executor linked with TVM's kernels. *TVM dense*: `--passes cleanup`, TVM 0.27's default "
+        f"Command: `{command}`. {runtime}. *TVM dense*: `--passes cleanup`, TVM 0.27's default "
         f'schedule for every operator. *effc kernels*: `--passes "{KERNEL_PASSES}"` with every '
         "1x1 conv in effc's sparse block kernel and every depthwise/KxK conv in its direct conv "
-        "kernel. Error: against onnxruntime on the same graph, same inputs.",
+        "kernel. Error: against onnxruntime (x86) on the same graph, same inputs.",
         "",
-        "| file | what | TVM dense ms | max abs error | effc kernels ms | 1x1 / conv layers | "
-        "max abs error | speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if timed:
+        lines += [
+            "| file | what | TVM dense ms | max abs error | effc kernels ms | 1x1 / conv layers "
+            "| max abs error | speedup |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += [
+            "| file | what | TVM dense | max abs error | effc kernels | 1x1 / conv layers | "
+            "max abs error |",
+            "|---|---|---|---:|---|---:|---:|",
+        ]
     for r in rows:
         d, k = (
             r.get(dense, {"status": r.get("status")}),
             r.get(kernels, {"status": r.get("status")}),
         )
-        cell = _cell
-        speed = f"{d['ms'] / k['ms']:.2f}x" if "ms" in d and "ms" in k else "-"
         layers = f"{k['sparse_1x1']} / {k['conv_kernel']}" if "sparse_1x1" in k else "-"
-        lines.append(
-            f"| {r['file']} | {r['what']} | {cell(d, 'ms', '{:.1f}')} | "
-            f"{cell(d, 'max_abs', '{:.1e}')} | {cell(k, 'ms', '{:.1f}')} | {layers} | "
-            f"{cell(k, 'max_abs', '{:.1e}')} | {speed} |"
-        )
+        if timed:
+            status_d, status_k = _cell(d, "ms", "{:.1f}"), _cell(k, "ms", "{:.1f}")
+        else:
+            status_d, status_k = ((v.get("status") or "-")[:90] for v in (d, k))
+        cells = [r["file"], r["what"], status_d, _cell(d, "max_abs", "{:.1e}"), status_k]
+        cells += [layers, _cell(k, "max_abs", "{:.1e}")]
+        if timed:
+            cells.append(f"{d['ms'] / k['ms']:.2f}x" if "ms" in d and "ms" in k else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     ok = sum(r.get(kernels, {}).get("status") == "runs" for r in rows)
-    lines += ["", f"effc's kernels run as WebAssembly on {ok} of {len(rows)} files."]
+    lines += ["", f"effc's kernels run {CROSS_TITLES[target]} on {ok} of {len(rows)} files."]
     return "\n".join(lines)
 
 
@@ -249,28 +275,43 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--wasm", action="store_true", help="as WebAssembly under wasmtime, timed")
+    ap.add_argument("--aarch64", action="store_true", help="for aarch64, run under qemu")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    target = "wasm32" if args.wasm else "aarch64" if args.aarch64 else None
     entries = [e for e in ZOO if not args.quick or e.name in QUICK]
     rows = []
     with tempfile.TemporaryDirectory(prefix="effc-tvm-zoo-") as tmp:
         for entry in entries:
-            if args.wasm:
-                rows.append(wasm_entry(entry, Path(tmp), args.trials, args.repeat))
+            if target:
+                rows.append(cross_entry(entry, Path(tmp), target, args.trials, args.repeat))
             else:
                 rows.append(run_entry(entry, Path(tmp)))
             print(rows[-1], flush=True)
     command = "python -m tools.tvm_zoo" + (" --quick" if args.quick else "")
-    if args.wasm:
+    if target == "wasm32":
         from tools.bench.tvm_wasm import runtime_version
 
         command += f" --wasm --trials {args.trials} --repeat {args.repeat}"
-        out = args.out or "tools/bench/results/tvm_zoo_wasm"
-        save(out, {"rows": rows}, wasm_markdown(rows, command, runtime_version()))
+        runtime = runtime_version() + "; effc's ahead-of-time executor linked with TVM's kernels"
+    elif target == "aarch64":
+        command += " --aarch64"
+        runtime = f"{_qemu_version()}, effc's host program over TVM's aarch64 runtime (NEON)"
+    else:
+        save(args.out or "tools/bench/results/tvm_zoo", {"rows": rows}, to_markdown(rows, command))
         return
-    save(args.out or "tools/bench/results/tvm_zoo", {"rows": rows}, to_markdown(rows, command))
+    out = args.out or f"tools/bench/results/tvm_zoo_{target.removesuffix('32')}"
+    save(out, {"rows": rows}, cross_markdown(rows, command, target, runtime))
+
+
+def _qemu_version() -> str:
+    try:
+        done = subprocess.run(["qemu-aarch64", "--version"], capture_output=True, text=True)
+    except OSError:
+        return "qemu-aarch64 (not installed)"
+    return done.stdout.splitlines()[0] if done.stdout else "qemu-aarch64"
 
 
 if __name__ == "__main__":

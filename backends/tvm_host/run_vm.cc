@@ -1,11 +1,13 @@
-// effc's TVM host program: runs a relax VM executable (model.so) on raw float32 inputs and
-// writes its outputs, with no Python. Built natively or with a cross g++ (aarch64) against the
-// TVM runtime and tvm-ffi libraries of that architecture; run under qemu-aarch64 here.
+// effc's TVM host program: runs a relax VM executable (model.so) on raw inputs and writes its
+// outputs, with no Python. Built natively or with a cross g++ (aarch64) against the TVM runtime
+// and tvm-ffi libraries of that architecture; run under qemu-aarch64 here.
 //
-//   run_vm MODEL.so OUT_PREFIX IN0.bin d0,d1,... [IN1.bin dims ...]
+//   run_vm MODEL.so OUT_PREFIX IN0.bin CODE,BITS:d0,d1,... [IN1.bin CODE,BITS:dims ...]
 //
-// Inputs are raw little-endian float32 in C order. Each output i is written as
-// OUT_PREFIX<i>.bin (raw float32) and OUT_PREFIX<i>.shape (dims, comma separated).
+// Inputs are raw little-endian values in C order, their DLPack type code (0 int, 1 uint,
+// 2 float, 6 bool) and bits before the colon (2,32:1,3,224,224 is float32; a 0-d input has no
+// dims after the colon). Each output i is written as OUT_PREFIX<i>.bin (raw values) and
+// OUT_PREFIX<i>.shape ("CODE,BITS:dims").
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
@@ -36,21 +38,25 @@ static std::vector<int64_t> parse_dims(const std::string& text) {
   return dims;
 }
 
+static size_t element_bytes(DLDataType t) { return (t.bits * t.lanes + 7) / 8; }
+
 static void write_output(const Tensor& t, const std::string& prefix, int index) {
   size_t n = 1;
-  std::string shape;
+  DLDataType dt = t.dtype();
+  std::string shape = std::to_string(dt.code) + "," + std::to_string(dt.bits) + ":";
   for (int i = 0; i < t.ndim(); ++i) {
     n *= static_cast<size_t>(t.shape()[i]);
     shape += (i ? "," : "") + std::to_string(t.shape()[i]);
   }
   std::ofstream(prefix + std::to_string(index) + ".bin", std::ios::binary)
-      .write(static_cast<const char*>(t.data_ptr()), n * sizeof(float));
+      .write(static_cast<const char*>(t.data_ptr()), n * element_bytes(dt));
   std::ofstream(prefix + std::to_string(index) + ".shape") << shape << "\n";
 }
 
 int main(int argc, char** argv) {
   if (argc < 3 || (argc - 3) % 2) {
-    std::fprintf(stderr, "usage: %s MODEL.so OUT_PREFIX [IN.bin d0,d1,...]...\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL.so OUT_PREFIX [IN.bin CODE,BITS:d0,d1,...]...\n",
+                 argv[0]);
     return 2;
   }
   tvm::ffi::Module lib = tvm::ffi::Module::LoadFromFile(argv[1]);
@@ -59,18 +65,23 @@ int main(int argc, char** argv) {
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
   std::vector<tvm::ffi::Any> inputs;
   for (int i = 3; i < argc; i += 2) {
-    std::vector<int64_t> dims = parse_dims(argv[i + 1]);
-    size_t n = 1;
-    for (int64_t d : dims) n *= static_cast<size_t>(d);
-    std::vector<float> buf(n);
-    std::ifstream in(argv[i], std::ios::binary);
-    if (!in.read(reinterpret_cast<char*>(buf.data()), n * sizeof(float))) {
-      std::fprintf(stderr, "%s: cannot read %zu float32 values\n", argv[i], n);
+    std::string spec = argv[i + 1];
+    size_t colon = spec.find(':');
+    std::vector<int64_t> type = parse_dims(spec.substr(0, colon));
+    if (colon == std::string::npos || type.size() != 2) {
+      std::fprintf(stderr, "%s: expected CODE,BITS:dims\n", spec.c_str());
       return 2;
     }
-    Tensor t = Tensor::FromNDAlloc(CPUAlloc(), tvm::ffi::Shape(dims), DLDataType{kDLFloat, 32, 1},
-                                   DLDevice{kDLCPU, 0});
-    std::memcpy(t.data_ptr(), buf.data(), n * sizeof(float));
+    DLDataType dt{static_cast<uint8_t>(type[0]), static_cast<uint8_t>(type[1]), 1};
+    std::vector<int64_t> dims = parse_dims(spec.substr(colon + 1));
+    size_t n = 1;
+    for (int64_t d : dims) n *= static_cast<size_t>(d);
+    Tensor t = Tensor::FromNDAlloc(CPUAlloc(), tvm::ffi::Shape(dims), dt, DLDevice{kDLCPU, 0});
+    std::ifstream in(argv[i], std::ios::binary);
+    if (!in.read(static_cast<char*>(t.data_ptr()), n * element_bytes(dt))) {
+      std::fprintf(stderr, "%s: cannot read %zu values\n", argv[i], n);
+      return 2;
+    }
     inputs.push_back(t);
   }
   std::vector<tvm::ffi::AnyView> views(inputs.begin(), inputs.end());
