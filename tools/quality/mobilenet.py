@@ -54,14 +54,9 @@ def configs(sparsity: float, recover_steps: int) -> list[tuple[str, str]]:
         ),
     ]
     if recover_steps:
-        rows.append(
-            (
-                "rearrange + obs + sensitivity + recover",
-                rearrange
-                + base
-                + f",score=obs,allocate=sensitivity}},recover{{steps={recover_steps},lr=3e-5}}",
-            )
-        )
+        recover = f",score=obs,allocate=sensitivity}},recover{{steps={recover_steps},lr=3e-5}}"
+        rows.append(("obs + sensitivity + recover", base + recover))
+        rows.append(("rearrange + obs + sensitivity + recover", rearrange + base + recover))
     return rows
 
 
