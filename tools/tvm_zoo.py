@@ -8,14 +8,16 @@ conv in effc's sparse block kernel and every depthwise and KxK conv in its direc
 onnxruntime running the same compressed graph.
 
     python -m tools.tvm_zoo [--quick] [--out tools/bench/results/tvm_zoo]
-    python -m tools.tvm_zoo --wasm [--trials 3 --repeat 3] [--out tools/bench/results/tvm_zoo_wasm]
+    python -m tools.tvm_zoo --wasm [--trials 3 --repeat 3] [--ort-web DIR] [--out ...]
     python -m tools.tvm_zoo --aarch64 [--out tools/bench/results/tvm_zoo_aarch64]
 
 ``--wasm``: every file as WebAssembly (wasm32 + SIMD128, one thread, under wasmtime, effc's
 ahead-of-time executor): TVM's default build of the dense file against effc's kernels on the same
 file at 30% kernel sparsity (``kernel_everywhere``), each checked against onnxruntime on its own
 graph and timed in interleaved rounds (the median round of the executor's median of ``repeat``
-runs).
+runs). ``--ort-web DIR`` (DIR holds node_modules/onnxruntime-web, ``npm install --prefix DIR
+onnxruntime-web@1.22.0``) times the original file in onnxruntime-web under node in the same
+rounds: the engine a web user would pick.
 
 ``--aarch64``: every file built for aarch64 (NEON) in the same two variants and run for real under
 ``qemu-aarch64`` by effc's host program, each checked against onnxruntime (x86) on its own graph;
@@ -43,6 +45,7 @@ from effc.errors import EffcError
 from effc.inputs import random_inputs
 from effc.ir.torch_io import load_model
 from effc.numerics import compare_outputs
+from tools.bench.tvm_wasm import ort_web_ms, runtime_version
 from tools.results import save
 from tools.zoo import QUICK, ZOO
 
@@ -171,10 +174,16 @@ CROSS_VARIANTS = {
 }
 
 
-def cross_entry(entry, work: Path, target: str, trials: int = 0, repeat: int = 1) -> dict:
+ORT_WEB = "onnxruntime-web"
+
+
+def cross_entry(
+    entry, work: Path, target: str, trials: int = 0, repeat: int = 1, ort_web: str = ""
+) -> dict:
     """One zoo file built for ``target`` (wasm32 under wasmtime, aarch64 under qemu): each
     variant's build and error against onnxruntime on its own graph, and for wasm32 its median
-    time over ``trials`` interleaved rounds."""
+    time over ``trials`` interleaved rounds, with onnxruntime-web on the original file in the
+    same rounds where ``ort_web`` names its node_modules folder."""
     path = entry.file()
     row = {"file": entry.name, "what": entry.what}
     if path is None:
@@ -202,15 +211,31 @@ def cross_entry(entry, work: Path, target: str, trials: int = 0, repeat: int = 1
             "times": [],
         }
         runs[label] = (out, meta)
+    timed = list(runs)
+    if ort_web and target == "wasm32" and runs:
+        row[ORT_WEB] = _ort_web_fits(inputs)
+        timed += [ORT_WEB] if row[ORT_WEB]["status"] == "runs" else []
     for _ in range(trials if target == "wasm32" else 0):  # interleaved rounds
-        for label, (out, meta) in runs.items():
+        for label in timed:
+            if label == ORT_WEB:
+                shape = next(iter(inputs.values())).shape
+                row[label]["times"].append(ort_web_ms(Path(ort_web), path, shape, repeat))
+                continue
+            out, meta = runs[label]
             row[label]["times"].append(
                 tvm_backend.run_wasm(out, meta, inputs, repeat)[1]["median_ms"]
             )
-    for label in runs:
+    for label in timed:
         if row[label]["times"]:
             row[label]["ms"] = float(np.median(row[label]["times"]))
     return row
+
+
+def _ort_web_fits(inputs: dict) -> dict:
+    """Whether tools/bench/node/ort_web.js can feed the file (one float32 input)."""
+    if len(inputs) != 1 or next(iter(inputs.values())).dtype != np.float32:
+        return {"status": "the node harness feeds one float32 input only"}
+    return {"status": "runs", "times": []}
 
 
 def _cell(v: dict, key: str, fmt: str) -> str:
@@ -230,20 +255,28 @@ def cross_markdown(rows: list[dict], command: str, target: str, runtime: str) ->
     """The table of ``cross_entry`` rows: errors for both targets, times for wasm32 only."""
     dense, kernels = CROSS_VARIANTS
     timed = target == "wasm32"
+    web = timed and any(ORT_WEB in r for r in rows)
     lines = [
         f"# The zoo's third-party ONNX files {CROSS_TITLES[target]}",
         "",
         f"Command: `{command}`. {runtime}. *TVM dense*: `--passes cleanup`, TVM 0.27's default "
         f'schedule for every operator. *effc kernels*: `--passes "{KERNEL_PASSES}"` with every '
         "1x1 conv in effc's sparse block kernel and every depthwise/KxK conv in its direct conv "
-        "kernel. Error: against onnxruntime (x86) on the same graph, same inputs.",
+        "kernel. Error: against onnxruntime (x86) on the same graph, same inputs."
+        + (
+            " *onnxruntime-web*: the original file in onnxruntime-web (WebAssembly, SIMD, one "
+            "thread) under node, timed in the same interleaved rounds."
+            if web
+            else ""
+        ),
         "",
     ]
     if timed:
         lines += [
             "| file | what | TVM dense ms | max abs error | effc kernels ms | 1x1 / conv layers "
-            "| max abs error | speedup |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| max abs error | speedup |"
+            + (" onnxruntime-web ms | effc vs ort-web |" if web else ""),
+            "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if web else ""),
         ]
     else:
         lines += [
@@ -265,6 +298,10 @@ def cross_markdown(rows: list[dict], command: str, target: str, runtime: str) ->
         cells += [layers, _cell(k, "max_abs", "{:.1e}")]
         if timed:
             cells.append(f"{d['ms'] / k['ms']:.2f}x" if "ms" in d and "ms" in k else "-")
+        if web:
+            w = r.get(ORT_WEB, {"status": "-"})
+            cells.append(_cell(w, "ms", "{:.1f}"))
+            cells.append(f"{w['ms'] / k['ms']:.2f}x" if "ms" in w and "ms" in k else "-")
         lines.append("| " + " | ".join(cells) + " |")
     ok = sum(r.get(kernels, {}).get("status") == "runs" for r in rows)
     lines += ["", f"effc's kernels run {CROSS_TITLES[target]} on {ok} of {len(rows)} files."]
@@ -276,6 +313,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--wasm", action="store_true", help="as WebAssembly under wasmtime, timed")
     ap.add_argument("--aarch64", action="store_true", help="for aarch64, run under qemu")
+    ap.add_argument("--ort-web", default="", help="node_modules folder of onnxruntime-web")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default="")
@@ -286,15 +324,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="effc-tvm-zoo-") as tmp:
         for entry in entries:
             if target:
-                rows.append(cross_entry(entry, Path(tmp), target, args.trials, args.repeat))
+                rows.append(
+                    cross_entry(entry, Path(tmp), target, args.trials, args.repeat, args.ort_web)
+                )
             else:
                 rows.append(run_entry(entry, Path(tmp)))
             print(rows[-1], flush=True)
     command = "python -m tools.tvm_zoo" + (" --quick" if args.quick else "")
     if target == "wasm32":
-        from tools.bench.tvm_wasm import runtime_version
-
         command += f" --wasm --trials {args.trials} --repeat {args.repeat}"
+        command += f" --ort-web {args.ort_web}" if args.ort_web else ""
         runtime = runtime_version() + "; effc's ahead-of-time executor linked with TVM's kernels"
     elif target == "aarch64":
         command += " --aarch64"
