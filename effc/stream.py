@@ -24,7 +24,15 @@ Passes that stream: ``group-prune`` (scope row or layer, uniform allocation), ``
 ``score=cosine`` or ``random``: a first sweep reads each original block once and runs the
 calibration inputs through it to score it (the in-memory pass's cosine of the hidden state
 entering and leaving it), then the compression sweep skips the removed blocks and writes the rest
-renumbered, with ``num_hidden_layers`` (and ``layer_types``) in the written config to match. Any
+renumbered, with ``num_hidden_layers`` (and ``layer_types``) in the written config to match;
+and ``share-blocks`` first (or right after ``remove-blocks``): each group of blocks that share
+weights is one stage, read together (memory grows to one group), its linear weights shared as the
+in-memory pass shares them before the other passes run on the group (so GPTQ's Hessians of a
+shared weight sum over its blocks, as in memory), written once with ``shared`` in the index
+naming the block each other block reads; ``load`` gives those blocks the same Parameters, or
+``BSRLinear`` over the same packed arrays, with their own biases and norms. Passes after
+share-blocks stream without ``sequential=true`` (refused in memory too) and without
+``gqsa-train`` (BQPO trains a shared weight against all its blocks at once). Any
 other pass, or an option that needs the whole model at once (``scope=global``,
 ``allocate=sensitivity``, block gates), is refused with a one-line error before any work.
 
@@ -64,6 +72,7 @@ from effc.errors import InputError, UnsupportedError
 from effc.ir.calibrate import capture_block_inputs
 from effc.ir.model import InputSpec
 from effc.passes.remove_blocks import chosen, random_scores, renumber_config, token_cosines
+from effc.passes.share_blocks import groups_of, share_linears
 from effc.pipeline import Pipeline, as_model
 from effc.progress import bar
 from effc.runtime import format as bsr_format
@@ -72,7 +81,14 @@ from effc.runtime.modules import BSRLinear, matrix_from_state
 
 NAME = "bsr-stream"  # the artifact's backend in its manifest (``effc run`` reads it)
 VERIFY_SAMPLES = 4  # calibration inputs each stage's output error is measured on
-STREAMABLE = ("remove-blocks", "group-prune", "nm-prune", "quantize", "gqsa-train")
+STREAMABLE = (
+    "remove-blocks",
+    "share-blocks",
+    "group-prune",
+    "nm-prune",
+    "quantize",
+    "gqsa-train",
+)
 INDEX = "model.bsr.index.json"
 
 
@@ -270,14 +286,31 @@ class StreamInputs:
 def check_streamable(pipeline) -> None:
     """One-line error for a pass or option that needs the whole model at once."""
     leaves = pipeline.leaves()
-    for p in leaves:
-        name = getattr(p, "name", type(p).__name__)
-        if name == "remove-blocks" and (p is not leaves[0] or p.options.score == "gates"):
+    names = [getattr(p, "name", type(p).__name__) for p in leaves]
+    shared = "share-blocks" in names
+    for k, (p, name) in enumerate(zip(leaves, names)):
+        if name == "remove-blocks" and (k or p.options.score == "gates"):
             raise UnsupportedError(
                 "pass 'remove-blocks' streams as the first pass with score=cosine or random (a "
                 "sweep over the original blocks picks them); score=gates needs block-gates, which "
                 "needs the whole model"
             )
+        if name == "share-blocks" and names[:k] not in ([], ["remove-blocks"]):
+            raise UnsupportedError(
+                "pass 'share-blocks' streams as the first pass, or right after remove-blocks: "
+                "it shares the original weights of each group of blocks"
+            )
+        if shared and k > names.index("share-blocks"):
+            if name == "gqsa-train":
+                raise UnsupportedError(
+                    "pass 'gqsa-train' after share-blocks does not stream: BQPO trains a shared "
+                    "weight against all its blocks at once; compress in memory"
+                )
+            if getattr(p.options, "sequential", False):
+                raise UnsupportedError(
+                    f"pass '{name}': sequential calibration compresses block by block, and "
+                    "share-blocks shares weights across blocks: use sequential=false"
+                )
         if name not in STREAMABLE:
             raise UnsupportedError(
                 f"pass '{name}' needs the whole model in memory and does not stream; passes "
@@ -326,8 +359,9 @@ def _one_pass(p):
 
 # ---------------------------------------------------------------- stages
 class _Stage(nn.Module):
-    """One decoder layer (or the head) as a model of its own whose submodules keep their HF
-    names (``model.layers.3.self_attn.q_proj``), taking the tensors the HF model gives it."""
+    """One decoder layer, a group of consecutive layers (blocks sharing weights) or the head as
+    a model of its own whose submodules keep their HF names (``model.layers.3.self_attn.q_proj``),
+    taking the tensors the HF model gives it."""
 
     def __init__(self, example: dict[str, torch.Tensor]):
         super().__init__()
@@ -337,37 +371,51 @@ class _Stage(nn.Module):
         return self._example
 
 
-class BlockStage(_Stage):
-    """One decoder layer of a causal LM: (hidden_states, cos, sin) -> hidden_states."""
+def _stage_name(container: str, indices: list[int]) -> str:
+    last = f"-{indices[-1]}" if len(indices) > 1 else ""
+    return f"{container}.{indices[0]}{last}"
 
-    def __init__(self, layer: nn.Module, index: int, example):
+
+def _unwrap(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockStage(_Stage):
+    """Decoder layers of a causal LM in turn: (hidden_states, cos, sin) -> hidden_states."""
+
+    def __init__(self, layers: dict[int, nn.Module], example):
         super().__init__(example)
         self.model = nn.Module()
-        self.model.layers = nn.ModuleDict({str(index): layer})
-        self._index = str(index)
-        self.name = f"model.layers.{index}"
+        self.model.layers = nn.ModuleDict({str(i): layer for i, layer in layers.items()})
+        self.name = _stage_name("model.layers", list(layers))
 
     def forward(self, hidden_states, cos, sin):
-        out = self.model.layers[self._index](
-            hidden_states, attention_mask=None, position_embeddings=(cos, sin), use_cache=False
-        )
-        return out[0] if isinstance(out, (tuple, list)) else out
+        for layer in self.model.layers.values():
+            hidden_states = _unwrap(
+                layer(
+                    hidden_states,
+                    attention_mask=None,
+                    position_embeddings=(cos, sin),
+                    use_cache=False,
+                )
+            )
+        return hidden_states
 
 
 class EncoderStage(_Stage):
-    """One encoder layer of a BERT-family model on unpadded inputs (no mask): hidden_states ->
-    hidden_states."""
+    """Encoder layers of a BERT-family model in turn, on unpadded inputs (no mask):
+    hidden_states -> hidden_states."""
 
-    def __init__(self, layer: nn.Module, index: int, example):
+    def __init__(self, layers: dict[int, nn.Module], example):
         super().__init__(example)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleDict({str(index): layer})
-        self._index = str(index)
-        self.name = f"encoder.layer.{index}"
+        self.encoder.layer = nn.ModuleDict({str(i): layer for i, layer in layers.items()})
+        self.name = _stage_name("encoder.layer", list(layers))
 
     def forward(self, hidden_states):
-        out = self.encoder.layer[self._index](hidden_states, attention_mask=None)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        for layer in self.encoder.layer.values():
+            hidden_states = _unwrap(layer(hidden_states, attention_mask=None))
+        return hidden_states
 
 
 class HeadStage(_Stage):
@@ -416,11 +464,12 @@ class CausalLM:
         self.model, self.source = model, source
         self.layers = model.model.layers
 
-    def block(self, i: int, index: int, example: tuple) -> _Stage:
-        """Block ``i`` of the source, read from it, as block ``index`` of the output."""
-        layer = self.layers[i]
-        materialize(layer, self.source, f"{self.container}.{i}.")
-        return BlockStage(layer, index, dict(zip(self.inputs, example)))
+    def block(self, blocks: dict[int, int], example: tuple) -> _Stage:
+        """Blocks of the source, read from it: {output index: source index}."""
+        for i in blocks.values():
+            materialize(self.layers[i], self.source, f"{self.container}.{i}.")
+        layers = {j: self.layers[i] for j, i in blocks.items()}
+        return BlockStage(layers, dict(zip(self.inputs, example)))
 
     def first_inputs(self, calibration: list[dict]) -> list[tuple]:
         """(hidden_states, cos, sin) the first decoder layer receives for each calibration
@@ -476,10 +525,11 @@ class Encoder:
         base = f"{getattr(model, 'base_model_prefix', '')}."
         self.prefix = base if f"{base}embeddings.word_embeddings.weight" in source else ""
 
-    def block(self, i: int, index: int, example: tuple) -> _Stage:
-        layer = self.layers[i]
-        materialize(layer, self.source, f"{self.prefix}{self.container}.{i}.")
-        return EncoderStage(layer, index, dict(zip(self.inputs, example)))
+    def block(self, blocks: dict[int, int], example: tuple) -> _Stage:
+        for i in blocks.values():
+            materialize(self.layers[i], self.source, f"{self.prefix}{self.container}.{i}.")
+        layers = {j: self.layers[i] for j, i in blocks.items()}
+        return EncoderStage(layers, dict(zip(self.inputs, example)))
 
     def first_inputs(self, calibration: list[dict]) -> list[tuple]:
         """The hidden states the first encoder layer receives (the embeddings' output)."""
@@ -587,7 +637,7 @@ def removal_scores(family, removal, first: list[tuple], seed: int) -> list[float
     progress, task = bar(blocks, "remove-blocks: cosine scores")
     with progress:
         for i in range(blocks):
-            stage = family.block(i, i, states[0])
+            stage = family.block({i: i}, states[0])
             total, count = 0.0, 0
             for k, x in enumerate(states):
                 y = stage(*x)
@@ -727,6 +777,9 @@ def stream_compile(
     if removal is not None:
         passes = passes[1:]
         dropping = removal.count(len(layers))  # a one-line error before any work
+    sharing = passes[0] if passes and getattr(passes[0], "name", "") == "share-blocks" else None
+    if sharing is not None:  # applied to each group's blocks as they are read
+        passes = passes[1:]
     reads, kept = _streams(passes)
     stages = [_one_pass(p) for p in passes]
     work = work_folder(folder, pipeline, out, calibration)
@@ -766,11 +819,7 @@ def stream_compile(
             first = [(spiller.put(f"embeddings-{k}", x[0]), *x[1:]) for k, x in enumerate(first)]
         streams = dict.fromkeys(kept, first)
         index = {
-            "metadata": {
-                "format": "effc-bsr-stream",
-                "family": family.kind,
-                "stages": len(layers) - len(removed) + 1,
-            },
+            "metadata": {"format": "effc-bsr-stream", "family": family.kind},
             "weight_map": {},
             "bsr": {},
         }
@@ -780,7 +829,10 @@ def stream_compile(
     index, records, start = state["index"], state["records"], state["done"]
     order = [i for i in range(len(layers)) if i not in set(state["removed"])]
     renumber_config(config, len(layers), order)
-    n = len(order) + 1
+    # one stage per output block, or per group of blocks sharing weights
+    groups = groups_of(len(order), sharing.options.group if sharing else 1)
+    n = len(groups) + 1
+    index["metadata"]["stages"] = n
     if start:
         records.append(
             {
@@ -795,8 +847,15 @@ def stream_compile(
         for i in range(start, n):
             t0 = time.perf_counter()
             path = work / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            if i < len(order):  # block order[i] of the source is block i of the output
-                stage = family.block(order[i], i, streams[kept[-1]][0])
+            if i < len(groups):  # block order[j] of the source is block j of the output
+                members = {j: order[j] for j in groups[i]}
+                stage = family.block(members, streams[kept[-1]][0])
+                share = None
+                if sharing is not None and len(members) > 1:
+                    share = (sharing, [layers[j] for j in members.values()])
+                    first = _stage_name(family.container, groups[i][:1])
+                    for j in groups[i][1:]:
+                        index.setdefault("shared", {})[f"{family.container}.{j}"] = first
                 streams = run_stage(
                     stage,
                     streams,
@@ -807,10 +866,13 @@ def stream_compile(
                     index,
                     records,
                     spill=spiller if spill else None,
+                    share=share,
                 )
-                was = f" (was {order[i]})" if order[i] != i else ""
-                records[-1]["stage"] = f"{family.container}.{i}{was}"
-                release(layers[order[i]])
+                moved = any(j != k for j, k in members.items())
+                was = f" (was {', '.join(map(str, members.values()))})" if moved else ""
+                records[-1]["stage"] = _stage_name(family.container, groups[i]) + was
+                for k in members.values():
+                    release(layers[k])
             else:
                 heads = {j: [x[:1] for x in v] for j, v in streams.items()}
                 stage, extra = family.head(heads[kept[-1]][0][0])
@@ -848,11 +910,15 @@ def stream_compile(
 
 
 def run_stage(
-    stage, streams, stages, reads, path, dtype, index, records, extra=None, spill=None
+    stage, streams, stages, reads, path, dtype, index, records, extra=None, spill=None, share=None
 ) -> dict:
     """Compress one stage pass by pass, each pass calibrated on the stream it reads; write its
     shard; return every kept stream advanced through the stage (stream j through the stage as
     passes 1..j left it).
+
+    ``share`` (the share-blocks pass, the stage's layers): the layers share their linear weights
+    before any other pass, as share-blocks leaves them in memory; stream 0 then runs through the
+    shared layers, and the verification compares with the layers as they were read.
 
     Verification streams too: on the first ``VERIFY_SAMPLES`` inputs of the compressed model's
     stream, the stage's output after the passes against the original stage's on the same inputs,
@@ -870,13 +936,22 @@ def run_stage(
                 out.append((spill.put(f"{tag}-{j}-{k}", o) if spill else o, *x[1:]))
         return out
 
-    out = {}
-    if 0 in streams:
-        out[0] = advance(stage, streams[0], 0)
+    out, stats = {}, {}
     checked = streams[max(streams)][:VERIFY_SAMPLES]
     with torch.no_grad():
         reference = [stage(*x) for x in checked]
-    model, stats = as_model(stage), {}
+    if share is not None:
+        sharing, layers = share
+        t0 = time.perf_counter()
+        drift = share_linears(layers, sharing.options.choose)
+        stats[sharing.name] = {
+            "blocks": len(layers),
+            "weight_rel_change_mean": round(sum(drift) / max(len(drift), 1), 6),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    if 0 in streams:
+        out[0] = advance(stage, streams[0], 0)
+    model = as_model(stage)
     for k, (pipe, j) in enumerate(zip(stages, reads), 1):
         data = streams.get(j) or streams[max(streams)][:1]
         ctx = PassContext(
@@ -958,8 +1033,15 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         setattr(
             model.get_submodule(parent) if parent else model, leaf, BSRLinear(m, bias, activations)
         )
+    aliased = _share_loaded(model, index.get("shared", {}), state, activations)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in bsr_keys and not re.search(r"rotary_emb|inv_freq", k)]
+    missing = [k for k in missing if k not in aliased]
+    for alias, canonical in aliased.items():  # after loading: the canonical weights are real
+        if canonical is None:
+            continue
+        parent, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_parameter(canonical))
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -970,6 +1052,31 @@ def load(out: str | Path, activations: str = "fp32") -> nn.Module:
         if config.tie_word_embeddings and not isinstance(model.lm_head, BSRLinear):
             model.tie_weights()
     return model.eval()
+
+
+def _share_loaded(model, shared: dict[str, str], state: dict, activations: str) -> dict:
+    """Blocks written sharing another's linear weights (share-blocks: {block: the block whose
+    weights it reads}): each of their BSR layers reads the other block's packed arrays (one copy
+    in memory) with its own bias; returns {name: the canonical weight it is} for each dense
+    linear weight (to tie once the canonical weights are loaded) and {name: None} for the
+    packed arrays the BSR readers share (nothing to load)."""
+    aliased = {}
+    for block, canonical in shared.items():
+        for name, m in model.get_submodule(canonical).named_modules():
+            if not isinstance(m, (BSRLinear, nn.Linear)):
+                continue
+            target = f"{block}.{name}"
+            if isinstance(m, nn.Linear):
+                aliased[f"{target}.weight"] = f"{canonical}.{name}.weight"
+                continue
+            own = model.get_submodule(target)
+            bias = None if own.bias is None else state[f"{target}.bias"]
+            parent, _, leaf = target.rpartition(".")
+            reader = BSRLinear(m.matrix, bias, activations)
+            setattr(model.get_submodule(parent), leaf, reader)
+            # its packed arrays are the canonical layer's: nothing of them to load
+            aliased.update({f"{target}.{k}": None for k in reader.state_dict() if k != "bias"})
+    return aliased
 
 
 def run(out: str | Path, inputs: dict[str, np.ndarray], threads: int | None = None) -> dict:

@@ -35,6 +35,30 @@ def _linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def groups_of(n: int, group: int) -> list[list[int]]:
+    """Consecutive blocks 0..n-1 in groups of ``group`` (the last may be smaller)."""
+    return [list(range(i, min(i + group, n))) for i in range(0, n, group)]
+
+
+@torch.no_grad()
+def share_linears(layers: list[nn.Module], choose: str) -> list[float]:
+    """Make every linear weight of ``layers`` one ``nn.Parameter`` per linear name: the first
+    layer's (``choose=first``) or the mean of all (``mean``). Biases and norms stay per layer.
+    Returns each replaced weight's relative change."""
+    linears = [_linears(layer) for layer in layers]
+    drift = []
+    for name in linears[0]:
+        mods = [lin[name] for lin in linears]
+        params = [m.weight for m in mods]
+        stack = torch.stack([p.detach() for p in params])
+        value = stack[0] if choose == "first" else stack.mean(0)
+        shared = nn.Parameter(value.clone(), requires_grad=params[0].requires_grad)
+        for m, p in zip(mods, params):
+            drift.append(float((p - value).norm() / p.norm().clamp_min(1e-30)))
+            m.weight = shared
+    return drift
+
+
 @register
 class ShareBlocks(Pass):
     """Blocks in groups of ``group`` share their linear weights; norms stay per block."""
@@ -76,9 +100,7 @@ class ShareBlocks(Pass):
         return container, layers
 
     def _groups(self, n: int) -> list[list[int]]:
-        g = self.options.group
-        groups = [list(range(i, min(i + g, n))) for i in range(0, n, g)]
-        return [m for m in groups if len(m) > 1]
+        return [m for m in groups_of(n, self.options.group) if len(m) > 1]
 
     def _run_onnx(self, model) -> PassResult:
         """Blocks of a group read the first block's weight initializers (or one holding the
@@ -135,16 +157,7 @@ class ShareBlocks(Pass):
         groups = self._groups(len(layers))
         drift = []
         for members in groups:
-            linears = [_linears(layers[i]) for i in members]
-            for name in linears[0]:
-                mods = [lin[name] for lin in linears]
-                params = [m.weight for m in mods]
-                stack = torch.stack([p.detach() for p in params])
-                value = stack[0] if o.choose == "first" else stack.mean(0)
-                shared = nn.Parameter(value.clone(), requires_grad=params[0].requires_grad)
-                for m, p in zip(mods, params):
-                    drift.append(float((p - value).norm() / p.norm().clamp_min(1e-30)))
-                    m.weight = shared
+            drift += share_linears([layers[i] for i in members], o.choose)
             for i in members[1:]:
                 model.compression.block(
                     f"{container}.{i}"

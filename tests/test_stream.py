@@ -203,6 +203,83 @@ def test_a_bert_encoder_streams_to_the_in_memory_weights(bert_folder, tmp_path, 
     np.testing.assert_allclose(saved["last_hidden_state"], ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "family, text",
+    [
+        ("llama", "share-blocks{group=2},quantize{bits=4,group=16,method=gptq}"),
+        (
+            "llama",
+            "remove-blocks{count=1},share-blocks{choose=mean},group-prune{sparsity=0.5,"
+            "score=wanda},quantize{bits=4,group=16}",
+        ),
+        ("bert", "share-blocks{group=3},quantize{bits=4,group=16,method=gptq}"),
+    ],
+)
+def test_shared_blocks_stream_as_one_stage_and_load_shared(
+    folder, bert_folder, tmp_path, family, text
+):
+    """share-blocks streams: each group of blocks is one stage, shared as in memory before the
+    other passes (GPTQ's Hessian of a shared weight sums over its blocks), so every quantized
+    layer equals the in-memory pipeline's; the artifact holds each shared weight once, and the
+    loaded blocks of a group read one packed copy, with their own biases and norms."""
+    source = folder if family == "llama" else bert_folder
+    calib = calibration()
+    out = tmp_path / "out"
+    report = stream.stream_compile(source, effc.Pipeline.from_text(text), out, calib)
+    memory = effc.Pipeline.from_text(text).run(str(source), effc.PassContext(calibration=calib))
+    container = "model.layers" if family == "llama" else "encoder.layer"
+    groups = memory.report.records[-2 if "remove" not in text else -3].stats["groups"]
+    shared_stages = [r for r in report["stages"] if "share-blocks" in r.get("passes", {})]
+    assert [r["stage"].split(" ")[0] for r in shared_stages] == [
+        f"{g[0]}-{g[-1].rpartition('.')[2]}" for g in groups
+    ]
+    index = json.loads((out / stream.INDEX).read_text())
+    assert index["shared"] == {b: g[0] for g in groups for b in g[1:]}
+    aliases = [b for g in groups for b in g[1:]]
+    # a block reading another's weights keeps only its biases and norms in the shards
+    own = [k for k in index["weight_map"] if k.startswith(tuple(f"{b}." for b in aliases))]
+    assert own and all(k.endswith(".bias") or k.lower().endswith("norm.weight") for k in own)
+    loaded = stream.load(out)
+    streamed = dense_weights(loaded)
+    quantized = memory.model.compression.quantized()
+    per_block = 7 if family == "llama" else 6
+    kept = len(loaded.model.layers if family == "llama" else loaded.encoder.layer)
+    assert len(quantized) == per_block * (kept - len(aliases)) + 1 == len(index["bsr"])
+    for fqn, state in quantized.items():
+        got = streamed[fqn]
+        assert torch.equal(got, state.dequantized().reshape(got.shape)), fqn
+    modules = dict(loaded.named_modules())
+    for g in groups:
+        for b in g[1:]:
+            for name, m in modules.items():
+                if name.startswith(g[0] + ".") and isinstance(m, BSRLinear):
+                    other = modules[b + name[len(g[0]) :]]
+                    assert isinstance(other, BSRLinear)
+                    for k, t in m.matrix.tensors().items():  # one packed copy in memory
+                        assert getattr(other, k).data_ptr() == t.data_ptr()
+                    if m.bias is not None:  # a BERT's biases stay per block
+                        assert not torch.equal(other.bias, m.bias)
+    ids = torch.as_tensor(calib[0]["input_ids"])
+    with torch.no_grad():
+        got, want = loaded(input_ids=ids), memory.model.module(input_ids=ids)
+    key = "logits" if family == "llama" else "last_hidden_state"
+    torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+    assert container in report["stages"][-2]["stage"]
+
+
+def test_shared_blocks_refusals_before_any_work(folder, tmp_path):
+    """What share-blocks cannot stream with: a one-line error, no output."""
+    cases = {
+        "quantize{bits=4},share-blocks": "share-blocks' streams as the first pass",
+        "share-blocks,quantize{bits=4,method=gptq,sequential=true}": "use sequential=false",
+        "share-blocks,quantize{bits=4},gqsa-train": "BQPO trains a shared weight",
+    }
+    for text, message in cases.items():
+        with pytest.raises(UnsupportedError, match=message):
+            stream.stream_compile(folder, effc.Pipeline.from_text(text), tmp_path / "o", [])
+        assert not (tmp_path / "o").exists()
+
+
 def test_loaded_artifact_runs_like_the_compressed_model(folder, tmp_path, cli):
     text = "group-prune{sparsity=0.5},quantize{bits=4,group=16}"
     calib = calibration(2)
