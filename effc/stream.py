@@ -289,11 +289,11 @@ def check_streamable(pipeline) -> None:
     names = [getattr(p, "name", type(p).__name__) for p in leaves]
     shared = "share-blocks" in names
     for k, (p, name) in enumerate(zip(leaves, names)):
-        if name == "remove-blocks" and (k or p.options.score == "gates"):
+        if name == "remove-blocks" and (k or p.options.score not in ("cosine", "random")):
             raise UnsupportedError(
                 "pass 'remove-blocks' streams as the first pass with score=cosine or random (a "
-                "sweep over the original blocks picks them); score=gates needs block-gates, which "
-                "needs the whole model"
+                "sweep over the original blocks picks them); score=gates needs block-gates and "
+                "score=greedy runs the model with blocks skipped, both the whole model"
             )
         if name == "share-blocks" and names[:k] not in ([], ["remove-blocks"]):
             raise UnsupportedError(

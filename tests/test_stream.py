@@ -346,6 +346,7 @@ def test_refusals_come_before_any_work(folder, tmp_path, cli):
         ("quantize,gqsa-train{tail=true}", "tail=true"),
         ("quantize,remove-blocks{count=1}", "first pass"),
         ("remove-blocks{count=1,score=gates}", "score=gates"),
+        ("remove-blocks{count=1,score=greedy}", "score=greedy"),
     ):
         with pytest.raises(UnsupportedError, match=what):
             stream.stream_compile(folder, effc.Pipeline.from_text(text), out, calibration(1))

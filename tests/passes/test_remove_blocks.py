@@ -10,6 +10,9 @@ import torch
 
 import effc
 from effc.errors import PassOptionError, UnsupportedError
+from effc.ir import FxModel
+from effc.passes._train import output_distance
+from effc.passes.remove_blocks import remove
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,6 +111,40 @@ def test_rate_and_random_are_seeded():
     assert len(picks[0]) == 2 and picks[0] == picks[1]
 
 
+def test_greedy_removes_one_block_at_a_time_by_its_measured_effect():
+    """score=greedy: round 1 skips every block alone and takes the closest (the idle block);
+    round 2 does so with it skipped; the reported distance of the last round is what the model
+    with those blocks really removed measures (the skip hooks are removal)."""
+    model, original = _llama(idle=2), _llama(idle=2)
+    calib = _calib(3)
+    result = effc.Pipeline.from_text("remove-blocks{count=2,score=greedy}").run(
+        model, effc.PassContext(calibration=calib)
+    )
+    stats = result.report.records[0].stats
+    rounds = stats["greedy"]
+    assert rounds[0]["removed"] == 2 and stats["scores"][2] == min(stats["scores"])
+    assert sorted(stats["removed"]) == sorted(r["removed"] for r in rounds)
+    assert rounds[0]["distance"] <= rounds[1]["distance"]
+    with torch.no_grad():
+        d = [
+            output_distance(model(**x), original(**x))
+            for x in ({k: torch.from_numpy(v) for k, v in c.items()} for c in calib)
+        ]
+    assert float(sum(d) / len(d)) == pytest.approx(rounds[1]["distance"], rel=1e-4, abs=1e-7)
+    # round 2 took the best second block: every other pair measures no closer
+    keep = [i for i in range(4) if i not in stats["removed"]]
+    for other in (i for i in range(4) if i != 2 and i != rounds[1]["removed"]):
+        alt = _llama(idle=2)
+        fx = FxModel(alt, {"input_ids": torch.from_numpy(calib[0]["input_ids"])})
+        remove(fx, "model.layers", {2, other})
+        with torch.no_grad():
+            e = [
+                output_distance(alt(**x), original(**x))
+                for x in ({k: torch.from_numpy(v) for k, v in c.items()} for c in calib)
+            ]
+        assert float(sum(e) / len(e)) >= rounds[1]["distance"] * (1 - 1e-4), (other, keep)
+
+
 @pytest.mark.parametrize(
     "text, error",
     [
@@ -115,6 +152,7 @@ def test_rate_and_random_are_seeded():
         ("remove-blocks{count=1,rate=0.5}", PassOptionError),
         ("remove-blocks{count=4,score=random}", PassOptionError),
         ("remove-blocks{count=1,score=gates}", UnsupportedError),
+        ("remove-blocks{count=1,score=greedy,samples=0}", PassOptionError),
     ],
 )
 def test_bad_requests_are_one_line_errors(text, error):
@@ -149,6 +187,11 @@ def test_onnx_removal_finds_the_same_blocks_and_equals_fx(tmp_path, count):
     )
     before = sum(1 for _ in effc.load(str(path)).model.graph)
     assert sum(1 for _ in onnx_result.model.model.graph) < before
+    if count == 1:  # greedy skips blocks of the torch model: a one-line error on ONNX
+        with pytest.raises(UnsupportedError, match="score=greedy .* FX only"):
+            effc.Pipeline.from_text("remove-blocks{count=1,score=greedy}").run(
+                str(path), effc.PassContext(calibration=_calib())
+            )
 
 
 def _bert_config():

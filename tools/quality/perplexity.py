@@ -88,6 +88,13 @@ ROWS = {
     "remove 6 blocks (random)": "remove-blocks{count=6,score=random}",
     "remove 9 blocks (random)": "remove-blocks{count=9,score=random}",
     "remove 12 blocks (random)": "remove-blocks{count=12,score=random}",
+    # greedy: each round skips every remaining block on 4 calibration windows, takes the closest
+    "remove 3 blocks (greedy)": "remove-blocks{count=3,score=greedy,samples=4}",
+    "remove 6 blocks (greedy)": "remove-blocks{count=6,score=greedy,samples=4}",
+    "remove 9 blocks (greedy)": "remove-blocks{count=9,score=greedy,samples=4}",
+    "remove 12 blocks (greedy)": "remove-blocks{count=12,score=greedy,samples=4}",
+    "remove 6 blocks (greedy) + cure": "remove-blocks{count=6,score=greedy,samples=4},"
+    "cure{steps=32,samples=16,lr=0.0001}",
     "remove 6 blocks (gates)": "block-gates{steps=32,samples=16,rate=0.2},"
     "remove-blocks{count=6,score=gates}",
     "remove 6 blocks (cosine) + cure": "remove-blocks{count=6,samples=16},"
