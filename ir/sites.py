@@ -16,7 +16,12 @@ name comes from the initializer (``features.0.weight``), else the exporter's
 from __future__ import annotations
 
 import ast
+import atexit
+import itertools
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,7 +274,10 @@ def write_weight(site: WeightSite, value: torch.Tensor, remake=None) -> None:
     it is an onnx_ir ``LazyTensor`` calling ``remake`` each time it is read (a serialization, an
     onnxruntime session), so a pass that keeps what makes the weight (codes and scales) does not
     also hold it in fp32, and a model whose weights came from external data stays about the size
-    of its codes in memory."""
+    of its codes in memory. Without ``remake``, a weight that was read from a file (external
+    data, or a weight spilled before) is spilled: written to a scratch file (``spill_file``) and
+    read back from it, memory-mapped, when read; so pruning a model larger than memory keeps it
+    on disk."""
     if tuple(value.shape) != tuple(site.shape):
         raise ValueError(f"site {site.fqn}: new weight shape {tuple(value.shape)} != {site.shape}")
     if isinstance(site.handle, torch.Tensor):
@@ -283,6 +291,8 @@ def write_weight(site: WeightSite, value: torch.Tensor, remake=None) -> None:
         data = v.detach().cpu().numpy().astype(dtype.numpy())
         return ir.tensor(np.ascontiguousarray(data.T if transposed else data), name=old.name)
 
+    if remake is None and isinstance(old.const_value, (ir.ExternalTensor, ir.LazyTensor)):
+        remake = _spilled(value)
     if remake is None:
         old.const_value = initializer(value)
     else:
@@ -295,7 +305,26 @@ def write_weight(site: WeightSite, value: torch.Tensor, remake=None) -> None:
     old.metadata_props[COMPRESSED] = "true"
 
 
+def _spilled(value: torch.Tensor):
+    """Write ``value`` to a scratch file; return a function reading it back memory-mapped."""
+    path, shape = spill_file(), tuple(value.shape)
+    value.detach().cpu().numpy().astype(np.float32).tofile(path)  # C order, whatever the strides
+    return lambda: torch.from_numpy(np.memmap(path, np.float32, "c", shape=shape))
+
+
 COMPRESSED = "effc.compressed"
+_SCRATCH: list[str] = []
+_SPILLED = itertools.count()
+
+
+def spill_file() -> str:
+    """A new file in this process's scratch folder for a spilled weight: under ``EFFC_SCRATCH``
+    (or the system's temporary folder), removed when the process exits."""
+    if not _SCRATCH:
+        folder = tempfile.mkdtemp(prefix="effc-weights-", dir=os.environ.get("EFFC_SCRATCH"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _SCRATCH.append(folder)
+    return os.path.join(_SCRATCH[0], f"{next(_SPILLED)}.f32")
 
 
 def file_view(site: WeightSite) -> torch.Tensor | None:

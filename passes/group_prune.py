@@ -56,7 +56,7 @@ from torch.nn import functional as nn_f
 from effc.errors import InputError, PassOptionError, UnsupportedError
 from effc.ir.calibrate import compress_sequentially
 from effc.ir.reducers import ColumnNorms, HessianSum, activation_norms, hessians
-from effc.ir.sites import compressible_sites, read_weight, write_weight
+from effc.ir.sites import compressible_sites, file_view, read_weight, write_weight
 from effc.pass_base import Pass, PassResult
 from effc.passes._obs import inverse_hessian_factor, layer_error, obs_prune, obs_scores
 from effc.progress import bar
@@ -327,7 +327,12 @@ class GroupPrune(Pass):
         stats: dict = {}
         sites = compressible_sites(model, o.skip, stats, o.group, f"group {o.group}")
 
-        weights = {s.fqn: read_weight(s).clone() for s in sites}
+        # a weight still in its external-data file is read through a copy-on-write map of it
+        # (file pages, not memory), and that map is its original
+        views = {s.fqn: file_view(s) for s in sites}
+        weights = {
+            s.fqn: read_weight(s).clone() if views[s.fqn] is None else views[s.fqn] for s in sites
+        }
 
         row_weight = self._logit_weights(model, ctx, sites, stats) if o.logit_weight else {}
         scopes = {k: "layer" for k in row_weight}
@@ -349,7 +354,8 @@ class GroupPrune(Pass):
         def write(site, mask: torch.Tensor, w: torch.Tensor) -> None:  # w: dropped groups zero
             state = model.compression.site(site.fqn)
             if state.original is None:
-                state.original = weights[site.fqn].clone()
+                mapped = views[site.fqn] is not None
+                state.original = weights[site.fqn] if mapped else weights[site.fqn].clone()
             write_weight(site, w)
             state.mask, state.group = mask, o.group
 

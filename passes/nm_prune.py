@@ -13,7 +13,7 @@ import torch
 from effc.errors import PassOptionError
 from effc.ir.calibrate import compress_sequentially
 from effc.ir.reducers import ColumnNorms, HessianSum, activation_norms, hessians
-from effc.ir.sites import compressible_sites, read_weight, write_weight
+from effc.ir.sites import compressible_sites, file_view, read_weight, write_weight
 from effc.pass_base import Pass, PassResult
 from effc.passes._obs import inverse_hessian_factor, obs_prune, obs_scores
 from effc.registry import register
@@ -63,7 +63,8 @@ class NMPrune(Pass):
         sites = compressible_sites(model, o.skip, stats, o.m, f"m={o.m}")
 
         def prune(site, stat) -> None:  # stat: the Hessian (obs), column norms (wanda) or None
-            w = read_weight(site).clone()
+            view = file_view(site)  # still in its external-data file: mapped, not copied
+            w = read_weight(site).clone() if view is None else view
             if o.score == "obs":
                 factor = inverse_hessian_factor(stat)
                 keep = nm_mask(obs_scores(w, *factor, 1), o.n, o.m)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,6 +143,41 @@ def test_onnx_weights_in_external_data_stay_out_of_memory(tmp_path):
     (got,) = ort_backend.run(tmp_path / "o", x).values()
     want = result.model.run(x)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("text", ["group-prune{sparsity=0.5,group=16,score=obs}", "nm-prune"])
+def test_pruning_an_onnx_model_in_external_data_keeps_its_weights_on_disk(tmp_path, text):
+    """Pruning passes on a model whose weights are in external data: the originals map the file,
+    each pruned weight goes to a scratch file and is read back from it (a LazyTensor over a
+    mapped file, not a copy in memory), and the weights and outputs equal the same pass on the
+    same model held in memory; the model's own file is untouched."""
+    import onnx
+    import onnx_ir as ir
+
+    from tools.bench.scale import write_onnx_mlp
+
+    write_onnx_mlp(tmp_path / "m", blocks=2, hidden=64, inter=128, tokens=4)
+    source = tmp_path / "m" / "model.onnx"
+    data = (tmp_path / "m" / "model.onnx.data").read_bytes()
+    onnx.save(onnx.load(str(source)), str(tmp_path / "whole.onnx"))  # the same, in one file
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, 4, 64), dtype=np.float32)} for _ in range(4)]
+    ctx = lambda: effc.PassContext(calibration=calib)  # noqa: E731
+    disk = effc.Pipeline.from_text(text).run(effc.load(str(source)), ctx())
+    memory = effc.Pipeline.from_text(text).run(effc.load(str(tmp_path / "whole.onnx")), ctx())
+    states = disk.model.compression.sites
+    from effc.ir import sites as sites_module
+
+    spilled = {f.stat().st_size for f in Path(sites_module._SCRATCH[0]).iterdir()}
+    for site, other in zip(weight_sites(disk.model), weight_sites(memory.model)):
+        const = site.handle[0].const_value
+        assert isinstance(const, ir.LazyTensor), site.fqn
+        assert 4 * int(np.prod(site.shape)) in spilled  # its fp32 values in a scratch file
+        assert _mapped_file(states[site.fqn].original.data_ptr()).endswith("model.onnx.data")
+        np.testing.assert_array_equal(read_weight(site).numpy(), read_weight(other).numpy())
+    assert (tmp_path / "m" / "model.onnx.data").read_bytes() == data
+    x = {"x": rng.standard_normal((1, 4, 64), dtype=np.float32)}
+    np.testing.assert_array_equal(disk.model.run(x)[0], memory.model.run(x)[0])
 
 
 def _mapped_file(address: int) -> str:
