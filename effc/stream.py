@@ -453,23 +453,31 @@ def _check_windows(calibration: list[dict]) -> list[dict]:
     return [{"input_ids": np.asarray(x["input_ids"])} for x in calibration]
 
 
-class CausalLM:
+class _Family:
+    """What the model families share: reading blocks from the source into a stage."""
+
+    prefix = ""  # the checkpoint's base-model prefix of every name (an encoder's ``bert.``)
+    stage: type[_Stage]
+
+    def block(self, blocks: dict[int, int], example: tuple) -> _Stage:
+        """Blocks of the source, read from it: {output index: source index}."""
+        for i in blocks.values():
+            materialize(self.layers[i], self.source, f"{self.prefix}{self.container}.{i}.")
+        layers = {j: self.layers[i] for j, i in blocks.items()}
+        return self.stage(layers, dict(zip(self.inputs, example)))
+
+
+class CausalLM(_Family):
     """A LLaMA-family causal LM: model.embed_tokens, model.layers, model.norm, lm_head."""
 
     kind = "causal-lm"
+    stage = BlockStage
     container = "model.layers"
     inputs = ("hidden_states", "cos", "sin")
 
     def __init__(self, model, source: SafetensorsSource):
         self.model, self.source = model, source
         self.layers = model.model.layers
-
-    def block(self, blocks: dict[int, int], example: tuple) -> _Stage:
-        """Blocks of the source, read from it: {output index: source index}."""
-        for i in blocks.values():
-            materialize(self.layers[i], self.source, f"{self.container}.{i}.")
-        layers = {j: self.layers[i] for j, i in blocks.items()}
-        return BlockStage(layers, dict(zip(self.inputs, example)))
 
     def first_inputs(self, calibration: list[dict]) -> list[tuple]:
         """(hidden_states, cos, sin) the first decoder layer receives for each calibration
@@ -511,11 +519,12 @@ def _cpu_embeddings(model) -> None:
         model.embeddings = type(model.embeddings)(model.config).eval()
 
 
-class Encoder:
+class Encoder(_Family):
     """A BERT-family encoder (BertModel and kin): embeddings, encoder.layer, an optional pooler.
     Checkpoint names may carry the base model's prefix (``bert.``) when saved from a task model."""
 
     kind = "encoder"
+    stage = EncoderStage
     container = "encoder.layer"
     inputs = ("hidden_states",)
 
@@ -524,12 +533,6 @@ class Encoder:
         self.layers = model.encoder.layer
         base = f"{getattr(model, 'base_model_prefix', '')}."
         self.prefix = base if f"{base}embeddings.word_embeddings.weight" in source else ""
-
-    def block(self, blocks: dict[int, int], example: tuple) -> _Stage:
-        for i in blocks.values():
-            materialize(self.layers[i], self.source, f"{self.prefix}{self.container}.{i}.")
-        layers = {j: self.layers[i] for j, i in blocks.items()}
-        return EncoderStage(layers, dict(zip(self.inputs, example)))
 
     def first_inputs(self, calibration: list[dict]) -> list[tuple]:
         """The hidden states the first encoder layer receives (the embeddings' output)."""
