@@ -309,3 +309,48 @@ def test_mobilenet_merge_puts_committed_rows_in_one_table_and_refuses_mixed_sett
     assert "`python -m tools.quality.mobilenet --b`" in text
     with pytest.raises(SystemExit, match="different settings"):
         merge([str(tmp_path / "a"), str(tmp_path / "c")])
+
+
+def test_litert_writer_matches_onnxruntime_and_stores_1x1_weights_sparse(tmp_path):
+    """A MobileNetV2 graph (stride-2 padded stem, depthwise, 1x1, residual add, mean, Gemm)
+    written as TFLite runs in LiteRT's XNNPACK delegate to onnxruntime's output, dense and
+    with the 1x1 weights stored sparse (DENSIFY over CSR); other ops are refused."""
+    import numpy as np
+    import onnx_ir as ir
+
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert import schema_py_generated as s
+
+    from effc.compile import compile_model
+    from effc.context import PassContext
+    from effc.errors import UnsupportedError
+    from effc.ir.ort import open_session, session_options
+    from effc.ir.torch_io import load_model
+    from tools.bench.litert import litert_call, onnx_to_tflite, zero_fraction_1x1
+
+    passes = "kernel-sparsity{sparsity=0.7,patterns=[pointwise:8x1,linear:dense,conv:dense]}"
+    model = load_model("builtin:mobilenet-v2")
+    compile_model(model, passes, tmp_path, "onnxruntime", PassContext(), force=True, verify=False)
+    path = tmp_path / "model.onnx"
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)
+    want = open_session(str(path), session_options(1, True)).run(None, {"pixels": x})[0]
+    for sparse in (False, True):
+        got = litert_call(path, sparse, x, 1)()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    graph = ir.load(str(path))
+    zeros = zero_fraction_1x1(graph)
+    assert 2 / 3 <= zeros < 0.9  # 70% of the model's budget, mostly on the 1x1 convs
+    tfl = s.ModelT.InitFromPackedBuf(onnx_to_tflite(graph, sparse=True), 0)
+    codes = [c.builtinCode for c in tfl.operatorCodes]
+    ops = [codes[o.opcodeIndex] for o in tfl.subgraphs[0].operators]
+    shapes = [n.inputs[1].const_value.numpy().shape for n in graph.graph if n.op_type == "Conv"]
+    pointwise = sum(1 for shape in shapes if shape[2:] == (1, 1))
+    assert ops.count(s.BuiltinOperator.DENSIFY) == pointwise > 0
+    stored = [t for t in tfl.subgraphs[0].tensors if t.sparsity is not None]
+    kept = sum(len(t.sparsity.dimMetadata[-1].arrayIndices.values) for t in stored)
+    total = sum(int(np.prod(t.shape)) for t in stored)
+    assert kept / total == pytest.approx(1 - zeros)  # only the nonzeros are stored
+    # a graph with an op the writer does not know is refused by name
+    next(n for n in graph.graph if n.op_type == "Add").op_type = "Sub"
+    with pytest.raises(UnsupportedError, match="Sub"):
+        onnx_to_tflite(graph)

@@ -1,7 +1,8 @@
 """Mobile CNN latency on this CPU: onnxruntime dense, TVM dense (default build, and with a
 meta-schedule tuning database where one is committed), MNN dense and MNN with its sparse
 convolutions (the engine SparseByteNN compares with; ``mnnconvert --detectSparseSpeedUp`` on the
-same pruned graphs), effc's TVM build with its own kernels on the dense weights, and effc's TVM
+same pruned graphs), LiteRT's XNNPACK delegate on the same graphs written as TFLite (dense, and
+with the 1x1 weights stored sparse: ``tools/bench/litert.py``), effc's TVM build with its own kernels on the dense weights, and effc's TVM
 build at 30/50/70% kernel sparsity (1x1 convs as 8x1 blocks, sparse kernels where they measured
 faster than TVM's dense operator; depthwise and 3x3 convs by effc's direct conv kernel where it
 measured faster than TVM's tuned operator; the other layers TVM's, tuned), side by side in one
@@ -11,7 +12,10 @@ process, same threads.
         [--trials 20] [--out tools/bench/results/tvm_cnn]
 
 Each figure is the median of interleaved runs (warm-up first; each timed run follows an untimed
-run of the same engine, so no engine is timed while another's worker threads still spin). The floor beside it is the bytes
+run of the same engine, so no engine is timed while another's worker threads still spin); the
+"alone" column times each engine again back to back in the same process (LiteRT's XNNPACK
+thread pool puts its worker to sleep after every call, and interleaved with the other engines
+on this 2-core VM it often ran at its one-thread speed). The floor beside it is the bytes
 the graph moves (every intermediate written and read once, weights read once; sparse weights
 counted at their kept values plus one int32 index per 8-value block) over the read bandwidth
 measured in the same run (it counts every intermediate at memory bandwidth, while small ones
@@ -23,6 +27,7 @@ sparsity is written next to the table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -43,6 +48,7 @@ from effc.ir.ort import open_session, session_options  # noqa: E402
 from effc.ir.torch_io import load_model  # noqa: E402
 from effc.runtime.timing import interleaved_medians  # noqa: E402
 from tools.bench.ditn_ort import traffic_bytes  # noqa: E402
+from tools.bench.litert import litert_call, zero_fraction_1x1  # noqa: E402
 from tools.results import save  # noqa: E402
 
 TUNING = Path("tools/bench/results/tvm_tuning")
@@ -153,24 +159,35 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
             x = {"pixels": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
             ort = open_session(str(first / "model.onnx"), session_options(THREADS, True))
             calls = {"onnxruntime dense": lambda s=ort, x=x: s.run(None, x)}
-            mnn = {"mnn dense": (first, False)}
             levels_of = {label: v[3] for label, v in variants.items()}
             for label, folder in folders.items():
                 vm, meta = tvm_backend.load(folder, THREADS)
                 calls[label] = lambda vm=vm, meta=meta, x=x: tvm_backend.call(vm, meta, x)
-                if "sparse" in label:
-                    mnn[label.replace("effc tvm", "mnn")] = (folder, True)
-                    levels_of[label.replace("effc tvm", "mnn")] = variants[label][3]
-            for label, (folder, sparse) in mnn.items():
-                call = mnn_call(folder / "model.onnx", folder / "model.mnn", sparse, x["pixels"])
+            # the other engines on the same graphs: dense, then each pruned one stored sparse
+            others = {}
+            for engine in ("mnn", "litert xnnpack"):
+                others[f"{engine} dense"] = (first, False)
+                for label in [v for v in variants if "sparse" in v]:
+                    others[label.replace("effc tvm", engine)] = (folders[label], True)
+                    levels_of[label.replace("effc tvm", engine)] = variants[label][3]
+            for label, (folder, sparse) in others.items():
+                if label.startswith("mnn"):
+                    call = mnn_call(
+                        folder / "model.onnx", folder / "model.mnn", sparse, x["pixels"]
+                    )
+                else:
+                    call = litert_call(folder / "model.onnx", sparse, x["pixels"], THREADS)
                 if call is None:
-                    break
+                    continue
                 same = open_session(str(folder / "model.onnx"), session_options(THREADS, True))
-                want = same.run(None, x)[0]  # MNN runs the same graph
+                want = same.run(None, x)[0]  # the other engines run the same graph
                 np.testing.assert_allclose(call().reshape(want.shape), want, atol=1e-3)
                 calls[label] = call
                 folders[label] = folder
             ms = dict(zip(calls, interleaved_medians(list(calls.values()), trials, paired=True)))
+            # each engine again on its own, back to back: LiteRT's XNNPACK pool wakes its worker
+            # per call, and interleaved with other engines on this VM it often ran single-threaded
+            alone = {label: interleaved_medians([call], trials)[0] for label, call in calls.items()}
             base_tuned = ms.get("tvm dense (tuned)")
             for label, t in ms.items():
                 folder = folders.get(label, first)
@@ -184,6 +201,7 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                         "variant": label,
                         "sparsity": levels_of.get(label, 0.0),
                         "ms": t,
+                        "alone_ms": alone[label],
                         "vs_ort": ms["onnxruntime dense"] / t,
                         "vs_tvm_tuned": base_tuned / t if base_tuned else None,
                         "sparse_layers": f"{len(chosen)}/{len(meta['sparse_layers'])}"
@@ -193,6 +211,7 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                         if label.startswith("effc")
                         else "",
                         "floor_ms": moved_bytes(folder) / bw * 1e3,
+                        "zeros_1x1": zero_fraction_1x1(ir.load(str(folder / "model.onnx"))),
                         "build_s": round(seconds.get(label, 0.0), 1),
                     }
                 )
@@ -234,6 +253,17 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
     return {"threads": THREADS, "bandwidth_gbs": bw / 1e9, "rows": rows, "layers": layers}
 
 
+XNNPACK_NOTE = (
+    "LiteRT rows: effc's graph written as a .tflite flatbuffer (`tools/bench/litert.py`), run by "
+    "LiteRT's default XNNPACK delegate; the sparse rows store every 1x1 convolution's weight "
+    "sparse (DENSIFY), the form XNNPACK's sparse inference asks for, which also needs at least "
+    "2/3 zeros across the 1x1 convs. XNNPACK takes its sparse (NCHW) path only on ARM and "
+    "WebAssembly: on an x86 CPU with AVX it keeps its dense kernels (`xnn_is_chw_compatible_config`"
+    ': "on processors with AVX ISA dense inference is expected to be faster than sparse"), so '
+    "here those rows measure XNNPACK's dense kernels on the pruned weights."
+)
+
+
 def markdown(data: dict, command: str) -> str:
     lines = [
         f"Mobile CNN latency, batch 1, 224x224, {data['threads']} threads, one process "
@@ -241,17 +271,19 @@ def markdown(data: dict, command: str) -> str:
         "",
         f"`{command}`",
         "",
-        "| model | variant | ms | floor ms | vs onnxruntime | vs TVM tuned | sparse layers "
-        "| conv kernels | build s |",
-        "|---|---|---:|---:|---:|---:|---|---|---:|",
+        "| model | variant | ms | alone ms | floor ms | vs onnxruntime | vs TVM tuned | 1x1 zeros "
+        "| sparse layers | conv kernels | build s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in data["rows"]:
         tuned = f"{r['vs_tvm_tuned']:.2f}x" if r["vs_tvm_tuned"] else "-"
+        alone = f"{r['alone_ms']:.2f}" if "alone_ms" in r else "-"
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['ms']:.2f} | {r['floor_ms']:.3f} | "
-            f"{r['vs_ort']:.2f}x | {tuned} | {r['sparse_layers']} | {r.get('conv_kernels', '')} "
+            f"| {r['model']} | {r['variant']} | {r['ms']:.2f} | {alone} | {r['floor_ms']:.3f} | "
+            f"{r['vs_ort']:.2f}x | {tuned} | {r.get('zeros_1x1', 0):.0%} | {r['sparse_layers']} | {r.get('conv_kernels', '')} "
             f"| {r['build_s']} |"
         )
+    lines += ["", XNNPACK_NOTE]
     if data["layers"]:
         lines += [
             "",
@@ -284,22 +316,29 @@ def plot(data: dict, path: Path) -> None:
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, dict.fromkeys(r["model"] for r in data["rows"])):
         rows = [r for r in data["rows"] if r["model"] == name]
-        for engine in ("effc tvm", "mnn"):
+        for engine in ("effc tvm", "mnn", "litert xnnpack"):
             sparse = [r for r in rows if r["variant"].startswith(f"{engine} sparse")]
             if sparse:
                 ax.plot(
                     [r["sparsity"] for r in sparse],
-                    [r["ms"] for r in sparse],
+                    [r.get("alone_ms", r["ms"]) for r in sparse],
                     "o-",
                     label=f"{engine} sparse",
                 )
-        styles = iter(["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray"])
+        styles = itertools.cycle(
+            ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray", "tab:olive", "tab:cyan"]
+        )
         for r in rows:
             if "sparse" not in r["variant"]:
-                ax.axhline(r["ms"], linestyle="--", label=r["variant"], color=next(styles))
+                ax.axhline(
+                    r.get("alone_ms", r["ms"]),
+                    linestyle="--",
+                    label=r["variant"],
+                    color=next(styles),
+                )
         ax.set_title(name)
         ax.set_xlabel("kernel sparsity of the 1x1 convs")
-        ax.set_ylabel("ms (batch 1)")
+        ax.set_ylabel("ms (batch 1, each engine alone)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
