@@ -4,7 +4,8 @@ sparsity, side by side in one process. Whole models, run by effc's ahead-of-time
 (``backends/tvm_aot.py``) linked with TVM's kernels.
 
     python -m tools.bench.tvm_wasm [--models mobilenet-v2,mobilenet-v1] [--levels 0.3,0.5,0.7] \\
-        [--trials 5] [--repeat 5] [--ort-web DIR] [--out tools/bench/results/tvm_wasm]
+        [--trials 5] [--repeat 5] [--ort-web DIR] [--litert-js DIR] \\
+        [--out tools/bench/results/tvm_wasm]
 
 Variants:
 - ``tvm dense (default schedule)``: TVM 0.27's default build of every operator, no tuning (a
@@ -19,6 +20,11 @@ Variants:
   ``npm install --prefix DIR onnxruntime-web@1.22.0`` ran): the engine a web user would pick,
   WebAssembly with SIMD on one thread, under node (``tools/bench/node/ort_web.js``), on the
   dense graph; interleaved with the rest.
+- ``litert.js dense`` and ``litert.js sparse N%`` (with ``--litert-js DIR``, a folder where
+  ``npm install --prefix DIR @litertjs/core@2.5.3`` ran): LiteRT with XNNPACK compiled to
+  WebAssembly, one thread, under node (``tools/bench/node/litert_web.mjs``), on the same graphs
+  written as TFLite (``tools/bench/litert.py``); the sparse rows store the 1x1 weights sparse,
+  and in WebAssembly XNNPACK takes its sparse NCHW path where at least 2/3 of them are zeros.
 
 Each figure is the median over ``trials`` rounds (the variants interleaved) of the executor's
 own median over ``repeat`` runs. The floor is the bytes the graph moves (as in tvm_cnn) over the
@@ -29,18 +35,38 @@ only. ``max diff`` is the largest absolute difference from onnxruntime on the sa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from effc.backends import tvm as tvm_backend
 from effc.ir.ort import open_session, session_options
+from tools.bench.litert import onnx_to_tflite
 from tools.bench.tvm_cnn import PATTERN, build, moved_bytes, read_bandwidth
 from tools.results import save
 
 NODE_SCRIPT = Path(__file__).with_name("node") / "ort_web.js"
+LITERT_SCRIPT = Path(__file__).with_name("node") / "litert_web.mjs"
+
+
+def litert_js_run(folder: Path, tflite: Path, x: np.ndarray, runs: int):
+    """(output, median ms) of a .tflite model in LiteRT.js under node (modules from
+    ``folder``), on NCHW ``x`` fed as NHWC."""
+    import subprocess
+
+    io = tflite.with_suffix(".in.f32"), tflite.with_suffix(".out.f32")
+    np.ascontiguousarray(x.transpose(0, 2, 3, 1), np.float32).tofile(io[0])
+    shape = ",".join(str(d) for d in (x.shape[0], *x.shape[2:], x.shape[1]))
+    cmd = ["node", str(LITERT_SCRIPT), str(Path(folder).resolve()), str(tflite), str(io[0])]
+    cmd += [shape, str(runs), str(io[1])]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return np.fromfile(io[1], np.float32), float(
+        json.loads(done.stdout.strip().splitlines()[-1])["median_ms"]
+    )
 
 
 def ort_web_ms(folder: Path, model: Path, shape, runs: int) -> float:
@@ -55,7 +81,12 @@ def ort_web_ms(folder: Path, model: Path, shape, runs: int) -> float:
 
 
 def run(
-    models: list[str], levels: list[float], trials: int, repeat: int, ort_web: str | None = None
+    models: list[str],
+    levels: list[float],
+    trials: int,
+    repeat: int,
+    ort_web: str | None = None,
+    litert_js: str | None = None,
 ) -> dict:
     bw = read_bandwidth()
     rows = []
@@ -94,6 +125,25 @@ def run(
                     None,
                     ort_web_ms(Path(ort_web), g, s, repeat),
                 )
+            if litert_js:
+                dense_graph = folders["tvm dense (default schedule)"]
+                pruned = [(label, folders[label]) for label in list(folders) if "sparse" in label]
+                for label, folder in [("litert.js dense", dense_graph), *pruned]:
+                    label = label.replace("effc sparse", "litert.js sparse")
+                    sparse = "sparse" in label
+                    tflite = Path(tmp) / f"{name}-{label.replace(' ', '_')}.tflite"
+                    graph = ir.load(str(folder / "model.onnx"))
+                    tflite.write_bytes(onnx_to_tflite(graph, sparse))
+                    folders[label] = folder
+                    level = variants.get(label.replace("litert.js", "effc"), ("", {}, 0.0))[2]
+                    variants[label] = ("", {}, level)
+                    seconds[label] = 0.0
+
+                    def web(f=tflite, x=x):
+                        y, ms_run = litert_js_run(Path(litert_js), f, x["pixels"], repeat)
+                        return {"y": y.reshape(1, -1)}, ms_run
+
+                    runs[label] = web
             times = {label: [] for label in runs}
             diffs = {}
             for _ in range(trials):
@@ -116,7 +166,7 @@ def run(
                 chosen = [c for c in meta["sparse_layers"] if c["choice"] == "sparse"]
                 convs = meta.get("conv_layers", [])
                 direct = [c for c in convs if c["choice"] == "kernel"]
-                web = label.startswith("onnxruntime-web")
+                web = label.startswith(("onnxruntime-web", "litert.js"))
                 rows.append(
                     {
                         "model": name,
@@ -180,15 +230,18 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4))
     for ax, name in zip(np.atleast_1d(axes), names):
         rows = [r for r in data["rows"] if r["model"] == name]
-        sparse = [r for r in rows if r["variant"].startswith("effc sparse")]
-        ax.plot(
-            [r["sparsity"] for r in sparse], [r["ms"] for r in sparse], "o-", label="effc sparse"
-        )
-        colors = iter(["tab:red", "tab:green", "tab:purple", "tab:orange"])
+        curves = ("effc sparse", "litert.js sparse")
+        for curve in curves:
+            sparse = [r for r in rows if r["variant"].startswith(curve)]
+            if sparse:
+                ax.plot(
+                    [r["sparsity"] for r in sparse], [r["ms"] for r in sparse], "o-", label=curve
+                )
+        colors = itertools.cycle(["tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"])
         for r in rows:
-            if not r["variant"].startswith("effc sparse"):
+            if not r["variant"].startswith(curves):
                 ax.axhline(r["ms"], linestyle="--", color=next(colors), label=r["variant"])
-        ax.set_title(f"{name}, wasm32 under wasmtime")
+        ax.set_title(f"{name}, wasm32, one thread (wasmtime; node for the web engines)")
         ax.set_xlabel("kernel sparsity of the 1x1 convs")
         ax.set_ylabel("ms (batch 1, one thread)")
         ax.set_yscale("log")
@@ -204,14 +257,18 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ort-web", help="folder with node_modules/onnxruntime-web")
+    ap.add_argument("--litert-js", help="folder with node_modules/@litertjs/core")
     ap.add_argument("--out", default="tools/bench/results/tvm_wasm")
     args = ap.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
-    data = run(args.models.split(","), levels, args.trials, args.repeat, args.ort_web)
+    data = run(
+        args.models.split(","), levels, args.trials, args.repeat, args.ort_web, args.litert_js
+    )
     command = (
         f"python -m tools.bench.tvm_wasm --models {args.models} --levels {args.levels} "
         f"--trials {args.trials} --repeat {args.repeat}"
         + (f" --ort-web {args.ort_web}" if args.ort_web else "")
+        + (f" --litert-js {args.litert_js}" if args.litert_js else "")
     )
     save(args.out, data, markdown(data, command))
     plot(data, Path(args.out + ".png"))
