@@ -354,3 +354,63 @@ def test_litert_writer_matches_onnxruntime_and_stores_1x1_weights_sparse(tmp_pat
     next(n for n in graph.graph if n.op_type == "Add").op_type = "Sub"
     with pytest.raises(UnsupportedError, match="Sub"):
         onnx_to_tflite(graph)
+
+
+def test_litert_layers_reads_the_build_and_writes_one_conv_models_litert_runs(tmp_path):
+    """The per-layer comparison's one-conv models run in LiteRT to onnxruntime's output (a
+    stride-2 depthwise conv and a 1x1), and the build's layer records are read with the chosen
+    time of each layer."""
+    import numpy as np
+    import onnx_ir as ir
+
+    pytest.importorskip("ai_edge_litert")
+    from effc.ir.ort import open_session, session_options
+    from tools.bench.litert import litert_call
+    from tools.bench.litert_layers import layers_of, one_conv
+
+    for spec in [(16, 16, 3, 2, 16, 14), (24, 16, 1, 1, 1, 7)]:
+        path = tmp_path / "conv.onnx"
+        ir.save(one_conv(*spec), str(path))
+        x = np.random.default_rng(1).standard_normal((1, spec[1], spec[5], spec[5]), np.float32)
+        want = open_session(str(path), session_options(1, True)).run(None, {"x": x})[0]
+        got = litert_call(path, False, x, 1)()
+        np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=1e-4, atol=1e-5)
+    meta = {
+        "conv_layers": [
+            {
+                "shape": [32, 3, 3, 3],
+                "groups": 1,
+                "stride": 2,
+                "pixels": 50176,
+                "dense_us": 500.0,
+                "kernel_us": 150.0,
+                "choice": "kernel",
+            },
+            {
+                "shape": [96, 1, 3, 3],
+                "groups": 96,
+                "stride": 1,
+                "pixels": 196,
+                "dense_us": 30.0,
+                "kernel_us": 40.0,
+                "choice": "dense",
+            },
+            {"shape": [8, 1, 3, 3], "groups": 8, "stride": 1, "pixels": 196, "choice": "dense"},
+        ],
+        "sparse_layers": [
+            {
+                "shape": [24, 96, 1, 1],
+                "pixels": 3136,
+                "density": 0.7,
+                "dense_us": 280.0,
+                "sparse_us": 50.0,
+                "choice": "sparse",
+            },
+        ],
+    }
+    rows = layers_of(meta)  # the untimed layer is left out
+    assert [(r["kind"], r["spec"], r["effc_us"]) for r in rows] == [
+        ("3x3", (32, 3, 3, 2, 1, 224), 150.0),
+        ("depthwise", (96, 96, 3, 1, 96, 14), 30.0),
+        ("1x1", (24, 96, 1, 1, 1, 56), 50.0),
+    ]
