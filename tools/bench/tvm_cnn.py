@@ -2,11 +2,11 @@
 meta-schedule tuning database where one is committed), MNN dense and MNN with its sparse
 convolutions (the engine SparseByteNN compares with; ``mnnconvert --detectSparseSpeedUp`` on the
 same pruned graphs), LiteRT's XNNPACK delegate on the same graphs written as TFLite (dense, and
-with the 1x1 weights stored sparse: ``tools/bench/litert.py``), effc's TVM build with its own kernels on the dense weights, and effc's TVM
-build at 30/50/70% kernel sparsity (1x1 convs as 8x1 blocks, sparse kernels where they measured
-faster than TVM's dense operator; depthwise and 3x3 convs by effc's direct conv kernel where it
-measured faster than TVM's tuned operator; the other layers TVM's, tuned), side by side in one
-process, same threads.
+with the 1x1 weights stored sparse: ``tools/bench/litert.py``), effc's TVM build with its own
+kernels on the dense weights, and effc's TVM build at 30/50/70% kernel sparsity (1x1 convs as
+8x1 blocks, sparse kernels where they measured faster than TVM's dense operator; depthwise and
+3x3 convs by effc's direct conv kernel where it measured faster than TVM's tuned operator; the
+other layers TVM's, tuned), side by side in one process, same threads.
 
     python -m tools.bench.tvm_cnn [--models mobilenet-v2,mobilenet-v1] [--levels 0.3,0.5,0.7] \\
         [--trials 20] [--out tools/bench/results/tvm_cnn]
