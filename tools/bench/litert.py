@@ -187,7 +187,8 @@ def onnx_to_tflite(model: ir.Model, sparse: bool = False) -> bytes:
         ins = [names.get(v.name) if v is not None else None for v in node.inputs]
         out = node.outputs[0]
         if node.op_type == "Conv":
-            names[_fused_name(node, consumers, fused)] = _conv(w, node, ins[0], consumers)
+            act, target = _fuse(consumers, fused, out)
+            names[target.name] = _conv(w, node, ins[0], act, target)
         elif node.op_type == "Clip":
             lo, hi = _const(node.inputs[1]), _const(node.inputs[2])
             if lo is None or hi is None or (float(lo), float(hi)) != RELU6:
@@ -195,9 +196,7 @@ def onnx_to_tflite(model: ir.Model, sparse: bool = False) -> bytes:
             names[out.name] = w.tensor(out.name, w.shapes[ins[0]])
             w.op("RELU6", [ins[0]], [names[out.name]])
         elif node.op_type == "Add":
-            act, target = _activation(consumers, out)
-            if target is not out:
-                fused.add(target.name)
+            act, target = _fuse(consumers, fused, out)
             opts = s.AddOptionsT()
             opts.fusedActivationFunction = getattr(s.ActivationFunctionType, act)
             names[target.name] = w.tensor(target.name, w.shapes[ins[0]])
@@ -248,14 +247,16 @@ def onnx_to_tflite(model: ir.Model, sparse: bool = False) -> bytes:
     return w.finish([names[x.name]], outs)
 
 
-def _fused_name(node: ir.Node, consumers: dict, fused: set) -> str:
-    _, target = _activation(consumers, node.outputs[0])
-    if target is not node.outputs[0]:
+def _fuse(consumers: dict, fused: set, value: ir.Value):
+    """``_activation`` of ``value``, the fused Clip's output recorded in ``fused`` (its node is
+    then skipped)."""
+    act, target = _activation(consumers, value)
+    if target is not value:
         fused.add(target.name)
-    return target.name
+    return act, target
 
 
-def _conv(w: _Writer, node: ir.Node, x: int, consumers: dict) -> int:
+def _conv(w: _Writer, node: ir.Node, x: int, act: str, target: ir.Value) -> int:
     s = w.s
     weight = _const(node.inputs[1])
     if weight is None:
@@ -270,7 +271,6 @@ def _conv(w: _Writer, node: ir.Node, x: int, consumers: dict) -> int:
         raise UnsupportedError(f"{node.name}: dilated convolutions are not written")
     if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         raise UnsupportedError(f"{node.name}: auto_pad is not written")
-    act, target = _activation(consumers, node.outputs[0])
     n, h, wd, c = w.shapes[x]
     o, ci, kh, kw = weight.shape
     if any(pads):
@@ -308,14 +308,16 @@ def _conv(w: _Writer, node: ir.Node, x: int, consumers: dict) -> int:
     return out
 
 
-def litert_call(onnx_path: Path, sparse: bool, x: np.ndarray, threads: int):
-    """A callable running the graph in LiteRT with its default XNNPACK delegate on ``threads``
-    threads (NCHW ``x`` is fed as NHWC); None where LiteRT is not installed."""
+def litert_call(model: Path | ir.Model, sparse: bool, x: np.ndarray, threads: int):
+    """A callable running the graph (an ONNX file or a model in memory) in LiteRT with its
+    default XNNPACK delegate on ``threads`` threads (NCHW ``x`` is fed as NHWC); None where
+    LiteRT is not installed."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         return None
-    content = onnx_to_tflite(ir.load(str(onnx_path)), sparse)
+    graph = model if isinstance(model, ir.Model) else ir.load(str(model))
+    content = onnx_to_tflite(graph, sparse)
     interp = Interpreter(model_content=content, num_threads=threads)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]["index"]

@@ -27,7 +27,7 @@ import onnx_ir as ir  # noqa: E402
 
 from effc.backends import tvm as tvm_backend  # noqa: E402
 from effc.runtime.timing import interleaved_medians  # noqa: E402
-from tools.bench.litert import litert_call, onnx_to_tflite  # noqa: E402
+from tools.bench.litert import litert_call  # noqa: E402
 from tools.bench.tvm_cnn import PATTERN, TUNING, build  # noqa: E402
 from tools.results import save  # noqa: E402
 
@@ -67,14 +67,9 @@ def one_conv(o: int, c: int, k: int, stride: int, groups: int, hw: int, seed: in
 
 
 def xnnpack_us(model: ir.Model, runs: int = 200) -> float:
-    """Median microseconds of one invoke of ``model`` in LiteRT (XNNPACK, THREADS threads)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=onnx_to_tflite(model), num_threads=THREADS)
-    it.allocate_tensors()
-    inp = it.get_input_details()[0]
-    it.set_tensor(inp["index"], np.ones(inp["shape"], np.float32))
-    return interleaved_medians([it.invoke], runs)[0] * 1e3
+    """Median microseconds of one call of ``model`` in LiteRT (XNNPACK, THREADS threads)."""
+    x = np.ones([int(d) for d in model.graph.inputs[0].shape], np.float32)
+    return interleaved_medians([litert_call(model, False, x, THREADS)], runs)[0] * 1e3
 
 
 def layers_of(meta: dict) -> list[dict]:

@@ -126,16 +126,18 @@ def run(
                     ort_web_ms(Path(ort_web), g, s, repeat),
                 )
             if litert_js:
-                dense_graph = folders["tvm dense (default schedule)"]
-                pruned = [(label, folders[label]) for label in list(folders) if "sparse" in label]
-                for label, folder in [("litert.js dense", dense_graph), *pruned]:
-                    label = label.replace("effc sparse", "litert.js sparse")
-                    sparse = "sparse" in label
+                # (label, graph, kernel sparsity): the dense graph, then each pruned one
+                graphs = [("litert.js dense", folders["tvm dense (default schedule)"], 0.0)]
+                graphs += [
+                    (label.replace("effc", "litert.js"), folders[label], variants[label][2])
+                    for label in list(folders)
+                    if label.startswith("effc sparse")
+                ]
+                for label, folder, level in graphs:
                     tflite = Path(tmp) / f"{name}-{label.replace(' ', '_')}.tflite"
                     graph = ir.load(str(folder / "model.onnx"))
-                    tflite.write_bytes(onnx_to_tflite(graph, sparse))
+                    tflite.write_bytes(onnx_to_tflite(graph, sparse=level > 0))
                     folders[label] = folder
-                    level = variants.get(label.replace("litert.js", "effc"), ("", {}, 0.0))[2]
                     variants[label] = ("", {}, level)
                     seconds[label] = 0.0
 
