@@ -47,6 +47,8 @@ from effc.errors import UnsupportedError
 NAME = "tvm"
 MODEL_FILE = "model.onnx"
 LIB_FILE = {"x86": "model.so", "aarch64": "model.so", "wasm32": "model.wasm"}
+AOT_LIB = "model_aot.so"  # x86 with effc's executor (the default where the model allows it)
+EXECUTORS = ("auto", "aot", "vm")
 META_FILE = "tvm.json"
 DECISIONS_FILE = "decisions.json"
 TARGETS = ("x86", "aarch64", "wasm32")
@@ -108,9 +110,10 @@ def import_fx(exported):
     return from_exported_program(exported, keep_params_as_input=False)
 
 
-def fused(mod, target):
+def fused(mod, target, tuning: str | Path | None = None):
     """The module as meta-schedule's compile path sees it before applying a database: operators
-    legalized to TensorIR and fused (the tasks a tuning run extracts)."""
+    legalized to TensorIR and fused (the tasks a tuning run extracts); with ``tuning``, the
+    database's schedules applied to the kernels it covers, as ``build`` does."""
     t = tvm()
     from tvm import relax
 
@@ -124,7 +127,11 @@ def fused(mod, target):
         ]
     )
     with target, t.transform.PassContext(opt_level=3):
-        return seq(mod)
+        mod = seq(mod)
+    if tuning is None:
+        return mod
+    with target, load_database(tuning), t.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
 
 def build(mod, target, tuning: str | Path | None = None):
@@ -252,12 +259,18 @@ def lower(
     decisions: str | None = None,
     sparse: bool = True,
     kernel_everywhere: bool = False,
+    executor: str = "auto",
 ) -> list[Path]:
     """Build ``model`` for ``tvm_target`` into ``out_dir`` (see the module docstring).
     ``kernel_everywhere`` runs every plain 1x1 conv through effc's block kernel, dense ones
     included, and every depthwise and KxK conv through effc's direct kernel (a benchmark baseline:
-    the same kernels on dense weights)."""
+    the same kernels on dense weights). ``executor`` (x86): ``aot`` effc's executor (static
+    shapes only), ``vm`` TVM's relax VM, ``auto`` effc's where the model allows it."""
     t = tvm()
+    if executor not in EXECUTORS:
+        raise UnsupportedError(f"unknown TVM executor {executor!r}: one of {', '.join(EXECUTORS)}")
+    if executor == "aot" and tvm_target == "aarch64":
+        raise UnsupportedError("effc's executor builds for x86 and wasm32; aarch64 runs TVM's VM")
     target = target_for(tvm_target)
     files = save_reference(model, out_dir)
     mod = import_onnx(model)
@@ -273,12 +286,22 @@ def lower(
     convs = [c for c in candidates if isinstance(c, tvm_conv.ConvCandidate)]
     pointwise = [c for c in candidates if not isinstance(c, tvm_conv.ConvCandidate)]
     lib = out_dir / LIB_FILE[tvm_target]
-    extra = {}
+    extra = {"executor": "relax-vm"}
     if tvm_target == "wasm32":
         if tuning:
             raise UnsupportedError("a tuning database is for the x86 build, not wasm32")
         extra["aot"] = tvm_aot.write(fused(mod, target), target, out_dir, "wasm32", lib.name)
-    else:
+        extra["executor"] = "effc-aot"
+    elif tvm_target == "x86" and executor != "vm":
+        try:
+            aot = tvm_aot.write(fused(mod, target, tuning), target, out_dir, "x86-lib", AOT_LIB)
+            extra.update(aot=aot, executor="effc-aot")
+            lib = out_dir / AOT_LIB
+        except UnsupportedError as e:
+            if executor == "aot":
+                raise
+            extra["executor_note"] = f"TVM's relax VM, since {e}"
+    if extra["executor"] == "relax-vm":
         export(build(mod, target, tuning), lib, tvm_target)
     meta = {
         "tvm_version": t.__version__,
@@ -293,7 +316,9 @@ def lower(
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
     tvm_sparse.save_decisions(out_dir / DECISIONS_FILE, candidates)
-    aot_files = [out_dir / tvm_aot.PLAN_FILE, out_dir / tvm_aot.WEIGHTS_FILE] if extra else []
+    aot_files = (
+        [out_dir / tvm_aot.PLAN_FILE, out_dir / tvm_aot.WEIGHTS_FILE] if "aot" in extra else []
+    )
     return [*files, lib, *aot_files, out_dir / META_FILE, out_dir / DECISIONS_FILE]
 
 
@@ -322,6 +347,15 @@ def describe(out_dir: Path) -> list[str]:
         f"tvm {meta['tvm_version']} build for {meta['tvm_target']} ({meta['target']})"
         + (f" with tuning database {meta['tuning']}" if meta.get("tuning") else ", untuned")
     ]
+    if meta.get("executor") == "effc-aot":
+        aot = meta["aot"]
+        notes.append(
+            f"runs in effc's executor: {aot['steps']} kernel calls, {aot['kernels']} kernels, "
+            f"one {aot['arena_bytes'] / 2**20:.1f} MiB arena for all temporaries "
+            f"({lib_path(Path(out_dir), meta).name})"
+        )
+    elif meta.get("executor_note"):
+        notes.append(f"runs in {meta['executor_note']}")
     if meta.get("sparse_layers"):
         layers = meta["sparse_layers"]
         notes.append(_layer_note(layers, "block-sparse 1x1 convs", "run sparse", "sparse_us"))
@@ -461,7 +495,9 @@ _DLPACK_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}
 
 
 def load(out_dir: Path, threads: int | None = None):
-    """(relax VirtualMachine, tvm.json) of an artifact built for this machine."""
+    """(runner, tvm.json) of an artifact built for this machine: the runner is effc's executor
+    (``tvm_aot.Native``) or TVM's relax VirtualMachine, as the build chose; ``call`` runs
+    either."""
     meta = json.loads((Path(out_dir) / META_FILE).read_text())
     if meta["tvm_target"] != _host_target():
         how = {
@@ -473,14 +509,34 @@ def load(out_dir: Path, threads: int | None = None):
         )
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(threads)
+    if meta.get("executor") == "effc-aot":
+        return tvm_aot.Native(Path(out_dir), AOT_LIB, meta["aot"]), meta
     t = tvm()
     from tvm import relax
 
-    lib = t.runtime.load_module(str(Path(out_dir) / LIB_FILE[meta["tvm_target"]]))
+    lib = t.runtime.load_module(str(lib_path(Path(out_dir), meta)))
     return relax.VirtualMachine(lib, t.cpu()), meta
 
 
+def lib_path(out_dir: Path, meta: dict) -> Path:
+    """The compiled file an artifact runs (with weights.bin beside it for effc's executor)."""
+    if meta.get("executor") == "effc-aot" and meta["tvm_target"] != "wasm32":
+        return out_dir / AOT_LIB
+    return out_dir / LIB_FILE[meta["tvm_target"]]
+
+
+def artifact_bytes(out_dir: Path, meta: dict) -> int:
+    """Bytes of what runs: the compiled file, and effc's executor's plan and weights."""
+    files = [lib_path(out_dir, meta)]
+    if meta.get("executor") == "effc-aot":
+        files += [out_dir / tvm_aot.PLAN_FILE, out_dir / tvm_aot.WEIGHTS_FILE]
+    return sum(f.stat().st_size for f in files)
+
+
 def call(vm, meta: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs by name of one run of a loaded artifact (``load``)."""
+    if isinstance(vm, tvm_aot.Native):
+        return dict(zip(meta["outputs"], vm.run([inputs[name] for name in meta["inputs"]])))
     t = tvm()
     # np.asarray(order="C"), not ascontiguousarray: that makes a 0-d input (Silero's sr) 1-d
     args = [t.runtime.tensor(np.asarray(inputs[name], order="C")) for name in meta["inputs"]]

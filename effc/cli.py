@@ -96,10 +96,11 @@ def cmd_compile(args) -> int:
         pipeline.instruments.append(DumpInstrument(args.dump_ir))
     if args.engine and args.target != "tensorrt":
         raise EffcError("--engine builds a TensorRT engine: it needs --target tensorrt")
-    if (args.tvm_target or args.tuning or args.tvm_decisions) and args.target != "tvm":
+    tvm_flags = (args.tvm_target, args.tuning, args.tvm_decisions, args.tvm_executor)
+    if any(tvm_flags) and args.target != "tvm":
         raise EffcError(
-            "--tvm-target, --tuning and --tvm-decisions choose how TVM builds: they need "
-            "--target tvm"
+            "--tvm-target, --tuning, --tvm-decisions and --tvm-executor choose how TVM builds: "
+            "they need --target tvm"
         )
     backend_options = {"engine": args.engine} if args.engine else {}
     if args.target == "tvm":
@@ -107,6 +108,7 @@ def cmd_compile(args) -> int:
             "tvm_target": args.tvm_target or "x86",
             "tuning": args.tuning,
             "decisions": args.tvm_decisions,
+            "executor": args.tvm_executor or "auto",
         }
     prepare_output(Path(args.output), args.force)  # fail before loading a large model
     if distributed.init_from_env() and args.stream:
@@ -422,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tvm-decisions",
         metavar="FILE",
         help="--target tvm: pinned sparse/dense choices per layer (an artifact's decisions.json)",
+    )
+    p.add_argument(
+        "--tvm-executor",
+        choices=["auto", "aot", "vm"],
+        help="--target tvm, x86: effc's ahead-of-time executor (static shapes), TVM's relax VM, "
+        "or auto (default: effc's where the model allows it)",
     )
     p.set_defaults(func=cmd_compile)
 

@@ -35,12 +35,13 @@ def compare_artifact(
         ref = open_session(str(ref_path), session_options(threads, True))
         if backend == tvm.NAME:
             vm, meta = tvm.load(folder, threads)
-            art_path = folder / tvm.LIB_FILE[meta["tvm_target"]]
+            art_bytes = tvm.artifact_bytes(folder, meta)
 
             def art_run():
                 return list(tvm.call(vm, meta, inputs).values())
         else:
             art_path = folder / "model.onnx"
+            art_bytes = model_files(art_path)
             domains = [bsr.DOMAIN] if backend == bsr.NAME else []
             art = open_session(str(art_path), session_options(threads, True), domains)
 
@@ -55,7 +56,7 @@ def compare_artifact(
             {"model": "reference", "bytes": model_files(ref_path), "ms": ms[0], "speedup": 1.0},
             {
                 "model": f"artifact ({backend})",
-                "bytes": model_files(art_path),
+                "bytes": art_bytes,
                 "ms": ms[1],
                 "speedup": ms[0] / ms[1],
                 "max_abs": error.get("max_abs"),

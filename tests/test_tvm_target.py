@@ -377,6 +377,130 @@ def test_aot_executor_matches_the_vm_and_refuses_what_it_cannot_run(tmp_path):
         tvm_aot.plan(dense)  # not legalized: an operator, not a kernel call
 
 
+def test_x86_runs_in_effcs_executor_and_equals_the_vm(tmp_path):
+    """x86 builds of static-shape models run in effc's executor (in process, its own thread
+    pool) by default: the same kernels as TVM's VM, so the same outputs to the bit, at any
+    thread count; --tvm-executor vm keeps TVM's VM."""
+    passes = "kernel-sparsity{sparsity=0.5,patterns=[pointwise:4x1,linear:dense,conv:dense]}"
+    result = _compile(TinyCNN(), passes, tmp_path / "aot")
+    meta = json.loads((tmp_path / "aot" / "tvm.json").read_text())
+    assert meta["executor"] == "effc-aot" and (tmp_path / "aot" / tvm_backend.AOT_LIB).is_file()
+    assert not (tmp_path / "aot" / "model.so").exists()  # one executable, not two
+    assert any("runs in effc's executor" in n for n in result.report.notes)
+    pinned = str(tmp_path / "aot" / "decisions.json")  # the same layer choices in both
+    _compile(TinyCNN(), passes, tmp_path / "vm", decisions=pinned, executor="vm")
+    assert json.loads((tmp_path / "vm" / "tvm.json").read_text())["executor"] == "relax-vm"
+    x = _inputs(4)
+    aot, _ = tvm_backend.load(tmp_path / "aot")
+    got = tvm_backend.call(aot, meta, x)
+    want = get_backend("tvm").run(tmp_path / "vm", x)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    step_ns = np.zeros(meta["aot"]["steps"], np.int64)
+    again = aot.run([x["pixels"]], step_ns)  # a second run on the same arena, profiled
+    np.testing.assert_array_equal(again[0], got[meta["outputs"][0]])
+    assert (step_ns > 0).all()
+    with pytest.raises(UnsupportedError, match=r"input 0 must be float32 \(1, 3, 32, 32\)"):
+        aot.run([x["pixels"][:, :, :16]])
+    with pytest.raises(UnsupportedError, match="unknown TVM executor"):
+        _compile(TinyCNN(), "cleanup", tmp_path / "bad", executor="jit")
+    with pytest.raises(UnsupportedError, match="aarch64 runs TVM's VM"):
+        _compile(TinyCNN(), "cleanup", tmp_path / "bad", executor="aot", tvm_target="aarch64")
+
+
+def test_cli_executor_flag(tmp_path, cli):
+    code, _, err = cli(
+        "compile",
+        "builtin:tiny-cnn",
+        "--passes",
+        "cleanup",
+        "-o",
+        tmp_path / "o",
+        "--tvm-executor",
+        "vm",
+    )
+    assert code == 2 and "--target tvm" in err and len(err.strip().splitlines()) == 1
+    out = tmp_path / "vm"
+    code, _, err = cli(
+        "compile",
+        "builtin:tiny-cnn",
+        "--passes",
+        "cleanup",
+        "-o",
+        out,
+        "--target",
+        "tvm",
+        "--tvm-executor",
+        "vm",
+    )
+    assert code == 0, err
+    assert json.loads((out / "tvm.json").read_text())["executor"] == "relax-vm"
+    code, text, err = cli("run", out)
+    assert code == 0, err
+
+
+def test_executor_threads_give_the_same_bits(tmp_path):
+    """The native command on 1 and 2 threads of its pool: parallel loops split work, never the
+    sums inside one output, so the outputs are bit-identical."""
+    from effc.backends import tvm_aot
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler for the native executor")
+    target = tvm_backend.target_for("x86")
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    w[:32, :16] = 0
+    dense, (shape,) = tvm_sparse.pointwise_module(w, 1, 32, 400)
+    mod, _ = tvm_sparse.sparsify(dense, target, lambda *a: "sparse")
+    aot = tvm_aot.write(tvm_backend.fused(mod, target), target, tmp_path, "x86", "run")
+    meta = {"tvm_target": "x86", "aot": aot}
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    outs = []
+    for threads in ("1", "2"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TVM_NUM_THREADS", threads)
+            outs.append(tvm_aot.execute(tmp_path, meta, [x], "run")[0][0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(
+        outs[0],
+        np.einsum("oc,ncp->nop", w, x.reshape(1, 32, -1)).reshape(outs[0].shape),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_arena_shares_memory_only_between_tensors_not_alive_together(tmp_path):
+    """The plan of a real CNN: every pair of temporaries alive at one step occupies disjoint
+    bytes of the arena, and the arena is much smaller than all temporaries together; reshapes
+    are views, not copy kernels."""
+    import onnx_ir as ir
+
+    from effc.backends import tvm_aot
+
+    passes = "kernel-sparsity{sparsity=0.5,patterns=[pointwise:4x1,linear:dense,conv:dense]}"
+    _compile(TinyCNN(), passes, tmp_path / "m", executor="vm")
+    target = tvm_backend.target_for("x86")
+    mod = tvm_backend.import_onnx(ir.load(tmp_path / "m" / "model.onnx"))
+    mod, _ = tvm_sparse.sparsify(mod, target, lambda *a: "sparse")  # reshapes around the kernel
+    fused = tvm_backend.fused(mod, target)
+    assert any("reshape" in gv.name_hint for gv in fused.functions)  # a copy kernel in TVM's IR
+    p, _ = tvm_aot.plan(fused)
+    assert not any("reshape" in k for k in p.kernels)  # a view in the plan
+    first, last = {}, {}
+    for i, (_, args) in enumerate(p.steps):
+        for v in args:
+            first.setdefault(p.views[v][0], i)
+            last[p.views[v][0]] = i
+    temps = [s for s, (_, kind, _) in enumerate(p.storages) if kind == "t"]
+    assert len(temps) >= 5
+    for a in temps:
+        for b in temps:
+            if a < b and first[a] <= last[b] and first[b] <= last[a]:
+                (na, _, oa), (nb, _, ob) = p.storages[a], p.storages[b]
+                assert oa + na <= ob or ob + nb <= oa, (a, b)
+    assert all(p.storages[s][2] % 64 == 0 for s in temps)
+    assert p.arena < sum(p.storages[s][0] for s in temps)
+
+
 def test_unknown_target_and_missing_database_are_one_line_errors(tmp_path):
     with pytest.raises(UnsupportedError, match="unknown TVM target"):
         tvm_backend.target_for("riscv")
