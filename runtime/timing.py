@@ -41,7 +41,7 @@ def copies_for(nbytes: int, rotate: int, cap: int = 256) -> int:
 
 
 def interleaved_medians(
-    calls: list[Callable[[], None]], trials: int = 9, paired: bool = False
+    calls: list[Callable[[], None]], trials: int = 9, paired: bool = False, block: int = 1
 ) -> list[float]:
     """Milliseconds of each call: the median of ``trials`` timings, the calls interleaved so that
     machine noise hits them alike (after one warm-up call each). With ``paired`` (calls into
@@ -49,15 +49,20 @@ def interleaved_medians(
     worker threads spin for a while after a parallel section (onnxruntime's intra-op pool, TVM's
     thread pool), and a call started meanwhile shares the cores with them (measured here with 2
     threads on 2 cores: a TVM build timed right after onnxruntime ran 9x slower), so the untimed
-    call takes that hit and the timed one runs as it would alone."""
+    call takes that hit and the timed one runs as it would alone. With ``block`` > 1 each turn
+    of a callable is ``block`` timed calls back to back (after the untimed one when ``paired``):
+    each engine runs as it would alone, its thread pool awake, while the rounds still spread
+    the machine's slow and fast phases over all of them."""
     for call in calls:
         call()
     times: list[list[float]] = [[] for _ in calls]
-    for _ in range(trials):
+    rounds = max(1, math.ceil(trials / block))
+    for _ in range(rounds):
         for i, call in enumerate(calls):
             if paired:
                 call()
-            t0 = time.perf_counter()
-            call()
-            times[i].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                call()
+                times[i].append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(t) for t in times]

@@ -321,6 +321,12 @@ def test_wasm32_build_runs_under_wasmtime_and_matches_x86(tmp_path):
     meta = json.loads((tmp_path / "wasm" / "tvm.json").read_text())
     _, timing = tvm_backend.run_wasm(tmp_path / "wasm", meta, x, repeat=3)
     assert timing["runs"] == 3 and 0 < timing["min_ms"] <= timing["median_ms"]
+    if shutil.which("node"):  # the same module in V8 (the web engines' runtime): same bits
+        from tools.bench.tvm_wasm import node_wasi_run
+
+        outs, ms = node_wasi_run(tmp_path / "wasm", meta, x["pixels"], 2)
+        np.testing.assert_array_equal(outs["y"], wasm)
+        assert ms > 0
 
 
 @needs_wasm

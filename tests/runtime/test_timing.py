@@ -24,3 +24,7 @@ def test_interleaved_medians_order_and_pairing():
     log.clear()
     interleaved_medians([fast, slow], trials=3, paired=True)
     assert log == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    log.clear()  # blocks: each turn an untimed call, then `block` timed ones back to back
+    ms = interleaved_medians([fast, slow], trials=4, paired=True, block=2)
+    assert log == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2
+    assert ms[0] < ms[1]

@@ -16,9 +16,11 @@ TVM's VM.
 
 Each figure is the median of interleaved runs (warm-up first; each timed run follows an untimed
 run of the same engine, so no engine is timed while another's worker threads still spin); the
-"alone" column times each engine again back to back in the same process (LiteRT's XNNPACK
-thread pool puts its worker to sleep after every call, and interleaved with the other engines
-on this 2-core VM it often ran at its one-thread speed). The floor beside it is the bytes
+"alone" column times each engine again in blocks of back-to-back runs (trials / 5 a block, the
+blocks of all engines interleaved over five rounds, so a slow phase of this shared VM falls on
+all of them), in the same process (LiteRT's XNNPACK thread pool puts its worker to sleep after
+every call, and interleaved call by call with the other engines on this 2-core VM it often ran
+at its one-thread speed); "vs XNNPACK" compares those alone figures with LiteRT's dense row. The floor beside it is the bytes
 the graph moves (every intermediate written and read once, weights read once; sparse weights
 counted at their kept values plus one int32 index per 8-value block) over the read bandwidth
 measured in the same run (it counts every intermediate at memory bandwidth, while small ones
@@ -193,8 +195,11 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                 folders[label] = folder
             ms = dict(zip(calls, interleaved_medians(list(calls.values()), trials, paired=True)))
             # each engine again on its own, back to back: LiteRT's XNNPACK pool wakes its worker
-            # per call, and interleaved with other engines on this VM it often ran single-threaded
-            alone = {label: interleaved_medians([call], trials)[0] for label, call in calls.items()}
+            # per call, and interleaved with other engines on this VM it often ran single-threaded;
+            # in blocks of runs, the blocks interleaved, so a slow phase of the machine does not
+            # fall on one engine's runs only
+            block = max(1, trials // 5)
+            alone = dict(zip(calls, interleaved_medians(list(calls.values()), trials, True, block)))
             base_tuned = ms.get("tvm dense (tuned)")
             for label, t in ms.items():
                 folder = folders.get(label, first)
@@ -211,6 +216,9 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                         "alone_ms": alone[label],
                         "vs_ort": ms["onnxruntime dense"] / t,
                         "vs_tvm_tuned": base_tuned / t if base_tuned else None,
+                        "vs_xnnpack_alone": alone["litert xnnpack dense"] / alone[label]
+                        if "litert xnnpack dense" in alone
+                        else None,
                         "sparse_layers": f"{len(chosen)}/{len(meta['sparse_layers'])}"
                         if label.startswith("effc")
                         else "",
@@ -278,16 +286,17 @@ def markdown(data: dict, command: str) -> str:
         "",
         f"`{command}`",
         "",
-        "| model | variant | ms | alone ms | floor ms | vs onnxruntime | vs TVM tuned | 1x1 zeros "
-        "| sparse layers | conv kernels | build s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "| model | variant | ms | alone ms | floor ms | vs onnxruntime | vs TVM tuned | "
+        "vs XNNPACK (alone) | 1x1 zeros | sparse layers | conv kernels | build s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in data["rows"]:
         tuned = f"{r['vs_tvm_tuned']:.2f}x" if r["vs_tvm_tuned"] else "-"
         alone = f"{r['alone_ms']:.2f}" if "alone_ms" in r else "-"
+        xnn = f"{r['vs_xnnpack_alone']:.2f}x" if r.get("vs_xnnpack_alone") else "-"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['ms']:.2f} | {alone} | {r['floor_ms']:.3f} | "
-            f"{r['vs_ort']:.2f}x | {tuned} | {r.get('zeros_1x1', 0):.0%} | {r['sparse_layers']} | {r.get('conv_kernels', '')} "
+            f"{r['vs_ort']:.2f}x | {tuned} | {xnn} | {r.get('zeros_1x1', 0):.0%} | {r['sparse_layers']} | {r.get('conv_kernels', '')} "
             f"| {r['build_s']} |"
         )
     lines += ["", XNNPACK_NOTE]

@@ -20,6 +20,9 @@ Variants:
   ``npm install --prefix DIR onnxruntime-web@1.22.0`` ran): the engine a web user would pick,
   WebAssembly with SIMD on one thread, under node (``tools/bench/node/ort_web.js``), on the
   dense graph; interleaved with the rest.
+- ``effc ... (node)`` (with ``--node-wasi``): the same effc artifacts under node's WASI
+  (``tools/bench/node/wasi_run.mjs``, V8 with its optimizing compiler up front) instead of
+  wasmtime (Cranelift): the web engines below run in V8, so these rows compare like with like.
 - ``litert.js dense`` and ``litert.js sparse N%`` (with ``--litert-js DIR``, a folder where
   ``npm install --prefix DIR @litertjs/core@2.5.3`` ran): LiteRT with XNNPACK compiled to
   WebAssembly, one thread, under node (``tools/bench/node/litert_web.mjs``), on the same graphs
@@ -51,6 +54,25 @@ from tools.results import save
 
 NODE_SCRIPT = Path(__file__).with_name("node") / "ort_web.js"
 LITERT_SCRIPT = Path(__file__).with_name("node") / "litert_web.mjs"
+WASI_SCRIPT = Path(__file__).with_name("node") / "wasi_run.mjs"
+
+
+def node_wasi_run(folder: Path, meta: dict, x: np.ndarray, repeat: int):
+    """(outputs, median ms) of effc's wasm32 artifact in ``folder`` under node's WASI (V8, the
+    web engines' runtime) instead of wasmtime: the same executor, the same files."""
+    import re
+    import subprocess
+
+    aot = meta["aot"]
+    with tempfile.TemporaryDirectory(prefix="effc-node-io-") as io:
+        np.asarray(x, np.float32).tofile(f"{io}/in0.bin")
+        wasm = Path(folder).resolve() / tvm_backend.LIB_FILE["wasm32"]
+        cmd = ["node", "--no-liftoff", "--no-warnings", str(WASI_SCRIPT), str(wasm)]
+        cmd += [str(Path(folder).resolve()), io, str(repeat)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        m = re.search(r"median_ns=(\d+)", done.stdout)
+        out = np.fromfile(f"{io}/out0.bin", aot["output_dtypes"][0])
+    return {"y": out.reshape(aot["output_shapes"][0])}, int(m[1]) / 1e6
 
 
 def litert_js_run(folder: Path, tflite: Path, x: np.ndarray, runs: int):
@@ -87,6 +109,7 @@ def run(
     repeat: int,
     ort_web: str | None = None,
     litert_js: str | None = None,
+    node_wasi: bool = False,
 ) -> dict:
     bw = read_bandwidth()
     rows = []
@@ -116,6 +139,13 @@ def run(
                     return outs, timing["median_ms"]
 
                 runs[label] = wasm
+                if node_wasi and label.startswith("effc"):
+                    node_label = f"{label} (node)"
+                    folders[node_label] = folder
+                    variants[node_label], seconds[node_label] = variants[label], seconds[label]
+                    runs[node_label] = lambda f=folder, m=meta, x=x: node_wasi_run(
+                        f, m, x["pixels"], repeat
+                    )
             if ort_web:
                 label = "onnxruntime-web dense"
                 folders[label] = folders["tvm dense (default schedule)"]
@@ -232,16 +262,20 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4))
     for ax, name in zip(np.atleast_1d(axes), names):
         rows = [r for r in data["rows"] if r["model"] == name]
-        curves = ("effc sparse", "litert.js sparse")
-        for curve in curves:
-            sparse = [r for r in rows if r["variant"].startswith(curve)]
+        curves = {
+            "effc sparse (wasmtime)": lambda v: v.startswith("effc sparse") and "node" not in v,
+            "effc sparse (node)": lambda v: v.startswith("effc sparse") and "node" in v,
+            "litert.js sparse": lambda v: v.startswith("litert.js sparse"),
+        }
+        for curve, member in curves.items():
+            sparse = [r for r in rows if member(r["variant"])]
             if sparse:
                 ax.plot(
                     [r["sparsity"] for r in sparse], [r["ms"] for r in sparse], "o-", label=curve
                 )
         colors = itertools.cycle(["tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"])
         for r in rows:
-            if not r["variant"].startswith(curves):
+            if not any(member(r["variant"]) for member in curves.values()):
                 ax.axhline(r["ms"], linestyle="--", color=next(colors), label=r["variant"])
         ax.set_title(f"{name}, wasm32, one thread (wasmtime; node for the web engines)")
         ax.set_xlabel("kernel sparsity of the 1x1 convs")
@@ -260,17 +294,29 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ort-web", help="folder with node_modules/onnxruntime-web")
     ap.add_argument("--litert-js", help="folder with node_modules/@litertjs/core")
+    ap.add_argument(
+        "--node-wasi",
+        action="store_true",
+        help="also run effc's builds under node's WASI (V8, the web engines' runtime)",
+    )
     ap.add_argument("--out", default="tools/bench/results/tvm_wasm")
     args = ap.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
     data = run(
-        args.models.split(","), levels, args.trials, args.repeat, args.ort_web, args.litert_js
+        args.models.split(","),
+        levels,
+        args.trials,
+        args.repeat,
+        args.ort_web,
+        args.litert_js,
+        args.node_wasi,
     )
     command = (
         f"python -m tools.bench.tvm_wasm --models {args.models} --levels {args.levels} "
         f"--trials {args.trials} --repeat {args.repeat}"
         + (f" --ort-web {args.ort_web}" if args.ort_web else "")
         + (f" --litert-js {args.litert_js}" if args.litert_js else "")
+        + (" --node-wasi" if args.node_wasi else "")
     )
     save(args.out, data, markdown(data, command))
     plot(data, Path(args.out + ".png"))

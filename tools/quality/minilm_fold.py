@@ -35,6 +35,10 @@ from tools.results import save  # noqa: E402
 
 CURE = "cure{steps=STEPS,distill=both,layers=1,samples=CALIB}"
 GATES = "block-gates{steps=64,samples=CALIB,rate=RATE}"
+# GQSA on the encoder: W4 in groups of 16 (GPTQ), then E2E-OQP distilling the output hidden
+# states (an encoder has no next-token loss: loss=auto picks the distance to the original's)
+W4 = "quantize{bits=4,group=16,method=gptq}"
+E2E = "gqsa-train{stage=e2e,steps=STEPS,lr=0.0003,samples=CALIB}"
 
 
 def rows() -> list[tuple[str, str]]:
@@ -59,10 +63,16 @@ def rows() -> list[tuple[str, str]]:
             f"{gates},remove-blocks{{count=2,score=gates}},share-blocks{{group=2}},{CURE}",
         )
     )
+    out.append(("W4 g16 (GPTQ)", W4))
+    out.append(("W4 g16 (GPTQ) + E2E-OQP", f"{W4},{E2E}"))
+    recipe = f"remove-blocks{{count=1,score=cosine}},{CURE},{W4},{E2E}"
+    out.append(("remove 1 (cosine) + cure + W4 g16 + E2E-OQP", recipe))
     return out
 
 
-def run(seq: int, n_calib: int, cure_steps: int, trials: int) -> dict:
+def run(
+    seq: int, n_calib: int, cure_steps: int, trials: int, only: list[str] | None = None
+) -> dict:
     import onnx_ir as ir
     from transformers import AutoTokenizer
 
@@ -82,7 +92,11 @@ def run(seq: int, n_calib: int, cure_steps: int, trials: int) -> dict:
     encoded, ratings, calib = lee_inputs(AutoTokenizer.from_pretrained(folder), seq, n_calib)
     results, base = [], None
     sessions: dict[tuple[int, int], object] = {}  # one timed session per distinct graph
-    for label, text in rows():
+    chosen = [(label, text) for label, text in rows() if not only or label in only or not text]
+    unknown = set(only or []) - {label for label, _ in rows()}
+    if unknown:
+        raise SystemExit(f"unknown rows: {sorted(unknown)}")
+    for label, text in chosen:
         text = text.replace("STEPS", str(cure_steps)).replace("CALIB", str(n_calib))
         module, inputs = load_hf_folder(folder, seq=seq)
         model = FxModel(module, inputs)
@@ -212,14 +226,17 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--cure-steps", type=int, default=200)
     ap.add_argument("--trials", type=int, default=61)
+    ap.add_argument("--rows", help="only these settings (;-separated), fp32 always first")
     ap.add_argument("--out", default="tools/quality/results/minilm_fold")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    data = run(args.seq, args.calib, args.cure_steps, args.trials)
+    only = args.rows.split(";") if args.rows else None
+    data = run(args.seq, args.calib, args.cure_steps, args.trials, only)
     command = (
         f"python -m tools.quality.minilm_fold --seq {args.seq} --calib {args.calib} "
         f"--cure-steps {args.cure_steps} --trials {args.trials}"
+        + (f' --rows "{args.rows}" --out {args.out}' if args.rows else "")
     )
     save(args.out, data, markdown(data, command))
 
