@@ -5,6 +5,7 @@ Marker ``tvm`` (its own CI step with apache-tvm installed)."""
 
 import importlib.util
 import json
+import multiprocessing
 import shutil
 
 import numpy as np
@@ -406,6 +407,26 @@ def test_x86_runs_in_effcs_executor_and_equals_the_vm(tmp_path):
     again = aot.run([x["pixels"]], step_ns)  # a second run on the same arena, profiled
     np.testing.assert_array_equal(again[0], got[meta["outputs"][0]])
     assert (step_ns > 0).all()
+    # Python threads calling in together (ctypes drops the GIL) take turns, and a forked child
+    # starts its own thread pool instead of waiting for its parent's workers
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: aot.run([x["pixels"]])[0], range(6)))
+    for r in runs:
+        np.testing.assert_array_equal(r, again[0])
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(aot.run([x["pixels"]])[0]), daemon=True)
+    child.start()
+    try:
+        forked = queue.get(timeout=60)
+    finally:
+        child.join(5)
+        if child.is_alive():  # a hung child fails the test instead of hanging the session
+            child.kill()
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(forked, again[0])
     with pytest.raises(UnsupportedError, match=r"input 0 must be float32 \(1, 3, 32, 32\)"):
         aot.run([x["pixels"][:, :, :16]])
     with pytest.raises(UnsupportedError, match="unknown TVM executor"):

@@ -61,6 +61,8 @@ int TVMBackendParallelBarrier(int task_id, ParallelEnv* penv) {
   return 0;
 }
 static void pool_start(void) {}
+#define RUN_LOCK()
+#define RUN_UNLOCK()
 #else
 /* The caller runs task 0 and the workers the others. An idle worker spins on a generation
  * counter for up to POOL_SPIN_NS (a model launches one parallel loop per kernel, microseconds
@@ -70,7 +72,6 @@ static void pool_start(void) {}
 #include <stdatomic.h>
 #include <unistd.h>
 #define POOL_SPIN_NS 200000
-static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_cond = PTHREAD_COND_INITIALIZER;
 static int pool_n = 1;
@@ -123,6 +124,11 @@ static void* pool_worker(void* arg) {
   return NULL;
 }
 static void pool_init(void) {
+  /* a fresh pool (also in a forked child, whose copy of these holds its parent's state) */
+  atomic_store(&pool_gen, 0), atomic_store(&pool_done, 0), atomic_store(&pool_sleepers, 0);
+  atomic_store(&bar_count, 0), atomic_store(&bar_gen, 0);
+  pthread_mutex_init(&pool_mutex, NULL);
+  pthread_cond_init(&pool_cond, NULL);
   const char* env = getenv("TVM_NUM_THREADS");
   pool_n = env && atoi(env) > 0 ? atoi(env) : (int)sysconf(_SC_NPROCESSORS_ONLN);
   if (pool_n < 1) pool_n = 1;
@@ -135,7 +141,19 @@ static void pool_init(void) {
     pthread_detach(t);
   }
 }
-static void pool_start(void) { pthread_once(&pool_once, pool_init); }
+static pid_t pool_pid;
+/* once a process: a forked child (multiprocessing) has none of its parent's workers */
+static void pool_start(void) {
+  if (pool_pid != getpid()) {
+    pool_pid = getpid();
+    pool_init();
+  }
+}
+/* one model run at a time per process: the pool runs one parallel loop, and a model's arena
+ * holds one run (ctypes releases the GIL, so Python threads could call in together) */
+static pthread_mutex_t run_mutex = PTHREAD_MUTEX_INITIALIZER;
+#define RUN_LOCK() pthread_mutex_lock(&run_mutex)
+#define RUN_UNLOCK() pthread_mutex_unlock(&run_mutex)
 int TVMBackendParallelLaunch(ParallelLambda flambda, void* cdata, int num_task) {
   int n = num_task <= 0 || num_task > pool_n ? pool_n : num_task;
   ParallelEnv env = {NULL, n};
@@ -362,13 +380,14 @@ void* effc_aot_open(const char* dir) {
 /* inputs and outputs in plan order, each a C-order buffer of the planned size */
 int effc_aot_run(void* handle, void* const* inputs, void* const* outputs, int64_t* step_ns) {
   Model* m = (Model*)handle;
+  RUN_LOCK();
   for (int i = 0; i < m->ni; ++i)
     memcpy(m->vw[m->inputs[i]].t.data, inputs[i], (size_t)view_bytes(m, m->inputs[i]));
   int rc = run_steps(m, step_ns);
-  if (rc != 0) return rc;
-  for (int i = 0; i < m->no; ++i)
+  for (int i = 0; rc == 0 && i < m->no; ++i)
     memcpy(outputs[i], m->vw[m->outputs[i]].t.data, (size_t)view_bytes(m, m->outputs[i]));
-  return 0;
+  RUN_UNLOCK();
+  return rc;
 }
 
 int effc_aot_num_steps(void* handle) { return ((Model*)handle)->nk; }
