@@ -20,7 +20,9 @@ run of the same engine, so no engine is timed while another's worker threads sti
 blocks of all engines interleaved over five rounds, so a slow phase of this shared VM falls on
 all of them), in the same process (LiteRT's XNNPACK thread pool puts its worker to sleep after
 every call, and interleaved call by call with the other engines on this 2-core VM it often ran
-at its one-thread speed); "vs XNNPACK" compares those alone figures with LiteRT's dense row. The floor beside it is the bytes
+at its one-thread speed); "vs XNNPACK" compares those alone figures with LiteRT's dense row.
+onnxruntime's threads do not spin between calls (``session_options(spinning=False)``): a
+spinning pool takes the cores from whichever engine runs next. The floor beside it is the bytes
 the graph moves (every intermediate written and read once, weights read once; sparse weights
 counted at their kept values plus one int32 index per 8-value block) over the read bandwidth
 measured in the same run (it counts every intermediate at memory bandwidth, while small ones
@@ -166,7 +168,9 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                 print(f"built {name} {label} in {seconds[label]:.0f} s", flush=True)
             first = next(iter(folders.values()))
             x = {"pixels": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
-            ort = open_session(str(first / "model.onnx"), session_options(THREADS, True))
+            ort = open_session(
+                str(first / "model.onnx"), session_options(THREADS, True, spinning=False)
+            )
             calls = {"onnxruntime dense": lambda s=ort, x=x: s.run(None, x)}
             levels_of = {label: v[3] for label, v in variants.items()}
             for label, folder in folders.items():
@@ -188,7 +192,9 @@ def run(models: list[str], levels: list[float], trials: int) -> dict:
                     call = litert_call(folder / "model.onnx", sparse, x["pixels"], THREADS)
                 if call is None:
                     continue
-                same = open_session(str(folder / "model.onnx"), session_options(THREADS, True))
+                same = open_session(
+                    str(folder / "model.onnx"), session_options(THREADS, True, spinning=False)
+                )
                 want = same.run(None, x)[0]  # the other engines run the same graph
                 np.testing.assert_allclose(call().reshape(want.shape), want, atol=1e-3)
                 calls[label] = call

@@ -131,7 +131,7 @@ def run(
                 print(f"built {name} {label} in {seconds[label]:.0f} s", flush=True)
             x = {"pixels": np.random.default_rng(0).standard_normal((1, 3, 224, 224), np.float32)}
             runs = {}  # label -> () -> (outputs or None, ms)
-            for label, folder in folders.items():
+            for label, folder in list(folders.items()):
                 meta = json.loads((folder / "tvm.json").read_text())
 
                 def wasm(folder=folder, meta=meta, x=x):
@@ -161,7 +161,7 @@ def run(
                 graphs += [
                     (label.replace("effc", "litert.js"), folders[label], variants[label][2])
                     for label in list(folders)
-                    if label.startswith("effc sparse")
+                    if label.startswith("effc sparse") and not label.endswith("(node)")
                 ]
                 for label, folder, level in graphs:
                     tflite = Path(tmp) / f"{name}-{label.replace(' ', '_')}.tflite"
