@@ -353,10 +353,6 @@ class Native:
         self._handle = lib.effc_aot_open(str(Path(out_dir).resolve()).encode())
         if not self._handle:
             raise UnsupportedError(f"effc's executor: {lib.effc_aot_error().decode()}")
-        self._outs = [
-            np.empty(shape, dtype)
-            for shape, dtype in zip(aot["output_shapes"], aot["output_dtypes"])
-        ]
 
     def _pointers(self, arrays: list[np.ndarray]):
         return (self._c.c_void_p * max(1, len(arrays)))(*[a.ctypes.data for a in arrays])
@@ -365,15 +361,17 @@ class Native:
         """Outputs (new arrays) of one run; ``step_ns`` (int64, one per step) accumulates each
         step's time when given."""
         xs = _check_inputs(self.aot, inputs)
-        prof = None if step_ns is None else step_ns.ctypes.data
         if step_ns is not None and (step_ns.dtype != np.int64 or step_ns.size < self.aot["steps"]):
             raise ValueError("step_ns must be int64 with one entry per step")
-        rc = self._lib.effc_aot_run(
-            self._handle, self._pointers(xs), self._pointers(self._outs), prof
-        )
+        prof = None if step_ns is None else step_ns.ctypes.data
+        outs = [  # the executor copies each output straight into these
+            np.empty(shape, dtype)
+            for shape, dtype in zip(self.aot["output_shapes"], self.aot["output_dtypes"])
+        ]
+        rc = self._lib.effc_aot_run(self._handle, self._pointers(xs), self._pointers(outs), prof)
         if rc != 0:
             raise UnsupportedError(f"effc's executor: {self._lib.effc_aot_error().decode()}")
-        return [o.copy() for o in self._outs]
+        return outs
 
     def close(self) -> None:
         if getattr(self, "_handle", None):
@@ -409,10 +407,18 @@ atexit.register(_MODULES.clear)  # before wasmtime's own teardown
 
 
 def execute(
-    out_dir: Path, meta: dict, inputs: list[np.ndarray], lib_name: str, repeat: int = 1
+    out_dir: Path,
+    meta: dict,
+    inputs: list[np.ndarray],
+    lib_name: str,
+    repeat: int = 1,
+    via: list[str] | None = None,
 ) -> tuple[list[np.ndarray], dict]:
     """Run the artifact's executor on ``inputs`` (in plan order); (outputs, timing) where
-    timing has the median and fastest whole-model run in ms over ``repeat`` runs."""
+    timing has the median and fastest whole-model run in ms over ``repeat`` runs. A wasm32
+    module runs under wasmtime in process, unless ``via`` names another host command
+    (``via + [module, artifact dir, io dir, repeat]``, e.g. node's WASI); a native command
+    runs as it is."""
     out_dir = Path(out_dir).resolve()
     aot = meta["aot"]
     xs = _check_inputs(aot, inputs)
@@ -421,11 +427,11 @@ def execute(
             x.tofile(f"{io}/in{i}.bin")
         log = Path(io) / "stdout.txt"
         err = Path(io) / "stderr.txt"
-        if meta["tvm_target"] == "wasm32":
+        if meta["tvm_target"] == "wasm32" and via is None:
             code = _run_wasm(out_dir / lib_name, out_dir, Path(io), repeat, log, err)
         else:
             with open(log, "w") as so, open(err, "w") as se:
-                cmd = [str(out_dir / lib_name), str(out_dir), io, str(repeat)]
+                cmd = [*(via or []), str(out_dir / lib_name), str(out_dir), io, str(repeat)]
                 code = subprocess.run(cmd, stdout=so, stderr=se).returncode
         if code != 0:
             raise UnsupportedError(

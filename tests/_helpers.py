@@ -77,3 +77,13 @@ def real_folder(getter):
         return getter()
     except UnsupportedError as e:
         pytest.skip(str(e))
+
+
+def one_line_error(code, out, err, match):
+    """What the CLI gives bad input: exit code 2 and one line on stderr naming the problem,
+    no traceback."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effc: error:"), err
+    assert match in lines[0], err
+    assert "Traceback" not in err

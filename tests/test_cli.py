@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from _helpers import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +17,6 @@ def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "out"
     assert main(["compile", "builtin:tiny-cnn", "--passes", "cleanup,fuse", "-o", str(out)]) == 0
     return out
-
-
-def _one_line_error(code, out, err, match):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("effc: error:"), err
-    assert match in lines[0], err
-    assert "Traceback" not in err
 
 
 def test_compile_writes_manifest_model_and_report(artifact):
@@ -67,21 +60,21 @@ def test_run_refuses_a_tampered_artifact(artifact, tmp_path, cli):
     data = bytearray((copy / "model.onnx").read_bytes())
     data[-1] ^= 0xFF
     (copy / "model.onnx").write_bytes(bytes(data))
-    _one_line_error(*cli("run", copy), "does not match its sha256")
+    one_line_error(*cli("run", copy), "does not match its sha256")
     (copy / "model.onnx").unlink()
-    _one_line_error(*cli("run", copy), "model.onnx is missing")
+    one_line_error(*cli("run", copy), "model.onnx is missing")
 
 
 def test_run_refuses_inputs_of_the_wrong_shape(artifact, tmp_path, cli):
     np.savez(tmp_path / "bad.npz", pixels=np.zeros((1, 3, 16, 16), np.float32))
-    _one_line_error(
+    one_line_error(
         *cli("run", artifact, "--inputs", tmp_path / "bad.npz"),
         "input 'pixels' has shape [1, 3, 16, 16]",
     )
 
 
 def test_output_folder_exists_needs_force(artifact, cli, tmp_path):
-    _one_line_error(
+    one_line_error(
         *cli("compile", "builtin:tiny-cnn", "--passes", "cleanup", "-o", artifact),
         "already exists; pass --force",
     )
@@ -153,7 +146,7 @@ def test_failure_while_writing_leaves_no_partial_output(tmp_path, cli, monkeypat
 def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, cli):
     (tmp_path / "random.onnx").write_bytes(np.random.default_rng(1).bytes(1000))
     (tmp_path / "lfs.onnx").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
-    _one_line_error(*cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]), match)
+    one_line_error(*cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]), match)
     assert not (tmp_path / "o").exists()
 
 
@@ -175,7 +168,7 @@ def test_fx_only_pass_on_onnx_model_is_exit_2(tmp_path, cli, llama_onnx, monkeyp
             return PassResult(model, False)
 
     monkeypatch.setitem(PASSES, "train-test", Train)
-    _one_line_error(
+    one_line_error(
         *cli("compile", llama_onnx["dynamo"], "--passes", "train-test", "-o", tmp_path / "o"),
         "training needs a torch model",
     )
@@ -183,7 +176,7 @@ def test_fx_only_pass_on_onnx_model_is_exit_2(tmp_path, cli, llama_onnx, monkeyp
 
 def test_calibration_of_the_wrong_shape_is_exit_2(tmp_path, cli):
     np.savez(tmp_path / "calib.npz", pixels=np.zeros((4, 3, 8, 8), np.float32))
-    _one_line_error(
+    one_line_error(
         *cli(
             "compile",
             "builtin:tiny-cnn",
@@ -214,7 +207,7 @@ def test_export_inspect_and_check(tmp_path, cli):
         "export", "builtin:tiny-llama", "-o", tmp_path / "b.onnx", "--legacy", "--opset", "14"
     )
     assert code == 0, err
-    _one_line_error(
+    one_line_error(
         *cli("export", "builtin:tiny-llama", "-o", tmp_path / "b.onnx"), "already exists"
     )
     code, out, _ = cli("inspect", tmp_path / "b.onnx", "--json")

@@ -47,6 +47,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.backends import tvm as tvm_backend
+from effc.backends import tvm_aot
 from effc.ir.ort import open_session, session_options
 from tools.bench.litert import onnx_to_tflite
 from tools.bench.tvm_cnn import PATTERN, build, moved_bytes, read_bandwidth
@@ -60,19 +61,10 @@ WASI_SCRIPT = Path(__file__).with_name("node") / "wasi_run.mjs"
 def node_wasi_run(folder: Path, meta: dict, x: np.ndarray, repeat: int):
     """(outputs, median ms) of effc's wasm32 artifact in ``folder`` under node's WASI (V8, the
     web engines' runtime) instead of wasmtime: the same executor, the same files."""
-    import re
-    import subprocess
-
-    aot = meta["aot"]
-    with tempfile.TemporaryDirectory(prefix="effc-node-io-") as io:
-        np.asarray(x, np.float32).tofile(f"{io}/in0.bin")
-        wasm = Path(folder).resolve() / tvm_backend.LIB_FILE["wasm32"]
-        cmd = ["node", "--no-liftoff", "--no-warnings", str(WASI_SCRIPT), str(wasm)]
-        cmd += [str(Path(folder).resolve()), io, str(repeat)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        m = re.search(r"median_ns=(\d+)", done.stdout)
-        out = np.fromfile(f"{io}/out0.bin", aot["output_dtypes"][0])
-    return {"y": out.reshape(aot["output_shapes"][0])}, int(m[1]) / 1e6
+    via = ["node", "--no-liftoff", "--no-warnings", str(WASI_SCRIPT)]
+    wasm = tvm_backend.LIB_FILE["wasm32"]
+    outs, timing = tvm_aot.execute(Path(folder), meta, [x], wasm, repeat, via=via)
+    return {"y": outs[0]}, timing["median_ms"]
 
 
 def litert_js_run(folder: Path, tflite: Path, x: np.ndarray, runs: int):
