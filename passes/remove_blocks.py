@@ -105,50 +105,61 @@ def cosine_scores(model, layers: nn.ModuleList, data: list[dict]) -> list[float]
     return [s / c for s, c in zip(sums, counts)]
 
 
-@torch.no_grad()
-def greedy_removal(model, layers: nn.ModuleList, data: list[dict], count: int) -> list[dict]:
-    """``count`` rounds; each skips, in turn, every block not yet chosen (its output replaced by
-    its input) on top of the chosen ones, measures the output's distance from the original
-    model's on ``data`` and chooses the closest. Returns per round {"removed", "distance",
-    "distances" (per block, inf for those already chosen)}."""
-    skipped: set[int] = set()
+class Skipping:
+    """Forward hooks on a torch model's blocks that skip the blocks in ``skipped`` (each one's
+    output replaced by its input: what removing it computes) while the context is open."""
 
-    def hook(i):
+    def __init__(self, layers: nn.ModuleList):
+        self.layers, self.skipped, self.handles = layers, set(), []
+
+    def _hook(self, i: int):
         def fn(module, args, kwargs, output):
-            if i not in skipped:
+            if i not in self.skipped:
                 return None
             x = args[0] if args else kwargs.get("hidden_states")
             return x if isinstance(output, torch.Tensor) else (x, *output[1:])
 
         return fn
 
+    def __enter__(self) -> Skipping:
+        self.handles = [
+            b.register_forward_hook(self._hook(i), with_kwargs=True)
+            for i, b in enumerate(self.layers)
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.skipped.clear()
+
+
+@torch.no_grad()
+def greedy_removal(model, layers: nn.ModuleList, data: list[dict], count: int) -> list[dict]:
+    """``count`` rounds; each skips, in turn, every block not yet chosen (its output replaced by
+    its input) on top of the chosen ones, measures the output's distance from the original
+    model's on ``data`` and chooses the closest. Returns per round {"removed", "distance",
+    "distances" (per block, inf for those already chosen)}."""
     inputs = [{k: torch.as_tensor(np.asarray(v)) for k, v in x.items()} for x in data]
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers)]
     n, rounds = len(layers), []
     progress, task = bar(sum(n - r for r in range(count)), "remove-blocks: greedy")
-    try:
-        with model.plain_outputs(), progress:
-            reference = [model.module(**x) for x in inputs]
-            for _ in range(count):
-                distances = [math.inf] * n
-                for i in (i for i in range(n) if i not in skipped):
-                    skipped.add(i)
-                    d = [output_distance(model.module(**x), r) for x, r in zip(inputs, reference)]
-                    skipped.discard(i)
-                    distances[i] = float(sum(d) / len(d))
-                    progress.advance(task)
-                best = min(range(n), key=lambda i: distances[i])
-                skipped.add(best)
-                rounds.append(
-                    {"removed": best, "distance": distances[best], "distances": distances}
-                )
-    finally:
-        for h in handles:
-            h.remove()
+    with Skipping(layers) as skip, model.plain_outputs(), progress:
+        skipped = skip.skipped
+        reference = [model.module(**x) for x in inputs]
+        for _ in range(count):
+            distances = [math.inf] * n
+            for i in (i for i in range(n) if i not in skipped):
+                skipped.add(i)
+                d = [output_distance(model.module(**x), r) for x, r in zip(inputs, reference)]
+                skipped.discard(i)
+                distances[i] = float(sum(d) / len(d))
+                progress.advance(task)
+            best = min(range(n), key=lambda i: distances[i])
+            skipped.add(best)
+            rounds.append({"removed": best, "distance": distances[best], "distances": distances})
     return rounds
 
 
-# ---------------------------------------------------------------- ONNX
 def _block_of(node: ir.Node, container: str) -> int | None:
     """The block index a node belongs to, from the exporter's name scopes or its name."""
     text = node.metadata_props.get("pkg.torch.onnx.name_scopes") or ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from test_gqsa_real import _compress, smollm2  # noqa: F401 (the fixture)
@@ -36,13 +37,21 @@ def test_cosine_removal_beats_random_and_the_model_still_generates(smollm2):  # 
     assert ppl["random3"] > 2 * ppl["cosine3"], ppl
 
 
-def test_block_gates_on_real_text_rank_every_block(smollm2):  # noqa: F811
+@pytest.mark.parametrize(
+    "text",
+    ["block-gates{steps=6,samples=2}", "block-gates{method=scale,steps=4,samples=2,loss=lm}"],
+)
+def test_block_gates_on_real_text_rank_every_block(smollm2, text):  # noqa: F811
     folder, calib, _ = smollm2
-    _, result = _compress(folder, "block-gates{steps=4,samples=2,loss=lm}", calib)
+    _, result = _compress(folder, text, calib)
     stats = result.report.records[0].stats
     assert len(stats["gates"]) == 30 and sorted(stats["ranking_weakest_first"]) == list(range(30))
     assert all(0 <= g <= 1 for g in stats["gates"])
-    assert stats["lm_loss_first"] > 0
+    if stats["method"] == "scale":
+        assert stats["lm_loss_first"] > 0
+    else:  # draws of 6 blocks (rate 0.2), judged by the KL from the original
+        assert stats["loss"] == "kd" and stats["count"] == 6
+        assert np.isfinite(stats["log_cost_first"]) and np.isfinite(stats["log_cost_last"])
 
 
 def test_minilm_removal_on_its_legacy_onnx_export_equals_fx_and_keeps_quality(tmp_path):

@@ -34,7 +34,9 @@ import torch  # noqa: E402
 from tools.results import save  # noqa: E402
 
 CURE = "cure{steps=STEPS,distill=both,layers=1,samples=CALIB}"
-GATES = "block-gates{steps=64,samples=CALIB,rate=RATE}"
+GATES = "block-gates{method=scale,steps=64,lr=0.05,samples=CALIB,rate=RATE}"
+# sampled gates: each step draws 4 removals of COUNT blocks from the gates, judged by their drift
+SAMPLED = "block-gates{count=COUNT,steps=64,samples=CALIB}"
 # GQSA on the encoder: W4 in groups of 16 (GPTQ), then E2E-OQP distilling the output hidden
 # states (an encoder has no next-token loss: loss=auto picks the distance to the original's)
 W4 = "quantize{bits=4,group=16,method=gptq}"
@@ -52,6 +54,11 @@ def rows() -> list[tuple[str, str]]:
             out.append((f"remove {count} ({score})", text))
             if score != "random":
                 out.append((f"remove {count} ({score}) + cure", f"{text},{CURE}"))
+    for count in (1, 2):
+        gates = SAMPLED.replace("COUNT", str(count))
+        text = f"{gates},remove-blocks{{count={count},score=gates}}"
+        out.append((f"remove {count} (gates, sampled)", text))
+        out.append((f"remove {count} (gates, sampled) + cure", f"{text},{CURE}"))
     for choose in ("first", "mean"):
         text = f"share-blocks{{group=2,choose={choose}}}"
         out.append((f"share pairs ({choose})", text))

@@ -95,8 +95,24 @@ ROWS = {
     "remove 12 blocks (greedy)": "remove-blocks{count=12,score=greedy,samples=4}",
     "remove 6 blocks (greedy) + cure": "remove-blocks{count=6,score=greedy,samples=4},"
     "cure{steps=32,samples=16,lr=0.0001}",
-    "remove 6 blocks (gates)": "block-gates{steps=32,samples=16,rate=0.2},"
+    # scale gates: y = x + g * (block(x) - x), g in [0, 1], polarizing + budget terms
+    "remove 6 blocks (gates, scale)": "block-gates{method=scale,steps=32,lr=0.05,samples=16,"
+    "rate=0.2},remove-blocks{count=6,score=gates}",
+    # sampled gates: every step draws 4 removals of K blocks from the gates, judged by their KL
+    "remove 3 blocks (gates)": "block-gates{count=3,steps=150,samples=16},"
+    "remove-blocks{count=3,score=gates}",
+    "remove 6 blocks (gates)": "block-gates{count=6,steps=150,samples=16},"
     "remove-blocks{count=6,score=gates}",
+    "remove 9 blocks (gates)": "block-gates{count=9,steps=150,samples=16},"
+    "remove-blocks{count=9,score=gates}",
+    "remove 12 blocks (gates)": "block-gates{count=12,steps=150,samples=16},"
+    "remove-blocks{count=12,score=gates}",
+    "remove 6 blocks (gates) + cure": "block-gates{count=6,steps=150,samples=16},"
+    "remove-blocks{count=6,score=gates},cure{steps=32,samples=16,lr=0.0001}",
+    "remove 12 blocks (gates) + cure": "block-gates{count=12,steps=150,samples=16},"
+    "remove-blocks{count=12,score=gates},cure{steps=32,samples=16,lr=0.0001}",
+    "remove 12 blocks (cosine) + cure": "remove-blocks{count=12,samples=16},"
+    "cure{steps=32,samples=16,lr=0.0001}",
     "remove 6 blocks (cosine) + cure": "remove-blocks{count=6,samples=16},"
     "cure{steps=32,samples=16,lr=0.0001}",
     "remove 6 blocks (cosine) + cure 96 steps": "remove-blocks{count=6,samples=16},"
@@ -411,6 +427,13 @@ def main() -> None:
             row["calib_windows"] = count
         if seen_ppl is not None:
             row["calib_perplexity"] = seen_ppl
+        removed = [
+            r.stats["removed"]
+            for r in (result.report.records if stages else [])
+            if r.name == "remove-blocks"
+        ]
+        if removed:
+            row["removed"] = removed[0]
         allocation = [
             r.stats["allocation"]["layer_sparsity"]
             for r in (result.report.records if stages else [])
