@@ -415,10 +415,26 @@ def test_x86_runs_in_effcs_executor_and_equals_the_vm(tmp_path):
         runs = list(pool.map(lambda _: aot.run([x["pixels"]])[0], range(6)))
     for r in runs:
         np.testing.assert_array_equal(r, again[0])
+    # ... also when it forks while another thread is inside a run (the child would otherwise
+    # copy a held run lock)
+    import threading
+
+    busy = threading.Event()
+
+    def keep_running():
+        while not busy.is_set():
+            aot.run([x["pixels"]])
+
+    runner = threading.Thread(target=keep_running)
+    runner.start()
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=lambda: queue.put(aot.run([x["pixels"]])[0]), daemon=True)
-    child.start()
+    try:
+        child.start()
+    finally:
+        busy.set()
+        runner.join()
     try:
         forked = queue.get(timeout=60)
     finally:

@@ -154,6 +154,14 @@ static void pool_start(void) {
 static pthread_mutex_t run_mutex = PTHREAD_MUTEX_INITIALIZER;
 #define RUN_LOCK() pthread_mutex_lock(&run_mutex)
 #define RUN_UNLOCK() pthread_mutex_unlock(&run_mutex)
+/* a fork waits for the run in progress (another thread's) to end: the child then copies an
+ * unlocked run mutex and an arena no kernel is writing, instead of a lock no thread of its will
+ * ever release */
+static void fork_prepare(void) { RUN_LOCK(); }
+static void fork_release(void) { RUN_UNLOCK(); }
+__attribute__((constructor)) static void register_fork(void) {
+  pthread_atfork(fork_prepare, fork_release, fork_release);
+}
 int TVMBackendParallelLaunch(ParallelLambda flambda, void* cdata, int num_task) {
   int n = num_task <= 0 || num_task > pool_n ? pool_n : num_task;
   ParallelEnv env = {NULL, n};
