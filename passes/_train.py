@@ -174,6 +174,14 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return ((student - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
 
 
+def next_token_loss(out, input_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a language model's output on the next token of ``input_ids``."""
+    logits = model_output(out)[0][:, :-1]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1)
+    )
+
+
 def output_distance(student_out, teacher_out) -> torch.Tensor:
     """How far a model's output is from its teacher's: the KL divergence of the next-token
     distributions (every position but the last) where the outputs are logits; for an encoder,

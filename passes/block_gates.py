@@ -45,6 +45,7 @@ from effc.pass_base import Pass, PassResult
 from effc.passes._train import (
     hidden_state,
     model_output,
+    next_token_loss,
     output_distance,
     resolve_loss,
     train,
@@ -173,22 +174,18 @@ class BlockGates(Pass):
             return out
 
         def cost(out, reference, x) -> float:
-            if kind == "kd":
-                d = float(output_distance(out, reference))
-            else:
-                logits = model_output(out)[0][:, :-1]
-                d = float(
-                    nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), x["input_ids"][:, 1:].reshape(-1)
-                    )
-                )
-            return float(np.log(max(d, 1e-12)))
+            d = (
+                output_distance(out, reference)
+                if kind == "kd"
+                else next_token_loss(out, x["input_ids"])
+            )
+            return float(np.log(max(float(d), 1e-12)))
 
         with Skipping(layers) as skip, model.plain_outputs():
 
             def loss_of(step: int) -> torch.Tensor:
                 i = step % len(inputs)
-                drawn, logps = [], []
+                drawn, orders = [], []
                 with torch.no_grad():
                     reference = teacher(i, skip) if kind == "kd" else None
                     for _ in range(o.draws):
@@ -198,12 +195,12 @@ class BlockGates(Pass):
                         skip.skipped.update(order)
                         drawn.append(cost(model.module(**inputs[i]), reference, inputs[i]))
                         skip.skipped.clear()
-                        logps.append(order)
+                        orders.append(order)
                 costs.append(drawn)
                 c = torch.tensor(drawn)
                 advantage = c - (c.sum() - c) / (len(drawn) - 1)  # against the other draws
                 return sum(
-                    a * plackett_luce(-theta, order) for a, order in zip(advantage, logps)
+                    a * plackett_luce(-theta, order) for a, order in zip(advantage, orders)
                 ) / len(drawn)
 
             # a constant step: the draws keep exploring to the end of a short run
@@ -256,10 +253,7 @@ class BlockGates(Pass):
                 state["on"] = True
                 task = output_distance(output, target)
             else:
-                logits = model_output(output)[0][:, :-1]
-                task = nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), x["input_ids"][:, 1:].reshape(-1)
-                )
+                task = next_token_loss(output, x["input_ids"])
             task_loss.append(float(task.detach()))
             g = gates
             polar = o.t * g.abs().sum() - (g - g.mean()).abs().sum()
