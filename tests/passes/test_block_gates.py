@@ -13,7 +13,7 @@ from test_remove_blocks import _calib, _config, _llama
 import effc
 from effc.errors import PassOptionError, UnsupportedError
 from effc.passes._train import output_distance
-from effc.passes.block_gates import chunked
+from effc.passes.block_gates import chunked, polish, put_lowest
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,6 +100,8 @@ def test_sampled_gates_find_the_pair_that_only_goes_together():
         "block-gates{draws=1}",
         "block-gates{count=4}",
         "block-gates{seq=-1}",
+        "block-gates{polish=-1}",
+        "block-gates{near=0}",
     ],
 )
 def test_bad_options_are_one_line_errors(text):
@@ -150,3 +152,50 @@ def test_an_encoder_trains_its_gates_on_its_output_hidden_states():
         effc.Pipeline.from_text("block-gates{steps=2,loss=lm}").run(
             _bert(), effc.PassContext(calibration=_calib(seq=12))
         )
+
+
+def test_polish_takes_the_best_swap_at_the_boundary_and_stops():
+    """Additive costs per block, a deliberately wrong ranking: the first round trades block 0 for
+    block 3 (of the two nearest, 2 and 3), the second finds no trade that lowers the cost; block 5,
+    the best of all, is beyond ``near`` and stays out."""
+    costs = [5.0, 1.0, 4.0, 2.0, 3.0, 0.0]
+    seen = []
+
+    def cost(removed):
+        seen.append(removed)
+        return sum(costs[i] for i in removed)
+
+    chosen, stats = polish(cost, [0, 1, 2, 3, 4, 5], count=2, near=2, rounds=3)
+    assert chosen == [1, 3]
+    assert stats["polish_log_cost_start"] == 6.0 and stats["polish_log_cost"] == 3.0
+    assert stats["polish_swaps"] == [{"out": 0, "in": 3, "log_cost": 3.0}]
+    assert stats["polish_sets_measured"] == len(seen) == 1 + 4 + 4
+    assert polish(cost, [0, 1, 2, 3, 4, 5], 2, 2, 0)[0] == [0, 1]  # no rounds: the gates' choice
+
+
+def test_put_lowest_ranks_the_chosen_blocks_weakest():
+    theta = torch.tensor([0.5, -1.0, 2.0, 0.1])
+    out = put_lowest(theta, [1, 2])
+    assert sorted(range(4), key=lambda i: float(out[i]))[:2] == [1, 2]
+    assert abs(float(out[2]) - (0.1 - 1e-3)) < 1e-6  # just below the lowest kept block
+    assert out[1] == -1.0 and out[0] == 0.5 and out[3] == 0.1  # nothing else moves
+    assert torch.equal(put_lowest(theta, [1, 3]), theta)  # already lowest
+
+
+def test_polish_finds_the_idle_block_the_untrained_gates_miss():
+    """A step too small to move a float32 logit leaves the gates level (ties go by index, so
+    block 0 starts chosen); one round of polish over the three others measures each and removes
+    the idle block."""
+    model = _llama(idle=1)
+    result = effc.Pipeline.from_text(
+        "block-gates{steps=1,lr=1e-50,count=1,init=uniform,loss=kd,polish=1,near=3},"
+        "remove-blocks{count=1,score=gates}"
+    ).run(model, effc.PassContext(calibration=_calib(4)))
+    stats, removal = (r.stats for r in result.report.records)
+    assert stats["gates_learned"] == [0.5] * 4
+    assert stats["polish_swaps"] == [
+        {"out": 0, "in": 1, "log_cost": round(stats["polish_log_cost"], 4)}
+    ]
+    assert stats["polish_log_cost"] < stats["polish_log_cost_start"]
+    assert stats["chosen"] == [1] and removal["removed"] == [1]
+    assert stats["polish_sets_measured"] == 4 and stats["polish_seconds"] > 0
