@@ -38,7 +38,12 @@ trains the norm layers' weights (RMSNorm / LayerNorm gains: a few thousand fp32 
 compressed model keeps as they are), beyond the paper's E2E-OQP. ``weight_lr > 0`` also trains
 the kept weights end to end at that learning rate (straight-through rounding as in bqpo, so codes
 may change; masks stay fixed; codes round on the starting scales, which the trained scales then
-multiply): quantization-aware sparse fine-tuning, beyond the paper too.
+multiply): quantization-aware sparse fine-tuning, beyond the paper too. ``holdout=N`` keeps the
+last N calibration samples out of training and checks the loss on them before training, every
+steps/8 steps and after; the trained parameters end at the check where it was lowest (never
+worse on them than where the stage started), and the report lists every check. With few
+calibration samples E2E-OQP can fit them at the held-out text's expense (on all-MiniLM-L6-v2, 200
+steps on 32 windows took the embeddings' cosine to fp32 from 0.988 down to 0.903).
 
 Both write the final codes and fp16 scales back into the compression state (so the BSR packer stores
 exactly what was trained) and the dequantized weights into the model, and report the budget
@@ -234,6 +239,9 @@ class GQSATrain(Pass):
         norms: bool = False  # e2e: also train the norm layers' weights (not in the paper)
         # e2e: > 0 also trains the kept weights at this lr (not in the paper)
         weight_lr: float = 0.0
+        # e2e: calibration samples held out of training; the trained parameters end at the
+        # check (before training, every steps/8 steps, after) with the lowest loss on them
+        holdout: int = 0
 
     def needs_calibration(self) -> bool:
         return True
@@ -245,6 +253,13 @@ class GQSATrain(Pass):
                 "pass 'gqsa-train': steps, samples and batch must be >= 1, lr > 0, scale_lr >= 0 "
                 "and weight_lr >= 0"
             )
+        if o.holdout < 0 or (o.holdout and o.holdout >= o.samples):
+            raise PassOptionError(
+                f"pass 'gqsa-train': need 0 <= holdout < samples (some samples must train), got "
+                f"holdout={o.holdout}, samples={o.samples}"
+            )
+        if o.stage == "bqpo" and o.holdout:
+            raise PassOptionError("pass 'gqsa-train': holdout is an option of stage=e2e")
         if o.stage == "e2e" and o.batch != 1:
             raise PassOptionError("pass 'gqsa-train': batch is an option of stage=bqpo")
         if o.tail_loss != "mse" and not (o.stage == "bqpo" and o.tail):
@@ -307,6 +322,7 @@ class GQSATrain(Pass):
                 else {
                     "norms": self.options.norms,
                     "weight_lr": self.options.weight_lr,
+                    **({"holdout": self.options.holdout} if self.options.holdout else {}),
                 }
             ),
             # token ids (batch, sequence), or a streamed stage's hidden states (.., hidden)
@@ -608,9 +624,16 @@ class GQSATrain(Pass):
             weights = [fq.weight for fq, _ in fakes.values()]
             groups.append({"params": weights, "lr": self.options.weight_lr})
         lm = []
+        holdout = self.options.holdout
+        if holdout and len(data) <= holdout:
+            raise InputError(
+                f"pass 'gqsa-train': holdout={holdout} needs more calibration samples than that "
+                f"(got {len(data)})"
+            )
+        held, data = data[len(data) - holdout :] if holdout else [], data[: len(data) - holdout]
 
-        def loss_of(step: int) -> torch.Tensor:
-            x = {k: torch.from_numpy(np.asarray(v)) for k, v in data[step % len(data)].items()}
+        def loss_on(sample: dict, record: bool) -> torch.Tensor:
+            x = {k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()}
             output = module(**x)
             logits, is_logits = model_output(output)
             if not is_logits:  # an encoder: its output hidden states against the original's
@@ -619,17 +642,40 @@ class GQSATrain(Pass):
                 return output_distance(output, target)
             flat = logits[:, :-1].reshape(-1, logits.shape[-1])
             next_token = nn.functional.cross_entropy(flat, x["input_ids"][:, 1:].reshape(-1))
-            lm.append(float(next_token.detach()))
+            if record:
+                lm.append(float(next_token.detach()))
             if teacher is None:
                 return next_token
             with torch.no_grad():  # KL(original || compressed) over the vocabulary, per token
                 target = logits_of(teacher(**x))[:, :-1].reshape(flat.shape)
             return _next_token_kl(flat, target)
 
+        trained = [p for g in groups for p in g["params"]]
+        checks: list[tuple[int, float]] = []
+        best: list = [None, None]  # (step, loss), the parameters then
+        every = max(1, self.options.steps // HOLDOUT_CHECKS)
+
+        @torch.no_grad()
+        def check(step: int) -> None:
+            loss = sum(float(loss_on(x, False)) for x in held) / len(held)
+            checks.append((step, loss))
+            if best[0] is None or loss < best[0][1]:
+                best[:] = [(step, loss), [p.detach().clone() for p in trained]]
+
+        def loss_of(step: int) -> torch.Tensor:
+            if held and step % every == 0:
+                check(step)
+            return loss_on(data[step % len(data)], True)
+
         try:
             losses = train(
                 groups, loss_of, self.options.steps, self.options.lr, label="e2e-oqp"
             ).losses
+            if held:
+                check(self.options.steps)
+                with torch.no_grad():
+                    for p, value in zip(trained, best[1]):
+                        p.copy_(value)
         finally:
             for fqn, (fq, linear) in fakes.items():
                 self._finish(model, fqn, fq, linear)
@@ -640,7 +686,18 @@ class GQSATrain(Pass):
             stats.update(lm_loss_first_step=lm[0], lm_loss_last_step=lm[-1])
         if teacher is not None:
             stats.update(kd_loss_first_step=losses[0], kd_loss_last_step=losses[-1])
+        if held:
+            stats.update(
+                held_out_loss_start=checks[0][1],
+                held_out_loss_last=checks[-1][1],
+                held_out_loss_kept=best[0][1],
+                held_out_kept_step=best[0][0],
+                held_out_checks=[[step, loss] for step, loss in checks],
+            )
         return stats
+
+
+HOLDOUT_CHECKS = 8  # held-out checks in an e2e run with holdout (plus one before, one after)
 
 
 def _norm_weights(module: nn.Module) -> list[nn.Parameter]:

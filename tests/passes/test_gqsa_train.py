@@ -383,3 +383,36 @@ def test_e2e_on_an_encoder_distils_its_output_hidden_states():
     result = effc.Pipeline.from_text("quantize{bits=4,group=16}").run(_bert(), ctx)
     with pytest.raises(UnsupportedError, match="loss=kd"):
         effc.Pipeline.from_text("gqsa-train{stage=e2e,steps=2,loss=lm}").run(result.model, ctx)
+
+
+def test_e2e_holdout_keeps_the_parameters_that_did_best_on_held_out_samples():
+    """At a learning rate that makes E2E-OQP overshoot, the held-out loss ends above where it
+    started; with holdout=1 the last sample never trains, the scales end at the check with the
+    lowest loss on it (never worse than before training), and the model is that state."""
+    import copy
+
+    from effc.models import BUILTINS
+
+    model = BUILTINS["tiny-llama"][0]()
+    original = copy.deepcopy(model)
+    ctx = effc.PassContext(calibration=_calib())
+    result = effc.Pipeline.from_text("group-prune{sparsity=0.5},quantize{bits=4,group=16}").run(
+        model, ctx
+    )
+    before = _kl_to(model, original, _calib()[3:])
+    result = effc.Pipeline.from_text(
+        "gqsa-train{stage=e2e,loss=kd,steps=16,lr=0.3,samples=4,holdout=1}"
+    ).run(result.model, ctx)
+    stats = result.report.records[0].stats
+    checks = dict(stats["held_out_checks"])
+    assert sorted(checks) == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert stats["held_out_loss_last"] > stats["held_out_loss_start"]  # the run overshoots
+    assert stats["held_out_loss_kept"] == pytest.approx(min(checks.values()), rel=1e-5)
+    assert stats["held_out_loss_kept"] <= stats["held_out_loss_start"]
+    assert checks[stats["held_out_kept_step"]] == pytest.approx(stats["held_out_loss_kept"], 1e-5)
+    after = _kl_to(model, original, _calib()[3:])
+    assert after <= before * 1.05 and after < checks[16]
+    with pytest.raises(effc.errors.PassOptionError, match="holdout < samples"):
+        effc.Pipeline.from_text("gqsa-train{stage=e2e,samples=2,holdout=2}")
+    with pytest.raises(effc.errors.PassOptionError, match="holdout is an option of stage=e2e"):
+        effc.Pipeline.from_text("gqsa-train{holdout=1}")
