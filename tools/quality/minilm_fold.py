@@ -36,7 +36,7 @@ from tools.results import save  # noqa: E402
 CURE = "cure{steps=STEPS,distill=both,layers=1,samples=CALIB}"
 GATES = "block-gates{method=scale,steps=64,lr=0.05,samples=CALIB,rate=RATE}"
 # sampled gates: each step draws 4 removals of COUNT blocks from the gates, judged by their drift
-SAMPLED = "block-gates{count=COUNT,steps=64,samples=CALIB}"
+SAMPLED = "block-gates{count=COUNT,steps=64,samples=CALIB,polish=0}"
 # GQSA on the encoder: W4 in groups of 16 (GPTQ), then E2E-OQP distilling the output hidden
 # states (an encoder has no next-token loss: loss=auto picks the distance to the original's)
 W4 = "quantize{bits=4,group=16,method=gptq}"
@@ -59,6 +59,11 @@ def rows() -> list[tuple[str, str]]:
         text = f"{gates},remove-blocks{{count={count},score=gates}}"
         out.append((f"remove {count} (gates, sampled)", text))
         out.append((f"remove {count} (gates, sampled) + cure", f"{text},{CURE}"))
+    for count in (1, 2):  # the same gates, then block-gates' default swap search (polish)
+        gates = SAMPLED.replace("COUNT", str(count)).replace(",polish=0", "")
+        text = f"{gates},remove-blocks{{count={count},score=gates}}"
+        out.append((f"remove {count} (gates + polish)", text))
+        out.append((f"remove {count} (gates + polish) + cure", f"{text},{CURE}"))
     for choose in ("first", "mean"):
         text = f"share-blocks{{group=2,choose={choose}}}"
         out.append((f"share pairs ({choose})", text))
@@ -74,6 +79,11 @@ def rows() -> list[tuple[str, str]]:
     out.append(("W4 g16 (GPTQ) + E2E-OQP", f"{W4},{E2E}"))
     recipe = f"remove-blocks{{count=1,score=cosine}},{CURE},{W4},{E2E}"
     out.append(("remove 1 (cosine) + cure + W4 g16 + E2E-OQP", recipe))
+    # the same E2E with an eighth of the calibration windows held out: it ends at its best check
+    held = E2E.replace("samples=CALIB}", "samples=CALIB,holdout=HOLDOUT}")
+    out.append(("W4 g16 (GPTQ) + E2E-OQP, held out", f"{W4},{held}"))
+    recipe = f"remove-blocks{{count=1,score=cosine}},{CURE},{W4},{held}"
+    out.append(("remove 1 (cosine) + cure + W4 g16 + E2E-OQP, held out", recipe))
     return out
 
 
@@ -105,6 +115,7 @@ def run(
         raise SystemExit(f"unknown rows: {sorted(unknown)}")
     for label, text in chosen:
         text = text.replace("STEPS", str(cure_steps)).replace("CALIB", str(n_calib))
+        text = text.replace("HOLDOUT", str(max(1, n_calib // 8)))
         module, inputs = load_hf_folder(folder, seq=seq)
         model = FxModel(module, inputs)
         t0 = time.perf_counter()

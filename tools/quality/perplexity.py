@@ -99,18 +99,35 @@ ROWS = {
     "remove 6 blocks (gates, scale)": "block-gates{method=scale,steps=32,lr=0.05,samples=16,"
     "rate=0.2},remove-blocks{count=6,score=gates}",
     # sampled gates: every step draws 4 removals of K blocks from the gates, judged by their KL
-    "remove 3 blocks (gates)": "block-gates{count=3,steps=150,samples=16},"
+    "remove 3 blocks (gates)": "block-gates{count=3,steps=150,samples=16,polish=0},"
     "remove-blocks{count=3,score=gates}",
-    "remove 6 blocks (gates)": "block-gates{count=6,steps=150,samples=16},"
+    "remove 6 blocks (gates)": "block-gates{count=6,steps=150,samples=16,polish=0},"
     "remove-blocks{count=6,score=gates}",
-    "remove 9 blocks (gates)": "block-gates{count=9,steps=150,samples=16},"
+    "remove 9 blocks (gates)": "block-gates{count=9,steps=150,samples=16,polish=0},"
     "remove-blocks{count=9,score=gates}",
-    "remove 12 blocks (gates)": "block-gates{count=12,steps=150,samples=16},"
+    "remove 12 blocks (gates)": "block-gates{count=12,steps=150,samples=16,polish=0},"
     "remove-blocks{count=12,score=gates}",
-    "remove 6 blocks (gates) + cure": "block-gates{count=6,steps=150,samples=16},"
+    "remove 6 blocks (gates) + cure": "block-gates{count=6,steps=150,samples=16,polish=0},"
     "remove-blocks{count=6,score=gates},cure{steps=32,samples=16,lr=0.0001}",
-    "remove 12 blocks (gates) + cure": "block-gates{count=12,steps=150,samples=16},"
+    "remove 12 blocks (gates) + cure": "block-gates{count=12,steps=150,samples=16,polish=0},"
     "remove-blocks{count=12,score=gates},cure{steps=32,samples=16,lr=0.0001}",
+    # the same gates, then two rounds of swap search at the boundary (block-gates' default)
+    "remove 3 blocks (gates + polish)": "block-gates{count=3,steps=150,samples=16},"
+    "remove-blocks{count=3,score=gates}",
+    "remove 6 blocks (gates + polish)": "block-gates{count=6,steps=150,samples=16},"
+    "remove-blocks{count=6,score=gates}",
+    "remove 9 blocks (gates + polish)": "block-gates{count=9,steps=150,samples=16},"
+    "remove-blocks{count=9,score=gates}",
+    "remove 12 blocks (gates + polish)": "block-gates{count=12,steps=150,samples=16},"
+    "remove-blocks{count=12,score=gates}",
+    "remove 3 blocks (gates + polish) + cure": "block-gates{count=3,steps=150,samples=16},"
+    "remove-blocks{count=3,score=gates},cure{steps=32,samples=16,lr=0.0001}",
+    "remove 9 blocks (gates + polish) + cure": "block-gates{count=9,steps=150,samples=16},"
+    "remove-blocks{count=9,score=gates},cure{steps=32,samples=16,lr=0.0001}",
+    "remove 3 blocks (cosine) + cure": "remove-blocks{count=3,samples=16},"
+    "cure{steps=32,samples=16,lr=0.0001}",
+    "remove 9 blocks (cosine) + cure": "remove-blocks{count=9,samples=16},"
+    "cure{steps=32,samples=16,lr=0.0001}",
     "remove 12 blocks (cosine) + cure": "remove-blocks{count=12,samples=16},"
     "cure{steps=32,samples=16,lr=0.0001}",
     "remove 6 blocks (cosine) + cure": "remove-blocks{count=6,samples=16},"
@@ -231,6 +248,19 @@ ROWS = {
         f"{W4S50_PINNED},{BQPO_MODEL_TAIL.replace('samples=16', 'samples=128')},"
         "gqsa-train{stage=e2e,steps=208,lr=0.0003,samples=208,loss=kd}",
         208,
+    ),
+    # The same recipe at lower sparsity: the W4 + groups points of the Pareto front.
+    "W4S20 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps)": (
+        f"{W4S50_ONESHOT.replace('sparsity=0.5', 'sparsity=0.2')},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
+    ),
+    "W4S30 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps)": (
+        f"{W4S50_ONESHOT.replace('sparsity=0.5', 'sparsity=0.3')},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
+    ),
+    "W4S40 (obs, sensitivity) + BQPO to the model's states with lm_head + E2E-OQP (KD, 128 steps)": (
+        f"{W4S50_ONESHOT.replace('sparsity=0.5', 'sparsity=0.4')},{BQPO_MODEL_TAIL},"
+        "gqsa-train{stage=e2e,steps=128,lr=0.0003,samples=16,loss=kd}"
     ),
     "2:4 magnitude": "nm-prune{n=2,m=4,score=magnitude}",
     "2:4 obs (SparseGPT)": "nm-prune{n=2,m=4,score=obs}",
