@@ -20,8 +20,8 @@ they are least sure, for ``count x near`` removals measured per round. Reported 
 sigmoid(theta), the chosen blocks' lowered just below every kept one's where a swap brought them
 in (the learned ones are in the report too). On SmolLM2-135M (3 / 6 / 9 / 12 of 30
 removed, 150 steps, no polish): perplexity 33.0 / 46.6 / 97.6 / 191 against cosine's 33.0 / 53.1
-/ 96.6 / 1,092; with polish, 9 removed reads 79.8 (one trade: block 6 out, 15 in), level with
-greedy removal (tools/quality/results/smollm2_perplexity.md).
+/ 96.6 / 1,092; with polish, 3 removed reads 31.4 (two trades) and 9 removed 79.8 (one trade:
+block 6 out, 15 in), level with greedy removal (tools/quality/results/smollm2_perplexity.md).
 
 ``method=scale``: the continuous form ``y = x + g * (block(x) - x)`` with g in [0, 1] (projected
 Adam). Loss: next-token cross-entropy of the gated model (``loss=lm``) or its distance from the
