@@ -52,6 +52,9 @@ def test_block_gates_on_real_text_rank_every_block(smollm2, text):  # noqa: F811
     else:  # draws of 6 blocks (rate 0.2), judged by the KL from the original
         assert stats["loss"] == "kd" and stats["count"] == 6
         assert np.isfinite(stats["log_cost_first"]) and np.isfinite(stats["log_cost_last"])
+        # polish (the default) never hands back a removal that costs more than the gates' own
+        assert stats["polish_log_cost"] <= stats["polish_log_cost_start"]
+        assert sorted(stats["ranking_weakest_first"][:6]) == stats["chosen"]
 
 
 def test_minilm_removal_on_its_legacy_onnx_export_equals_fx_and_keeps_quality(tmp_path):
