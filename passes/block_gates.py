@@ -194,6 +194,14 @@ class BlockGates(Pass):
 
         with Skipping(layers) as skip, model.plain_outputs():
 
+            def removal_cost(i: int, removed, reference) -> float:
+                """The cost of chunk ``i`` with the ``removed`` blocks skipped."""
+                skip.skipped.clear()
+                skip.skipped.update(removed)
+                out = cost(model.module(**inputs[i]), reference, inputs[i])
+                skip.skipped.clear()
+                return out
+
             def loss_of(step: int) -> torch.Tensor:
                 i = step % len(inputs)
                 drawn, orders = [], []
@@ -202,10 +210,7 @@ class BlockGates(Pass):
                     for _ in range(o.draws):
                         gumbel = -torch.log(-torch.log(torch.rand(n).clamp(1e-9, 1 - 1e-9)))
                         order = torch.argsort(gumbel - theta, descending=True)[:count].tolist()
-                        skip.skipped.clear()
-                        skip.skipped.update(order)
-                        drawn.append(cost(model.module(**inputs[i]), reference, inputs[i]))
-                        skip.skipped.clear()
+                        drawn.append(removal_cost(i, order, reference))
                         orders.append(order)
                 costs.append(drawn)
                 c = torch.tensor(drawn)
@@ -227,11 +232,7 @@ class BlockGates(Pass):
             def set_cost(removed: frozenset) -> float:
                 total = 0.0
                 for i in picks:
-                    reference = teacher(i, skip) if kind == "kd" else None
-                    skip.skipped.clear()
-                    skip.skipped.update(removed)
-                    total += cost(model.module(**inputs[i]), reference, inputs[i])
-                    skip.skipped.clear()
+                    total += removal_cost(i, removed, teacher(i, skip) if kind == "kd" else None)
                 return total / len(picks)
 
             if o.polish:
@@ -333,9 +334,7 @@ def polish(
     for _ in range(rounds):
         outside = [j for j in rank if j not in current][:near]
         trials = [(cost(current - {i} | {j}), i, j) for i in sorted(current) for j in outside]
-        measured += len(trials)
-        if not trials:
-            break
+        measured += len(trials)  # never empty: count < blocks leaves a block outside
         c, i, j = min(trials)
         if c >= best:
             break
@@ -349,8 +348,8 @@ def put_lowest(theta: torch.Tensor, chosen: list[int]) -> torch.Tensor:
     """``theta`` with the chosen blocks' logits lowered, where needed, just below every other
     block's, so the gates rank the chosen blocks weakest (what ``remove-blocks{score=gates}``
     removes); the order within each side is the learned one."""
-    theta = theta.clone()
-    others = [i for i in range(len(theta)) if i not in set(chosen)]
+    theta, chosen_set = theta.clone(), set(chosen)
+    others = [i for i in range(len(theta)) if i not in chosen_set]
     if others:
         floor = float(theta[others].min())
         for i in chosen:
