@@ -300,6 +300,11 @@ def check_streamable(pipeline) -> None:
                 "pass 'share-blocks' streams as the first pass, or right after remove-blocks: "
                 "it shares the original weights of each group of blocks"
             )
+        if name == "share-blocks" and p.options.choose == "fit":
+            raise UnsupportedError(
+                "pass 'share-blocks': choose=fit measures every block's inputs in the unshared "
+                "model and does not stream; use choose=first or mean, or compress in memory"
+            )
         if shared and k > names.index("share-blocks"):
             if name == "gqsa-train":
                 raise UnsupportedError(

@@ -273,6 +273,7 @@ def test_shared_blocks_refusals_before_any_work(folder, tmp_path):
         "quantize{bits=4},share-blocks": "share-blocks' streams as the first pass",
         "share-blocks,quantize{bits=4,method=gptq,sequential=true}": "use sequential=false",
         "share-blocks,quantize{bits=4},gqsa-train": "BQPO trains a shared weight",
+        "share-blocks{choose=fit}": "choose=fit .* does not stream",
     }
     for text, message in cases.items():
         with pytest.raises(UnsupportedError, match=message):

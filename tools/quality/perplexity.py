@@ -124,6 +124,8 @@ ROWS = {
     "remove-blocks{count=3,score=gates},cure{steps=32,samples=16,lr=0.0001}",
     "remove 9 blocks (gates + polish) + cure": "block-gates{count=9,steps=150,samples=16},"
     "remove-blocks{count=9,score=gates},cure{steps=32,samples=16,lr=0.0001}",
+    "remove 6 blocks (gates + polish) + cure 96 steps": "block-gates{count=6,steps=150,samples=16},"
+    "remove-blocks{count=6,score=gates},cure{steps=96,samples=16,lr=0.0001}",
     "remove 3 blocks (cosine) + cure": "remove-blocks{count=3,samples=16},"
     "cure{steps=32,samples=16,lr=0.0001}",
     "remove 9 blocks (cosine) + cure": "remove-blocks{count=9,samples=16},"
@@ -147,6 +149,11 @@ ROWS = {
     "share-blocks{group=3}",
     "remove 6 blocks (cosine) + share pairs + cure": "remove-blocks{count=6,samples=16},"
     "share-blocks{group=2},cure{steps=32,samples=16,lr=0.0001}",
+    # the shared weight as the group's mean, or fitted to every block's outputs on calibration text
+    "remove 6 blocks (cosine) + share pairs (mean)": "remove-blocks{count=6,samples=16},"
+    "share-blocks{group=2,choose=mean}",
+    "remove 6 blocks (cosine) + share pairs (fit)": "remove-blocks{count=6,samples=16},"
+    "share-blocks{group=2,choose=fit}",
     "W3 g64 RTN": "quantize{bits=3,group=64}",
     "W3 g64 GPTQ": "quantize{bits=3,group=64,method=gptq}",
     "W2 g64 RTN": "quantize{bits=2,group=64}",
