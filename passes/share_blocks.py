@@ -12,7 +12,10 @@ block's own: W = (sum_i W_i H_i + d W_mean)(sum_i H_i + d I)^-1, with H_i = X_i^
 layer's input Hessian in block i, measured once on the model before sharing, and d a small
 damping. ``fit`` reports the relative output error sum_i ||X_i (W - W_i)^T||^2 / ||X_i
 W_i^T||^2 of each weight in each block (mean and max; ``first`` and ``mean`` have no
-calibration to measure it on).
+calibration to measure it on). ``sequential=true`` (with ``fit``) fits group by group, each on
+the activations of the model with the groups before it already shared, as GPTQ compresses layer
+by layer: a later group's fit absorbs part of what sharing the earlier ones changed, at one
+calibration run per group instead of one in all.
 
 On FX (a torch model, edited in place) modules stay distinct, so an HF model keeps a KV-cache
 slot per layer and still generates; the parameters are shared, so the state dict, a saved file
@@ -37,6 +40,7 @@ from effc.ir.reducers import hessians
 from effc.ir.sites import COMPRESSED, read_weight, weight_sites, write_weight
 from effc.pass_base import Pass, PassResult
 from effc.passes._train import keep_teacher
+from effc.progress import bar
 from effc.registry import register
 
 
@@ -125,6 +129,7 @@ class ShareBlocks(Pass):
     class Options:
         group: int = 2
         choose: Literal["first", "mean", "fit"] = "first"
+        sequential: bool = False  # fit: each group on the inputs of the earlier groups shared
 
     def needs_calibration(self) -> bool:
         return self.options.choose == "fit"
@@ -133,6 +138,11 @@ class ShareBlocks(Pass):
         if self.options.group < 2:
             raise PassOptionError(
                 f"pass 'share-blocks': group must be >= 2 blocks, got {self.options.group}"
+            )
+        if self.options.sequential and self.options.choose != "fit":
+            raise PassOptionError(
+                "pass 'share-blocks': sequential=true fits each group on the inputs the shared "
+                "groups before it give; it needs choose=fit"
             )
 
     def requires(self, model, ctx) -> None:
@@ -160,11 +170,24 @@ class ShareBlocks(Pass):
     def _groups(self, n: int) -> list[list[int]]:
         return [m for m in groups_of(n, self.options.group) if len(m) > 1]
 
-    def _hessians(self, model, ctx, fqns: list[str]) -> dict[str, torch.Tensor]:
-        """``fit``: the input Hessian of each weight site ``fqns`` names, measured on the
-        calibration inputs in one run of the model as it is (before sharing)."""
+    def _per_group(self, model, ctx, fqns: list[list[str]]):
+        """``fit``: yields, group by group, the input Hessians of the weight sites ``fqns[g]``
+        names: all measured in one run of the model before sharing, or (``sequential``) each
+        group's in a run of the model as the groups before it left it (so a group's fit also
+        sees what sharing the earlier ones changed), with a progress bar. Others: empty."""
         if self.options.choose != "fit":
-            return {}
+            yield from ({} for _ in fqns)
+        elif not self.options.sequential:
+            H = self._hessians(model, ctx, [f for group in fqns for f in group])
+            yield from (H for _ in fqns)
+        else:
+            progress, task = bar(len(fqns), "share-blocks: sequential fit")
+            with progress:
+                for group in fqns:
+                    yield self._hessians(model, ctx, group)
+                    progress.advance(task)
+
+    def _hessians(self, model, ctx, fqns: list[str]) -> dict[str, torch.Tensor]:
         sites = {s.fqn: s for s in weight_sites(model)}
         missing = [f for f in fqns if f not in sites]
         if missing:
@@ -189,28 +212,30 @@ class ShareBlocks(Pass):
         graph = model.model.graph
         before = model.param_stats()[0]
         groups = self._groups(len(blocks))
-        shared = []  # (site of each member) per weight shared
+        shared = []  # per group: (site of each member) per weight shared
         for members in groups:
             sites = [{s.fqn[len(blocks[i].fqn) + 1 :]: s for s in blocks[i].sites} for i in members]
+            shared.append([])
             for suffix, first in sites[0].items():
                 group_sites = [m.get(suffix) for m in sites]
                 if all(s is not None and s.handle[1] == first.handle[1] for s in group_sites):
-                    shared.append(group_sites)
-        H = self._hessians(model, ctx, [s.fqn for group_sites in shared for s in group_sites])
+                    shared[-1].append(group_sites)
+        fqns = [[s.fqn for group_sites in group for s in group_sites] for group in shared]
         drift, errors = [], []
-        for group_sites in shared:
-            first = group_sites[0]
-            views = [read_weight(s) for s in group_sites]
-            hess = [H.pop(s.fqn) for s in group_sites] if H else None
-            value = shared_value(views, self.options.choose, hess, errors)
-            if self.options.choose != "first":
-                write_weight(first, value)
-                first.handle[0].metadata_props.pop(COMPRESSED, None)  # shared, not compressed
-            canonical = first.handle[0]
-            for s, w in zip(group_sites, views):
-                drift.append(float((w - value).norm() / w.norm().clamp_min(1e-30)))
-                if s.handle[0] is not canonical:
-                    s.handle[0].replace_all_uses_with(canonical)
+        for group, H in zip(shared, self._per_group(model, ctx, fqns)):
+            for group_sites in group:
+                first = group_sites[0]
+                views = [read_weight(s) for s in group_sites]
+                hess = [H.pop(s.fqn) for s in group_sites] if H else None
+                value = shared_value(views, self.options.choose, hess, errors)
+                if self.options.choose != "first":
+                    write_weight(first, value)
+                    first.handle[0].metadata_props.pop(COMPRESSED, None)  # shared, not compressed
+                canonical = first.handle[0]
+                for s, w in zip(group_sites, views):
+                    drift.append(float((w - value).norm() / w.norm().clamp_min(1e-30)))
+                    if s.handle[0] is not canonical:
+                        s.handle[0].replace_all_uses_with(canonical)
         for members in groups:
             for i in members[1:]:
                 model.compression.block(f"{container}.{i}").shares_with = blocks[members[0]].fqn
@@ -245,11 +270,9 @@ class ShareBlocks(Pass):
         before = model.param_stats()[0]  # each shared tensor counted once
         groups = self._groups(len(layers))
         names = {i: list(_linears(layers[i])) for g in groups for i in g}
-        H = self._hessians(
-            model, ctx, [f"{container}.{i}.{n}" for i, ns in names.items() for n in ns]
-        )
+        fqns = [[f"{container}.{i}.{n}" for i in g for n in names[i]] for g in groups]
         drift, errors = [], []
-        for members in groups:
+        for members, H in zip(groups, self._per_group(model, ctx, fqns)):
             hess = None
             if H:
                 hess = {

@@ -154,6 +154,10 @@ ROWS = {
     "share-blocks{group=2,choose=mean}",
     "remove 6 blocks (cosine) + share pairs (fit)": "remove-blocks{count=6,samples=16},"
     "share-blocks{group=2,choose=fit}",
+    "remove 6 blocks (cosine) + share pairs (fit) + cure 96 steps": "remove-blocks{count=6,"
+    "samples=16},share-blocks{group=2,choose=fit},cure{steps=96,samples=16,lr=0.0001}",
+    "remove 6 blocks (cosine) + share pairs (fit, sequential)": "remove-blocks{count=6,"
+    "samples=16},share-blocks{group=2,choose=fit,sequential=true}",
     "W3 g64 RTN": "quantize{bits=3,group=64}",
     "W3 g64 GPTQ": "quantize{bits=3,group=64,method=gptq}",
     "W2 g64 RTN": "quantize{bits=2,group=64}",
