@@ -414,3 +414,27 @@ def test_litert_layers_reads_the_build_and_writes_one_conv_models_litert_runs(tm
         ("depthwise", (96, 96, 3, 1, 96, 14), 30.0),
         ("1x1", (24, 96, 1, 1, 1, 56), 50.0),
     ]
+    # the whole model's step profile, by kernel family, beside the same layers alone
+    from tools.bench.litert_layers import family, markdown
+
+    assert family("effc_bsr_pointwise_52") == "1x1 (effc sparse kernel)"
+    assert family("fused_conv2d1_add1_maximum9_minimum9") == "conv (TVM's operator)"
+    assert family("mean3") == "mean"
+    for r in rows:
+        r["xnnpack_us"], r["ratio"] = 40.0, r["effc_us"] / 40.0
+    steps = {
+        "whole_us": 400.0,
+        "steps_us": 380.0,
+        "families": {
+            "1x1 (effc sparse kernel)": {"steps": 1, "us": 100.0},
+            "KxK and depthwise (effc direct kernel)": {"steps": 1, "us": 250.0},
+            "conv (TVM's operator)": {"steps": 1, "us": 30.0},
+        },
+    }
+    kinds = {"all": {"layers": 3, "effc_us": 230.0, "xnnpack_us": 120.0}}
+    data = {"sparsity": 0.3, "threads": 2, "rows": rows, "kinds": kinds, "steps": steps}
+    data["whole_ms"] = {"effc": 0.4, "xnnpack": 0.3}
+    text = markdown(data, "cmd")
+    assert "| 1x1 (effc sparse kernel) | 1 | 100 | 50 | 2.00 |" in text
+    assert "| KxK and depthwise (effc direct kernel) | 1 | 250 | 150 | 1.67 |" in text
+    assert "| the executor outside its steps | | 20 | | |" in text

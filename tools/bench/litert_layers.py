@@ -4,7 +4,10 @@ them: the chosen one of TVM's tuned operator and effc's kernel, each conv alone 
 and clamp), XNNPACK on each conv layer alone (a one-conv TFLite model of the same shape, bias and
 ReLU6 fused, dense weights: on x86 XNNPACK runs dense kernels), and both whole models alone. The
 whole-model time minus the layers' sum is what each engine spends between and around its conv
-layers (adds, the mean and classifier, dispatch, memory).
+layers (adds, the mean and classifier, dispatch, memory). effc's executor also profiles each
+step of the whole model, so its layers' time in the model (caches holding what the layers
+before left, not their own inputs) stands beside their time alone, and the executor's own
+time outside its steps is measured.
 
     python -m tools.bench.litert_layers [--sparsity 0.3] [--out tools/bench/results/litert_layers]
 """
@@ -16,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 THREADS = int(os.environ.get("EFFC_THREADS", "2"))
@@ -111,6 +115,49 @@ def layers_of(meta: dict) -> list[dict]:
     return out
 
 
+def family(kernel: str) -> str:
+    """What a step of effc's executor runs, from its kernel's name."""
+    for prefix, what in (
+        ("effc_bsr_pointwise", "1x1 (effc sparse kernel)"),
+        ("effc_conv", "KxK and depthwise (effc direct kernel)"),
+        ("fused_conv2d", "conv (TVM's operator)"),
+        ("fused_matmul", "classifier (TVM's matmul)"),
+    ):
+        if kernel.startswith(prefix):
+            return what
+    return kernel.rstrip("0123456789_")
+
+
+def step_profile(vm, meta: dict, folder: Path, x: np.ndarray, runs: int) -> dict | None:
+    """Mean microseconds per step of effc's executor over ``runs`` runs of the whole model,
+    summed by kernel family, and the run's time outside every step (the executor's own: input
+    and output copies, dispatch). None for a VM build."""
+    from effc.backends.tvm_aot import Native
+
+    if not isinstance(vm, Native):
+        return None
+    aot = meta["aot"]
+    lines = (folder / "plan.txt").read_text().splitlines()
+    at = next(k for k, line in enumerate(lines) if line.startswith("steps "))
+    kernels = [
+        aot["kernel_names"][int(line.split()[0])] for line in lines[at + 1 :][: aot["steps"]]
+    ]
+    ns = np.zeros(aot["steps"], np.int64)
+    vm.run([x], ns)  # warm
+    ns[:] = 0
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        vm.run([x], ns)
+    whole_us = (time.perf_counter() - t0) / runs * 1e6
+    families: dict[str, dict] = {}
+    for kernel, step_ns in zip(kernels, ns):
+        f = families.setdefault(family(kernel), {"steps": 0, "us": 0.0})
+        f["steps"] += 1
+        f["us"] += float(step_ns) / runs / 1e3
+    steps_us = sum(f["us"] for f in families.values())
+    return {"whole_us": whole_us, "steps_us": steps_us, "families": families}
+
+
 def run(sparsity: float, trials: int) -> dict:
     name = "mobilenet-v2"
     tuning = TUNING / name if (TUNING / name / "database_tuning_record.json").is_file() else None
@@ -130,6 +177,7 @@ def run(sparsity: float, trials: int) -> dict:
         xnn = interleaved_medians([lite], trials)[0]
         vm, vmeta = tvm_backend.load(folder, THREADS)
         effc = interleaved_medians([lambda: tvm_backend.call(vm, vmeta, x)], trials)[0]
+        steps = step_profile(vm, vmeta, folder, x["pixels"], 10 * trials)
     kinds = {}
     for r in rows:
         k = kinds.setdefault(r["kind"], {"layers": 0, "effc_us": 0.0, "xnnpack_us": 0.0})
@@ -144,6 +192,7 @@ def run(sparsity: float, trials: int) -> dict:
         "rows": rows,
         "kinds": kinds,
         "whole_ms": {"effc": effc, "xnnpack": xnn},
+        "steps": steps,
     }
 
 
@@ -180,6 +229,37 @@ def markdown(data: dict, command: str) -> str:
         f"| whole model minus the conv layers | | {whole['effc'] * 1e3 - total_e:.0f} | "
         f"{whole['xnnpack'] * 1e3 - total_x:.0f} | |"
     )
+    steps = data.get("steps")
+    if steps:
+        alone = {
+            "1x1 (effc sparse kernel)": sum(
+                r["effc_us"] for r in data["rows"] if r["kind"] == "1x1"
+            ),
+            "KxK and depthwise (effc direct kernel)": sum(
+                r["effc_us"] for r in data["rows"] if r["kind"] != "1x1" and r["choice"] == "kernel"
+            ),
+            "conv (TVM's operator)": sum(
+                r["effc_us"] for r in data["rows"] if r["kind"] != "1x1" and r["choice"] == "dense"
+            ),
+        }
+        lines += [
+            "",
+            "effc's build in the whole model (its executor's per-step profile, "
+            f"{steps['whole_us']:.0f} us a run with the profile on), against the same layers "
+            "alone as the build timed them:",
+            "",
+            "| steps of | steps | in the model us | alone us | in model / alone |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, f in steps["families"].items():
+            a = alone.get(name)
+            ratio = f"{f['us'] / a:.2f}" if a else ""
+            lines.append(
+                f"| {name} | {f['steps']} | {f['us']:.0f} | {f'{a:.0f}' if a else ''} | {ratio} |"
+            )
+        lines.append(
+            f"| the executor outside its steps | | {steps['whole_us'] - steps['steps_us']:.0f} | | |"
+        )
     lines += [
         "",
         "| layer | effc us | choice | XNNPACK us | effc / XNNPACK |",

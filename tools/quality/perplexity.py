@@ -158,6 +158,9 @@ ROWS = {
     "samples=16},share-blocks{group=2,choose=fit},cure{steps=96,samples=16,lr=0.0001}",
     "remove 6 blocks (cosine) + share pairs (fit, sequential)": "remove-blocks{count=6,"
     "samples=16},share-blocks{group=2,choose=fit,sequential=true}",
+    "remove 6 blocks (cosine) + share pairs (fit, sequential) + cure 96 steps": "remove-blocks{"
+    "count=6,samples=16},share-blocks{group=2,choose=fit,sequential=true},"
+    "cure{steps=96,samples=16,lr=0.0001}",
     "W3 g64 RTN": "quantize{bits=3,group=64}",
     "W3 g64 GPTQ": "quantize{bits=3,group=64,method=gptq}",
     "W2 g64 RTN": "quantize{bits=2,group=64}",
