@@ -25,7 +25,8 @@ Passes that stream: ``group-prune`` (scope row or layer, uniform allocation), ``
 calibration inputs through it to score it (the in-memory pass's cosine of the hidden state
 entering and leaving it), then the compression sweep skips the removed blocks and writes the rest
 renumbered, with ``num_hidden_layers`` (and ``layer_types``) in the written config to match;
-and ``share-blocks`` first (or right after ``remove-blocks``): each group of blocks that share
+and ``share-blocks`` first (or right after ``remove-blocks``; ``choose=first`` or ``mean``, not
+``fit``, which measures every block in the unshared model): each group of blocks that share
 weights is one stage, read together (memory grows to one group), its linear weights shared as the
 in-memory pass shares them before the other passes run on the group (so GPTQ's Hessians of a
 shared weight sum over its blocks, as in memory), written once with ``shared`` in the index

@@ -64,10 +64,12 @@ def rows() -> list[tuple[str, str]]:
         text = f"{gates},remove-blocks{{count={count},score=gates}}"
         out.append((f"remove {count} (gates + polish)", text))
         out.append((f"remove {count} (gates + polish) + cure", f"{text},{CURE}"))
-    for choose in ("first", "mean"):
+    # fit: the least-squares weight for both blocks' outputs on the calibration sentences
+    for choose in ("first", "mean", "fit", "fit,sequential=true"):
         text = f"share-blocks{{group=2,choose={choose}}}"
-        out.append((f"share pairs ({choose})", text))
-        out.append((f"share pairs ({choose}) + cure", f"{text},{CURE}"))
+        label = choose.replace(",sequential=true", ", sequential")
+        out.append((f"share pairs ({label})", text))
+        out.append((f"share pairs ({label}) + cure", f"{text},{CURE}"))
     gates = GATES.replace("RATE", str(round(2 / 6, 3)))
     out.append(
         (
