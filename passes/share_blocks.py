@@ -15,7 +15,9 @@ W_i^T||^2 of each weight in each block (mean and max; ``first`` and ``mean`` hav
 calibration to measure it on). ``sequential=true`` (with ``fit``) fits group by group, each on
 the activations of the model with the groups before it already shared, as GPTQ compresses layer
 by layer: a later group's fit absorbs part of what sharing the earlier ones changed, at one
-calibration run per group instead of one in all.
+calibration run per group instead of one in all. Memory: the one-run fit holds every shared
+layer's Hessian at once (about 1 GB a LLaMA-7B block in float32), the sequential fit one
+group's.
 
 On FX (a torch model, edited in place) modules stay distinct, so an HF model keeps a KV-cache
 slot per layer and still generates; the parameters are shared, so the state dict, a saved file
