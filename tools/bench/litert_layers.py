@@ -128,16 +128,26 @@ def family(kernel: str) -> str:
     return kernel.rstrip("0123456789_")
 
 
+def row_family(row: dict) -> str:
+    """The ``family`` of the kernel a timed layer of the build (``layers_of``) runs as: effc's
+    sparse or direct kernel where chosen, else TVM's conv operator (a 1x1 left dense too)."""
+    if row["choice"] == "sparse":
+        return "1x1 (effc sparse kernel)"
+    if row["choice"] == "kernel":
+        return "KxK and depthwise (effc direct kernel)"
+    return "conv (TVM's operator)"
+
+
 def step_profile(vm, meta: dict, folder: Path, x: np.ndarray, runs: int) -> dict | None:
     """Mean microseconds per step of effc's executor over ``runs`` runs of the whole model,
     summed by kernel family, and the run's time outside every step (the executor's own: input
     and output copies, dispatch). None for a VM build."""
-    from effc.backends.tvm_aot import Native
+    from effc.backends.tvm_aot import PLAN_FILE, Native
 
     if not isinstance(vm, Native):
         return None
     aot = meta["aot"]
-    lines = (folder / "plan.txt").read_text().splitlines()
+    lines = (folder / PLAN_FILE).read_text().splitlines()
     at = next(k for k, line in enumerate(lines) if line.startswith("steps "))
     kernels = [
         aot["kernel_names"][int(line.split()[0])] for line in lines[at + 1 :][: aot["steps"]]
@@ -231,17 +241,10 @@ def markdown(data: dict, command: str) -> str:
     )
     steps = data.get("steps")
     if steps:
-        alone = {
-            "1x1 (effc sparse kernel)": sum(
-                r["effc_us"] for r in data["rows"] if r["kind"] == "1x1"
-            ),
-            "KxK and depthwise (effc direct kernel)": sum(
-                r["effc_us"] for r in data["rows"] if r["kind"] != "1x1" and r["choice"] == "kernel"
-            ),
-            "conv (TVM's operator)": sum(
-                r["effc_us"] for r in data["rows"] if r["kind"] != "1x1" and r["choice"] == "dense"
-            ),
-        }
+        alone: dict[str, float] = {}
+        for r in data["rows"]:
+            f = row_family(r)
+            alone[f] = alone.get(f, 0.0) + r["effc_us"]
         lines += [
             "",
             "effc's build in the whole model (its executor's per-step profile, "
