@@ -3,7 +3,9 @@ N x input shape, or a ``.txt`` file of text for language models, tokenized with 
 tokenizer (an HF folder) into the first N non-overlapping windows of ``seqlen`` tokens; or
 ``images`` (``--calib images``): random crops of real photographs bundled with scikit-image, at
 the size of the model's image input, ImageNet-normalised (``effc.models.images``; the
-evaluation images of effc's own quality tables are never among them)."""
+evaluation images of effc's own quality tables are never among them); or ``synthetic`` (``--calib
+synthetic``): images synthesized from a torch model's own BatchNorm statistics, no data needed
+(``effc.synthetic``)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 from effc.errors import InputError, UnsupportedError
 from effc.inputs import check_inputs, is_image, load_npz, resolve_shape
 from effc.models.images import calibration_crops
+from effc.synthetic import synthesize
 
 
 def from_npz(path: str, model, samples: int = 0) -> list[dict[str, np.ndarray]]:
@@ -33,20 +36,41 @@ def from_npz(path: str, model, samples: int = 0) -> list[dict[str, np.ndarray]]:
     return data
 
 
-def from_images(model, samples: int = 0, shapes: dict | None = None) -> list[dict]:
-    """``samples`` (default 64) crops for the model's one image input (N x 3 x H x W float)."""
+def _image_input(model, source: str, shapes: dict | None):
+    """(name, N, C, H, W) of the model's one image input, or a one-line error."""
     specs = model.input_specs()
     images = [s for s in specs if is_image(s)]
     if len(specs) != 1 or len(images) != 1:
         raise InputError(
-            "--calib images feeds one image input (N x 3 x H x W float); the model's inputs are "
-            + ", ".join(f"{s.name} {s.shape}" for s in specs)
+            f"--calib {source} feeds one image input (N x 3 x H x W float); the model's inputs "
+            "are " + ", ".join(f"{s.name} {s.shape}" for s in specs)
         )
-    n, c, h, w = resolve_shape(images[0], shapes or {})
-    crops = calibration_crops(samples or 64, size=h)
+    return images[0].name, *resolve_shape(images[0], shapes or {})
+
+
+def from_images(model, samples: int = 0, shapes: dict | None = None) -> list[dict]:
+    """``samples`` (default 64) crops for the model's one image input (N x 3 x H x W float)."""
+    name, n, c, h, w = _image_input(model, "images", shapes)
     if h != w:
         raise InputError(f"--calib images makes square crops; the input is {h}x{w}")
-    return [{images[0].name: crops[i : i + 1].repeat(n, 0)} for i in range(len(crops))]
+    crops = calibration_crops(samples or 64, size=h)
+    return [{name: crops[i : i + 1].repeat(n, 0)} for i in range(len(crops))]
+
+
+def from_synthetic(
+    model, samples: int = 0, shapes: dict | None = None, seed: int = 0, **options
+) -> tuple[list[dict], dict]:
+    """``samples`` (default 64) images synthesized from the torch model's BatchNorm statistics
+    for its one image input, and the synthesis report."""
+    name, n, c, h, w = _image_input(model, "synthetic", shapes)
+    module = getattr(model, "module", None)
+    if getattr(model, "kind", "fx") != "fx" or module is None:
+        raise UnsupportedError(
+            "--calib synthetic optimizes inputs through the model's own layers and needs a torch "
+            "model; for an ONNX file give images (--calib images) or an .npz"
+        )
+    images, report = synthesize(module, (c, h, w), samples or 64, seed=seed, **options)
+    return [{name: images[i : i + 1].repeat(n, 0)} for i in range(len(images))], report
 
 
 def from_text(

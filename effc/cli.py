@@ -73,8 +73,13 @@ def _context(args, model=None):
 
     ctx = PassContext(seed=args.seed, threads=args.threads, shapes=parse_shapes(args.shape))
     if args.calib:
+        made = None
         if args.calib == "images":
             data = calibration.from_images(model, args.calib_samples, parse_shapes(args.shape))
+        elif args.calib == "synthetic":
+            data, made = calibration.from_synthetic(
+                model, args.calib_samples, parse_shapes(args.shape), seed=args.seed
+            )
         elif args.calib.endswith(".txt"):
             data = calibration.from_text(
                 args.calib, args.model, model, args.calib_samples, args.calib_seqlen
@@ -85,6 +90,8 @@ def _context(args, model=None):
         ctx.calibration_info = {"file": str(args.calib), "samples": len(data)}
         if args.calib.endswith(".txt"):
             ctx.calibration_info["seqlen"] = args.calib_seqlen
+        if made:
+            ctx.calibration_info["synthesized"] = made
     return ctx
 
 
@@ -395,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calib",
         help="calibration inputs: .npz (arrays stacked as N x input shape), .txt (LM text) or "
-        "'images' (crops of bundled photographs for an image model)",
+        "'images' (crops of bundled photographs for an image model) or 'synthetic' (images "
+        "synthesized from a torch model's BatchNorm statistics: no data needed)",
     )
     p.add_argument(
         "--calib-samples", type=int, default=0, help="use at most this many samples (0: all)"

@@ -24,12 +24,15 @@ import time
 
 THREADS = int(os.environ.get("EFFC_THREADS", "2"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from effc.cache import cache_dir  # noqa: E402
 from effc.context import PassContext  # noqa: E402
 from effc.models import load_mobilenet_v2  # noqa: E402
 from effc.models.images import calibration_crops, evaluation_crops  # noqa: E402
 from effc.pipeline import Pipeline  # noqa: E402
+from effc.synthetic import synthesize  # noqa: E402
 from tools.results import save  # noqa: E402
 
 PATTERNS = "patterns=[pointwise:8x1,linear:8x1,conv:kernel]"
@@ -74,10 +77,54 @@ def logits(model, x: torch.Tensor, chunk: int = 50) -> torch.Tensor:
         return torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
-def run(levels, n_eval: int, n_calib: int, recover_steps: int, methods=None) -> dict:
+SOURCES = ("photos", "synthetic", "both")
+CALIBRATION_TEXT = {
+    "photos": "crops of other photographs",
+    "synthetic": "images synthesized from the dense model's BatchNorm statistics (no photographs)",
+    "both": "calibration images, half crops of other photographs and half synthesized from the "
+    "dense model's BatchNorm statistics",
+}
+
+
+def synthetic_images(count: int, steps: int) -> tuple[np.ndarray, dict]:
+    """``count`` images synthesized from the dense model's BatchNorm statistics (effc.synthetic),
+    kept in the cache folder: every method and level of a run, and later runs, reuse them."""
+    path = cache_dir() / "synthetic" / f"mobilenet_v2_{count}x{steps}.npz"
+    if path.is_file():
+        saved = np.load(path, allow_pickle=False)
+        return saved["images"], {"cached": str(path), "seconds": float(saved["seconds"])}
+    images, report = synthesize(load_mobilenet_v2(), (3, 224, 224), count, steps=steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, seconds=report["seconds"])
+    tmp.replace(path)
+    return images, report
+
+
+def calibration_images(n_calib: int, source: str, steps: int) -> tuple[np.ndarray, dict]:
+    """The calibration crops: photographs, synthesized images, or half of each (``both``)."""
+    if source == "photos":
+        return calibration_crops(n_calib), {}
+    n_synth = n_calib if source == "synthetic" else n_calib // 2
+    images, report = synthetic_images(n_synth, steps)
+    if source == "both":
+        images = np.concatenate([calibration_crops(n_calib - n_synth), images])
+    return images, report
+
+
+def run(
+    levels,
+    n_eval: int,
+    n_calib: int,
+    recover_steps: int,
+    methods=None,
+    source: str = "photos",
+    synth_steps: int = 200,
+) -> dict:
     torch.set_num_threads(THREADS)
     x = torch.from_numpy(evaluation_crops(n_eval))
-    calib = [{"pixels": c[None]} for c in calibration_crops(n_calib)]
+    images, synthesis = calibration_images(n_calib, source, synth_steps)
+    calib = [{"pixels": c[None]} for c in images]
     ref = logits(load_mobilenet_v2(), x)
     rows = []
     for sp in levels:
@@ -91,6 +138,7 @@ def run(levels, n_eval: int, n_calib: int, recover_steps: int, methods=None) -> 
             row = {
                 "sparsity": sp,
                 "method": label,
+                "calibration": source,
                 "pipeline": text,
                 "achieved": stats["sparsity"],
                 **agreement(ref, logits(result.model.runner, x)),
@@ -102,6 +150,8 @@ def run(levels, n_eval: int, n_calib: int, recover_steps: int, methods=None) -> 
         "model": "MobileNetV2, torchvision IMAGENET1K_V1 weights",
         "eval_crops": n_eval,
         "calib_crops": n_calib,
+        "calib_source": source,
+        "synthesis": synthesis,
         "threads": THREADS,
         "rows": rows,
     }
@@ -111,7 +161,7 @@ def markdown(data: dict, command: str) -> str:
     lines = [
         f"MobileNetV2 kernel sparsity ({PATTERNS}; depthwise dense): agreement with the dense "
         f"model on {data['eval_crops']} crops of held-out photographs, calibration/recovery on "
-        f"{data['calib_crops']} crops of other photographs.",
+        f"{data['calib_crops']} {CALIBRATION_TEXT[data.get('calib_source', 'photos')]}.",
         "",
         f"`{command}`",
         "",
@@ -140,26 +190,30 @@ def merge(paths: list[str]) -> tuple[dict, str]:
     settings = {(d["model"], d["eval_crops"], d["calib_crops"]) for _, d, _ in tables}
     if len(settings) != 1:
         raise SystemExit(f"the tables were made with different settings: {sorted(settings)}")
-    rows = [{**r, "table": name} for name, d, _ in tables for r in d["rows"]]
+    rows = [
+        {"calibration": d.get("calib_source", "photos"), **r, "table": name}
+        for name, d, _ in tables
+        for r in d["rows"]
+    ]
     rows.sort(key=lambda r: (r["sparsity"], r["top1"], r["kl"] * -1))
     first = tables[0][1]
     data = {**{k: v for k, v in first.items() if k != "rows"}, "rows": rows}
     lines = [
         f"MobileNetV2 kernel sparsity ({PATTERNS}; depthwise dense), every committed row in one "
         f"table: agreement with the dense model on {first['eval_crops']} crops of held-out "
-        f"photographs, calibration/recovery on {first['calib_crops']} crops of other photographs "
-        "(no ImageNet labels offline; the gap to the 99% goal is the calibration data, see "
-        "docs/results.md).",
+        f"photographs, calibration/recovery on {first['calib_crops']} images: crops of other "
+        "photographs, images synthesized from the dense model's BatchNorm statistics, or half of "
+        "each (the calibration column). No ImageNet labels offline; see docs/results.md.",
         "",
         "`python -m tools.quality.mobilenet --merge " + ",".join(paths) + "`",
         "",
-        "| sparsity | method | rearranged | recovered | top-1 agreement | top-5 | KL | seconds "
-        "| table |",
-        "|---:|---|---|---|---:|---:|---:|---:|---|",
+        "| sparsity | method | calibration | rearranged | recovered | top-1 agreement | top-5 | KL "
+        "| seconds | table |",
+        "|---:|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sparsity']:.0%} | {r['method']} | "
+            f"| {r['sparsity']:.0%} | {r['method']} | {r['calibration']} | "
             f"{'yes' if 'rearrange' in r['method'] else 'no'} | "
             f"{'yes' if 'recover' in r['method'] else 'no'} | {r['top1']:.1%} | "
             f"{r['top5']:.1%} | {r['kl']:.3f} | {r['seconds']} | {r['table']} |"
@@ -174,6 +228,8 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--recover-steps", type=int, default=300)
+    ap.add_argument("--calib-source", choices=SOURCES, default="photos")
+    ap.add_argument("--synth-steps", type=int, default=200, help="steps per synthesized batch")
     ap.add_argument("--levels", default="0.3,0.5,0.7")
     ap.add_argument("--methods", default="", help="';'-separated method labels (all by default)")
     ap.add_argument("--out", default="")
@@ -186,11 +242,27 @@ def main() -> None:
     args.out = args.out or "tools/quality/results/mobilenet_v2_sparsity"
     levels = [float(v) for v in args.levels.split(",")]
     methods = [m.strip() for m in args.methods.split(";") if m.strip()]
-    data = run(levels, args.eval, args.calib, args.recover_steps, methods)
+    data = run(
+        levels,
+        args.eval,
+        args.calib,
+        args.recover_steps,
+        methods,
+        args.calib_source,
+        args.synth_steps,
+    )
     command = (
-        f"python -m tools.quality.mobilenet --eval {args.eval} --calib {args.calib} "
-        f"--recover-steps {args.recover_steps} --levels {args.levels}"
-    ) + (f' --methods "{args.methods}"' if methods else "")
+        (
+            f"python -m tools.quality.mobilenet --eval {args.eval} --calib {args.calib} "
+            f"--recover-steps {args.recover_steps} --levels {args.levels}"
+        )
+        + (
+            f" --calib-source {args.calib_source} --synth-steps {args.synth_steps}"
+            if args.calib_source != "photos"
+            else ""
+        )
+        + (f' --methods "{args.methods}"' if methods else "")
+    )
     save(args.out, data, markdown(data, command))
 
 
