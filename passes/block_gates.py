@@ -18,7 +18,12 @@ the chosen ones, by gate) measure, on 8 calibration chunks, whether trading one 
 one of those lowers the same cost, and take the best trade: the gates' decision is refined where
 they are least sure, for ``count x near`` removals measured per round. Reported gate =
 sigmoid(theta), the chosen blocks' lowered just below every kept one's where a swap brought them
-in (the learned ones are in the report too). On SmolLM2-135M (3 / 6 / 9 / 12 of 30
+in (the learned ones are in the report too). ``probe=S`` aims at the model after the cure rather
+than the removal alone: the ``candidates`` cheapest sets polish measured (the gates' choice among
+them) each get S steps of a short cure (every kept block's weights and norms distilled towards
+the original model's outputs, cure's default lr, on the model with the set skipped), their cost
+is measured again, the weights go back, and the set that costs least after its probe is chosen
+(the report lists each set's cost before and after). On SmolLM2-135M (3 / 6 / 9 / 12 of 30
 removed, 150 steps, no polish): perplexity 33.0 / 46.6 / 97.6 / 191 against cosine's 33.0 / 53.1
 / 96.6 / 1,092; with polish, 3 removed reads 31.4 (two trades) and 9 removed 79.8 (one trade:
 block 6 out, 15 in), level with greedy removal (tools/quality/results/smollm2_perplexity.md).
@@ -82,6 +87,8 @@ class BlockGates(Pass):
         init: Literal["cosine", "uniform"] = "cosine"  # sampled
         polish: int = 2  # rounds of swap search after training (sampled; 0: off)
         near: int = 3  # blocks beyond the chosen ones each polish round tries (by gate)
+        probe: int = 0  # steps of a short cure each candidate set gets before choosing (0: off)
+        candidates: int = 3  # sets the probe tries: the polished choice and the next best
         lam: float = 0.01  # polarizing regulariser weight (scale)
         t: float = 1.2  # its balance (> 1: shrink overall; the - |g - mean| term polarizes)
         budget: float = 1.0  # weight of the gate-mass (FLOPs) term (scale)
@@ -107,6 +114,11 @@ class BlockGates(Pass):
                 f"pass 'block-gates': need count >= 0, draws >= 2 (each draw is judged against "
                 f"the others), seq >= 0, polish >= 0 and near >= 1, got count={o.count}, "
                 f"draws={o.draws}, seq={o.seq}, polish={o.polish}, near={o.near}"
+            )
+        if o.probe < 0 or o.candidates < 2 or (o.probe and o.method != "sampled"):
+            raise PassOptionError(
+                f"pass 'block-gates': probe >= 0 (steps; method=sampled only) and candidates >= 2, "
+                f"got probe={o.probe}, candidates={o.candidates}, method={o.method}"
             )
 
     def requires(self, model, ctx) -> None:
@@ -241,6 +253,11 @@ class BlockGates(Pass):
                 polished["polish_seconds"] = round(time.perf_counter() - started, 2)
             else:
                 chosen, polished = sorted(rank[:count]), {}
+            sets = polished.pop("sets", None) or {frozenset(chosen): set_cost(frozenset(chosen))}
+            if o.probe:
+                started = time.perf_counter()
+                chosen, probed = self._probe(model, layers, skip, inputs, picks, sets, kind)
+                polished.update(probed, probe_seconds=round(time.perf_counter() - started, 2))
         values = [float(v) for v in torch.sigmoid(put_lowest(learned, chosen))]
         first, last = costs[: max(1, len(costs) // 8)], costs[-max(1, len(costs) // 8) :]
         stats = {
@@ -256,6 +273,63 @@ class BlockGates(Pass):
             **log.budget(),
         }
         return values, stats
+
+    def _probe(self, model, layers, skip, inputs, picks, sets, kind) -> tuple[list[int], dict]:
+        """A short cure for each of the ``candidates`` best sets measured (by their cost before
+        any cure): the kept blocks' weights and norms train ``probe`` steps towards the original
+        model's outputs (the cure's logits distillation, at its default lr), the set's cost is
+        measured again on the polish chunks, and the weights go back. The set that costs least
+        after its probe is chosen: what the cure after removal will start from, rather than the
+        removal alone (the two disagree where a set that costs more before the cure cures
+        better)."""
+        o = self.options
+        ranked = sorted(sets.items(), key=lambda kv: kv[1])[: o.candidates]
+        steps = [i % len(inputs) for i in range(o.probe)]
+        with torch.no_grad():  # the original model's outputs, before any weight moves
+            skip.skipped.clear()
+            reference = {i: model.module(**inputs[i]) for i in sorted(set(steps) | set(picks))}
+        params = [
+            p for p in layers.parameters() if p.dim() == 1 and p.is_floating_point() or p.dim() == 2
+        ]
+        saved = [p.detach().clone() for p in params]
+
+        def distance(i: int) -> torch.Tensor:
+            out = model.module(**inputs[i])
+            if kind == "kd":
+                return output_distance(out, reference[i])
+            return next_token_loss(out, inputs[i]["input_ids"])
+
+        tried = []
+        try:
+            for removed, before in ranked:
+                skip.skipped.clear()
+                skip.skipped.update(removed)
+                for p in params:
+                    p.requires_grad_(True)
+                train(
+                    [{"params": params}],
+                    lambda step: distance(steps[step]),
+                    o.probe,
+                    PROBE_LR,
+                    label=f"block-gates: probe {sorted(removed)}",
+                )
+                for p in params:
+                    p.requires_grad_(False)
+                with torch.no_grad():
+                    after = float(np.mean([np.log(max(float(distance(i)), 1e-12)) for i in picks]))
+                tried.append({"removed": sorted(removed), "log_cost": before, "probed": after})
+                with torch.no_grad():
+                    for p, v in zip(params, saved):
+                        p.copy_(v)
+        finally:
+            skip.skipped.clear()
+            for p in params:
+                p.requires_grad_(False)
+            with torch.no_grad():
+                for p, v in zip(params, saved):
+                    p.copy_(v)
+        best = min(tried, key=lambda t: t["probed"])
+        return best["removed"], {"probe_steps": o.probe, "probe_lr": PROBE_LR, "probed": tried}
 
     def _scale(self, model, layers, data, kind) -> tuple[list[float], dict]:
         o = self.options
@@ -317,6 +391,7 @@ class BlockGates(Pass):
 
 
 TEACHER_BYTES = 2 << 30  # the original model's outputs kept between steps (beyond it: recomputed)
+PROBE_LR = 1e-4  # the probe's short cure: cure's default learning rate
 POLISH_CHUNKS = 8  # calibration chunks (spread over the samples) each polished set is measured on
 
 
@@ -330,10 +405,12 @@ def polish(
     boundary, where the gates are least sure. Returns (chosen blocks sorted, stats)."""
     current = frozenset(rank[:count])
     best = start = cost(current)
+    seen = {current: start}  # every set measured, with its cost
     swaps, measured = [], 1
     for _ in range(rounds):
         outside = [j for j in rank if j not in current][:near]
         trials = [(cost(current - {i} | {j}), i, j) for i in sorted(current) for j in outside]
+        seen.update({current - {i} | {j}: c for c, i, j in trials})
         measured += len(trials)  # never empty: count < blocks leaves a block outside
         c, i, j = min(trials)
         if c >= best:
@@ -341,7 +418,7 @@ def polish(
         current, best = current - {i} | {j}, c
         swaps.append({"out": i, "in": j, "log_cost": round(c, 4)})
     stats = {"polish_log_cost_start": start, "polish_log_cost": best, "polish_swaps": swaps}
-    return sorted(current), {**stats, "polish_sets_measured": measured}
+    return sorted(current), {**stats, "polish_sets_measured": measured, "sets": seen}
 
 
 def put_lowest(theta: torch.Tensor, chosen: list[int]) -> torch.Tensor:

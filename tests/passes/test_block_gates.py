@@ -102,6 +102,9 @@ def test_sampled_gates_find_the_pair_that_only_goes_together():
         "block-gates{seq=-1}",
         "block-gates{polish=-1}",
         "block-gates{near=0}",
+        "block-gates{probe=-1}",
+        "block-gates{probe=4,candidates=1}",
+        "block-gates{method=scale,probe=4}",
     ],
 )
 def test_bad_options_are_one_line_errors(text):
@@ -199,3 +202,27 @@ def test_polish_finds_the_idle_block_the_untrained_gates_miss():
     assert stats["polish_log_cost"] < stats["polish_log_cost_start"]
     assert stats["chosen"] == [1] and removal["removed"] == [1]
     assert stats["polish_sets_measured"] == 4 and stats["polish_seconds"] > 0
+
+
+def test_probe_cures_each_candidate_briefly_chooses_the_best_and_leaves_the_weights():
+    """probe=S: the best sets polish measured each get S steps of a short cure; the one that
+    costs least after it is chosen (and removed), and every weight is back as it was."""
+    model = _cancelling_pair()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.requires_grad for p in model.parameters()]
+    result = effc.Pipeline.from_text(
+        "block-gates{count=2,steps=10,polish=1,probe=4,candidates=3}"
+    ).run(model, effc.PassContext(calibration=_calib(4)))
+    stats = result.report.records[0].stats
+    probed = stats["probed"]
+    assert len(probed) == 3 and stats["probe_steps"] == 4 and stats["probe_seconds"] > 0
+    # the candidates are the three cheapest sets measured, in order of their cost before the cure
+    assert [p["log_cost"] for p in probed] == sorted(p["log_cost"] for p in probed)
+    assert len({tuple(p["removed"]) for p in probed}) == 3
+    assert stats["chosen"] == min(probed, key=lambda p: p["probed"])["removed"]
+    assert any(p["probed"] < p["log_cost"] for p in probed)  # the short cure moved something
+    ranking = stats["ranking_weakest_first"]
+    assert sorted(ranking[:2]) == stats["chosen"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert [p.requires_grad for p in model.parameters()] == grads

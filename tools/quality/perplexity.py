@@ -128,6 +128,13 @@ ROWS = {
     "remove-blocks{count=6,score=gates},cure{steps=96,samples=16,lr=0.0001}",
     "remove 3 blocks (cosine) + cure": "remove-blocks{count=3,samples=16},"
     "cure{steps=32,samples=16,lr=0.0001}",
+    # the polished gates' best sets each cured 16 steps (256-token chunks) before choosing
+    "remove 3 blocks (gates + polish + probe) + cure": "block-gates{count=3,steps=150,"
+    "samples=16,probe=16},remove-blocks{count=3,score=gates},cure{steps=32,samples=16,lr=0.0001}",
+    "remove 3 blocks (cosine) + cure 96 steps": "remove-blocks{count=3,samples=16},"
+    "cure{steps=96,samples=16,lr=0.0001}",
+    "remove 3 blocks (gates + polish) + cure 96 steps": "block-gates{count=3,steps=150,"
+    "samples=16},remove-blocks{count=3,score=gates},cure{steps=96,samples=16,lr=0.0001}",
     "remove 9 blocks (cosine) + cure": "remove-blocks{count=9,samples=16},"
     "cure{steps=32,samples=16,lr=0.0001}",
     "remove 12 blocks (cosine) + cure": "remove-blocks{count=12,samples=16},"
