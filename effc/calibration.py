@@ -106,3 +106,45 @@ def from_text(
             sample["attention_mask"] = np.ones_like(window)
         data.append(sample)
     return data
+
+
+SYNTHETIC = "synthetic"
+
+
+def load(
+    source: str,
+    model,
+    model_ref: str = "",
+    samples: int = 0,
+    seqlen: int = 512,
+    shapes: dict | None = None,
+    seed: int = 0,
+) -> tuple[list[dict], dict]:
+    """The calibration samples ``--calib source`` names, and what goes into the report about
+    them. ``A+synthetic`` is A's samples followed by as many synthesized images: with
+    ``samples`` = N, N // 2 of A and the rest synthesized (a user's few images widened by images
+    shaped like the model's training data)."""
+    base, plus, extra = source.rpartition("+")
+    if plus and extra == SYNTHETIC and base:
+        if samples == 1:
+            raise InputError(f"--calib {source} takes half its samples from each: give 2 or more")
+        data, info = load(base, model, model_ref, samples // 2, seqlen, shapes, seed)
+        made, report = from_synthetic(
+            model, samples - len(data) if samples else len(data), shapes, seed
+        )
+        return data + made, {
+            "file": source,
+            "samples": len(data) + len(made),
+            "synthesized": report,
+        }
+    info: dict = {"file": source}
+    if source == "images":
+        data = from_images(model, samples, shapes)
+    elif source == SYNTHETIC:
+        data, info["synthesized"] = from_synthetic(model, samples, shapes, seed)
+    elif source.endswith(".txt"):
+        data = from_text(source, model_ref, model, samples, seqlen)
+        info["seqlen"] = seqlen
+    else:
+        data = from_npz(source, model, samples)
+    return data, {**info, "samples": len(data)}

@@ -73,25 +73,15 @@ def _context(args, model=None):
 
     ctx = PassContext(seed=args.seed, threads=args.threads, shapes=parse_shapes(args.shape))
     if args.calib:
-        made = None
-        if args.calib == "images":
-            data = calibration.from_images(model, args.calib_samples, parse_shapes(args.shape))
-        elif args.calib == "synthetic":
-            data, made = calibration.from_synthetic(
-                model, args.calib_samples, parse_shapes(args.shape), seed=args.seed
-            )
-        elif args.calib.endswith(".txt"):
-            data = calibration.from_text(
-                args.calib, args.model, model, args.calib_samples, args.calib_seqlen
-            )
-        else:
-            data = calibration.from_npz(args.calib, model, args.calib_samples)
-        ctx.calibration = data
-        ctx.calibration_info = {"file": str(args.calib), "samples": len(data)}
-        if args.calib.endswith(".txt"):
-            ctx.calibration_info["seqlen"] = args.calib_seqlen
-        if made:
-            ctx.calibration_info["synthesized"] = made
+        ctx.calibration, ctx.calibration_info = calibration.load(
+            args.calib,
+            model,
+            args.model,
+            samples=args.calib_samples,
+            seqlen=args.calib_seqlen,
+            shapes=parse_shapes(args.shape),
+            seed=args.seed,
+        )
     return ctx
 
 
@@ -403,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib",
         help="calibration inputs: .npz (arrays stacked as N x input shape), .txt (LM text) or "
         "'images' (crops of bundled photographs for an image model) or 'synthetic' (images "
-        "synthesized from a torch model's BatchNorm statistics: no data needed)",
+        "synthesized from a torch model's BatchNorm statistics: no data needed); "
+        "'SOURCE+synthetic' (e.g. images+synthetic, x.npz+synthetic) adds as many synthesized "
+        "images as SOURCE gives",
     )
     p.add_argument(
         "--calib-samples", type=int, default=0, help="use at most this many samples (0: all)"

@@ -302,10 +302,16 @@ def test_mobilenet_merge_puts_committed_rows_in_one_table_and_refuses_mixed_sett
     row.update(top1=0.5, top5=0.7, kl=1.0, seconds=1.0)
     for name, crops in (("a", 1000), ("b", 1000), ("c", 500)):
         data = {"model": "m", "eval_crops": crops, "calib_crops": 128, "rows": [row]}
+        if name == "b":  # calibrated on synthesized images: the same settings otherwise
+            data["calib_source"] = "synthetic"
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
         (tmp_path / f"{name}.md").write_text(f"x\n\n`python -m tools.quality.mobilenet --{name}`\n")
     data, text = merge([str(tmp_path / "a"), str(tmp_path / "b")])
-    assert len(data["rows"]) == 2 and "| 30% | rearrange + obs + recover | yes | yes |" in text
+    assert (
+        len(data["rows"]) == 2
+        and "| 30% | rearrange + obs + recover | photos | yes | yes |" in text
+    )
+    assert "| 30% | rearrange + obs + recover | synthetic | yes | yes |" in text
     assert "`python -m tools.quality.mobilenet --b`" in text
     with pytest.raises(SystemExit, match="different settings"):
         merge([str(tmp_path / "a"), str(tmp_path / "c")])

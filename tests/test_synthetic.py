@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from effc.errors import UnsupportedError
+import effc.ir
+from effc import calibration
+from effc.errors import InputError, UnsupportedError
 from effc.ir.onnx_io import save_onnx
 from effc.ir.torch_io import export_onnx
 from effc.models import TinyCNN
@@ -78,7 +80,8 @@ def test_a_model_without_batchnorm_or_bad_options_is_a_clear_error():
         synthesize(trained_bn_net(), (3, 8, 8), 0)
 
 
-def test_cli_calibrates_on_synthesized_images(tmp_path, cli):
+@pytest.mark.parametrize("source,synthesized", [("synthetic", 4), ("images+synthetic", 2)])
+def test_cli_calibrates_on_synthesized_images(tmp_path, cli, source, synthesized):
     out = tmp_path / "out"
     code, _, stderr = cli(
         "compile",
@@ -86,7 +89,7 @@ def test_cli_calibrates_on_synthesized_images(tmp_path, cli):
         "--passes",
         "kernel-sparsity{sparsity=0.3,score=obs}",
         "--calib",
-        "synthetic",
+        source,
         "--calib-samples",
         "4",
         "-o",
@@ -95,8 +98,19 @@ def test_cli_calibrates_on_synthesized_images(tmp_path, cli):
     assert code == 0, stderr
     report = json.loads((out / "report.json").read_text())
     made = report["calibration"]["synthesized"]
-    assert report["calibration"]["samples"] == 4 and made["count"] == 4
+    assert report["calibration"]["samples"] == 4 and made["count"] == synthesized
     assert made["batchnorm_loss_synthetic"] < made["batchnorm_loss_random"]
+
+
+def test_mixed_sources_split_the_samples_and_refuse_one():
+    model = effc.ir.FxModel(TinyCNN().eval(), TinyCNN().example_inputs())
+    data, info = calibration.load("images+synthetic", model, samples=6)
+    assert len(data) == 6 and info["synthesized"]["count"] == 3 and info["samples"] == 6
+    photos = calibration.load("images", model, samples=3)[0]
+    for a, b in zip(data[:3], photos):  # the photographs first, then the synthesized images
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="2 or more"):
+        calibration.load("images+synthetic", model, samples=1)
 
 
 def test_cli_refuses_synthesis_for_an_onnx_file_or_a_model_without_images(tmp_path, cli):

@@ -88,13 +88,19 @@ CALIBRATION_TEXT = {
 
 def synthetic_images(count: int, steps: int) -> tuple[np.ndarray, dict]:
     """``count`` images synthesized from the dense model's BatchNorm statistics (effc.synthetic),
-    kept in the cache folder: every method and level of a run, and later runs, reuse them."""
-    path = cache_dir() / "synthetic" / f"mobilenet_v2_{count}x{steps}.npz"
-    if path.is_file():
-        saved = np.load(path, allow_pickle=False)
-        return saved["images"], {"cached": str(path), "seconds": float(saved["seconds"])}
+    kept in the cache folder: every method and level of a run, and later runs, reuse them (the
+    first ``count`` of a larger set are the same images: batches are made in turn, one seed)."""
+    folder = cache_dir() / "synthetic"
+    for path in sorted(folder.glob(f"mobilenet_v2_*x{steps}.npz")):
+        if int(path.name.split("_")[2].split("x")[0]) >= count:
+            saved = np.load(path, allow_pickle=False)
+            return saved["images"][:count], {
+                "cached": str(path),
+                "seconds": float(saved["seconds"]),
+            }
     images, report = synthesize(load_mobilenet_v2(), (3, 224, 224), count, steps=steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"mobilenet_v2_{count}x{steps}.npz"
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, images=images, seconds=report["seconds"])
     tmp.replace(path)
@@ -263,6 +269,8 @@ def main() -> None:
         )
         + (f' --methods "{args.methods}"' if methods else "")
     )
+    if args.out != "tools/quality/results/mobilenet_v2_sparsity":
+        command += f" --out {args.out}"
     save(args.out, data, markdown(data, command))
 
 
