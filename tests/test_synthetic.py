@@ -82,6 +82,8 @@ def test_a_model_without_batchnorm_or_bad_options_is_a_clear_error():
 
 @pytest.mark.parametrize("source,synthesized", [("synthetic", 4), ("images+synthetic", 2)])
 def test_cli_calibrates_on_synthesized_images(tmp_path, cli, source, synthesized):
+    if source.startswith("images"):
+        pytest.importorskip("skimage")
     out = tmp_path / "out"
     code, _, stderr = cli(
         "compile",
@@ -103,6 +105,7 @@ def test_cli_calibrates_on_synthesized_images(tmp_path, cli, source, synthesized
 
 
 def test_mixed_sources_split_the_samples_and_refuse_one():
+    pytest.importorskip("skimage")
     model = effc.ir.FxModel(TinyCNN().eval(), TinyCNN().example_inputs())
     data, info = calibration.load("images+synthetic", model, samples=6)
     assert len(data) == 6 and info["synthesized"]["count"] == 3 and info["samples"] == 6
