@@ -129,15 +129,15 @@ def synthesize(
     start_loss = end_loss = 0.0
     t0 = time.perf_counter()
     batches = math.ceil(count / batch)
+    small = (max(8, h // 2), max(8, w // 2)) if coarse else (h, w)  # the coarse phase's size
+    first = round(steps * coarse)  # its steps
     progress, task = bar(batches * steps, "synthesizing calibration inputs")
     try:
         with progress, _Statistics(layers) as stats, torch.enable_grad():
             for b in range(batches):
                 n = min(batch, count - b * batch)
-                small = (max(8, h // 2), max(8, w // 2)) if coarse else (h, w)
                 x = torch.randn(n, c, *small, generator=g).requires_grad_(True)
                 targets = None
-                first = round(steps * coarse)
                 for phase, length in (("coarse", first), ("fine", steps - first)):
                     if length == 0:
                         continue

@@ -196,13 +196,13 @@ class BlockGates(Pass):
                 held[0] += size
             return out
 
+        def distance(out, reference, x) -> torch.Tensor:
+            if kind == "kd":
+                return output_distance(out, reference)
+            return next_token_loss(out, x["input_ids"])
+
         def cost(out, reference, x) -> float:
-            d = (
-                output_distance(out, reference)
-                if kind == "kd"
-                else next_token_loss(out, x["input_ids"])
-            )
-            return float(np.log(max(float(d), 1e-12)))
+            return float(np.log(max(float(distance(out, reference, x)), 1e-12)))
 
         with Skipping(layers) as skip, model.plain_outputs():
 
@@ -253,10 +253,13 @@ class BlockGates(Pass):
                 polished["polish_seconds"] = round(time.perf_counter() - started, 2)
             else:
                 chosen, polished = sorted(rank[:count]), {}
-            sets = polished.pop("sets", None) or {frozenset(chosen): set_cost(frozenset(chosen))}
+            sets = polished.pop("sets", None)
             if o.probe:
                 started = time.perf_counter()
-                chosen, probed = self._probe(model, layers, skip, inputs, picks, sets, kind)
+                sets = sets or {frozenset(chosen): set_cost(frozenset(chosen))}
+                chosen, probed = self._probe(
+                    model, layers, skip, inputs, picks, sets, distance, cost
+                )
                 polished.update(probed, probe_seconds=round(time.perf_counter() - started, 2))
         values = [float(v) for v in torch.sigmoid(put_lowest(learned, chosen))]
         first, last = costs[: max(1, len(costs) // 8)], costs[-max(1, len(costs) // 8) :]
@@ -274,7 +277,9 @@ class BlockGates(Pass):
         }
         return values, stats
 
-    def _probe(self, model, layers, skip, inputs, picks, sets, kind) -> tuple[list[int], dict]:
+    def _probe(
+        self, model, layers, skip, inputs, picks, sets, distance, cost
+    ) -> tuple[list[int], dict]:
         """A short cure for each of the ``candidates`` best sets measured (by their cost before
         any cure): the kept blocks' weights and norms train ``probe`` steps towards the original
         model's outputs (the cure's logits distillation, at its default lr), the set's cost is
@@ -285,49 +290,40 @@ class BlockGates(Pass):
         o = self.options
         ranked = sorted(sets.items(), key=lambda kv: kv[1])[: o.candidates]
         steps = [i % len(inputs) for i in range(o.probe)]
-        with torch.no_grad():  # the original model's outputs, before any weight moves
-            skip.skipped.clear()
-            reference = {i: model.module(**inputs[i]) for i in sorted(set(steps) | set(picks))}
-        params = [
-            p for p in layers.parameters() if p.dim() == 1 and p.is_floating_point() or p.dim() == 2
-        ]
+        params = [p for p in layers.parameters() if p.is_floating_point()]
         saved = [p.detach().clone() for p in params]
 
-        def distance(i: int) -> torch.Tensor:
-            out = model.module(**inputs[i])
-            if kind == "kd":
-                return output_distance(out, reference[i])
-            return next_token_loss(out, inputs[i]["input_ids"])
+        def run(i: int):
+            return model.module(**inputs[i])
+
+        with torch.no_grad():  # the original model's outputs, before any weight moves
+            skip.skipped.clear()
+            reference = {i: run(i) for i in sorted(set(steps) | set(picks))}
+
+        def loss_of(step: int) -> torch.Tensor:
+            i = steps[step]
+            return distance(run(i), reference[i], inputs[i])
+
+        @torch.no_grad()
+        def restore() -> None:  # the weights as they were, frozen again, no block skipped
+            skip.skipped.clear()
+            for p, v in zip(params, saved):
+                p.requires_grad_(False)
+                p.copy_(v)
 
         tried = []
-        try:
-            for removed, before in ranked:
-                skip.skipped.clear()
+        for removed, before in ranked:
+            try:
                 skip.skipped.update(removed)
                 for p in params:
                     p.requires_grad_(True)
-                train(
-                    [{"params": params}],
-                    lambda step: distance(steps[step]),
-                    o.probe,
-                    PROBE_LR,
-                    label=f"block-gates: probe {sorted(removed)}",
-                )
-                for p in params:
-                    p.requires_grad_(False)
+                label = f"block-gates: probe {sorted(removed)}"
+                train([{"params": params}], loss_of, o.probe, PROBE_LR, label=label)
                 with torch.no_grad():
-                    after = float(np.mean([np.log(max(float(distance(i)), 1e-12)) for i in picks]))
+                    after = float(np.mean([cost(run(i), reference[i], inputs[i]) for i in picks]))
                 tried.append({"removed": sorted(removed), "log_cost": before, "probed": after})
-                with torch.no_grad():
-                    for p, v in zip(params, saved):
-                        p.copy_(v)
-        finally:
-            skip.skipped.clear()
-            for p in params:
-                p.requires_grad_(False)
-            with torch.no_grad():
-                for p, v in zip(params, saved):
-                    p.copy_(v)
+            finally:
+                restore()
         best = min(tried, key=lambda t: t["probed"])
         return best["removed"], {"probe_steps": o.probe, "probe_lr": PROBE_LR, "probed": tried}
 
